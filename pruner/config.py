@@ -1,0 +1,266 @@
+"""Job configuration: one YAML file plus ``key.path=value`` overrides, validated before any Ray or model work.
+
+Every section forbids unknown keys, so a typo fails with the key path instead of being silently ignored.
+``load_config`` is the only entry point; it raises :class:`ConfigError` whose message lists every problem as
+``<key.path>: <what is wrong> (fix: ...)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The job config is invalid; the message names each offending key path and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """The pool to prune: WebDataset shards given as directories, globs, brace patterns or fsspec URLs."""
+
+    shards: list[str] = Field(min_length=1)
+    allow_pipe: bool = False  # webdataset `pipe:` URLs run shell commands; refused unless set
+    max_samples_per_shard: Optional[int] = Field(default=None, gt=0)
+
+
+class TargetConfig(_Section):
+    """The target set V whose loss the influence scores refer to (a held-out WebDataset)."""
+
+    shards: list[str] = Field(default_factory=list)
+    max_samples: int = Field(default=512, gt=0)
+
+
+class ModelConfig(_Section):
+    """The open_clip architecture. ``arch`` is an open_clip model name or a bundled pruner config
+    (``pruner-tiny``, ``pruner-micro``); ``config_file`` registers a custom open_clip JSON config first."""
+
+    arch: str = "pruner-tiny"
+    config_file: Optional[str] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class TrajectoryConfig(_Section):
+    """Checkpoints to score at: a trajectory file (JSON list of {path, step, lr}) or OpenCLIP checkpoints."""
+
+    file: Optional[str] = None
+    checkpoints: list[str] = Field(default_factory=list)
+    pool_size: Optional[int] = Field(default=None, gt=0)  # N in a_t; default: samples read in the pool
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if not self.file and not self.checkpoints:
+            raise ValueError("give either trajectory.file or trajectory.checkpoints (fix: point to the "
+                             "trajectory.json written by `pruner train-proxy`)")
+        if self.file and self.checkpoints:
+            raise ValueError("give trajectory.file or trajectory.checkpoints, not both")
+        return self
+
+
+class FeaturesConfig(_Section):
+    """Per-sample projected gradients (see pruner.grads)."""
+
+    k: int = Field(default=1024, gt=0)
+    layer_k: int = Field(default=16, gt=0)  # per-layer factor dimension (k_out = k_in = layer_k)
+    projection: Literal["rademacher", "gaussian"] = "rademacher"
+    seed: int = 0
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    loss: Literal["bank", "in_batch"] = "bank"
+    bank_size: int = Field(default=4096, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    save: bool = True
+
+
+class DiffInConfig(_Section):
+    targets: list[Literal["target", "self", "train"]] = Field(default_factory=lambda: ["target", "train"])
+    fd_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the parameter perturbation for T2
+    fd_scheme: Literal["central", "forward"] = "central"
+    hvp_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the perturbation for u = H_B v (shared)
+    reference_batches: int = Field(default=1, gt=0)
+    reference_batch_size: int = Field(default=128, gt=1)
+    self_rank: int = Field(default=4, ge=1)  # eigenpairs of H_B for the g^T H_B g self-influence term
+    lr_weighting: Literal["interval_mean", "at_checkpoint"] = "interval_mean"
+
+
+class OGAConfig(_Section):
+    trim_fraction: float = Field(default=0.05, gt=0, lt=1)
+    iforest_sample: int = Field(default=10000, gt=1)
+    iforest_trees: int = Field(default=100, gt=0)
+
+
+class ScoresConfig(_Section):
+    methods: list[Literal["diffin", "tracin", "oga", "baselines"]] = Field(
+        default_factory=lambda: ["diffin", "tracin", "oga", "baselines"])
+    diffin: DiffInConfig = Field(default_factory=DiffInConfig)
+    oga: OGAConfig = Field(default_factory=OGAConfig)
+
+
+class SelectConfig(_Section):
+    """How the global ranking turns into a keep set. Exactly one of keep_fraction, keep_count, threshold."""
+
+    score: str = "diffin_target"
+    keep_fraction: Optional[float] = Field(default=None, gt=0, le=1)
+    keep_count: Optional[int] = Field(default=None, gt=0)
+    threshold: Optional[float] = None
+    policy: Literal["top_k"] = "top_k"
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [n for n in ("keep_fraction", "keep_count", "threshold") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of keep_fraction, keep_count, threshold (got {', '.join(given)})")
+        if not given:
+            self.keep_fraction = 0.5
+        return self
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None  # None: a private local Ray instance
+    num_actors: int = Field(default=2, gt=0)  # CPU actors when no GPU is present; one per GPU otherwise
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+
+
+class JobConfig(_Section):
+    name: str = "pruner-job"
+    output_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trajectory: TrajectoryConfig
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    scores: ScoresConfig = Field(default_factory=ScoresConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError("must be non-empty without slashes or spaces (fix: e.g. name: cc3m-prune)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if "diffin" in self.scores.methods and "target" in self.scores.diffin.targets and not self.target.shards:
+            raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
+                             "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
+        return self
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that changes results (not output_dir, ray settings, or job name)."""
+        d = self.model_dump(mode="json")
+        for k in ("output_dir", "ray", "name"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (fix: remove it or check the spelling against README 'Job config')"
+        elif e["type"] == "missing":
+            msg = "required key is missing (fix: add it)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_override(d: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a section")
+    cur[parts[-1]] = yaml.safe_load(raw)
+
+
+def _resolve_paths(d: dict, base: Path) -> None:
+    """Make relative local paths in the config relative to the config file's folder."""
+    def fix(p: str) -> str:
+        if "://" in p or p.startswith("pipe:") or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    for section, key in (("data", "shards"), ("target", "shards"), ("trajectory", "checkpoints")):
+        sec = d.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), list):
+            sec[key] = [fix(p) if isinstance(p, str) else p for p in sec[key]]
+    traj = d.get("trajectory")
+    if isinstance(traj, dict) and isinstance(traj.get("file"), str):
+        traj["file"] = fix(traj["file"])
+    model = d.get("model")
+    if isinstance(model, dict) and isinstance(model.get("config_file"), str):
+        model["config_file"] = fix(model["config_file"])
+    if isinstance(d.get("output_dir"), str):
+        d["output_dir"] = fix(d["output_dir"])
+
+
+def _check_paths_exist(cfg: JobConfig) -> list[str]:
+    problems = []
+    if cfg.trajectory.file and not Path(cfg.trajectory.file).exists():
+        problems.append(f"  trajectory.file: {cfg.trajectory.file} does not exist (fix: run `pruner "
+                        f"train-proxy` or point to an existing trajectory.json)")
+    for i, c in enumerate(cfg.trajectory.checkpoints):
+        if "://" not in c and not Path(c).exists():
+            problems.append(f"  trajectory.checkpoints.{i}: {c} does not exist")
+    if cfg.model.config_file and not Path(cfg.model.config_file).exists():
+        problems.append(f"  model.config_file: {cfg.model.config_file} does not exist")
+    for section in ("data", "target"):
+        for i, s in enumerate(getattr(cfg, section).shards):
+            if s.startswith("pipe:") and not cfg.data.allow_pipe:
+                problems.append(f"  {section}.shards.{i}: pipe: URLs execute shell commands and are refused "
+                                f"(fix: set data.allow_pipe: true if you trust this config)")
+            elif "://" not in s and not s.startswith("pipe:") and not any(ch in s for ch in "*?[{"):
+                if not Path(s).exists():
+                    problems.append(f"  {section}.shards.{i}: {s} does not exist")
+    return problems
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None, check_paths: bool = True) -> JobConfig:
+    """Load and validate a job config from a YAML file (or a dict), applying ``key.path=value`` overrides."""
+    source = str(path) if path else "<dict>"
+    if data is None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        base = p.resolve().parent
+    else:
+        data = json.loads(json.dumps(data))
+        base = Path.cwd()
+    for o in overrides or []:
+        apply_override(data, o)
+    _resolve_paths(data, base)
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    if check_paths:
+        problems = _check_paths_exist(cfg)
+        if problems:
+            raise ConfigError("\n".join([f"invalid job config {source}:"] + problems))
+    return cfg
