@@ -1,0 +1,35 @@
+"""Feature store: per shard and checkpoint, projected gradients as a memory-mappable fp16 ``.npy`` [n, k],
+row-aligned with a Parquet index (uid, key, shard_url, row). Both written atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pruner.io.atomic import atomic_path
+
+
+def save_features(path: str | Path, features: np.ndarray) -> None:
+    """Write [n, k] features as float16 .npy (values beyond fp16 range would become inf: refuse them)."""
+    f16 = np.asarray(features, dtype=np.float16)
+    if not np.isfinite(f16).all():
+        raise ValueError(f"features for {path} overflow float16 or are not finite")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, f16)
+
+
+def load_features(path: str | Path, mmap: bool = True) -> np.ndarray:
+    """[n, k] float16, memory-mapped read-only by default."""
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def save_index(path: str | Path, uids: list[str], keys: list[str], shard_url: str) -> None:
+    """The row index of a shard's feature files: row i of every ``.c<j>.npy`` is sample (uid[i], key[i])."""
+    table = pa.table({"uid": pa.array(uids, pa.string()), "key": pa.array(keys, pa.string()),
+                      "shard_url": pa.array([shard_url] * len(uids), pa.string()),
+                      "row": pa.array(np.arange(len(uids), dtype=np.int32))})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
