@@ -3,6 +3,7 @@ Hessian-vector products with double backward. Slow by design; tiny models only."
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call, grad, vmap
 
 
@@ -41,7 +42,8 @@ def hvp(loss_fn, params: dict, vec: dict) -> dict:
     """Exact Hessian-vector product of the scalar loss_fn() w.r.t. params (dict of Parameters), by double backward."""
     names = list(vec)
     ps = [params[n] for n in names]
-    g = torch.autograd.grad(loss_fn(), ps, create_graph=True)
-    gv = sum((gi * vec[n]).sum() for gi, n in zip(g, names))
-    h = torch.autograd.grad(gv, ps)
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        g = torch.autograd.grad(loss_fn(), ps, create_graph=True)
+        gv = sum((gi * vec[n]).sum() for gi, n in zip(g, names))
+        h = torch.autograd.grad(gv, ps)
     return {n: hi.detach() for n, hi in zip(names, h)}

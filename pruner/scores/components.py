@@ -1,0 +1,109 @@
+"""Per-sample, per-checkpoint score components (pure torch).
+
+At checkpoint t with shared quantities (v_X, G, u_X = H_B v_X, eigenpairs of H_B), for each pool sample z:
+
+=================  ==============================================  =============================================
+component          definition                                      how
+=================  ==============================================  =============================================
+loss               l_z(theta_t) (bank loss)                        base pass
+sq_norm            ||g_z||^2 over the selected parameters          base pass, exact (Gram trick)
+clip_score         cos(x_z, y_z)                                   base pass
+l1_feat            ||P g_z||_1 of the projected gradient            base pass
+tracin_target      <g_z, v_target>                                 base pass, exact dot
+tracin_pred        <g_z, v_pred>                                   base pass, exact dot
+t1_target/train    <u_X, g_z> = <v_X, H_B g_z>                     base pass, exact dot (H_B symmetric)
+t1_self            g_z^T H_B g_z ~ sum_k lambda_k <q_k, g_z>^2     base pass, exact dots with top-r eigvecs
+t2_target/train    <v_X, H_z G> = D_G <g_z, v_X>                   finite difference along G^ (see below)
+t2_self            <g_z, H_z G> = D_G (1/2 ||g_z||^2)               same passes, exact norms
+=================  ==============================================  =============================================
+
+T2 by finite differences of exact per-sample quantities at theta_t +- eps * G/||G|| (frozen bank, fixed
+directions): central ``[f(+eps) - f(-eps)] ||G|| / (2 eps)`` (default, O(eps^2), two extra passes) or
+forward ``[f(+eps) - f(0)] ||G|| / eps`` (O(eps), one extra pass). Each pass is a forward + activation-only
+backward; perturbed weights stay float32 (TF32 must be off; :func:`strict_fp32`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pruner.grads.engine import PerSampleGradients
+from pruner.grads.vectors import norm, perturbed
+from pruner.model.loss import bank_loss, in_batch_detached_loss
+from pruner.scores.shared import CheckpointShared
+
+BASE_DIRECTIONS = ("v_target", "v_pred", "u_target", "u_train")
+
+
+def strict_fp32() -> None:
+    """Disable TF32 everywhere: its 10-bit mantissa destroys finite differences (methods.md §1.8.6)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+class CheckpointScorer:
+    """Computes the components above for batches of pool samples at one checkpoint."""
+
+    def __init__(self, engine: PerSampleGradients, shared: CheckpointShared, targets=("target", "train"),
+                 fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank"):
+        if fd_scheme == "forward" and engine.precision != "fp32":
+            raise ValueError("fd_scheme 'forward' reuses the base pass, which must then run in fp32 "
+                             "(fix: model.precision: fp32 or scores.diffin.fd_scheme: central)")
+        self.engine, self.shared = engine, shared
+        self.targets = set(targets)
+        self.fd_eps, self.fd_scheme = fd_eps, fd_scheme
+        vec = shared.vectors
+        self.base_names = [n for n in BASE_DIRECTIONS if n in vec]
+        if fd_scheme == "forward" and "train" in self.targets:
+            self.base_names.append("G")  # the forward difference reuses <g_z, G> at theta_t
+        if "self" in self.targets:
+            self.base_names += [f"q{j}" for j in range(len(shared.eigvals))]
+        self.base_dirs = engine.directions([vec[n] for n in self.base_names]) if self.base_names else None
+        self.t2_names = [n for n, t in (("v_target", "target"), ("G", "train")) if t in self.targets]
+        self.t2_dirs = engine.directions([vec[n] for n in self.t2_names]) if self.t2_names else None
+        self.g_norm = norm(vec["G"])
+        if loss == "bank":
+            self.loss_fn = lambda i, t: bank_loss(i, t, shared.bank_img, shared.bank_txt, shared.scale)
+        else:
+            self.loss_fn = lambda i, t: in_batch_detached_loss(i, t, shared.scale)
+
+    def _t2_pass(self, images, tokens, step: float):
+        """One finite-difference pass at theta_t + step * G^, always in fp32."""
+        eng = self.engine
+        saved, eng.precision = eng.precision, "fp32"
+        try:
+            with perturbed(eng.params(), self.shared.vectors["G"], step):
+                return eng.run(images, tokens, self.loss_fn, directions=self.t2_dirs, features=False,
+                               norms="self" in self.targets)
+        finally:
+            eng.precision = saved
+
+    def __call__(self, images: torch.Tensor, tokens: torch.Tensor, features: bool = True):
+        """Returns ({component: float64 array [B]}, features [B, k] float32 array or None)."""
+        r = self.engine.run(images, tokens, self.loss_fn, directions=self.base_dirs, features=True, norms=True)
+        out = {"loss": r.loss, "sq_norm": r.sq_norm, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double(),
+               "l1_feat": r.features.abs().sum(-1).double()}
+        dots = {n: r.dots[:, j] for j, n in enumerate(self.base_names)}
+        for name in ("target", "pred"):
+            if f"v_{name}" in dots:
+                out[f"tracin_{name}"] = dots[f"v_{name}"]
+        for name in ("target", "train"):
+            if name in self.targets:
+                out[f"t1_{name}"] = dots[f"u_{name}"]
+        if "self" in self.targets:
+            out["t1_self"] = sum(lam * dots[f"q{j}"].square() for j, lam in enumerate(self.shared.eigvals))
+        if self.t2_names or "self" in self.targets:
+            eps = self.fd_eps
+            plus = self._t2_pass(images, tokens, eps)
+            if self.fd_scheme == "central":
+                minus, width = self._t2_pass(images, tokens, -eps), 2 * eps
+            else:
+                minus, width = r, eps
+            for j, n in enumerate(self.t2_names):
+                lo = minus.dots[:, j] if minus is not r else dots[n]
+                out[f"t2_{'target' if n == 'v_target' else 'train'}"] = (plus.dots[:, j] - lo) * (self.g_norm / width)
+            if "self" in self.targets:
+                out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * (self.g_norm / width)
+        arrays = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
+        return arrays, (r.features.cpu().numpy() if features else None)

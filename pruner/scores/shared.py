@@ -1,0 +1,171 @@
+"""Per-checkpoint quantities shared by every sample (computed once per checkpoint by one worker).
+
+Notation (shared/methods.md §1): theta_t the checkpoint, V the target set, B the reference batches.
+
+* ``v_target = grad L(V; theta_t)``: mean per-sample bank loss over the target set.
+* ``v_pred = -grad mean_V s<x, y>``: the prediction-score target (TracIn's label-free variant): the gradient of
+  the target pairs' image-text similarity, negated so that "positive = helpful" holds as for the loss.
+* ``G = G_B``: gradient of the true in-batch CLIP loss, averaged over R fixed, hash-selected reference
+  batches (the stochastic proxy of the training gradient; also the training-loss target of coreset selection).
+* ``u_X = H_B v_X`` for each target direction, by central finite differences of the reference-batch gradient:
+  ``H_B v ~ [G_B(theta + h v^) - G_B(theta - h v^)] ||v|| / (2h)`` (2 batch gradients per direction, once per
+  checkpoint; O(h^2) truncation). By symmetry of H_B, T1 = <v, H_B g_z> = <u, g_z> needs no per-sample HVP.
+* ``eig``: top-r eigenpairs of H_B (subspace iteration on the same finite-difference HVP) for the
+  self-influence term g^T H_B g ~ sum_k lambda_k <q_k, g>^2, the only term with a per-sample direction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from pruner.grads.engine import PerSampleGradients
+from pruner.grads.vectors import ParamVector, norm, perturbed
+from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_scale_of
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (images [B,3,H,W], tokens [B,ctx])
+
+
+@dataclass
+class CheckpointShared:
+    """Everything a worker needs at checkpoint i besides the weights. Tensors only (weights_only-loadable)."""
+
+    index: int
+    step: int
+    eta: float  # learning-rate weight of the checkpoint (TracIn eta_i, Diff-In eta_t)
+    a_t: float  # Diff-In coefficient -t * eta^2 / (N * m)
+    scale: float  # exp(logit_scale)
+    bank_img: torch.Tensor  # [K, e]
+    bank_txt: torch.Tensor  # [K, e]
+    vectors: dict[str, ParamVector] = field(default_factory=dict)  # v_target, v_pred, G, u_target, u_train, q0..
+    eigvals: list[float] = field(default_factory=list)
+
+    def to_state(self) -> dict:
+        return {"index": self.index, "step": self.step, "eta": self.eta, "a_t": self.a_t, "scale": self.scale,
+                "bank_img": self.bank_img.cpu(), "bank_txt": self.bank_txt.cpu(),
+                "vectors": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.vectors.items()},
+                "eigvals": list(self.eigvals)}
+
+    @classmethod
+    def from_state(cls, s: dict, device="cpu") -> "CheckpointShared":
+        return cls(index=int(s["index"]), step=int(s["step"]), eta=float(s["eta"]), a_t=float(s["a_t"]),
+                   scale=float(s["scale"]), bank_img=s["bank_img"].to(device), bank_txt=s["bank_txt"].to(device),
+                   vectors={k: {n: t.to(device) for n, t in v.items()} for k, v in s["vectors"].items()},
+                   eigvals=[float(x) for x in s["eigvals"]])
+
+
+def diffin_coefficient(step: int, eta: float, pool_size: int, m: int) -> float:
+    """a_t = -t * eta_t^2 / (N * m) (Diff-In's checkpoint form; the official code's normalisation)."""
+    return -step * eta * eta / (pool_size * m)
+
+
+@torch.no_grad()
+def embed_bank(model, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm embeddings of the bank pairs, [K, e] each (float32, detached)."""
+    dev = next(model.parameters()).device
+    imgs, txts = zip(*[encode_pairs(model, i.to(dev), t.to(dev)) for i, t in batches])
+    return torch.cat(imgs).float(), torch.cat(txts).float()
+
+
+def _grad(params: dict[str, torch.nn.Parameter], loss: torch.Tensor, retain_graph: bool = False) -> ParamVector:
+    names = list(params)
+    gs = torch.autograd.grad(loss, [params[n] for n in names], retain_graph=retain_graph)
+    return {n: g.detach() for n, g in zip(names, gs)}
+
+
+def _accumulate(total: Optional[ParamVector], g: ParamVector, w: float) -> ParamVector:
+    return {n: t * w for n, t in g.items()} if total is None else {n: total[n] + g[n] * w for n in total}
+
+
+def target_gradients(engine: PerSampleGradients, batches: list[Batch], bank: tuple[torch.Tensor, torch.Tensor],
+                     scale: float) -> tuple[ParamVector, ParamVector]:
+    """(v_target, v_pred) over the target batches: gradients of the mean bank loss and of minus the mean
+    pair similarity s<x,y>."""
+    params, dev = engine.params(), engine.device
+    n = sum(b[0].shape[0] for b in batches)
+    v = vp = None
+    for images, tokens in batches:
+        img, txt = encode_pairs(engine.model, images.to(dev), tokens.to(dev))
+        loss = bank_loss(img, txt, bank[0], bank[1], scale).sum() / n
+        sim = -(scale * (img.double() * txt.double()).sum(-1)).sum() / n
+        v = _accumulate(v, _grad(params, loss, retain_graph=True), 1.0)
+        vp = _accumulate(vp, _grad(params, sim), 1.0)
+    return v, vp
+
+
+def reference_gradient(engine: PerSampleGradients, batches: list[Batch], scale: float) -> ParamVector:
+    """G_B: the in-batch CLIP loss gradient averaged over the reference batches."""
+    params, dev = engine.params(), engine.device
+    g = None
+    for images, tokens in batches:
+        img, txt = encode_pairs(engine.model, images.to(dev), tokens.to(dev))
+        g = _accumulate(g, _grad(params, clip_batch_loss(img, txt, scale)), 1.0 / len(batches))
+    return g
+
+
+def reference_hvp(engine: PerSampleGradients, batches: list[Batch], scale: float, vec: ParamVector,
+                  h: float) -> ParamVector:
+    """H_B vec by central differences of G_B at theta +- h * vec/||vec|| (exact up to O(h^2))."""
+    params, nv = engine.params(), norm(vec)
+    with perturbed(params, vec, h):
+        gp = reference_gradient(engine, batches, scale)
+    with perturbed(params, vec, -h):
+        gm = reference_gradient(engine, batches, scale)
+    return {n: (gp[n] - gm[n]) * (nv / (2 * h)) for n in gp}
+
+
+def top_eigenpairs(engine: PerSampleGradients, batches: list[Batch], scale: float, rank: int, h: float,
+                   iters: int = 4, seed: int = 0) -> tuple[list[float], list[ParamVector]]:
+    """Top-|lambda| eigenpairs of H_B by subspace iteration + Rayleigh-Ritz on finite-difference HVPs.
+
+    Costs rank * (iters + 1) HVPs (2 reference gradients each), once per checkpoint."""
+    params = engine.params()
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [math.prod(s) for s in shapes]
+    dev = engine.device
+
+    def unflat(x: torch.Tensor) -> ParamVector:
+        return {n: c.view(s) for n, c, s in zip(names, x.split(sizes), shapes)}
+
+    def flat(v: ParamVector) -> torch.Tensor:
+        return torch.cat([v[n].reshape(-1) for n in names]).double()
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(sum(sizes), rank, generator=g, dtype=torch.float64))[0].to(dev)
+    for _ in range(iters):
+        hq = torch.stack([flat(reference_hvp(engine, batches, scale, unflat(q[:, j].float()), h))
+                          for j in range(rank)], 1)
+        q = torch.linalg.qr(hq)[0]
+    hq = torch.stack([flat(reference_hvp(engine, batches, scale, unflat(q[:, j].float()), h)) for j in range(rank)], 1)
+    t = q.T @ hq
+    evals, evecs = torch.linalg.eigh(0.5 * (t + t.T))
+    vecs = q @ evecs
+    return [float(x) for x in evals], [unflat(vecs[:, j].float()) for j in range(rank)]
+
+
+def compute_shared(engine: PerSampleGradients, *, index: int, step: int, eta: float, a_t: float,
+                   bank_batches: list[Batch], target_batches: list[Batch], reference_batches: list[Batch],
+                   targets: Iterable[str], hvp_eps: float, self_rank: int, seed: int = 0) -> CheckpointShared:
+    """All shared quantities of one checkpoint. ``targets`` is a subset of {"target", "self", "train"}; the
+    target gradients are computed whenever target batches are given (TracIn uses them too)."""
+    targets = set(targets)
+    scale = logit_scale_of(engine.model)
+    bank = embed_bank(engine.model, bank_batches)
+    shared = CheckpointShared(index=index, step=step, eta=eta, a_t=a_t, scale=scale, bank_img=bank[0],
+                              bank_txt=bank[1])
+    vec = shared.vectors
+    vec["G"] = reference_gradient(engine, reference_batches, scale)
+    if target_batches:
+        vec["v_target"], vec["v_pred"] = target_gradients(engine, target_batches, bank, scale)
+    if "target" in targets:
+        vec["u_target"] = reference_hvp(engine, reference_batches, scale, vec["v_target"], hvp_eps)
+    if "train" in targets:
+        vec["u_train"] = reference_hvp(engine, reference_batches, scale, vec["G"], hvp_eps)
+    if "self" in targets:
+        shared.eigvals, qs = top_eigenpairs(engine, reference_batches, scale, self_rank, hvp_eps, seed=seed)
+        for j, qj in enumerate(qs):
+            vec[f"q{j}"] = qj
+    return shared
