@@ -8,6 +8,7 @@ weights; ``tests/test_model.py`` checks the swapped model's embeddings against t
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,7 +42,12 @@ def create_clip(arch: str, config_file: Optional[str] = None) -> tuple[nn.Module
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown model.arch {arch!r} (fix: one of pruner-tiny, pruner-micro, an open_clip "
                          f"name such as ViT-B-32, or set model.config_file to a custom open_clip JSON config)")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    root = logging.getLogger()
+    level, root.level = root.level, max(root.level, logging.ERROR)  # silence "no pretrained weights loaded"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    finally:
+        root.setLevel(level)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess, tokenizer
 

@@ -1,0 +1,103 @@
+"""Ray actors: thin wrappers that move shards into a :class:`pruner.scorer.Scorer` and results back out.
+
+Actors return results to the driver (which writes them), so a multi-node cluster needs no shared
+filesystem for outputs; only the input shards must be readable from every node.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+from ray.util.metrics import Counter
+
+from pruner.config import JobConfig
+from pruner.io.shards import RejectLog, iter_shard
+from pruner.model.checkpoints import Trajectory
+from pruner.scorer import Scorer, hash_pick, iter_pool
+from pruner.scores.shared import CheckpointShared
+
+log = logging.getLogger("pruner.actor")
+
+
+def _setup(cfg_dict: dict, cpus: float):
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pruner").setLevel(logging.INFO)
+    import torch
+    torch.set_num_threads(max(1, int(cpus)))
+    return JobConfig.model_validate(cfg_dict)
+
+
+class SharedComputer:
+    """Computes the per-checkpoint shared quantities and fits the OGA forest, once per job."""
+
+    def __init__(self, cfg_dict: dict, traj: Trajectory, pool_urls: list[str], target_urls: list[str], cpus: float):
+        self.cfg = _setup(cfg_dict, cpus)
+        self.scorer = Scorer(self.cfg, traj)
+        allow = self.cfg.data.allow_pipe
+        d = self.cfg.scores.diffin
+        self.bank = hash_pick(iter_pool(pool_urls, allow), self.cfg.features.bank_size, "bank")
+        refs = hash_pick(iter_pool(pool_urls, allow), d.reference_batches * d.reference_batch_size, "reference")
+        self.reference = [refs[i::d.reference_batches] for i in range(d.reference_batches)]
+        self.target = []
+        rejects = RejectLog()
+        for url in sorted(target_urls):
+            for s in iter_shard(url, rejects, allow_pipe=allow):
+                if len(self.target) >= self.cfg.target.max_samples:
+                    break
+                self.target.append(s)
+        self.pool_urls = pool_urls
+        log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
+                 len(self.reference[0]) if self.reference else 0, len(self.target))
+
+    def compute(self, i: int) -> dict:
+        t0 = time.time()
+        shared = self.scorer.compute_shared(i, self.bank, self.target, self.reference)
+        log.info("checkpoint %d shared quantities in %.1fs", i, time.time() - t0)
+        return shared.to_state()
+
+    def oga_features(self, states: list[dict]):
+        """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint."""
+        self.scorer.set_shared([CheckpointShared.from_state(s) for s in states])
+        sub = hash_pick(iter_pool(self.pool_urls, self.cfg.data.allow_pipe), self.cfg.scores.oga.iforest_sample,
+                        "oga", oversample=1)
+        return self.scorer.last_checkpoint_features(sub)
+
+
+class ShardScorer:
+    """Scores whole shards. Constructed with everything it needs, so a restarted actor is ready again."""
+
+    def __init__(self, cfg_dict: dict, traj: Trajectory, shared_states: list[dict], forest, cpus: float):
+        self.cfg = _setup(cfg_dict, cpus)
+        self.scorer = Scorer(self.cfg, traj)
+        self.scorer.set_shared([CheckpointShared.from_state(s) for s in shared_states])
+        self.scorer.forest = forest
+        self.samples_scored = Counter("pruner_samples_scored", description="samples scored")
+        self.shards_done = Counter("pruner_shards_done", description="shards scored")
+        self.pid = os.getpid()
+
+    def ping(self) -> int:
+        return self.pid
+
+    def score_shard(self, url: str):
+        """Returns (url, score table, [features per checkpoint], rejects table, stats)."""
+        t0 = time.time()
+        rejects = RejectLog()
+        samples = list(iter_shard(url, rejects, allow_pipe=self.cfg.data.allow_pipe,
+                                  max_samples=self.cfg.data.max_samples_per_shard))
+        table, feats = self.scorer.score_table(samples, url)
+        dt = time.time() - t0
+        self.samples_scored.inc(len(samples))
+        self.shards_done.inc()
+        log.info("actor %d scored %s: %d samples in %.1fs (%.1f samples/s), %d rejects", self.pid, url,
+                 len(samples), dt, len(samples) / max(dt, 1e-9), sum(rejects.counts().values()))
+        return url, table, feats if self.cfg.features.save else [], rejects.to_table(), {
+            "n": len(samples), "seconds": dt, "rejects": rejects.counts(), "actor_pid": self.pid}
+
+
+def remote_classes(num_gpus: float, num_cpus: float, max_restarts: int):
+    """The Ray actor classes with their resource requests."""
+    opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
+    return (ray.remote(**opts)(SharedComputer),
+            ray.remote(max_restarts=max_restarts, max_task_retries=0, **opts)(ShardScorer))

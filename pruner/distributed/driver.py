@@ -1,0 +1,166 @@
+"""The Ray driver: lists shards, computes shared quantities once per checkpoint, runs a pool of shard scorers
+with retries and resume, writes every result atomically, then hands over to the reduce step.
+
+Resume and idempotency: the job directory is keyed by a job id derived from the config fingerprint, the shard
+lists and the checkpoint contents. A shard is done when its score Parquet exists (written last, atomically),
+so a re-run after a crash at any point skips finished shards, rescores unfinished ones from scratch, and
+never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+
+from pruner.config import JobConfig
+from pruner.distributed.actors import remote_classes
+from pruner.io.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from pruner.io.layout import JobLayout
+from pruner.io.shards import expand_shard_specs
+from pruner.io.store import save_features
+from pruner.model.checkpoints import Trajectory, load_trajectory
+from pruner.scores.oga import fit_isolation_forest
+
+log = logging.getLogger("pruner.driver")
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_id(cfg: JobConfig, pool: list[str], target: list[str], traj: Trajectory) -> str:
+    """16 hex digits from the config fingerprint, the shard lists and the checkpoint file contents."""
+    h = hashlib.sha256()
+    h.update(cfg.fingerprint().encode())
+    h.update(json.dumps([pool, target]).encode())
+    for ck in traj.checkpoints:
+        h.update(json.dumps([ck.step, ck.lr, ck.lr_mean]).encode())
+        h.update(_file_digest(ck.path).encode())
+    return h.hexdigest()[:16]
+
+
+def connect_ray(cfg: JobConfig) -> None:
+    """Join the cluster named by ray.address or RAY_ADDRESS (set by `ray job submit`); else start a private
+    local instance."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", include_dashboard=False if not address else None,
+             log_to_driver=True, configure_logging=False)
+
+
+def _save_shared(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_shard_result(layout: JobLayout, url: str, table, feats, rejects) -> None:
+    """Features and rejects first, the score table last: its existence marks the shard as done."""
+    for i, f in enumerate(feats):
+        save_features(layout.features(url, i), f)
+    with atomic_path(layout.rejects(url)) as tmp:
+        pq.write_table(rejects, tmp)
+    with atomic_path(layout.scores(url)) as tmp:
+        pq.write_table(table, tmp)
+
+
+def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory]:
+    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    target = expand_shard_specs(cfg.target.shards, cfg.data.allow_pipe) if cfg.target.shards else []
+    traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, pool, target, traj)}")
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    if not layout.config.exists():
+        write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    return layout, pool, target, traj
+
+
+def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj: Trajectory) -> dict:
+    """Score every pending shard. Returns run statistics (failed shards included)."""
+    connect_ray(cfg)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n_actors = gpus if gpus else cfg.ray.num_actors
+    cpus = cfg.ray.cpus_per_actor
+    Shared, Scorer = remote_classes(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=8)
+    cfg_dict = cfg.model_dump(mode="json")
+    m = len(traj.checkpoints)
+    pending = [u for u in pool if not layout.scores(u).exists()]
+    stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
+             "actors": n_actors, "gpus": gpus}
+    if not pending:
+        log.info("all %d shards already scored in %s", len(pool), layout.root)
+        return stats
+
+    t0 = time.time()
+    states = [torch.load(layout.shared(i), map_location="cpu", weights_only=True) if layout.shared(i).exists()
+              else None for i in range(m)]
+    sub_path = layout.shared_dir / "oga_subsample.npy"
+    need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
+    if any(s is None for s in states) or need_oga:
+        comp = Shared.remote(cfg_dict, traj, pool, target, cpus)
+        for i in range(m):
+            if states[i] is None:
+                states[i] = ray.get(comp.compute.remote(i))
+                _save_shared(layout.shared(i), states[i])
+        if need_oga:  # saved, so a re-run refits the identical forest (fixed random_state) without rescoring
+            rows = ray.get(comp.oga_features.remote(states))
+            with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(rows, np.float32))
+        ray.kill(comp)
+    forest = None
+    if "oga" in cfg.scores.methods:
+        o = cfg.scores.oga
+        forest = fit_isolation_forest(np.load(sub_path), seed=cfg.seed, trees=o.iforest_trees)
+    stats["shared_seconds"] = time.time() - t0
+
+    states_ref, forest_ref = ray.put(states), ray.put(forest)
+    actors = [Scorer.remote(cfg_dict, traj, states_ref, forest_ref, cpus) for _ in range(n_actors)]
+    queue, idle, inflight = deque(pending), list(actors), {}
+    attempts: dict[str, int] = {}
+    done_samples, t1 = 0, time.time()
+    bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
+    while queue or inflight:
+        while queue and idle:
+            actor, url = idle.pop(), queue.popleft()
+            inflight[actor.score_shard.remote(url)] = (url, actor)
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            url, actor = inflight.pop(ref)
+            idle.append(actor)
+            try:
+                _, table, feats, rejects, st = ray.get(ref)
+            except (ray.exceptions.RayError, ray.exceptions.RayActorError) as e:
+                attempts[url] = attempts.get(url, 0) + 1
+                if attempts[url] <= cfg.ray.max_retries:
+                    log.warning("shard %s failed (attempt %d), retrying: %s", url, attempts[url], str(e)[:300])
+                    queue.append(url)
+                else:
+                    log.error("shard %s failed %d times, giving up: %s", url, attempts[url], str(e)[:300])
+                    stats["shards_failed"][url] = str(e)[:2000]
+                    bar.update(1)
+                continue
+            _write_shard_result(layout, url, table, feats, rejects)
+            done_samples += st["n"]
+            bar.update(1)
+            bar.set_postfix(samples=done_samples, rate=f"{done_samples / max(time.time() - t1, 1e-9):.1f}/s")
+    bar.close()
+    for a in actors:
+        ray.kill(a)
+    stats["score_seconds"] = time.time() - t1
+    stats["samples_scored_this_run"] = done_samples
+    return stats

@@ -1,0 +1,291 @@
+"""Outputs of a :class:`~pruner.select.rank.Selection`: keep manifests, the DataComp subset file, the keep table,
+and a materialized pruned WebDataset. No torch/ray/webdataset import (webdataset imports torch).
+
+Files (``JobLayout.keep_dir``), all written atomically (temporary name, then rename) by :func:`write_manifests`:
+
+* ``manifest.json``: ``{shard URL: sorted kept keys}``, one entry per shard with at least one scored sample (an
+  empty list when none is kept). URLs are the ``shard_url`` column, i.e. spelled as the scoring reader saw them.
+* ``uids.npy``: DataComp subset file, a 1-D numpy array of dtype ``np.dtype("u8,u8")`` (fields ``f0``, ``f1``),
+  sorted ascending and unique, as ``resharder.py`` of mlfoundations/datacomp loads it (``load_subset`` asserts
+  that dtype; lookups use ``np.searchsorted``). A 32-hex-digit uid ``h`` is ``(int(h[:16], 16), int(h[16:32], 16))``.
+  Any other uid (e.g. the reader's ``<shard>/<key>`` fallback) is stored as the md5 of its UTF-8 bytes, big-endian
+  (high 8 bytes, low 8 bytes); such uids, and hex uids not in lowercase, are listed in ``uids.fallback.parquet``
+  (columns ``uid``, ``hex`` = 32-hex value stored) so :func:`load_uid_npy` gives back the original strings.
+* ``keep.parquet``: ``uid``, ``key``, ``shard_url`` of the kept samples, by score file path then row.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pruner.io.atomic import atomic_path
+from pruner.select.rank import Selection
+
+UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
+KEEP_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string())])
+_NIBBLE = np.zeros(256, np.uint64)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _NIBBLE[ord(chr(_c).upper())] = _i
+_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, ValueError)
+
+
+class MaterializeError(RuntimeError):
+    """A source shard could not be read or lacks kept samples, or the written output differs from the manifest."""
+
+
+def uid_to_u128(uids) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, canonical)``: values [n] :data:`UID_DTYPE` (see the module docstring for the mapping) and
+    canonical [n] bool, True where the uid is exactly the lowercase 32-hex rendering of its value."""
+    a = uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(uids, pa.string())
+    is_hex = pc.match_substring_regex(a, "^[0-9a-fA-F]{32}$").to_numpy(zero_copy_only=False)
+    canonical = pc.match_substring_regex(a, "^[0-9a-f]{32}$").to_numpy(zero_copy_only=False)
+    strs = a.to_numpy(zero_copy_only=False)
+    out = np.zeros(len(strs), UID_DTYPE)
+    if is_hex.any():
+        nib = _NIBBLE[strs[is_hex].astype("S32").view(np.uint8).reshape(-1, 32)]
+        out["f0"][is_hex] = np.bitwise_or.reduce(nib[:, :16] << _SHIFTS, axis=1)
+        out["f1"][is_hex] = np.bitwise_or.reduce(nib[:, 16:] << _SHIFTS, axis=1)
+    if (~is_hex).any():
+        md5 = b"".join(hashlib.md5(u.encode()).digest() for u in strs[~is_hex])
+        pairs = np.frombuffer(md5, ">u8").reshape(-1, 2)
+        out["f0"][~is_hex], out["f1"][~is_hex] = pairs[:, 0], pairs[:, 1]
+    return out, canonical
+
+
+def u128_to_hex(values: np.ndarray) -> list[str]:
+    """32-hex-digit strings of :data:`UID_DTYPE` values [n]."""
+    return [f"{hi:016x}{lo:016x}" for hi, lo in values.tolist()]
+
+
+def _fallback_path(npy_path: Path) -> Path:
+    return npy_path.with_suffix(".fallback.parquet")
+
+
+def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path) -> dict:
+    """Write manifest.json, uids.npy (+ uids.fallback.parquet) and keep.parquet under ``keep_dir`` from the score
+    files the selection was made on; all four appear together or not at all.
+
+    Each score file must hold one shard (one ``shard_url``), each shard in one file. Memory: one score file +
+    16 bytes per kept sample (the uid array) + the fallback uid strings. Returns
+    ``{"n_keep", "n_shards", "n_uid_fallback", "paths": {...}}``. Raises ValueError if a file holds several shard
+    URLs or a URL is in two files, if two kept uids map to the same 128-bit value, or if the number kept differs
+    from ``selection.n_keep``.
+    """
+    keep_dir = Path(keep_dir)
+    paths = {n: keep_dir / n for n in ("manifest.json", "uids.npy", "keep.parquet")}
+    paths["uids.fallback.parquet"] = _fallback_path(paths["uids.npy"])
+    urls: set[str] = set()
+    values, fallback = [], []
+    with contextlib.ExitStack() as stack:
+        tmp = {n: stack.enter_context(atomic_path(p)) for n, p in paths.items()}
+        manifest = stack.enter_context(open(tmp["manifest.json"], "w"))
+        table = stack.enter_context(pq.ParquetWriter(tmp["keep.parquet"], KEEP_SCHEMA))
+        manifest.write("{")
+        for f in sorted(Path(f) for f in shard_files):
+            t = pq.read_table(f, columns=["uid", "key", "shard_url", selection.score])
+            found = pc.unique(t["shard_url"]).to_pylist()
+            if len(found) > 1 or (found and found[0] in urls):
+                raise ValueError(f"{f}: shard URLs {found[:3]} - each score file must hold exactly one shard, "
+                                 f"each shard in one file")
+            if not found:
+                continue
+            kept = t.filter(pa.array(selection.is_kept(t[selection.score].to_numpy(), t["uid"])))
+            table.write_table(kept.select(KEEP_SCHEMA.names).cast(KEEP_SCHEMA))
+            manifest.write(f"{',' if urls else ''}\n{json.dumps(found[0])}: {json.dumps(sorted(kept['key'].to_pylist()))}")
+            urls.add(found[0])
+            v, canonical = uid_to_u128(kept["uid"])
+            values.append(v)
+            fallback += list(zip(kept["uid"].filter(pa.array(~canonical)).to_pylist(), u128_to_hex(v[~canonical])))
+        manifest.write("\n}\n")
+        uids = np.sort(np.concatenate(values)) if values else np.zeros(0, UID_DTYPE)
+        if len(uids) != selection.n_keep:
+            raise ValueError(f"kept {len(uids)} samples but the selection keeps {selection.n_keep} "
+                             f"(was it computed on other files?)")
+        dup = np.flatnonzero(uids[1:] == uids[:-1])
+        if dup.size:
+            raise ValueError(f"{dup.size} kept uids collide as 128-bit values, e.g. {u128_to_hex(uids[dup[:3]])} "
+                             f"(duplicate uids in the pool?)")
+        with open(tmp["uids.npy"], "wb") as fh:
+            np.save(fh, uids)
+        pq.write_table(pa.table({"uid": pa.array([u for u, _ in fallback], pa.string()),
+                                 "hex": pa.array([h for _, h in fallback], pa.string())}),
+                       tmp["uids.fallback.parquet"])
+    return {"n_keep": len(uids), "n_shards": len(urls), "n_uid_fallback": len(fallback),
+            "paths": {n: str(p) for n, p in paths.items()}}
+
+
+def load_uid_npy(path: str | Path) -> list[str]:
+    """The uids of a subset file in its (ascending 128-bit) order: 32-hex strings, replaced by the original uid
+    where ``uids.fallback.parquet`` lies beside it and lists the value. Raises ValueError for another dtype."""
+    path = Path(path)
+    arr = np.load(path)
+    if arr.dtype != UID_DTYPE or arr.ndim != 1:
+        raise ValueError(f"{path}: dtype {arr.dtype} shape {arr.shape}, expected 1-D {UID_DTYPE} (DataComp)")
+    hexes = u128_to_hex(arr)
+    fb = _fallback_path(path)
+    if not fb.exists():
+        return hexes
+    mapping = pq.read_table(fb, columns=["hex", "uid"]).to_pydict()
+    original = dict(zip(mapping["hex"], mapping["uid"]))
+    return [original.get(h, h) for h in hexes]
+
+
+def _load_manifest(path: str | Path) -> dict[str, list[str]]:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+class KeptKeys:
+    """webdataset ``select`` predicate: True iff ``sample["__key__"]`` is kept in shard ``sample["__url__"]``.
+    Picklable (DataLoader workers). Raises KeyError for a shard URL absent from the manifest, because a URL spelled
+    differently from scoring time would otherwise silently drop the whole shard. Memory: every kept key."""
+
+    def __init__(self, manifest: dict[str, list[str]]):
+        self.keys = {url: frozenset(keys) for url, keys in manifest.items()}
+
+    def __call__(self, sample: dict) -> bool:
+        keys = self.keys.get(sample["__url__"])
+        if keys is None:
+            raise KeyError(f"shard {sample['__url__']!r} is not in the keep manifest ({len(self.keys)} shards, e.g. "
+                           f"{next(iter(self.keys), None)!r}); pass shard URLs spelled as when scoring")
+        return sample["__key__"] in keys
+
+
+def kept_keys_filter(manifest_path: str | Path) -> KeptKeys:
+    """Predicate for ``webdataset.WebDataset(urls).select(kept_keys_filter("keep/manifest.json"))``."""
+    return KeptKeys(_load_manifest(manifest_path))
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """Webdataset (key, lower-cased extension) of a member name, as pruner.io.shards groups samples."""
+    d, base = posixpath.split(name)
+    if "." not in base:
+        return None, ""
+    stem, ext = base.split(".", 1)
+    return (posixpath.join(d, stem) if d else stem), ext.lower()
+
+
+def _samples(tf: tarfile.TarFile, want=None) -> Iterator[tuple[str, list]]:
+    """(key, [(TarInfo, bytes)]) per sample = run of consecutive regular members with one key and no repeated
+    extension, streaming. With ``want``, only the first occurrence of each key in ``want`` (the one the reader
+    scored), and only those members' bytes are read."""
+    key, group, exts, take, taken = None, [], set(), False, set()
+    for m in tf:
+        k, ext = _split_name(m.name) if m.isfile() else (None, "")
+        if k is None:
+            continue
+        if k != key or ext in exts:
+            if take:
+                yield key, group
+            key, group, exts = k, [], set()
+            take = want is None or (k in want and k not in taken)
+            if take:
+                taken.add(k)
+        exts.add(ext)
+        if take:
+            group.append((m, tf.extractfile(m).read()))
+        tf.members = []  # stream mode would keep every TarInfo
+    if take:
+        yield key, group
+
+
+def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
+    """The kept samples of every shard with kept keys, in manifest then tar order; raises MaterializeError
+    naming a shard that cannot be read or lacks kept keys."""
+    for url, keys in manifest.items():
+        if not keys:
+            continue
+        want, found = set(keys), set()
+        try:
+            with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+                for key, members in _samples(tf, want):
+                    found.add(key)
+                    yield key, members
+        except _READ_ERRORS as e:
+            raise MaterializeError(f"cannot read shard {url} listed in the manifest ({type(e).__name__}: {e})") from e
+        if found != want:
+            missing = sorted(want - found)
+            raise MaterializeError(f"shard {url}: {len(missing)} kept keys not found, e.g. {missing[:5]}")
+
+
+def _tar_bytes(members: list) -> int:
+    """Bytes a sample adds to a tar: a 512-byte header per member plus its data padded to 512 (PAX headers aside)."""
+    return sum(512 + -(-len(data) // 512) * 512 for _, data in members)
+
+
+def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shard: int = 10000,
+                max_shard_bytes: int | None = None) -> dict:
+    """Copy the kept samples' tar members (names, headers and bytes unchanged) into ``out_dir/pruned-000000.tar``,
+    ... in manifest order, then check the result with :func:`verify_materialized`.
+
+    Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``);
+    only kept members are held in memory, one sample at a time. A new output shard starts after
+    ``samples_per_shard`` samples, before a sample that would take it past ``max_shard_bytes`` (a single larger
+    sample gets its own shard), or when the next sample has the same key as the previous one (samples from
+    different shards may share a key; webdataset would merge them). Each shard is written under a temporary name
+    and renamed; ``pruned-*.tar`` left from an earlier run beyond the new count are removed. Returns
+    ``{"shards", "samples", "bytes"}``. Raises MaterializeError naming an unreadable source shard, kept keys
+    missing from it, or an output that differs from the manifest.
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = _kept_samples(_load_manifest(manifest_path))
+    pending = next(samples, None)
+    n_shards = n_samples = n_bytes = 0
+    while pending is not None:
+        with atomic_path(out_dir / f"pruned-{n_shards:06d}.tar") as tmp:
+            with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w") as tar:
+                count, last = 0, None
+                while pending is not None and count < samples_per_shard and pending[0] != last and (
+                        max_shard_bytes is None or count == 0 or fh.tell() + _tar_bytes(pending[1]) <= max_shard_bytes):
+                    for info, data in pending[1]:
+                        tar.addfile(info, io.BytesIO(data))
+                    last, count = pending[0], count + 1
+                    pending = next(samples, None)
+            n_bytes += tmp.stat().st_size
+        n_shards, n_samples = n_shards + 1, n_samples + count
+    for p in out_dir.glob("pruned-*.tar"):
+        if re.fullmatch(r"pruned-\d+\.tar", p.name) and int(p.name[7:-4]) >= n_shards:
+            p.unlink()
+    verify_materialized(manifest_path, out_dir)
+    return {"shards": n_shards, "samples": n_samples, "bytes": n_bytes}
+
+
+def verify_materialized(manifest_path: str | Path, out_dir: str | Path) -> dict:
+    """Re-read ``out_dir/pruned-*.tar`` and check that its samples' keys equal the manifest's kept keys as a
+    multiset (so also the count). Memory: every kept key. Returns ``{"shards", "samples"}``; raises
+    MaterializeError with the counts and examples of missing/unexpected keys, or naming an unreadable shard."""
+    expected = Counter(k for keys in _load_manifest(manifest_path).values() for k in keys)
+    shards = sorted(Path(out_dir).glob("pruned-*.tar"))
+    got: Counter = Counter()
+    for p in shards:
+        try:
+            with tarfile.open(p, mode="r|*") as tf:
+                got.update(key for key, _ in _samples(tf))
+        except _READ_ERRORS as e:
+            raise MaterializeError(f"cannot read output shard {p} ({type(e).__name__}: {e})") from e
+    if got != expected:
+        missing, extra = sorted((expected - got).elements()), sorted((got - expected).elements())
+        raise MaterializeError(
+            f"{out_dir}: {sum(got.values())} samples in {len(shards)} shards, manifest {manifest_path} lists "
+            f"{sum(expected.values())}; {len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:5]})")
+    return {"shards": len(shards), "samples": sum(got.values())}

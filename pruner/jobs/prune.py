@@ -1,0 +1,54 @@
+"""Entry point of a prune job: ``ray job submit --working-dir . -- python -m pruner.jobs.prune --config job.yaml``.
+
+Also used by ``pruner prune``. Exit status: 0 on success, 1 if any shard failed after its retries (the summary
+lists them; nothing is selected from a partial pool), 2 for an invalid config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pruner.config import ConfigError, JobConfig, load_config
+
+
+def run(cfg: JobConfig) -> tuple[int, dict]:
+    """Score, then reduce. Returns (exit status, summary-or-stats)."""
+    from pruner.distributed.driver import prepare, score_all
+    from pruner.io.atomic import write_json_atomic
+    from pruner.select.reduce import finalize
+
+    layout, pool, target, traj = prepare(cfg)
+    print(f"pruner: job directory {layout.root}", flush=True)
+    stats = score_all(cfg, layout, pool, target, traj)
+    if stats["shards_failed"]:
+        write_json_atomic(layout.root / "failed.json", stats)
+        print(f"pruner: {len(stats['shards_failed'])} shard(s) failed: {sorted(stats['shards_failed'])}", flush=True)
+        return 1, stats
+    summary = finalize(cfg, layout, pool, stats)
+    c = summary["counts"]
+    print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']} "
+          f"({c['rejected']} rejected by the reader); summary: {layout.summary}", flush=True)
+    return 0, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pruner prune", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="job YAML")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set select.keep_fraction=0.3 (repeatable)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pruner").setLevel(logging.INFO)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    status, _ = run(cfg)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

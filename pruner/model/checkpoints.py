@@ -1,0 +1,168 @@
+"""Loading a training trajectory (the checkpoints Diff-In and TracIn sum over) and the weights at one checkpoint.
+
+Two sources (``TrajectoryConfig``):
+
+* a trajectory file, the JSON written by ``pruner train-proxy``::
+
+      {"arch", "config_file", "optimizer", "seed", "total_steps", "pool_size", "lr_schedule": [lr per step],
+       "checkpoints": [{"path" (relative to the file), "step", "lr", "lr_mean", "train_loss"}, ...]}
+
+* a list of OpenCLIP training checkpoints (``open_clip_train`` format: ``{"epoch", "state_dict", "optimizer",
+  ...}``, state dict keys with or without the DDP ``module.`` prefix). ``lr`` is read from the optimiser's
+  ``param_groups[0]["lr"]``, i.e. the learning rate of the last update before the checkpoint; ``step`` is the
+  checkpoint's ``step`` key (written by ``pruner train-proxy``), else its ``epoch``. Epochs measure training time
+  only up to a global factor (steps per epoch), and a_t ∝ t·η_t² is then off by that same factor for every
+  checkpoint, which leaves rankings unchanged. ``lr_mean`` is unknown (None) for such lists. A list holding a
+  single file may also name a bare state dict: with one checkpoint its weight is a global constant, so a missing
+  step/lr defaults to 1 / 1.0.
+
+Every file is read with ``torch.load(path, map_location="cpu", weights_only=True)``: checkpoints may come from
+elsewhere and must never execute code. Errors name the file and the fix.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from pruner.model.clip import create_clip, linearize_clip, load_open_clip_state
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str  # absolute path
+    step: int  # global optimiser step t (updates applied before this checkpoint)
+    lr: float  # learning rate of the last update before the checkpoint ("in effect at step t")
+    lr_mean: Optional[float]  # mean LR over the updates (previous checkpoint's step, step]; None if unknown
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    checkpoints: tuple[CheckpointInfo, ...]  # ordered by step, strictly increasing
+    arch: Optional[str] = None
+    config_file: Optional[str] = None
+    optimizer: Optional[str] = None
+    seed: Optional[int] = None
+    total_steps: Optional[int] = None
+    pool_size: Optional[int] = None  # samples the proxy was trained on (N in a_t)
+    lr_schedule: Optional[tuple[float, ...]] = None  # lr_schedule[i] = LR of update i + 1 (train-proxy only)
+
+
+def _torch_load(path: Union[str, Path], mmap: bool = False):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (fix: check trajectory.checkpoints / the paths "
+                                f"in the trajectory file, which are relative to that file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # pickle errors, truncated files, non-torch files
+        raise ValueError(f"checkpoint {path} cannot be read as a weights-only torch file: {e} (fix: re-save it "
+                         f"with torch.save({{'state_dict': model.state_dict(), ...}}), tensors and plain types only)"
+                         ) from None
+
+
+def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path} holds neither an OpenCLIP training checkpoint (a dict with "
+                         f"'state_dict') nor a state dict of tensors (fix: point to the .pt files written by "
+                         f"open_clip_train or `pruner train-proxy`)")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The model state dict (open_clip parameter names, no ``module.`` prefix) of an OpenCLIP training checkpoint
+    or a bare state dict file. Raises if any floating tensor holds NaN/Inf, naming the tensor."""
+    sd = _state_dict_of(_torch_load(path), path)
+    for name, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"checkpoint {path}: tensor {name!r} contains NaN/Inf values (fix: training diverged "
+                             f"before this checkpoint; drop it from the trajectory or retrain with a lower LR)")
+    return sd
+
+
+def _check_increasing(infos: list[CheckpointInfo], source: str) -> None:
+    for a, b in zip(infos, infos[1:]):
+        if b.step <= a.step:
+            raise ValueError(f"{source}: steps must increase strictly, but {b.path} (step {b.step}) follows "
+                             f"{a.path} (step {a.step}) (fix: list the checkpoints of one run in training order)")
+
+
+def _from_file(file: str) -> Trajectory:
+    p = Path(file).resolve()
+    if not p.is_file():
+        raise FileNotFoundError(f"trajectory file {p} does not exist (fix: run `pruner train-proxy` or point "
+                                f"trajectory.file to an existing trajectory.json)")
+    try:
+        d = json.loads(p.read_text())
+        infos = [CheckpointInfo(path=str((p.parent / c["path"]).resolve()), step=int(c["step"]),
+                                lr=float(c["lr"]), lr_mean=None if c.get("lr_mean") is None else float(c["lr_mean"]))
+                 for c in d["checkpoints"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"trajectory file {p} is malformed ({type(e).__name__}: {e}) (fix: it must be JSON with "
+                         f"'checkpoints': [{{'path', 'step', 'lr', 'lr_mean'}}, ...])") from None
+    if not infos:
+        raise ValueError(f"trajectory file {p} lists no checkpoints (fix: re-run `pruner train-proxy`)")
+    for c in infos:
+        if not Path(c.path).is_file():
+            raise FileNotFoundError(f"trajectory file {p} names checkpoint {c.path}, which does not exist (fix: "
+                                    f"keep the checkpoints beside the file as train-proxy wrote them)")
+    _check_increasing(infos, f"trajectory file {p}")
+    sched = d.get("lr_schedule")
+    return Trajectory(checkpoints=tuple(infos), arch=d.get("arch"), config_file=d.get("config_file"),
+                      optimizer=d.get("optimizer"), seed=d.get("seed"), total_steps=d.get("total_steps"),
+                      pool_size=d.get("pool_size"), lr_schedule=tuple(sched) if sched else None)
+
+
+def _from_checkpoints(paths: list[str]) -> Trajectory:
+    infos = []
+    for path in paths:
+        path = str(Path(path).resolve())
+        obj = _torch_load(path, mmap=True)  # metadata only: mmap avoids reading the tensors
+        _state_dict_of(obj, path)
+        meta = obj if "state_dict" in obj else {}
+        step = meta.get("step", meta.get("epoch"))
+        groups = (meta.get("optimizer") or {}).get("param_groups") or [{}]
+        lr = groups[0].get("lr")
+        if step is None or lr is None:
+            if len(paths) > 1:
+                raise ValueError(f"checkpoint {path} records no {'step/epoch' if step is None else 'optimizer LR'}, "
+                                 f"so its weight in the trajectory is unknown (fix: use OpenCLIP training "
+                                 f"checkpoints, or write a trajectory file listing path/step/lr for these files)")
+            step, lr = 1 if step is None else step, 1.0 if lr is None else lr
+        infos.append(CheckpointInfo(path=path, step=int(step), lr=float(lr), lr_mean=None))
+    if not infos:
+        raise ValueError("trajectory.checkpoints is empty (fix: list at least one checkpoint file)")
+    _check_increasing(infos, "trajectory.checkpoints")
+    return Trajectory(checkpoints=tuple(infos))
+
+
+def load_trajectory(file: Optional[str] = None, checkpoints: Optional[list[str]] = None) -> Trajectory:
+    """Read a trajectory from a train-proxy trajectory file or from a list of checkpoint files (exactly one)."""
+    if (file is None) == (not checkpoints):
+        raise ValueError("give a trajectory file or a list of checkpoints, exactly one of them")
+    return _from_file(file) if file is not None else _from_checkpoints(list(checkpoints))
+
+
+def load_scoring_model(ckpt: Union[CheckpointInfo, str], arch: str, config_file: Optional[str] = None,
+                       device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The linearised open_clip model (see :func:`pruner.model.clip.linearize_clip`) with the checkpoint's weights,
+    in eval mode, float32, on ``device`` ("auto": CUDA when available)."""
+    path = ckpt.path if isinstance(ckpt, CheckpointInfo) else str(ckpt)
+    sd = load_state_dict(path)
+    model, _, _ = create_clip(arch, config_file)
+    try:
+        load_open_clip_state(model, sd)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path} does not fit model.arch {arch!r}: {str(e).strip()[:600]} (fix: set "
+                         f"model.arch (and model.config_file) to the architecture the checkpoint was trained "
+                         f"with; train-proxy records it in trajectory.json)") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return linearize_clip(model).eval().float().to(device)

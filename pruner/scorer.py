@@ -1,0 +1,154 @@
+"""The orchestrator: one object that turns samples into score rows, knowing nothing of Ray.
+
+``Scorer`` holds the model at every checkpoint of the trajectory (one linearised open_clip model each), the
+gradient computers, the per-checkpoint shared quantities and the OGA forest. The Ray layer creates one per
+actor, hands it shards, and writes what it returns. Notebooks can use it directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pruner.config import JobConfig
+from pruner.grads.engine import PerSampleGradients
+from pruner.io.shards import Sample, iter_shard, RejectLog
+from pruner.model.checkpoints import Trajectory, load_scoring_model
+from pruner.model.clip import create_clip
+from pruner.scores.combine import combine
+from pruner.scores.components import CheckpointScorer, strict_fp32
+from pruner.scores.oga import iforest_scores
+from pruner.scores.shared import CheckpointShared, compute_shared, diffin_coefficient
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[tuple[int, float, float]]:
+    """(step, eta, a_t) per checkpoint. eta is the mean learning rate over the interval the checkpoint stands
+    for (TracIn's definition; methods §6) unless lr_weighting = at_checkpoint or the mean is unknown.
+    N for a_t: trajectory.pool_size from the config, else the trajectory file's, else 1 (a global constant:
+    rankings do not depend on it)."""
+    n = cfg.trajectory.pool_size or traj.pool_size or 1
+    m = len(traj.checkpoints)
+    out = []
+    for ck in traj.checkpoints:
+        eta = ck.lr_mean if (cfg.scores.diffin.lr_weighting == "interval_mean" and ck.lr_mean) else ck.lr
+        out.append((ck.step, float(eta), diffin_coefficient(ck.step, float(eta), n, m)))
+    return out
+
+
+def hash_pick(samples_iter: Iterable[Sample], n: int, salt: str, oversample: int = 4) -> list[Sample]:
+    """The n samples with the smallest sha1(salt:uid) among the first n*oversample samples of the stream.
+
+    The stream is the pool in sorted shard order, so the choice is the same for every worker and run."""
+    pool = []
+    for s in samples_iter:
+        pool.append((hashlib.sha1(f"{salt}:{s.uid}".encode()).hexdigest(), s))
+        if len(pool) >= n * oversample:
+            break
+    pool.sort(key=lambda x: x[0])
+    return [s for _, s in pool[:n]]
+
+
+def iter_pool(urls: Sequence[str], allow_pipe: bool = False) -> Iterable[Sample]:
+    rejects = RejectLog()
+    for url in sorted(urls):
+        yield from iter_shard(url, rejects, allow_pipe=allow_pipe)
+
+
+class Scorer:
+    """Scores samples at every checkpoint of a trajectory. Shapes: images [B,3,H,W], tokens [B,ctx]."""
+
+    def __init__(self, cfg: JobConfig, traj: Trajectory, device: str | torch.device = "auto"):
+        strict_fp32()
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.traj = cfg, traj
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        arch = traj.arch or cfg.model.arch
+        config_file = cfg.model.config_file or traj.config_file
+        _, self.preprocess, self.tokenizer = create_clip(arch, config_file)
+        f = cfg.features
+        self.engines = []
+        for ck in traj.checkpoints:
+            model = load_scoring_model(ck, arch, config_file, device=self.device)
+            self.engines.append(PerSampleGradients(model, k=f.k, layer_k=f.layer_k, seed=f.seed, kind=f.projection,
+                                                   include=f.include, exclude=f.exclude,
+                                                   precision=cfg.model.precision))
+        self.weights = checkpoint_weights(cfg, traj)
+        self.shared: list[CheckpointShared] = []
+        self.scorers: list[CheckpointScorer] = []
+        self.forest = None
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    def tensors(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([self.preprocess(s.image) for s in samples])
+        return images, self.tokenizer([s.caption for s in samples])
+
+    def batches(self, samples: Sequence[Sample], batch_size: Optional[int] = None):
+        bs = batch_size or self.cfg.features.batch_size
+        return [self.tensors(samples[i:i + bs]) for i in range(0, len(samples), bs)]
+
+    # -- shared quantities (one worker per checkpoint) ------------------------------------------------------
+    def compute_shared(self, i: int, bank: Sequence[Sample], target: Sequence[Sample],
+                       reference: Sequence[Sequence[Sample]]) -> CheckpointShared:
+        d = self.cfg.scores.diffin
+        step, eta, a_t = self.weights[i]
+        targets = d.targets if "diffin" in self.cfg.scores.methods else []
+        return compute_shared(self.engines[i], index=i, step=step, eta=eta, a_t=a_t,
+                              bank_batches=self.batches(bank), target_batches=self.batches(target),
+                              reference_batches=[self.tensors(r) for r in reference], targets=targets,
+                              hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed)
+
+    def set_shared(self, shared: Sequence[CheckpointShared]) -> None:
+        d = self.cfg.scores.diffin
+        targets = d.targets if "diffin" in self.cfg.scores.methods else []
+        self.shared = [s if s.bank_img.device == self.device else CheckpointShared.from_state(s.to_state(), self.device)
+                       for s in shared]
+        self.scorers = [CheckpointScorer(e, s, targets=targets, fd_eps=d.fd_eps, fd_scheme=d.fd_scheme,
+                                         loss=self.cfg.features.loss) for e, s in zip(self.engines, self.shared)]
+
+    def last_checkpoint_features(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Projected gradients [n, k] at the last checkpoint (the OGA forest's training rows)."""
+        return np.concatenate([self.scorers[-1](i, t)[1] for i, t in self.batches(samples)])
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    def score(self, samples: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Score columns [n] and projected features per checkpoint [n, k] for a list of samples."""
+        if not self.scorers:
+            raise RuntimeError("set_shared() must be called before score()")
+        per_ckpt: list[dict[str, list]] = [{} for _ in self.scorers]
+        feats: list[list[np.ndarray]] = [[] for _ in self.scorers]
+        for images, tokens in self.batches(samples):
+            for i, sc in enumerate(self.scorers):
+                comp, f = sc(images, tokens)
+                for k, v in comp.items():
+                    per_ckpt[i].setdefault(k, []).append(v)
+                feats[i].append(f)
+        per_ckpt_arr = [{k: np.concatenate(v) for k, v in c.items()} for c in per_ckpt]
+        features = [np.concatenate(f) if f else np.zeros((0, self.cfg.features.k), np.float32) for f in feats]
+        cols = combine(per_ckpt_arr, [w[1] for w in self.weights], [w[2] for w in self.weights],
+                       [s.uid for s in samples], seed=self.cfg.seed)
+        if self.forest is not None:
+            cols["oga_iforest"] = iforest_scores(self.forest, features[-1])
+        return cols, features
+
+    def score_table(self, samples: Sequence[Sample], url: str) -> tuple[pa.Table, list[np.ndarray]]:
+        """A per-shard result table: uid, key, shard_url, row, then every score column (float64)."""
+        cols, features = self.score(samples) if samples else ({}, [])
+        table = {"uid": pa.array([s.uid for s in samples], pa.string()),
+                 "key": pa.array([s.key for s in samples], pa.string()),
+                 "shard_url": pa.array([url] * len(samples), pa.string()),
+                 "row": pa.array(np.arange(len(samples), dtype=np.int32))}
+        for k in sorted(cols):
+            table[k] = pa.array(cols[k], pa.float64())
+        return pa.table(table), features

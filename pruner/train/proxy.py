@@ -1,0 +1,314 @@
+"""``pruner train-proxy``: train a small open_clip model from scratch on a seeded random subset of the pool's
+shards and save the checkpoint trajectory that Diff-In / TracIn sum over.
+
+Training is OpenCLIP's own trainer, ``open_clip_train.main.main`` (WebDataset input, AdamW or a timm optimiser,
+warm-up + cosine schedule, contrastive loss, AMP on GPU), run in-process with one "epoch" of ``steps`` updates
+(``--train-num-samples = steps * batch_size``). pruner's bundled configs are registered with
+``open_clip.add_model_config`` first. Three things are patched for the duration of the call (and restored):
+
+1. ``open_clip_train.data.tar_file_expander`` gets ``eof_value=None``: webdataset >= 0.2.96 yields an end-of-shard
+   marker ``{}`` that open_clip_train 3.3's ``group_by_keys_nothrow`` cannot handle (``KeyError: 'fname'`` at the
+   first shard boundary; open_clip issue #935, webdataset issue #384).
+2. ``webdataset.shuffle`` gets an RNG seeded from ``seed``: open_clip_train's sample-shuffle buffer otherwise
+   seeds itself from pid and time, so two runs with the same seed would see different batches.
+3. ``open_clip_train.main.train_one_epoch`` is wrapped (:class:`_Recorder`): open_clip_train saves only at epoch
+   ends, but the trajectory needs checkpoints at arbitrary (evenly spaced and/or random) steps. The wrapper
+   hooks the per-step LR scheduler call, which happens before each update, to save the model after exactly
+   ``step`` updates in open_clip's checkpoint format (plus a ``step`` key), record the LR of every update (the
+   exact schedule, for the interval-mean LR weights of shared/methods.md §6) and log step / loss / s per step.
+   open_clip_train's own end-of-run ``epoch_1.pt`` duplicates the last step checkpoint and is removed.
+
+Output (``out_dir``)::
+
+    trajectory.json                     read by pruner.model.checkpoints.load_trajectory
+    train/checkpoints/step_XXXXXXXX.pt  OpenCLIP format: epoch, step, name, state_dict, optimizer (+ scaler)
+    train/out.log, train/params.txt     open_clip_train's log and arguments
+
+Determinism: on CPU with ``workers=0`` two runs with the same arguments give identical weights (tested). On GPU
+open_clip_train enables cuDNN benchmark / TF32, so GPU runs are reproducible only approximately.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import random
+import tarfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from pruner.io.atomic import atomic_path, write_json_atomic
+from pruner.model.checkpoints import Trajectory, load_trajectory
+from pruner.model.clip import register_configs
+
+log = logging.getLogger(__name__)
+RUN_NAME = "train"  # open_clip_train's --name: outputs go to <out_dir>/train/
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}  # what open_clip_train reads as the image ("jpg;png;jpeg;webp")
+
+
+def expand_shards(shards: Sequence[str]) -> list[str]:
+    """Local shard files from files, directories (their .tar/.tar.gz/.tgz files) and glob or brace patterns."""
+    import braceexpand
+
+    urls: list[str] = []
+    for spec in shards:
+        for s in braceexpand.braceexpand(spec):
+            p = Path(s)
+            if p.is_dir():
+                urls += sorted(str(f) for f in p.iterdir() if f.name.endswith(_SHARD_SUFFIXES))
+            elif any(c in s for c in "*?["):
+                urls += sorted(str(f) for f in Path(p.anchor or ".").glob(str(p.relative_to(p.anchor or "."))))
+            elif p.is_file():
+                urls.append(str(p))
+            else:
+                raise FileNotFoundError(f"shard {s} does not exist (fix: give shard files, folders or globs)")
+    if not urls:
+        raise FileNotFoundError(f"no .tar/.tar.gz shards found in {list(shards)} (fix: check --shards)")
+    return [str(Path(u).resolve()) for u in urls]
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Samples open_clip_train can train on (an image and a ``txt`` caption under one key), by streaming each tar."""
+    from webdataset.tariterators import base_plus_ext
+
+    n = 0
+    for url in urls:
+        exts: dict[str, set] = {}
+        with tarfile.open(url, "r|*") as tar:
+            for m in tar:
+                key, ext = base_plus_ext(m.name) if m.isfile() else (None, None)
+                if key is not None:
+                    exts.setdefault(key, set()).add(ext.lower())
+        n += sum(1 for e in exts.values() if "txt" in e and e & _IMAGE_EXTS)
+    return n
+
+
+def checkpoint_steps(total_steps: int, even: int = 3, random_count: int = 0, seed: int = 0,
+                     explicit: Optional[Sequence[int]] = None) -> list[int]:
+    """Steps to save at: ``explicit`` if given, else ``even`` evenly spaced steps ending at ``total_steps`` plus
+    ``random_count`` distinct uniformly random steps in [1, total_steps) (seeded)."""
+    if explicit:
+        steps = set(int(s) for s in explicit)
+    else:
+        steps = {round(total_steps * i / even) for i in range(1, even + 1)}
+        rest = sorted(set(range(1, total_steps)) - steps)
+        steps |= set(random.Random(seed).sample(rest, min(random_count, len(rest))))
+    bad = [s for s in steps if not 1 <= s <= total_steps]
+    if bad or not steps:
+        raise ValueError(f"checkpoint steps must lie in [1, {total_steps}] (got {sorted(bad) or 'none'}) "
+                         f"(fix: adjust --checkpoint-steps / --checkpoints / --steps)")
+    return sorted(steps)
+
+
+class _Recorder:
+    """Wraps ``open_clip_train.train.train_one_epoch``: records the LR of every update and the training loss,
+    logs progress, and saves a checkpoint after each requested step (see module docstring, item 3)."""
+
+    def __init__(self, save_steps: Sequence[int], total_steps: int, log_every: int):
+        self.train_one_epoch = None  # the wrapped function, set by _open_clip_train_patched
+        self.save_steps = set(save_steps)
+        self.total_steps, self.log_every = total_steps, log_every
+        self.lrs: list[float] = []  # lrs[i]: LR of update i + 1
+        self.losses: list[float] = []  # losses[i]: training loss of update i + 1
+        self.saved: list[dict] = []
+        self._pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per log line)
+        self._t_log, self._step_log = time.perf_counter(), 0
+
+    def _flush_losses(self) -> None:
+        if self._pending:
+            self.losses += torch.stack(self._pending).float().cpu().tolist()
+            self._pending = []
+
+    def _log(self, step: int) -> None:
+        self._flush_losses()
+        now = time.perf_counter()
+        sps = (now - self._t_log) / max(step - self._step_log, 1)
+        loss = sum(self.losses[self._step_log:step]) / max(step - self._step_log, 1)
+        log.info(f"train-proxy step {step}/{self.total_steps} | loss {loss:.4f} | lr {self.lrs[-1]:.3g} | "
+                 f"{sps:.3f} s/step | ETA {sps * (self.total_steps - step):.0f} s")
+        self._t_log, self._step_log = now, step
+
+    def _maybe_save(self, step: int, model, optimizer, scaler, data, args) -> None:
+        if step not in self.save_steps:
+            return
+        self.save_steps.discard(step)
+        self._flush_losses()
+        ckpt = {"epoch": step // data["train"].dataloader.num_batches, "step": step, "name": args.name,
+                "state_dict": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict()}
+        if scaler is not None:
+            ckpt["scaler"] = scaler.state_dict()
+        path = Path(args.checkpoint_path) / f"step_{step:08d}.pt"
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+        prev = self.saved[-1]["step"] if self.saved else 0
+        entry = {"path": str(path), "step": step, "lr": self.lrs[step - 1],
+                 "lr_mean": sum(self.lrs[prev:step]) / (step - prev),
+                 "train_loss": sum(self.losses[prev:step]) / (step - prev)}
+        self.saved.append(entry)
+        log.info(f"train-proxy saved {path.name}: lr {entry['lr']:.3g}, mean lr since step {prev} "
+                 f"{entry['lr_mean']:.3g}, mean train loss since step {prev} {entry['train_loss']:.4f}")
+
+    def __call__(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        def scheduler_hook(step):  # called once per update, before it: `step` updates are done
+            if step and step % self.log_every == 0:
+                self._log(step)
+            self._maybe_save(step, model, optimizer, scaler, data, args)
+            self.lrs.append(scheduler(step))
+            return self.lrs[-1]
+
+        def loss_hook(*a, **kw):
+            out = loss(*a, **kw)
+            self._pending.append(sum(out.values()).detach())
+            return out
+
+        self.train_one_epoch(model, data, loss_hook, epoch, optimizer, scaler, scheduler_hook, dist_model, args,
+                             tb_writer=tb_writer)
+        step = len(self.lrs)
+        if step % self.log_every:
+            self._log(step)
+        self._maybe_save(step, model, optimizer, scaler, data, args)
+
+
+@contextlib.contextmanager
+def _open_clip_train_patched(recorder: _Recorder, seed: int):
+    """Apply the patches of the module docstring for the duration of the block. open_clip_train's logging setup
+    (root handlers to stderr and out.log, INFO on every logger) is confined to the block as well."""
+    import open_clip_train.data as ocd
+    import open_clip_train.main as ocm
+    import webdataset as wds
+
+    saved = (ocd.tar_file_expander, wds.shuffle, ocm.train_one_epoch)
+    handlers = list(logging.root.handlers)
+    levels = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict) + [""]}
+    for h in handlers:  # open_clip_train adds its own stderr handler; avoid printing every line twice
+        logging.root.removeHandler(h)
+    rng = random.Random(seed)  # one stream, so a repeated pass over the shards is shuffled differently
+    ocd.tar_file_expander = functools.partial(saved[0], eof_value=None)
+    wds.shuffle = lambda bufsize, initial: saved[1](bufsize, initial, rng=rng)
+    recorder.train_one_epoch, ocm.train_one_epoch = saved[2], recorder
+    try:
+        yield ocm
+    finally:
+        ocd.tar_file_expander, wds.shuffle, ocm.train_one_epoch = saved
+        for h in list(logging.root.handlers):
+            logging.root.removeHandler(h)
+            h.close()
+        for h in handlers:
+            logging.root.addHandler(h)
+        for n in list(logging.root.manager.loggerDict) + [""]:
+            logging.getLogger(n).setLevel(levels.get(n, logging.NOTSET))
+
+
+def train_proxy(shards: Sequence[str], out_dir: str, *, arch: str = "pruner-tiny", config_file: Optional[str] = None,
+                steps: int = 300, batch_size: int = 32, lr: float = 3e-4, warmup: Optional[int] = None,
+                weight_decay: float = 0.1, optimizer: str = "adamw", momentum: float = 0.9,
+                checkpoints: int = 3, random_checkpoints: int = 0, checkpoint_at: Optional[Sequence[int]] = None,
+                max_shards: Optional[int] = None, pool_size: Optional[int] = None, seed: int = 0,
+                device: str = "auto", precision: str = "auto", workers: Optional[int] = None,
+                log_every: int = 10) -> Trajectory:
+    """Train a proxy CLIP from scratch with open_clip_train and write ``<out_dir>/trajectory.json``; return it.
+
+    ``steps`` optimiser updates of ``batch_size`` samples, LR warm-up over ``warmup`` steps (default steps // 10)
+    then cosine decay to 0. Training data: ``max_shards`` shards drawn at random (seeded) from ``shards`` (all by
+    default), streamed shuffled and repeated as needed. ``pool_size`` (N in a_t) defaults to the number of samples
+    in those shards (counted by reading them). Checkpoints: see :func:`checkpoint_steps`. ``optimizer``: "adamw"
+    (open_clip_train's, decoupled weight decay, none on gains/biases) or "sgd" (timm SGD with ``momentum``).
+    ``device``/``precision`` "auto": CUDA with AMP when available, else CPU fp32. ``workers`` (data loader
+    processes) defaults to 0 on CPU and up to 4 on CUDA; it must divide ``steps``.
+    """
+    out = Path(out_dir).resolve()
+    if (out / RUN_NAME).exists():
+        raise FileExistsError(f"{out / RUN_NAME} already holds a training run (fix: choose a new --out or delete it)")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r} (fix: adamw or sgd)")
+    urls = expand_shards(shards)
+    if max_shards is not None and max_shards < len(urls):
+        urls = sorted(random.Random(seed).sample(urls, max_shards))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "amp" if device.startswith("cuda") else "fp32"
+    if workers is None:
+        workers = 0 if device == "cpu" else next(w for w in (4, 3, 2, 1) if steps % w == 0 and w <= len(urls))
+    if workers and (steps % workers or workers > len(urls)):
+        raise ValueError(f"workers={workers} must divide steps={steps} and not exceed the {len(urls)} shards "
+                         f"(fix: change --workers or --steps)")
+    warmup = steps // 10 if warmup is None else warmup
+    save_steps = checkpoint_steps(steps, checkpoints, random_checkpoints, seed, checkpoint_at)
+    if pool_size is None:
+        pool_size = count_samples(urls)
+    register_configs(config_file)
+
+    args = ["--train-data", "::".join(urls), "--dataset-type", "webdataset",
+            "--train-num-samples", str(steps * batch_size), "--batch-size", str(batch_size), "--epochs", "1",
+            "--model", arch, "--lr", str(lr), "--warmup", str(warmup), "--lr-scheduler", "cosine",
+            "--wd", str(weight_decay), "--seed", str(seed), "--workers", str(workers), "--device", device,
+            "--precision", precision, "--logs", str(out), "--name", RUN_NAME, "--log-every-n-steps", str(steps),
+            "--report-to", ""]
+    if optimizer == "sgd":
+        args += ["--opt", "timm/momentum", "--momentum", str(momentum)]
+    log.info(f"train-proxy: {arch} on {len(urls)} shards ({pool_size} samples), {steps} steps of {batch_size}, "
+             f"{optimizer} lr {lr}, device {device}, checkpoints at steps {save_steps}")
+    recorder = _Recorder(save_steps, steps, log_every)
+    with _open_clip_train_patched(recorder, seed) as ocm:
+        if ocm.main(args) is not None or len(recorder.lrs) != steps:
+            raise RuntimeError(f"open_clip_train did not complete {steps} steps (see {out / RUN_NAME / 'out.log'})")
+    for f in (out / RUN_NAME / "checkpoints").glob("epoch_*.pt"):
+        f.unlink()
+
+    write_json_atomic(out / "trajectory.json", {
+        "arch": arch, "config_file": str(Path(config_file).resolve()) if config_file else None,
+        "optimizer": optimizer, "seed": seed, "total_steps": steps, "pool_size": pool_size,
+        "checkpoints": [{**c, "path": str(Path(c["path"]).relative_to(out))} for c in recorder.saved],
+        "lr_schedule": recorder.lrs,
+        "train": {"shards": urls, "batch_size": batch_size, "lr": lr, "warmup": warmup, "lr_scheduler": "cosine",
+                  "weight_decay": weight_decay, "momentum": momentum if optimizer == "sgd" else None,
+                  "device": device, "precision": precision, "workers": workers},
+    })
+    log.info(f"train-proxy wrote {out / 'trajectory.json'} ({len(recorder.saved)} checkpoints)")
+    return load_trajectory(file=str(out / "trajectory.json"))
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="pruner train-proxy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", nargs="+", required=True, help="pool shards: files, folders or globs")
+    p.add_argument("--out", required=True, help="output folder (trajectory.json, train/checkpoints/)")
+    p.add_argument("--arch", default="pruner-tiny", help="pruner-tiny, pruner-micro or an open_clip name (ViT-B-32)")
+    p.add_argument("--config-file", help="custom open_clip model JSON config (its file stem is the arch name)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser updates")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay (default steps/10)")
+    p.add_argument("--wd", type=float, default=0.1, help="weight decay")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--checkpoints", type=int, default=3, help="evenly spaced checkpoints (the last at --steps)")
+    p.add_argument("--random-checkpoints", type=int, default=0, help="extra checkpoints at random steps (seeded)")
+    p.add_argument("--checkpoint-steps", help="explicit comma-separated steps, replacing the two options above")
+    p.add_argument("--max-shards", type=int, help="train on this many shards drawn at random (seeded); default all")
+    p.add_argument("--pool-size", type=int, help="N for a_t (default: samples in the training shards, counted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", default="auto", help="auto (amp on CUDA, fp32 on CPU) or an open_clip precision")
+    p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 4 on CUDA)")
+    p.add_argument("--log-every", type=int, default=10, help="log a progress line every N steps")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    if not logging.root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    traj = train_proxy(
+        a.shards, a.out, arch=a.arch, config_file=a.config_file, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+        warmup=a.warmup, weight_decay=a.wd, optimizer=a.optimizer, momentum=a.momentum, checkpoints=a.checkpoints,
+        random_checkpoints=a.random_checkpoints, max_shards=a.max_shards, pool_size=a.pool_size, seed=a.seed,
+        checkpoint_at=[int(s) for s in a.checkpoint_steps.split(",")] if a.checkpoint_steps else None,
+        device=a.device, precision=a.precision, workers=a.workers, log_every=a.log_every)
+    print(str(Path(a.out).resolve() / "trajectory.json"), f"({len(traj.checkpoints)} checkpoints)")
+    return 0
