@@ -31,6 +31,7 @@ from pruner.io.shards import expand_shard_specs
 from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.oga import fit_isolation_forest
+from pruner.scorer import checkpoint_weights
 
 log = logging.getLogger("pruner.driver")
 
@@ -87,6 +88,10 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     if not layout.config.exists():
         write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    if not layout.trajectory.exists():  # the audit record of the per-checkpoint weights behind every score
+        write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
+            {"path": ck.path, "step": step, "lr": ck.lr, "lr_mean": ck.lr_mean, "eta": eta, "a_t": a_t}
+            for ck, (step, eta, a_t) in zip(traj.checkpoints, checkpoint_weights(cfg, traj))]})
     return layout, pool, target, traj
 
 

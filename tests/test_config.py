@@ -1,0 +1,114 @@
+"""Job config validation: errors name the key path and the fix; overrides; path resolution; fingerprints."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pruner.cli import main as cli_main
+from pruner.config import ConfigError, load_config
+from pruner.io.shards import DEMO_DIR
+
+
+def _base(tmp_path) -> dict:
+    traj = tmp_path / "trajectory.json"
+    traj.write_text("{}")
+    return {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": str(traj)},
+            "scores": {"diffin": {"targets": ["train"]}}}
+
+
+def _write(tmp_path, d) -> str:
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return str(p)
+
+
+def test_valid_config_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, _base(tmp_path)))
+    assert cfg.features.k == 1024 and cfg.features.bank_size == 4096
+    assert cfg.select.keep_fraction == 0.5  # default when no criterion is given
+    assert cfg.scores.diffin.fd_scheme == "central"
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    d = _base(tmp_path)
+    d["features"] = {"kk": 3}
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, d))
+    assert "features.kk: unknown key" in str(e.value) and "fix:" in str(e.value)
+
+
+def test_missing_required_section(tmp_path):
+    d = _base(tmp_path)
+    del d["data"]
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        load_config(_write(tmp_path, d))
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("features.k", 0, "features.k"),
+    ("select.keep_fraction", 1.5, "select.keep_fraction"),
+    ("scores.oga.trim_fraction", 0, "scores.oga.trim_fraction"),
+    ("model.precision", "fp8", "model.precision"),
+    ("name", "a b", "name"),
+])
+def test_impossible_values(tmp_path, key, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _base(tmp_path)), [f"{key}={value}"])
+    assert fragment in str(e.value)
+
+
+def test_two_selection_criteria_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="give one of keep_fraction, keep_count, threshold"):
+        load_config(_write(tmp_path, _base(tmp_path)), ["select.keep_fraction=0.3", "select.keep_count=10"])
+
+
+def test_missing_paths_reported(tmp_path):
+    d = _base(tmp_path)
+    d["data"]["shards"] = [str(tmp_path / "nope.tar")]
+    d["trajectory"]["file"] = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, d))
+    msg = str(e.value)
+    assert "data.shards.0" in msg and "trajectory.file" in msg and "train-proxy" in msg
+
+
+def test_pipe_refused_unless_allowed(tmp_path):
+    d = _base(tmp_path)
+    d["data"]["shards"] = ["pipe:cat /etc/hostname"]
+    with pytest.raises(ConfigError, match="pipe: URLs execute shell commands"):
+        load_config(_write(tmp_path, d))
+    d["data"]["allow_pipe"] = True
+    assert load_config(_write(tmp_path, d)).data.allow_pipe
+
+
+def test_target_required_for_target_influence(tmp_path):
+    d = _base(tmp_path)
+    d["scores"]["diffin"]["targets"] = ["target"]
+    with pytest.raises(ConfigError, match="target.shards is empty"):
+        load_config(_write(tmp_path, d))
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path):
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    (sub / "trajectory.json").write_text("{}")
+    d = {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": "trajectory.json"},
+         "scores": {"diffin": {"targets": ["train"]}}}
+    cfg = load_config(_write(sub, d))
+    assert cfg.trajectory.file == str((sub / "trajectory.json").resolve())
+
+
+def test_fingerprint_ignores_operational_keys(tmp_path):
+    path = _write(tmp_path, _base(tmp_path))
+    a = load_config(path)
+    b = load_config(path, ["ray.num_actors=1", "output_dir=/elsewhere", "name=other"])
+    c = load_config(path, ["features.k=512"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_cli_validate_config(tmp_path, capsys):
+    path = _write(tmp_path, _base(tmp_path))
+    assert cli_main(["validate-config", path]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert cli_main(["validate-config", path, "--set", "features.bogus=1"]) == 2
+    assert "features.bogus: unknown key" in capsys.readouterr().err
