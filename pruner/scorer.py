@@ -122,25 +122,45 @@ class Scorer:
         return np.concatenate([self.scorers[-1](i, t)[1] for i, t in self.batches(samples)])
 
     # -- scoring --------------------------------------------------------------------------------------------
-    def score(self, samples: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        """Score columns [n] and projected features per checkpoint [n, k] for a list of samples."""
+    def score_components(self, samples: Sequence[Sample], project_hzg: bool = False):
+        """Per-checkpoint components and projected vectors for a list of samples.
+
+        Returns (components: list over checkpoints of {name: float64 [n]}, features: list of P g_z [n, k] float32,
+        hzg: list of P H_z G_B [n, k] float32, or [] unless ``project_hzg``). Components depend only on the
+        checkpoint, its shared quantities and the sample, never on the other checkpoints (a_t and eta are
+        applied in :meth:`combine_scores`), so they can be cached and recombined."""
         if not self.scorers:
-            raise RuntimeError("set_shared() must be called before score()")
-        per_ckpt: list[dict[str, list]] = [{} for _ in self.scorers]
-        feats: list[list[np.ndarray]] = [[] for _ in self.scorers]
+            raise RuntimeError("set_shared() must be called before scoring")
+        m = len(self.scorers)
+        comps: list[dict[str, list]] = [{} for _ in range(m)]
+        feats: list[list[np.ndarray]] = [[] for _ in range(m)]
+        hzgs: list[list[np.ndarray]] = [[] for _ in range(m)]
         for images, tokens in self.batches(samples):
             for i, sc in enumerate(self.scorers):
-                comp, f = sc(images, tokens)
+                comp, f, h = sc.compute(images, tokens, project_hzg=project_hzg)
                 for k, v in comp.items():
-                    per_ckpt[i].setdefault(k, []).append(v)
+                    comps[i].setdefault(k, []).append(v)
                 feats[i].append(f)
-        per_ckpt_arr = [{k: np.concatenate(v) for k, v in c.items()} for c in per_ckpt]
-        features = [np.concatenate(f) if f else np.zeros((0, self.cfg.features.k), np.float32) for f in feats]
-        cols = combine(per_ckpt_arr, [w[1] for w in self.weights], [w[2] for w in self.weights],
-                       [s.uid for s in samples], seed=self.cfg.seed)
+                if h is not None:
+                    hzgs[i].append(h)
+        empty = np.zeros((0, self.cfg.features.k), np.float32)
+        return ([{k: np.concatenate(v) for k, v in c.items()} for c in comps],
+                [np.concatenate(f) if f else empty for f in feats],
+                [np.concatenate(h) for h in hzgs] if project_hzg else [])
+
+    def combine_scores(self, comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
+                       uids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Method score columns from per-checkpoint components (see pruner.scores.combine)."""
+        cols = combine(comps, [w[1] for w in self.weights], [w[2] for w in self.weights], list(uids),
+                       seed=self.cfg.seed)
         if self.forest is not None:
-            cols["oga_iforest"] = iforest_scores(self.forest, features[-1])
-        return cols, features
+            cols["oga_iforest"] = iforest_scores(self.forest, features_last)
+        return cols
+
+    def score(self, samples: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Score columns [n] and projected features per checkpoint [n, k] for a list of samples."""
+        comps, features, _ = self.score_components(samples)
+        return self.combine_scores(comps, features[-1], [s.uid for s in samples]), features
 
     def score_table(self, samples: Sequence[Sample], url: str) -> tuple[pa.Table, list[np.ndarray]]:
         """A per-shard result table: uid, key, shard_url, row, then every score column (float64)."""

@@ -68,19 +68,29 @@ class CheckpointScorer:
         else:
             self.loss_fn = lambda i, t: in_batch_detached_loss(i, t, shared.scale)
 
-    def _t2_pass(self, images, tokens, step: float):
+    def _t2_pass(self, images, tokens, step: float, features: bool = False):
         """One finite-difference pass at theta_t + step * G^, always in fp32."""
         eng = self.engine
         saved, eng.precision = eng.precision, "fp32"
         try:
             with perturbed(eng.params(), self.shared.vectors["G"], step):
-                return eng.run(images, tokens, self.loss_fn, directions=self.t2_dirs, features=False,
+                return eng.run(images, tokens, self.loss_fn, directions=self.t2_dirs, features=features,
                                norms="self" in self.targets)
         finally:
             eng.precision = saved
 
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor, features: bool = True):
         """Returns ({component: float64 array [B]}, features [B, k] float32 array or None)."""
+        arrays, feats, _ = self.compute(images, tokens, project_hzg=False)
+        return arrays, (feats if features else None)
+
+    def compute(self, images: torch.Tensor, tokens: torch.Tensor, project_hzg: bool = False):
+        """Returns (components {name: float64 [B]}, P g_z [B, k] float32, P H_z G_B [B, k] float32 or None).
+
+        With ``project_hzg`` the finite-difference passes also project the per-sample gradients, giving the
+        projected Hessian-gradient product P H_z G_B = [P g_z(+eps) - P g_z(-eps)] ||G|| / (2 eps). Stored next
+        to P g_z it lets a new target v' be scored without gradient passes: T1 ~ <P u', P g_z>,
+        T2 ~ <P v', P H_z G_B> (pruner rescore)."""
         r = self.engine.run(images, tokens, self.loss_fn, directions=self.base_dirs, features=True, norms=True)
         out = {"loss": r.loss, "sq_norm": r.sq_norm, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double(),
                "l1_feat": r.features.abs().sum(-1).double()}
@@ -93,11 +103,12 @@ class CheckpointScorer:
                 out[f"t1_{name}"] = dots[f"u_{name}"]
         if "self" in self.targets:
             out["t1_self"] = sum(lam * dots[f"q{j}"].square() for j, lam in enumerate(self.shared.eigvals))
-        if self.t2_names or "self" in self.targets:
+        hzg = None
+        if self.t2_names or "self" in self.targets or project_hzg:
             eps = self.fd_eps
-            plus = self._t2_pass(images, tokens, eps)
+            plus = self._t2_pass(images, tokens, eps, project_hzg)
             if self.fd_scheme == "central":
-                minus, width = self._t2_pass(images, tokens, -eps), 2 * eps
+                minus, width = self._t2_pass(images, tokens, -eps, project_hzg), 2 * eps
             else:
                 minus, width = r, eps
             for j, n in enumerate(self.t2_names):
@@ -105,5 +116,7 @@ class CheckpointScorer:
                 out[f"t2_{'target' if n == 'v_target' else 'train'}"] = (plus.dots[:, j] - lo) * (self.g_norm / width)
             if "self" in self.targets:
                 out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * (self.g_norm / width)
+            if project_hzg:
+                hzg = ((plus.features - minus.features) * (self.g_norm / width)).cpu().numpy()
         arrays = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
-        return arrays, (r.features.cpu().numpy() if features else None)
+        return arrays, r.features.cpu().numpy(), hzg
