@@ -79,7 +79,8 @@ def _fallback_path(npy_path: Path) -> Path:
 
 def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path) -> dict:
     """Write manifest.json, uids.npy (+ uids.fallback.parquet) and keep.parquet under ``keep_dir`` from the score
-    files the selection was made on; all four appear together or not at all.
+    files the selection was made on. Each file is written atomically, and none is replaced unless all four were
+    written (they are renamed into place together at the end).
 
     Each score file must hold one shard (one ``shard_url``), each shard in one file. Memory: one score file +
     16 bytes per kept sample (the uid array) + the fallback uid strings. Returns
@@ -107,7 +108,8 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
                 continue
             kept = t.filter(pa.array(selection.is_kept(t[selection.score].to_numpy(), t["uid"])))
             table.write_table(kept.select(KEEP_SCHEMA.names).cast(KEEP_SCHEMA))
-            manifest.write(f"{',' if urls else ''}\n{json.dumps(found[0])}: {json.dumps(sorted(kept['key'].to_pylist()))}")
+            keys = sorted(kept["key"].to_pylist())
+            manifest.write(f"{',' if urls else ''}\n{json.dumps(found[0])}: {json.dumps(keys)}")
             urls.add(found[0])
             v, canonical = uid_to_u128(kept["uid"])
             values.append(v)

@@ -8,16 +8,18 @@ Order: samples are ranked by (score descending, uid ascending); rank 0 is the be
 histograms the next 16-bit digit of the order key among the samples still tied with the cut-off on the digits
 fixed so far (4 digits fix the score), then digits of the uid (2 bytes per pass) when a group tied on the exact
 score is still large; as soon as the candidate bin holds <= ``max_candidates`` samples, one more pass collects
-them and sorts them in memory. Typical data needs 2-3 passes reading only the score (and uid) column.
-Memory: one record batch (``batch_rows`` rows of 2 columns) + a 66049-bin histogram + ``max_candidates``
-(score, uid) pairs (~60 MB at the default 2**20 with 32-character uids).
+them (score and uid columns) and sorts them in memory. Typical data needs 2-3 passes, reading only the score
+column except in the last one. Memory: one score file's score (+ uid) columns (pyarrow reads a file's columns
+ahead) + a 66049-bin histogram + ``max_candidates`` (score, uid) pairs (~60 MB at the default 2**20, 32-char uids).
 
 :func:`write_ranking` is an external merge sort: each shard file is sorted alone (in memory: one shard) into a
 temporary run file, then the runs are merged in streaming batches (batched k-way merge: every round emits all
 buffered rows <= the smallest "last buffered key" of any run, sorted). More than ``fan_in`` runs are first merged
-in groups into intermediate runs (one extra read+write of the data per level). Cost: O(N log N) CPU; I/O = read
-input + write runs + (levels x read+write) + read runs + write output, i.e. ~3x the data for <= fan_in shards.
-Memory: the largest shard file + ~3 x ``buffer_rows`` rows (merge buffers, one round, one output row group).
+in groups into intermediate runs (one extra read+write of the data per level: 1 level up to fan_in**2 = 4096
+shards). Cost: O(N log N) CPU; I/O = read input + write runs + levels x (read + write) + read runs + write output.
+Memory: the largest shard file (read + sorted copy) + the merge buffers (one run row group of
+``buffer_rows // fan_in`` rows per run, <= ``buffer_rows`` rows) + one round's sorted copy (<= ``buffer_rows``
+rows) + one output row group (``row_group`` rows); none of it grows with the number of samples or shards.
 """
 from __future__ import annotations
 
@@ -194,11 +196,14 @@ def select(shard_files: Iterable[str | Path], score: str, keep_fraction: Optiona
             break
         if len(prefix) > 4 and d == 0:  # candidates agree on score and on the whole uid
             raise ValueError(f"{hist[d]} samples share the uid and score at the cut-off: uids must be unique")
-        level, hist = len(prefix), np.zeros(1 << 16 if len(prefix) < 4 else _UID_BINS, np.int64)
-        for b in _batches(files, [score, "uid"], batch_rows):
-            key, uids = order_key(b.column(0).to_numpy(zero_copy_only=False)), b.column(1)
+        level = len(prefix)
+        hist = np.zeros(1 << 16 if level < 4 else _UID_BINS, np.int64)
+        for b in _batches(files, [score] if level < 4 else [score, "uid"], batch_rows):
+            key = order_key(b.column(0).to_numpy(zero_copy_only=False))
+            uids = b.column(1) if level >= 4 else None
             m = _match(key, uids, prefix) & (key != NAN_KEY)
-            hist += np.bincount(_digit(key[m], uids.filter(pa.array(m)), level), minlength=len(hist))
+            hist += np.bincount(_digit(key[m], uids.filter(pa.array(m)) if level >= 4 else None, level),
+                                minlength=len(hist))
 
     parts = []
     for b in _batches(files, [score, "uid"], batch_rows):
@@ -231,12 +236,20 @@ def _count_upto(key: np.ndarray, uids: pa.Array, bound: tuple[int, str]) -> int:
     return lo + int(pc.sum(pc.less_equal(uids.slice(lo, hi - lo), bound[1])).as_py())
 
 
-def _merge(runs: list[Path], score: str, buffer_rows: int) -> Iterator[pa.Table]:
-    """Tables whose concatenation is all rows of the sorted ``runs`` in ranking order (batched k-way merge)."""
-    batch = max(256, buffer_rows // len(runs))
-    live = []  # [batch iterator, buffered rows, their order keys]
+def _row_groups(path: Path) -> Iterator[pa.RecordBatch]:
+    """The non-empty batches of a Parquet file, read one row group at a time (``iter_batches`` would pre-buffer the
+    whole file)."""
+    pf = pq.ParquetFile(path)
+    for i in range(pf.num_row_groups):
+        yield from (b for b in pf.read_row_group(i).combine_chunks().to_batches() if len(b))
+
+
+def _merge(runs: list[Path], score: str) -> Iterator[pa.Table]:
+    """Tables whose concatenation is all rows of the sorted ``runs`` in ranking order (batched k-way merge
+    holding one row group per run)."""
+    live = []  # [row group iterator, buffered rows, their order keys]
     for r in runs:
-        it = pq.ParquetFile(r).iter_batches(batch_size=batch)
+        it = _row_groups(r)
         b = next(it, None)
         if b is not None:
             live.append([it, b, order_key(b.column(score).to_numpy(zero_copy_only=False))])
@@ -300,8 +313,8 @@ def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str |
         level = 0
         while len(runs) > fan_in:
             groups = [runs[i: i + fan_in] for i in range(0, len(runs), fan_in)]
-            runs = [_write_run(_merge(g, score, buffer_rows), schema, tmp_dir / f"merge{level}-{i:06d}.parquet",
-                               run_rows) for i, g in enumerate(groups)]
+            runs = [_write_run(_rechunk(_merge(g, score), run_rows), schema,
+                               tmp_dir / f"merge{level}-{i:06d}.parquet", run_rows) for i, g in enumerate(groups)]
             for g in groups:
                 for r in g:
                     r.unlink()
@@ -309,7 +322,7 @@ def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str |
         out_schema = schema.append(pa.field("rank", pa.int64())).append(pa.field("kept", pa.bool_()))
         n = 0
         with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, out_schema) as w:
-            for t in _rechunk(_merge(runs, score, buffer_rows), row_group):
+            for t in _rechunk(_merge(runs, score), row_group):
                 rank = np.arange(n, n + len(t), dtype=np.int64)
                 kept = rank < selection.n_keep
                 if not np.array_equal(kept, selection.is_kept(t[score].to_numpy(), t["uid"])):

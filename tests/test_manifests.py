@@ -1,0 +1,190 @@
+"""pruner.io.manifests on real WebDataset tar shards (tiny JPEGs) and real score files; no mocks."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pruner.io.layout import JobLayout
+from pruner.io.manifests import (UID_DTYPE, MaterializeError, kept_keys_filter, load_uid_npy, materialize,
+                                 uid_to_u128, verify_materialized, write_manifests)
+from pruner.select.rank import select, shard_score_files
+
+PER_SHARD = 12
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed * 37 % 256, seed * 91 % 256, 7)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w:gz" if str(path).endswith(".gz") else "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """3 shards (.tar, .tar, .tar.gz) whose keys repeat across shards, their score files, and a 50% selection.
+    Shard 0 has DataComp hex uids, shard 1 uppercase hex, shard 2 the reader's '<shard>/<key>' fallback."""
+    root = tmp_path_factory.mktemp("job")
+    layout = JobLayout(root / "run")
+    layout.shards_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    urls, truth = [], {}
+    for s, name in enumerate(["a.tar", "b.tar", "c.tar.gz"]):
+        url = str(root / "pool" / name)
+        (root / "pool").mkdir(exist_ok=True)
+        keys = [f"{i:06d}" for i in range(PER_SHARD)]
+        uids = [[f"{rng.integers(2**63):016x}{i:016x}" for i in range(PER_SHARD)],
+                [f"{rng.integers(2**63):016X}{i:016X}" for i in range(PER_SHARD)],
+                [f"{name}/{k}" for k in keys]][s]
+        samples = [(k, {"jpg": jpeg(s * 100 + i), "txt": f"caption {s} {i}".encode(),
+                        "json": json.dumps({"uid": uid}).encode()}) for i, (k, uid) in enumerate(zip(keys, uids))]
+        write_tar(url, samples)
+        scores = np.round(rng.normal(size=PER_SHARD), 1)
+        scores[rng.integers(PER_SHARD)] = np.nan
+        pq.write_table(pa.table({"uid": uids, "key": keys, "shard_url": [url] * PER_SHARD,
+                                 "row": pa.array(range(PER_SHARD), pa.int32()), "diffin_target": scores}),
+                       layout.scores(url))
+        urls.append(url)
+        truth.update({(url, k): (u, sc, dict(m)) for (k, m), u, sc in zip(samples, uids, scores)})
+    files = shard_score_files(layout.root)
+    sel = select(files, "diffin_target", keep_fraction=0.5)
+    info = write_manifests(files, sel, layout.keep_dir)
+    return {"layout": layout, "urls": urls, "truth": truth, "sel": sel, "info": info, "files": files}
+
+
+def expected_kept(job) -> dict[str, list[str]]:
+    out = {url: [] for url in job["urls"]}
+    for (url, key), (uid, sc, _) in job["truth"].items():
+        if job["sel"].is_kept([sc], [uid])[0]:
+            out[url].append(key)
+    return {u: sorted(k) for u, k in out.items()}
+
+
+def test_manifest_and_keep_table(job):
+    keep = job["layout"].keep_dir
+    manifest = json.loads((keep / "manifest.json").read_text())
+    assert manifest == expected_kept(job)
+    assert sum(map(len, manifest.values())) == job["sel"].n_keep == job["info"]["n_keep"] == 18
+    t = pq.read_table(keep / "keep.parquet")
+    assert t.column_names == ["uid", "key", "shard_url"] and len(t) == 18
+    assert {(u, k) for u, k in zip(t["shard_url"].to_pylist(), t["key"].to_pylist())} == {
+        (u, k) for u, ks in manifest.items() for k in ks}
+    assert sorted(p.name for p in keep.iterdir()) == ["keep.parquet", "manifest.json", "uids.fallback.parquet",
+                                                      "uids.npy"]
+
+
+def test_uids_npy_is_datacomp_compatible(job):
+    arr = np.load(job["layout"].keep_dir / "uids.npy")
+    assert arr.dtype == np.dtype("u8,u8") and arr.ndim == 1 and len(arr) == 18  # resharder's load_subset assert
+    assert arr.tolist() == sorted(set(arr.tolist()))  # sorted and unique, as the resharder's searchsorted needs
+    kept = [u for (uid_url, _), (u, sc, _) in job["truth"].items() if job["sel"].is_kept([sc], [u])[0]]
+    for uid in kept:
+        if len(uid) == 32:  # the resharder's own lookup: key_u16 = divmod(int(uid, 16), 2**64)
+            key_u16 = np.array([divmod(int(uid, 16), 2**64)], UID_DTYPE)[0]
+            assert np.searchsorted(arr, key_u16, "right") - np.searchsorted(arr, key_u16, "left") == 1
+    assert sorted(load_uid_npy(job["layout"].keep_dir / "uids.npy")) == sorted(kept)
+    assert job["info"]["n_uid_fallback"] == sum(not (len(u) == 32 and u == u.lower()) for u in kept) > 0
+
+
+def test_uid_round_trip_and_fallback(tmp_path):
+    uids = ["0123456789abcdef0123456789abcdef", "FFFFFFFFFFFFFFFF0000000000000001", "a.tar/000001", "", "é/1",
+            "0123456789abcdef0123456789abcde"]  # last: 31 hex digits -> fallback
+    vals, canonical = uid_to_u128(uids)
+    assert vals[0].tolist() == (0x0123456789ABCDEF, 0x0123456789ABCDEF) and vals[1].tolist() == (2**64 - 1, 1)
+    assert canonical.tolist() == [True, False, False, False, False, False]
+    for u, v in zip(uids[2:], vals[2:]):
+        assert f"{v[0]:016x}{v[1]:016x}" == hashlib.md5(u.encode()).hexdigest()
+    kept = pa.table({"uid": uids, "key": [str(i) for i in range(6)], "shard_url": ["s.tar"] * 6,
+                     "score": [1.0] * 6})
+    pq.write_table(kept, tmp_path / "s.parquet")
+    sel = select([tmp_path / "s.parquet"], "score", keep_fraction=1.0)
+    write_manifests([tmp_path / "s.parquet"], sel, tmp_path / "keep")
+    back = load_uid_npy(tmp_path / "keep" / "uids.npy")
+    order = np.argsort(vals, order=["f0", "f1"])
+    assert back == [uids[i] for i in order]
+
+
+def test_manifest_filters_webdataset(job):
+    pred = kept_keys_filter(job["layout"].keep_dir / "manifest.json")
+    pred = pickle.loads(pickle.dumps(pred))  # DataLoader workers get a pickled copy
+    ds = wds.WebDataset(job["urls"], shardshuffle=False).select(pred)
+    got = sorted((s["__url__"], s["__key__"]) for s in ds)
+    assert got == sorted((u, k) for u, ks in expected_kept(job).items() for k in ks)
+    with pytest.raises(KeyError, match="not in the keep manifest"):
+        pred({"__url__": "elsewhere/a.tar", "__key__": "000000"})
+
+
+def test_materialize_copies_kept_members_and_verifies(job, tmp_path):
+    manifest = job["layout"].keep_dir / "manifest.json"
+    (tmp_path / "pruned-000099.tar").write_bytes(b"stale")
+    res = materialize(manifest, tmp_path, samples_per_shard=5)
+    shards = sorted(tmp_path.glob("pruned-*.tar"))
+    assert res["samples"] == 18 and res["shards"] == len(shards) >= 4 and not (tmp_path / "pruned-000099.tar").exists()
+    by_key: dict[str, list[dict]] = {}
+    for s in wds.WebDataset([str(p) for p in shards], shardshuffle=False):
+        by_key.setdefault(s["__key__"], []).append({k: v for k, v in s.items() if not k.startswith("__")})
+    expected: dict[str, list[dict]] = {}
+    for (url, key), (uid, sc, members) in job["truth"].items():
+        if job["sel"].is_kept([sc], [uid])[0]:
+            expected.setdefault(key, []).append(members)
+    canon = lambda d: {k: sorted(map(repr, v)) for k, v in d.items()}  # noqa: E731
+    assert canon(by_key) == canon(expected)
+    assert verify_materialized(manifest, tmp_path) == {"shards": len(shards), "samples": 18}
+
+    with tarfile.open(shards[0]) as tar:  # tamper: drop the last sample of the first shard
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    last = members[-1][0].name.split(".")[0]
+    with tarfile.open(shards[0], "w") as tar:
+        for m, data in members:
+            if m.name.split(".")[0] != last:
+                tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(MaterializeError, match=f"17 samples.*1 missing.*{last}"):
+        verify_materialized(manifest, tmp_path)
+
+
+def test_materialize_max_shard_bytes(job, tmp_path):
+    res = materialize(job["layout"].keep_dir / "manifest.json", tmp_path, max_shard_bytes=6000)
+    sizes = [p.stat().st_size for p in sorted(tmp_path.glob("pruned-*.tar"))]
+    assert res["samples"] == 18 and len(sizes) == res["shards"] > 1
+    assert all(s <= 6000 + 10240 for s in sizes)  # + the tar trailer/record padding
+
+
+def test_materialize_fails_loudly_on_bad_sources(job, tmp_path):
+    url = job["urls"][0]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({str(tmp_path / "gone.tar"): ["000001"]}))
+    with pytest.raises(MaterializeError, match="gone.tar"):
+        materialize(manifest, tmp_path / "out")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    manifest.write_text(json.dumps({str(tmp_path / "junk.tar"): ["000001"]}))
+    with pytest.raises(MaterializeError, match="junk.tar"):
+        materialize(manifest, tmp_path / "out")
+    manifest.write_text(json.dumps({url: ["000001", "999999"]}))
+    with pytest.raises(MaterializeError, match="999999"):
+        materialize(manifest, tmp_path / "out")
+
+
+def test_materialize_separates_equal_keys_from_different_shards(job, tmp_path):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({url: ["000003"] for url in job["urls"]}))
+    res = materialize(manifest, tmp_path / "out", samples_per_shard=10)
+    assert res == {"shards": 3, "samples": 3, "bytes": res["bytes"]}  # same key back to back: new shard each time
+    got = [s["txt"] for s in wds.WebDataset(sorted(map(str, (tmp_path / "out").glob("*.tar"))), shardshuffle=False)]
+    assert got == [b"caption 0 3", b"caption 1 3", b"caption 2 3"]
