@@ -83,8 +83,11 @@ def _train_proxy(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train-proxy"]:  # its own argument parser (pruner.train.proxy)
+    if argv[:1] == ["train-proxy"]:  # subcommands with their own argument parsers
         return _train_proxy(argv[1:])
+    if argv[:1] == ["report"]:
+        from pruner.report.html import main as report_main
+        return report_main(argv[1:])
     ap = argparse.ArgumentParser(prog="pruner", description="Influence-based pruning of image-text datasets.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate-config", help="validate a job YAML and exit")
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-bytes", type=int, default=None)
     p.set_defaults(fn=_materialize)
     sub.add_parser("train-proxy", help="train a proxy CLIP trajectory (see `pruner train-proxy --help`)")
+    sub.add_parser("report", help="self-contained HTML report of a finished job (see `pruner report --help`)")
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,336 @@
+"""``pruner report <job dir> [--out report.html]``: a self-contained HTML report of a finished job.
+
+One file, no external resources: inline CSS, plots as inline SVG (no plotting library), thumbnails as base64
+JPEG data URIs. Sections: the job's counts and selection; the keep/drop split (and per class when the shards'
+``.json`` metadata has ``classname``); score histograms per method, kept and dropped stacked; agreement between
+methods (Spearman rank correlation); the most helpful and most harmful pairs by the job's selection score
+(``summary.json: score``) with image, caption and score; rejected samples by reason with examples.
+
+Memory is bounded independently of the pool size: the ranking (sorted by rank) is read a row group at a time,
+only the columns needed; the most helpful/harmful pairs come from its first/last row groups; histograms and
+correlations use a subsample of at most ``max_rows`` rows spread over at most ``max_groups`` evenly spaced row
+groups (exact when the ranking fits); the per-class split reads at most ``class_shards`` evenly spaced shards.
+Images are read back from the shards by key (``pruner.io.shards.iter_shard``; ``pipe:`` URLs are not run).
+Untrusted text (captions, keys, reject details) is HTML-escaped.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pruner.io.atomic import write_bytes_atomic
+from pruner.io.layout import JobLayout
+from pruner.io.shards import RejectLog, iter_shard
+from pruner.select.rank import Selection, shard_score_files
+from pruner.select.reduce import method_columns
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1150px;color:#1d232b;background:#fff}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #d6dbe1;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 8px;border:1px solid #d6dbe1;text-align:right}
+th{background:#f2f4f7}td.l,th.l{text-align:left}.note{color:#5b6570;font-size:12px}
+.grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:170px;border:1px solid #d6dbe1;border-radius:6px;padding:6px}
+.card img{width:158px;height:158px;object-fit:contain;image-rendering:pixelated;background:#f2f4f7}
+.card .cap{font-size:12px;margin:4px 0;overflow-wrap:anywhere}.card .s{font:11px monospace;color:#5b6570}
+.wide{overflow-x:auto}.corr td,.corr th{font-size:12px;padding:2px 5px}svg.hist{border:1px solid #eef0f3}
+.kept{color:#1f7a3a}.dropped{color:#b3261e}
+"""
+KEPT_COLOR, DROPPED_COLOR = "#3b8f5a", "#c8553d"
+
+
+def _thumb_uri(image) -> str:
+    im = image.copy()
+    im.thumbnail((256, 256))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4g}"
+
+
+def _table(header: list[str] | None, rows: list[list], left: int = 1) -> str:
+    """An HTML table (no header row when ``header`` is None); the first ``left`` columns are left-aligned; cells
+    are escaped."""
+    cls = lambda i: ' class="l"' if i < left else ""  # noqa: E731
+    head = "<tr>" + "".join(f"<th{cls(i)}>{html.escape(str(h))}</th>" for i, h in enumerate(header)) + "</tr>" \
+        if header else ""
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{html.escape(str(c))}</td>" for i, c in enumerate(r)) + "</tr>"
+                   for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_sample(pf: pq.ParquetFile, columns: list[str], max_rows: int, max_groups: int, seed: int = 0) -> dict:
+    """{column: array} of a subsample of at most ~max_rows rows from at most max_groups evenly spaced row groups
+    (all rows when the file holds at most max_rows rows in at most max_groups groups)."""
+    n_groups = pf.num_row_groups
+    groups = np.unique(np.linspace(0, n_groups - 1, min(n_groups, max_groups)).round().astype(int)) if n_groups else []
+    rows_in = sum(pf.metadata.row_group(int(g)).num_rows for g in groups)
+    frac = min(1.0, max_rows / max(rows_in, 1))
+    rng = np.random.default_rng(seed)
+    parts = defaultdict(list)
+    for g in groups:
+        t = pf.read_row_group(int(g), columns=columns)
+        pick = rng.random(t.num_rows) < frac if frac < 1 else np.ones(t.num_rows, bool)
+        for c in columns:
+            parts[c].append(t.column(c).to_numpy(zero_copy_only=False)[pick])
+    return {c: np.concatenate(parts[c]) if parts[c] else np.zeros(0) for c in columns}
+
+
+def read_extremes(pf: pq.ParquetFile, columns: list[str], score: str, n: int) -> tuple[list[dict], list[dict]]:
+    """(first n rows, last n rows with a finite score, lowest score first) of the rank-ordered ranking."""
+    head, tail = [], []
+    for g in range(pf.num_row_groups):
+        head += pf.read_row_group(g, columns=columns).to_pylist()[: n - len(head)]
+        if len(head) >= n:
+            break
+    for g in reversed(range(pf.num_row_groups)):
+        rows = [r for r in pf.read_row_group(g, columns=columns).to_pylist() if np.isfinite(r[score])]
+        tail += rows[::-1][: n - len(tail)]
+        if len(tail) >= n:
+            break
+    return head, tail
+
+
+def attach_images(rows: list[dict]) -> None:
+    """Add ``image`` (data URI or None), ``caption`` and ``note`` (why there is no image) to each row, reading
+    each shard once and only up to the last wanted key."""
+    by_shard = defaultdict(list)
+    for r in rows:
+        r.update(image=None, caption="", note="not found in its shard")
+        by_shard[r["shard_url"]].append(r)
+    for url, wanted in by_shard.items():
+        want, log = {r["key"]: r for r in wanted}, RejectLog()
+        if url.startswith("pipe:"):
+            note = "not read: the report does not run pipe: commands"
+        else:
+            for s in iter_shard(url, log):
+                if s.key in want:
+                    want.pop(s.key).update(image=_thumb_uri(s.image), caption=s.caption, note="")
+                    if not want:
+                        break
+            note = "shard unreadable" if "unreadable_shard" in log.counts() else "not found in its shard"
+        for r in want.values():
+            r["note"] = note
+
+
+def class_split(layout: JobLayout, selection: Selection, max_shards: int) -> tuple[dict, int, int]:
+    """({classname: [kept, dropped]}, shards read, shards in the job) from at most max_shards evenly spaced
+    shards: kept is recomputed from the per-shard score files with the job's Selection, classname from the
+    ``.json`` metadata in the shard. Empty when no sample has a ``classname``."""
+    files = shard_score_files(layout.root)
+    pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
+        if files else []
+    counts = defaultdict(lambda: [0, 0])
+    for f in pick:
+        t = pq.read_table(f, columns=["key", "uid", "shard_url", selection.score])
+        if not t.num_rows:
+            continue
+        url = t.column("shard_url")[0].as_py()  # one score file per shard
+        if url.startswith("pipe:"):  # the report does not run commands
+            continue
+        kept = dict(zip(t.column("key").to_pylist(),
+                        selection.is_kept(t.column(selection.score).to_numpy(), t.column("uid"))))
+        for s in iter_shard(url, RejectLog()):
+            name = s.meta.get("classname")
+            if s.key in kept and isinstance(name, str):
+                counts[name][0 if kept[s.key] else 1] += 1
+    return dict(sorted(counts.items())), len(pick), len(files)
+
+
+def read_rejects(layout: JobLayout, limit: int) -> list[dict]:
+    """Up to ``limit`` reject records (url, key, reason, detail), in shard-file order."""
+    out = []
+    for f in sorted(layout.shards_dir.glob("*.rejects.parquet")):
+        out += pq.read_table(f).to_pylist()[: limit - len(out)]
+        if len(out) >= limit:
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+
+def _svg_hist(values: np.ndarray, kept: np.ndarray, title: str, bold: bool, bins: int = 40) -> str:
+    """A 260x150 inline-SVG histogram of the finite values, kept (bottom) and dropped (top) stacked."""
+    w, h, x0, x1, y0, y1 = 260, 150, 6, 254, 32, 128
+    ok = np.isfinite(values)
+    weight = "bold" if bold else "normal"
+    parts = [f'<svg class="hist" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">',
+             f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12" font-weight="{weight}">'
+             f'{html.escape(title)}</text>',
+             f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#888"/>']
+    if ok.any():
+        edges = np.histogram_bin_edges(values[ok], bins=bins)
+        nk = np.histogram(values[ok & kept], edges)[0]
+        nd = np.histogram(values[ok & ~kept], edges)[0]
+        scale = (y1 - y0) / max(int((nk + nd).max()), 1)
+        bw = (x1 - x0) / bins
+        for i, (k, d) in enumerate(zip(nk, nd)):
+            x = x0 + i * bw
+            for count, base, color in ((k, 0, KEPT_COLOR), (d, k, DROPPED_COLOR)):
+                if count:
+                    parts.append(f'<rect x="{x:.1f}" y="{y1 - (base + count) * scale:.1f}" width="{bw:.1f}" '
+                                 f'height="{count * scale:.1f}" fill="{color}"/>')
+        parts += [f'<text x="{x0}" y="{h - 8}" font-size="10">{_fmt(float(edges[0]))}</text>',
+                  f'<text x="{x1}" y="{h - 8}" font-size="10" text-anchor="end">{_fmt(float(edges[-1]))}</text>',
+                  f'<text x="{x0}" y="{y0 - 4}" font-size="10" fill="#5b6570">max {int((nk + nd).max())}</text>']
+    return "".join(parts) + "</svg>"
+
+
+def _histograms(sample: dict, methods: list[str], score: str) -> str:
+    kept = sample["kept"].astype(bool)
+    return '<div class="grid">' + "".join(_svg_hist(sample[m].astype(float), kept, m + (" (selection)" if m == score
+                                          else ""), m == score) for m in methods) + "</div>"
+
+
+def spearman(sample: dict, methods: list[str]) -> np.ndarray:
+    """Spearman rank correlation matrix over the rows where every method is finite (NaN if < 3 rows or constant)."""
+    from scipy.stats import rankdata
+    x = np.column_stack([sample[m].astype(float) for m in methods])
+    x = x[np.isfinite(x).all(axis=1)]
+    if len(x) < 3:
+        return np.full((len(methods), len(methods)), np.nan)
+    r = rankdata(x, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.corrcoef(r, rowvar=False)
+
+
+def _corr_table(corr: np.ndarray, methods: list[str]) -> str:
+    def cell(v):
+        if not np.isfinite(v):
+            return "<td>–</td>"
+        color = f"rgba(59,143,90,{abs(v):.2f})" if v >= 0 else f"rgba(200,85,61,{abs(v):.2f})"
+        return f'<td style="background:{color}">{v:+.2f}</td>'
+    head = "".join(f"<th>{html.escape(m).replace('_', '_<wbr>')}</th>" for m in methods)
+    body = "".join(f'<tr><th class="l">{html.escape(m)}</th>' + "".join(cell(v) for v in row) + "</tr>"
+                   for m, row in zip(methods, corr))
+    return f'<div class="wide"><table class="corr"><tr><th></th>{head}</tr>{body}</table></div>'
+
+
+def _cards(rows: list[dict], score: str) -> str:
+    out = []
+    for r in rows:
+        img = f'<img alt="{html.escape(r["key"])}" src="{r["image"]}">' if r["image"] else \
+            f'<div class="note">{html.escape(r["note"])}</div>'
+        state = "kept" if r["kept"] else "dropped"
+        out.append(f'<div class="card">{img}<div class="cap">{html.escape(r["caption"])}</div>'
+                   f'<div class="s">rank {r["rank"]} · <span class="{state}">{state}</span><br>'
+                   f'{html.escape(score)} {_fmt(r[score])}<br>{html.escape(r["key"])}</div></div>')
+    return '<div class="grid">' + "".join(out) + "</div>"
+
+
+def _class_section(counts: dict, read: int, total: int) -> str:
+    if not counts:
+        return '<p class="note">No <code>classname</code> in the shards\' json metadata.</p>'
+    names = list(counts)
+    kept = np.array([counts[c][0] for c in names])
+    dropped = np.array([counts[c][1] for c in names])
+    scale = 420 / max(int((kept + dropped).max()), 1)
+    bars = "".join(f'<text x="0" y="{18 * i + 13}" font-size="12">{html.escape(c)}</text>'
+                   f'<rect x="130" y="{18 * i + 2}" width="{k * scale:.1f}" height="14" fill="{KEPT_COLOR}"/>'
+                   f'<rect x="{130 + k * scale:.1f}" y="{18 * i + 2}" width="{d * scale:.1f}" height="14" '
+                   f'fill="{DROPPED_COLOR}"/>' for i, (c, k, d) in enumerate(zip(names, kept, dropped)))
+    svg = f'<svg width="560" height="{18 * len(names) + 4}" role="img">{bars}</svg>'
+    rows = [[c, k, d, f"{k / max(k + d, 1):.1%}"] for c, k, d in zip(names, kept, dropped)]
+    src = f"all {total} shards" if read == total else f"{read} of {total} shards (evenly spaced)"
+    return (f'<p class="note">From {src}. <span class="kept">kept</span> / <span class="dropped">dropped</span>'
+            f'</p>{svg}' + _table(["class", "kept", "dropped", "keep rate"], rows))
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 12, max_rows: int = 200_000,
+                 max_groups: int = 64, class_shards: int = 16) -> Path:
+    """Write the report of the finished job in ``job_dir`` to ``out`` (default ``<job dir>/report.html``)
+    atomically; returns its path. Raises FileNotFoundError when the job has no summary.json/ranking.parquet."""
+    layout = JobLayout(Path(job_dir))
+    for p in (layout.summary, layout.ranking):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist (fix: point to the directory of a finished job)")
+    summary = json.loads(layout.summary.read_text())
+    score, counts = summary["score"], summary["counts"]
+    pf = pq.ParquetFile(layout.ranking)
+    methods = method_columns(pf.schema_arrow.names)
+    sample = read_sample(pf, methods + ["kept"], max_rows, max_groups)
+    n_sample = len(sample["kept"])
+    head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
+    attach_images(head + tail)
+    classes = class_split(layout, Selection(**summary["selection"]), class_shards)
+    rejects = read_rejects(layout, 20)
+
+    run = summary.get("run", {})
+    facts = [["job", summary["job"]], ["selection score", score],
+             ["selection", ", ".join(f"{k}={v}" for k, v in summary["selection"].items() if k != "score")],
+             ["samples", counts["samples"]], ["kept", counts["kept"]], ["dropped", counts["dropped"]],
+             ["rejected by the reader", counts["rejected"]], ["shards", counts["shards"]],
+             ["actors / GPUs", f'{run.get("actors", "–")} / {run.get("gpus", "–")}'],
+             ["scoring seconds", _fmt(run.get("score_seconds"))]]
+    facts += [[f"predicted change of the {k.split('_', 1)[1]} loss from dropping (by {k})", _fmt(v)]
+              for k, v in summary.get("predicted_target_loss_change_from_dropped", {}).items()]
+    facts += [["versions", ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items())]]
+    n = counts["samples"]
+    split = _table(["", "samples", "share"], [[k, counts[k], f"{counts[k] / max(n, 1):.1%}"]
+                                             for k in ("kept", "dropped")])
+    sampled = "all" if n_sample == pf.metadata.num_rows else f"a subsample of {n_sample:,} of {pf.metadata.num_rows:,}"
+    reasons = summary.get("rejects_by_reason", {})
+    reject_html = (_table(["reason", "samples"], sorted(reasons.items(), key=lambda kv: -kv[1]))
+                   + f'<p class="note">Examples (first {len(rejects)}):</p>'
+                   + _table(["shard", "key", "reason", "detail"],
+                            [[r["url"], r["key"], r["reason"], r["detail"]] for r in rejects], left=4)
+                   ) if reasons else "<p>No sample was rejected.</p>"
+    body = f"""
+<h1>pruner report: {html.escape(summary["job"])}</h1>
+{_table(None, facts, left=2)}
+<h2>Keep / drop</h2>{split}
+<h3>Per class</h3>{_class_section(*classes)}
+<h2>Score distributions</h2>
+<p class="note">Every score column is oriented higher = more helpful = keep. Colours: kept / dropped by
+<b>{html.escape(score)}</b>. Rows: {sampled} samples.</p>
+{_histograms(sample, methods, score)}
+<h2>Agreement between methods</h2>
+<p class="note">Spearman rank correlation on {sampled} samples.</p>
+{_corr_table(spearman(sample, methods), methods)}
+<h2>Most helpful pairs (highest {html.escape(score)})</h2>{_cards(head, score)}
+<h2>Most harmful pairs (lowest {html.escape(score)})</h2>{_cards(tail, score)}
+<h2>Rejected samples</h2>{reject_html}
+"""
+    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>pruner report: '
+           f'{html.escape(summary["job"])}</title><style>{CSS}</style></head><body>{body}</body></html>\n')
+    out = Path(out) if out else layout.root / "report.html"
+    write_bytes_atomic(out, doc.encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pruner report", description="Write a self-contained HTML report of a "
+                                 "finished job (scores, method agreement, top/bottom pairs, rejects, keep/drop).")
+    ap.add_argument("job_dir", help="the job directory (<output_dir>/<name>-<job id>)")
+    ap.add_argument("--out", help="output file (default: <job dir>/report.html)")
+    ap.add_argument("--top", type=int, default=12, help="pairs shown as most helpful and as most harmful")
+    args = ap.parse_args(argv)
+    try:
+        out = build_report(args.job_dir, args.out, top=args.top)
+    except FileNotFoundError as e:
+        print(f"pruner report: {e}", file=sys.stderr)
+        return 2
+    print(f"pruner report: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""pruner.report.html on a real finished job (two demo shards plus a shard with planted bad samples), checked
+against the job's own files read independently, then rendered in headless Chromium."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageStat
+from scipy.stats import spearmanr
+
+from pruner.config import load_config
+from pruner.io.shards import demo_pool_shards
+from pruner.report.html import _cards, build_report, main, read_extremes, read_sample, spearman
+from tests.conftest import small_job_config
+
+TOP = 6
+BAD = {"bad-nocaption": {"jpg": None, "json": b"{}"},                 # missing_caption
+       "bad-image": {"jpg": b"not a jpeg", "txt": b"a broken image"},  # undecodable_image
+       "bad-empty": {"jpg": None, "txt": b"   "}}                      # empty_caption
+
+
+def _extra_shard(path: Path, source: str, n_good: int = 20) -> None:
+    """A tar with the first n_good samples of ``source`` under new keys ``x-<key>``, then the BAD samples."""
+    members, keys = [], []
+    with tarfile.open(source, "r:gz") as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            if key not in keys and len(keys) == n_good:
+                break
+            keys += [key] if key not in keys else []
+            members.append((f"x-{key}.{ext}", tf.extractfile(m).read()))
+    good_jpg = next(data for name, data in members if name.endswith(".jpg"))
+    for key, parts in BAD.items():
+        members += [(f"{key}.{ext}", good_jpg if data is None else data) for ext, data in parts.items()]
+    with tarfile.open(path, "w") as out:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            out.addfile(info, io.BytesIO(data))
+
+
+def finished_job(tmp_path_factory, trajectory: Path) -> Path:
+    """The directory of a real finished job, built once per test session (also used by tests/test_notebook.py)."""
+    base = tmp_path_factory.getbasetemp() / "finished-job"
+    record = base / "job_dir.txt"
+    if record.exists():
+        return Path(record.read_text())
+    from pruner.jobs.prune import run
+
+    extra = base / "extra" / "extra-000000.tar"
+    extra.parent.mkdir(parents=True)
+    pool = demo_pool_shards()[:2]
+    _extra_shard(extra, demo_pool_shards()[2])
+    cfg = small_job_config(base, trajectory, data={"shards": pool + [str(extra)]})
+    status, summary = run(load_config(data=cfg))
+    assert status == 0
+    root = Path(cfg["output_dir"]) / summary["job"]
+    record.write_text(str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, micro_trajectory) -> Path:
+    return finished_job(tmp_path_factory, micro_trajectory)
+
+
+@pytest.fixture(scope="module")
+def report(job, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    assert main([str(job), "--out", str(out), "--top", str(TOP)]) == 0
+    return out, out.read_text()
+
+
+def _classnames(urls) -> dict[tuple[str, str], str]:
+    """{(shard url, key): classname} read straight from the tars' .json members."""
+    out = {}
+    for url in urls:
+        with tarfile.open(url) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tf.extractfile(m).read() or b"{}")
+                    if "classname" in meta:
+                        out[(url, m.name[: -len(".json")])] = meta["classname"]
+    return out
+
+
+def test_self_contained(report):
+    _, doc = report
+    assert doc.startswith("<!DOCTYPE html>") and doc.rstrip().endswith("</html>")
+    assert "<script" not in doc and "<link" not in doc and "url(" not in doc
+    assert all(src.startswith("data:image/") for src in re.findall(r'src="([^"]*)"', doc))
+
+
+def test_summary_methods_and_correlations(report, job):
+    _, doc = report
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["job"] in doc and f"<td>{summary['counts']['kept']}</td>" in doc
+    methods = [c for c in pq.read_schema(job / "ranking.parquet").names if c.split("_")[0] in
+               ("diffin", "tracin", "oga", "baseline")]
+    assert len(methods) >= 10
+    for m in methods:  # one histogram per method, one correlation row per method
+        assert doc.count(f">{m}</text>") + doc.count(f">{m} (selection)</text>") == 1, m
+        assert f'<th class="l">{m}</th>' in doc, m
+    assert doc.count('<svg class="hist"') == len(methods)
+
+
+def test_most_helpful_and_harmful_pairs_with_images(report, job):
+    _, doc = report
+    score = json.loads((job / "summary.json").read_text())["score"]
+    ranking = pq.read_table(job / "ranking.parquet", columns=["key", "rank", score]).to_pylist()
+    best, worst = ranking[:TOP], sorted(ranking, key=lambda r: r[score])[:TOP]
+    assert doc.count('<div class="card">') == 2 * TOP and doc.count('src="data:image/jpeg;base64,') == 2 * TOP
+    helpful, harmful = doc.split("Most harmful pairs")
+    assert [r["key"] for r in best] == re.findall(r'alt="([^"]+)"', helpful)
+    assert [r["key"] for r in worst] == re.findall(r'alt="([^"]+)"', harmful)
+    assert f"rank {best[0]['rank']} ·" in helpful and f"rank {worst[0]['rank']} ·" in harmful
+
+
+def test_rejects_by_reason(report, job):
+    _, doc = report
+    section = doc.split("<h2>Rejected samples</h2>")[1]
+    for key, reason in zip(BAD, ("missing_caption", "undecodable_image", "empty_caption")):
+        assert f'<td class="l">{reason}</td><td>1</td>' in section and f'<td class="l">{key}</td>' in section
+
+
+def test_keep_drop_per_class(report, job):
+    _, doc = report
+    t = pq.read_table(job / "ranking.parquet", columns=["shard_url", "key", "kept"]).to_pylist()
+    names = _classnames({r["shard_url"] for r in t})
+    expected = {}
+    for r in t:
+        expected.setdefault(names[(r["shard_url"], r["key"])], [0, 0])[0 if r["kept"] else 1] += 1
+    assert len(expected) == 10
+    for name, (kept, dropped) in expected.items():
+        assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
+
+
+def test_spearman_matches_scipy(job):
+    pf = pq.ParquetFile(job / "ranking.parquet")
+    cols = ["diffin_target", "tracin_target", "baseline_loss"]
+    sample = read_sample(pf, cols, max_rows=10**9, max_groups=64)
+    assert len(sample[cols[0]]) == pf.metadata.num_rows
+    expected = spearmanr(np.column_stack([sample[c] for c in cols])).statistic
+    np.testing.assert_allclose(spearman(sample, cols), expected, atol=1e-12)
+
+
+def test_bounded_reading_of_a_big_ranking(tmp_path):
+    """Many row groups: the subsample spans the whole rank range; extremes skip NaN scores at the end."""
+    n = 10_000
+    s = np.linspace(1, 0, n)
+    s[-100:] = np.nan  # NaN scores rank last
+    path = tmp_path / "ranking.parquet"
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(n)], "s": s}), path, row_group_size=500)
+    pf = pq.ParquetFile(path)
+    sample = read_sample(pf, ["s"], max_rows=1000, max_groups=8)
+    assert 700 < len(sample["s"]) < 1300 and np.nanmax(sample["s"]) > 0.9 and np.isnan(sample["s"]).any()
+    head, tail = read_extremes(pf, ["key", "s"], "s", 3)
+    assert [r["key"] for r in head] == ["k0", "k1", "k2"]
+    assert [r["key"] for r in tail] == ["k9899", "k9898", "k9897"]
+
+
+def test_untrusted_text_is_escaped():
+    row = {"key": '"><script>x</script>', "caption": "<img src=x onerror=alert(1)>", "image": None,
+           "note": "<b>", "rank": 1, "kept": True, "s": 0.5}
+    doc = _cards([row], "s")
+    assert "<script>" not in doc and "<img" not in doc and "&lt;img src=x" in doc
+
+
+def test_default_output_and_missing_job(job, tmp_path, capsys):
+    assert build_report(job, top=1) == job / "report.html" and (job / "report.html").stat().st_size > 0
+    assert main([str(tmp_path)]) == 2 and "summary.json does not exist" in capsys.readouterr().err
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install -y chromium)")
+def test_renders_in_headless_chromium(report, tmp_path):
+    out, _ = report
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                           "--window-size=1200,2000", out.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    assert shot.exists(), proc.stderr[-3000:]
+    im = Image.open(shot).convert("RGB")
+    assert im.size == (1200, 2000)
+    assert max(ImageStat.Stat(im).var) > 100, "blank screenshot"
+    px = np.asarray(im).reshape(-1, 3).astype(int)
+    green = (np.abs(px - (0x3B, 0x8F, 0x5A)).max(axis=1) < 12).sum()  # the kept bars/histograms were drawn
+    assert green > 2000, green
