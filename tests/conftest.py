@@ -1,7 +1,6 @@
 """Shared fixtures: Ray bound to loopback without auth, and a small real proxy trajectory on the demo data."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,34 +16,13 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10"
 
 
 def train_micro_trajectory(out: Path, steps: int = 30, checkpoints: int = 3, seed: int = 0) -> Path:
-    """A real pruner-micro trajectory trained on the demo pool (AdamW, constant LR). Returns trajectory.json."""
-    import torch
+    """A real pruner-micro trajectory trained by `pruner train-proxy` on two demo shards. Returns trajectory.json."""
+    from pruner.io.shards import demo_pool_shards
+    from pruner.train.proxy import train_proxy
 
-    from pruner.io.shards import demo_pool_shards, read_shard
-    from pruner.model.clip import create_clip
-    from pruner.model.loss import clip_batch_loss, encode_pairs
-
-    torch.manual_seed(seed)
-    model, preprocess, tokenizer = create_clip("pruner-micro")
-    samples = [s for url in demo_pool_shards()[:2] for s in read_shard(url)[0]]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    out.mkdir(parents=True, exist_ok=True)
-    every = steps // checkpoints
-    entries = []
-    for step in range(1, steps + 1):
-        batch = samples[(step * 32) % (len(samples) - 32):][:32]
-        img, txt = encode_pairs(model, torch.stack([preprocess(s.image) for s in batch]),
-                                tokenizer([s.caption for s in batch]))
-        loss = clip_batch_loss(img, txt, model.logit_scale.exp())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % every == 0:
-            torch.save({"state_dict": model.state_dict(), "step": step}, out / f"step{step}.pt")
-            entries.append({"path": f"step{step}.pt", "step": step, "lr": 1e-3, "lr_mean": 1e-3})
-    path = out / "trajectory.json"
-    path.write_text(json.dumps({"arch": "pruner-micro", "checkpoints": entries, "pool_size": len(samples)}))
-    return path
+    train_proxy(demo_pool_shards()[:2], str(out), arch="pruner-micro", steps=steps, batch_size=32,
+                checkpoints=checkpoints, seed=seed, device="cpu")
+    return out / "trajectory.json"
 
 
 @pytest.fixture(scope="session")

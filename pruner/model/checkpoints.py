@@ -16,8 +16,9 @@ Two sources (``TrajectoryConfig``):
   single file may also name a bare state dict: with one checkpoint its weight is a global constant, so a missing
   step/lr defaults to 1 / 1.0.
 
-Every file is read with ``torch.load(path, map_location="cpu", weights_only=True)``: checkpoints may come from
-elsewhere and must never execute code. Errors name the file and the fix.
+Every file is read with ``torch.load(path, map_location="cpu", weights_only=True)`` (plus ``mmap=True`` when only
+step/lr are needed): checkpoints may come from elsewhere and must never execute code. Errors name the file and the
+fix.
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def load_scoring_model(ckpt: Union[CheckpointInfo, str], arch: str, config_file:
     try:
         load_open_clip_state(model, sd)
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {path} does not fit model.arch {arch!r}: {str(e).strip()[:600]} (fix: set "
+        why = " ".join(str(e).split())[:500]  # one line; torch lists every mismatched tensor
+        raise ValueError(f"checkpoint {path} does not fit model.arch {arch!r}: {why} (fix: set "
                          f"model.arch (and model.config_file) to the architecture the checkpoint was trained "
                          f"with; train-proxy records it in trajectory.json)") from None
     if device == "auto":

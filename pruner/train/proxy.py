@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import logging
 import random
 import tarfile
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import open_clip
 import torch
 
 from pruner.io.atomic import atomic_path, write_json_atomic
@@ -62,7 +64,7 @@ def expand_shards(shards: Sequence[str]) -> list[str]:
             if p.is_dir():
                 urls += sorted(str(f) for f in p.iterdir() if f.name.endswith(_SHARD_SUFFIXES))
             elif any(c in s for c in "*?["):
-                urls += sorted(str(f) for f in Path(p.anchor or ".").glob(str(p.relative_to(p.anchor or "."))))
+                urls += sorted(glob.glob(s))
             elif p.is_file():
                 urls.append(str(p))
             else:
@@ -240,9 +242,12 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: str = "pruner-tiny
                          f"(fix: change --workers or --steps)")
     warmup = steps // 10 if warmup is None else warmup
     save_steps = checkpoint_steps(steps, checkpoints, random_checkpoints, seed, checkpoint_at)
+    register_configs(config_file)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown arch {arch!r} (fix: pruner-tiny, pruner-micro, an open_clip name such as "
+                         f"ViT-B-32, or a --config-file whose file name is <arch>.json)")
     if pool_size is None:
         pool_size = count_samples(urls)
-    register_configs(config_file)
 
     args = ["--train-data", "::".join(urls), "--dataset-type", "webdataset",
             "--train-num-samples", str(steps * batch_size), "--batch-size", str(batch_size), "--epochs", "1",
@@ -274,8 +279,8 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: str = "pruner-tiny
     return load_trajectory(file=str(out / "trajectory.json"))
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="pruner train-proxy", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pruner train-proxy", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", nargs="+", required=True, help="pool shards: files, folders or globs")
     p.add_argument("--out", required=True, help="output folder (trajectory.json, train/checkpoints/)")
     p.add_argument("--arch", default="pruner-tiny", help="pruner-tiny, pruner-micro or an open_clip name (ViT-B-32)")
@@ -297,11 +302,14 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--precision", default="auto", help="auto (amp on CUDA, fp32 on CPU) or an open_clip precision")
     p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 4 on CUDA)")
     p.add_argument("--log-every", type=int, default=10, help="log a progress line every N steps")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (on a busy small CPU, 1 can be much faster)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not logging.root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     traj = train_proxy(

@@ -1,0 +1,127 @@
+"""pruner.model.checkpoints on real open_clip models and real files: OpenCLIP checkpoints (with and without the DDP
+``module.`` prefix), bare state dicts, trajectory files, and the errors for bad inputs."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from pruner.model.checkpoints import CheckpointInfo, load_scoring_model, load_state_dict, load_trajectory
+from pruner.model.clip import create_clip
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return create_clip("pruner-micro")[0]
+
+
+def save_open_clip(path, model, epoch, lr, step=None, prefix=""):
+    """An OpenCLIP training checkpoint as open_clip_train.main writes it (plus ``step`` when given)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ckpt = {"epoch": epoch, "name": "run", "optimizer": opt.state_dict(),
+            "state_dict": {prefix + k: v for k, v in model.state_dict().items()}}
+    if step is not None:
+        ckpt["step"] = step
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_open_clip_checkpoints_load_with_step_lr_and_weights(tmp_path, micro, prefix):
+    a = save_open_clip(tmp_path / "epoch_1.pt", micro, epoch=1, lr=3e-4, prefix=prefix)
+    b = save_open_clip(tmp_path / "epoch_2.pt", micro, epoch=2, lr=1e-4, step=250, prefix=prefix)
+    traj = load_trajectory(checkpoints=[a, b])
+    assert traj.checkpoints == (CheckpointInfo(a, 1, 3e-4, None), CheckpointInfo(b, 250, 1e-4, None))
+    assert traj.arch is None and traj.lr_schedule is None
+
+    sd = load_state_dict(b)
+    assert set(sd) == set(micro.state_dict()) and all(torch.equal(sd[k], v) for k, v in micro.state_dict().items())
+    model = load_scoring_model(traj.checkpoints[1], "pruner-micro")
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_scoring_model_matches_the_trained_weights(tmp_path, micro):
+    path = save_open_clip(tmp_path / "c.pt", micro, epoch=1, lr=1e-3, prefix="module.")
+    model = load_scoring_model(path, "pruner-micro")
+    x, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16))
+    micro.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), micro.encode_image(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(text), micro.encode_text(text), rtol=1e-5, atol=1e-5)
+
+
+def test_bare_state_dict(tmp_path, micro):
+    p = tmp_path / "bare.pt"
+    torch.save(micro.state_dict(), p)
+    assert set(load_state_dict(str(p))) == set(micro.state_dict())
+    (info,) = load_trajectory(checkpoints=[str(p)]).checkpoints  # one checkpoint: weight is a global constant
+    assert (info.step, info.lr) == (1, 1.0)
+    torch.save(micro.state_dict(), tmp_path / "bare2.pt")
+    with pytest.raises(ValueError, match=r"bare\.pt records no step/epoch.*trajectory file"):
+        load_trajectory(checkpoints=[str(p), str(tmp_path / "bare2.pt")])
+
+
+def test_trajectory_file_paths_are_relative_to_the_file(tmp_path, micro):
+    (tmp_path / "ck").mkdir()
+    save_open_clip(tmp_path / "ck" / "s10.pt", micro, epoch=0, lr=2e-4, step=10)
+    torch.save(micro.state_dict(), tmp_path / "ck" / "s20.pt")  # entries may point to bare state dicts
+    doc = {"arch": "pruner-micro", "config_file": None, "optimizer": "adamw", "seed": 3, "total_steps": 20,
+           "pool_size": 640, "lr_schedule": [1e-4] * 20,
+           "checkpoints": [{"path": "ck/s10.pt", "step": 10, "lr": 2e-4, "lr_mean": 1.5e-4},
+                           {"path": "ck/s20.pt", "step": 20, "lr": 1e-5, "lr_mean": None}]}
+    (tmp_path / "trajectory.json").write_text(json.dumps(doc))
+    traj = load_trajectory(file=str(tmp_path / "trajectory.json"))
+    assert [c.path for c in traj.checkpoints] == [str(tmp_path / "ck" / "s10.pt"), str(tmp_path / "ck" / "s20.pt")]
+    assert [c.lr_mean for c in traj.checkpoints] == [1.5e-4, None]
+    assert (traj.arch, traj.seed, traj.pool_size, traj.total_steps, len(traj.lr_schedule)) == ("pruner-micro", 3,
+                                                                                                 640, 20, 20)
+    doc["checkpoints"].reverse()
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"bad\.json: steps must increase strictly.*s10\.pt \(step 10\)"):
+        load_trajectory(file=str(tmp_path / "bad.json"))
+    doc["checkpoints"][0]["path"] = "ck/gone.pt"
+    (tmp_path / "gone.json").write_text(json.dumps(doc))
+    with pytest.raises(FileNotFoundError, match=r"gone\.pt, which does not exist"):
+        load_trajectory(file=str(tmp_path / "gone.json"))
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"trajectory file .*nope\.json does not exist.*train-proxy"):
+        load_trajectory(file=str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*missing\.pt does not exist"):
+        load_trajectory(checkpoints=[str(tmp_path / "missing.pt")])
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt does not exist"):
+        load_scoring_model(str(tmp_path / "missing.pt"), "pruner-micro")
+
+
+def test_non_increasing_steps(tmp_path, micro):
+    a = save_open_clip(tmp_path / "a.pt", micro, epoch=2, lr=1e-4)
+    b = save_open_clip(tmp_path / "b.pt", micro, epoch=2, lr=1e-4)
+    with pytest.raises(ValueError, match=r"steps must increase strictly.*b\.pt \(step 2\) follows .*a\.pt"):
+        load_trajectory(checkpoints=[a, b])
+
+
+def test_wrong_architecture_names_file_and_fix(tmp_path, micro):
+    path = save_open_clip(tmp_path / "micro.pt", micro, epoch=1, lr=1e-4)
+    with pytest.raises(ValueError, match=r"micro\.pt does not fit model\.arch 'pruner-tiny'.*fix: set model\.arch"):
+        load_scoring_model(path, "pruner-tiny")
+    sd = dict(micro.state_dict())
+    sd.pop("logit_scale")
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"partial\.pt does not fit.*missing \['logit_scale'\]"):
+        load_scoring_model(str(tmp_path / "partial.pt"), "pruner-micro")
+
+
+def test_nan_tensor_is_named(tmp_path, micro):
+    sd = {k: v.clone() for k, v in micro.state_dict().items()}
+    sd["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save({"epoch": 1, "state_dict": sd, "optimizer": {"param_groups": [{"lr": 1e-4}]}}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan\.pt: tensor 'visual\.conv1\.weight' contains NaN/Inf"):
+        load_scoring_model(str(tmp_path / "nan.pt"), "pruner-micro")
+
+
+def test_pickled_objects_are_refused(tmp_path, micro):
+    torch.save({"epoch": 1, "state_dict": micro.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "o.pt")
+    with pytest.raises(ValueError, match=r"o\.pt cannot be read as a weights-only torch file"):
+        load_state_dict(str(tmp_path / "o.pt"))

@@ -1,0 +1,108 @@
+"""pruner train-proxy: short real open_clip_train runs (pruner-micro, CPU) on real WebDataset shards, whose
+checkpoints and trajectory must load with pruner.model.checkpoints."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruner.model.checkpoints import load_scoring_model, load_state_dict, load_trajectory
+from pruner.train.proxy import checkpoint_steps, count_samples, expand_shards, main, train_proxy
+
+ROOT = Path(__file__).resolve().parents[1]
+POOLS = [ROOT / "pruner" / "demo" / "pool", ROOT.parent / "shared" / "data" / "cifar10" / "train"]
+POOL = next((p for p in POOLS if p.is_dir() and any(p.glob("*.tar*"))), None)
+needs_pool = pytest.mark.skipif(POOL is None, reason="no demo pool or shared CIFAR-10 shards")
+STEPS = 30
+KW = dict(arch="pruner-micro", steps=STEPS, batch_size=32, checkpoints=3, max_shards=1, seed=0, log_every=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, 2 threads spin against other processes (3x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("proxy")
+    return out, train_proxy([str(POOL)], str(out), **KW)
+
+
+@needs_pool
+def test_trajectory_checkpoints_and_lr_records(run):
+    out, traj = run
+    assert [c.step for c in traj.checkpoints] == [10, 20, 30]
+    assert (traj.arch, traj.optimizer, traj.seed, traj.total_steps) == ("pruner-micro", "adamw", 0, STEPS)
+    doc = json.loads((out / "trajectory.json").read_text())
+    assert traj.pool_size == count_samples(doc["train"]["shards"]) > 0 and len(doc["train"]["shards"]) == 1
+    sched = traj.lr_schedule
+    assert len(sched) == STEPS and max(sched) == pytest.approx(3e-4) and sched[0] < sched[3] and sched[-1] < 1e-5
+    prev = 0
+    for c in traj.checkpoints:
+        assert c.lr == sched[c.step - 1] and c.lr_mean == pytest.approx(sum(sched[prev:c.step]) / (c.step - prev))
+        prev = c.step
+    assert not list((out / "train" / "checkpoints").glob("epoch_*.pt"))  # open_clip's duplicate of the last step
+
+
+@needs_pool
+def test_checkpoints_load_as_open_clip_checkpoints_and_scoring_models(run):
+    out, traj = run
+    listed = load_trajectory(checkpoints=[c.path for c in traj.checkpoints])  # the OpenCLIP-checkpoint route
+    assert [(c.step, c.lr) for c in listed.checkpoints] == [(c.step, c.lr) for c in traj.checkpoints]
+    x = torch.randn(2, 3, 32, 32)
+    embeddings = []
+    for c in traj.checkpoints:
+        with torch.no_grad():
+            embeddings.append(load_scoring_model(c, traj.arch).encode_image(x))
+        assert torch.isfinite(embeddings[-1]).all()
+    assert not torch.allclose(embeddings[0], embeddings[-1])  # the weights moved between checkpoints
+
+
+@needs_pool
+def test_loss_decreases(run):
+    out, _ = run
+    losses = [c["train_loss"] for c in json.loads((out / "trajectory.json").read_text())["checkpoints"]]
+    assert losses[-1] < losses[0] and losses[0] < torch.log(torch.tensor(32.0)).item() + 0.5
+
+
+@needs_pool
+def test_same_seed_gives_identical_weights(run, tmp_path):
+    _, traj = run
+    again = train_proxy([str(POOL)], str(tmp_path / "again"), **KW)
+    a, b = load_state_dict(traj.checkpoints[-1].path), load_state_dict(again.checkpoints[-1].path)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.lr_schedule == traj.lr_schedule
+
+
+@needs_pool
+def test_sgd_cli_and_existing_output(tmp_path):
+    argv = ["--shards", str(POOL), "--out", str(tmp_path / "sgd"), "--arch", "pruner-micro", "--steps", "4",
+            "--optimizer", "sgd", "--lr", "0.01", "--checkpoint-steps", "2,4", "--max-shards", "1"]
+    assert main(argv) == 0
+    traj = load_trajectory(file=str(tmp_path / "sgd" / "trajectory.json"))
+    assert traj.optimizer == "sgd" and [c.step for c in traj.checkpoints] == [2, 4]
+    opt = torch.load(traj.checkpoints[-1].path, map_location="cpu", weights_only=True)["optimizer"]
+    assert opt["param_groups"][0]["momentum"] == 0.9
+    assert any("momentum_buffer" in s for s in opt["state"].values())
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        main(argv)
+
+
+def test_checkpoint_steps():
+    assert checkpoint_steps(300, even=3) == [100, 200, 300]
+    mixed = checkpoint_steps(300, even=2, random_count=3, seed=1)
+    assert len(mixed) == 5 and {150, 300} <= set(mixed) and mixed == checkpoint_steps(300, 2, 3, 1)
+    assert checkpoint_steps(10, explicit=[7, 3]) == [3, 7]
+    with pytest.raises(ValueError, match=r"must lie in \[1, 10\].*\[0, 11\]"):
+        checkpoint_steps(10, explicit=[0, 5, 11])
+
+
+def test_expand_shards_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .tar/.tar.gz shards found"):
+        expand_shards([str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"shard .*x\.tar does not exist"):
+        expand_shards([str(tmp_path / "x.tar")])
