@@ -77,7 +77,8 @@ class FeaturesConfig(_Section):
     loss: Literal["bank", "in_batch"] = "bank"
     bank_size: int = Field(default=4096, gt=0)
     batch_size: int = Field(default=64, gt=0)
-    save: bool = True
+    save: bool = True  # store P g_z per checkpoint (needed by explain, clustering and rescore)
+    save_hzg: bool = False  # also store P H_z G_B (2 x the storage; lets rescore re-target Diff-In)
 
 
 class DiffInConfig(_Section):

@@ -66,6 +66,22 @@ def iter_pool(urls: Sequence[str], allow_pipe: bool = False) -> Iterable[Sample]
         yield from iter_shard(url, rejects, allow_pipe=allow_pipe)
 
 
+def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Sequence[str], bank: bool = True):
+    """(bank samples, target samples, reference batches) of a job: the bank and the reference batches are
+    hash-selected from the pool in sorted shard order (so shards appended later, sorting after, do not change
+    them), the target is the first ``target.max_samples`` samples of the sorted target shards."""
+    allow, d = cfg.data.allow_pipe, cfg.scores.diffin
+    bank_samples = hash_pick(iter_pool(pool_urls, allow), cfg.features.bank_size, "bank") if bank else []
+    refs = hash_pick(iter_pool(pool_urls, allow), d.reference_batches * d.reference_batch_size, "reference")
+    reference = [refs[i::d.reference_batches] for i in range(d.reference_batches)]
+    target = []
+    for s in iter_pool(target_urls, allow):
+        if len(target) >= cfg.target.max_samples:
+            break
+        target.append(s)
+    return bank_samples, target, reference
+
+
 class Scorer:
     """Scores samples at every checkpoint of a trajectory. Shapes: images [B,3,H,W], tokens [B,ctx]."""
 

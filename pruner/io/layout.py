@@ -6,6 +6,7 @@
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
         shards/<shard id>.parquet   per-shard scores (one row per accepted sample)
         shards/<shard id>.c<i>.npy  optional fp16 projected gradients [n, k] at checkpoint i, row-aligned
+        shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (for re-targeting)
         shards/<shard id>.rejects.parquet   samples the reader skipped, with reasons
         ranking.parquet             every sample, all scores and its rank
         keep/                       manifests: manifest.json, uids.npy, keep.parquet
@@ -54,6 +55,10 @@ class JobLayout:
 
     def features(self, url: str, checkpoint: int) -> Path:
         return self.shards_dir / f"{shard_id(url)}.c{checkpoint}.npy"
+
+    def hzg(self, url: str, checkpoint: int) -> Path:
+        """fp16 projected Hessian-gradient products P H_z G_B [n, k] (``features.save_hzg``)."""
+        return self.shards_dir / f"{shard_id(url)}.c{checkpoint}.hzg.npy"
 
     def shared(self, checkpoint: int) -> Path:
         return self.shared_dir / f"ckpt-{checkpoint}.pt"
