@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-proxy"]:  # subcommands with their own argument parsers
         return _train_proxy(argv[1:])
+    if argv[:1] == ["rescore"]:
+        from pruner.rescore import main as rescore_main
+        return rescore_main(argv[1:])
     if argv[:1] == ["report"]:
         from pruner.report.html import main as report_main
         return report_main(argv[1:])
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-bytes", type=int, default=None)
     p.set_defaults(fn=_materialize)
     sub.add_parser("train-proxy", help="train a proxy CLIP trajectory (see `pruner train-proxy --help`)")
+    sub.add_parser("rescore", help="re-score a finished job for a new target or checkpoint (`pruner rescore --help`)")
     sub.add_parser("report", help="self-contained HTML report of a finished job (see `pruner report --help`)")
     args = ap.parse_args(argv)
     return args.fn(args)

@@ -82,6 +82,17 @@ def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Se
     return bank_samples, target, reference
 
 
+def combine_columns(cfg: JobConfig, weights: Sequence[tuple[int, float, float]], forest,
+                    comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
+                    uids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Method score columns from per-checkpoint components, with (step, eta, a_t) per checkpoint and the OGA
+    forest (or None) applied to the last checkpoint's features (see pruner.scores.combine)."""
+    cols = combine(comps, [w[1] for w in weights], [w[2] for w in weights], list(uids), seed=cfg.seed)
+    if forest is not None:
+        cols["oga_iforest"] = iforest_scores(forest, features_last)
+    return cols
+
+
 class Scorer:
     """Scores samples at every checkpoint of a trajectory. Shapes: images [B,3,H,W], tokens [B,ctx]."""
 
@@ -166,12 +177,7 @@ class Scorer:
 
     def combine_scores(self, comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
                        uids: Sequence[str]) -> dict[str, np.ndarray]:
-        """Method score columns from per-checkpoint components (see pruner.scores.combine)."""
-        cols = combine(comps, [w[1] for w in self.weights], [w[2] for w in self.weights], list(uids),
-                       seed=self.cfg.seed)
-        if self.forest is not None:
-            cols["oga_iforest"] = iforest_scores(self.forest, features_last)
-        return cols
+        return combine_columns(self.cfg, self.weights, self.forest, comps, features_last, uids)
 
     def score(self, samples: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """Score columns [n] and projected features per checkpoint [n, k] for a list of samples."""

@@ -1,0 +1,120 @@
+"""pruner rescore: a new checkpoint and a grown lake give what a full re-run gives; a new target is re-scored
+from stored projected features (random-projection estimates: exact against their definition, and in rank
+agreement with the exact full re-run)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from conftest import small_job_config
+from corpus import write_shard
+from pruner.config import load_config
+from pruner.io.layout import JobLayout
+from pruner.io.shards import DEMO_DIR, demo_pool_shards, read_shard
+from pruner.io.store import load_features
+from pruner.jobs.prune import run
+from pruner.rescore import add_checkpoint, retarget
+
+METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga_iforest", "baseline_loss")
+
+
+def _by_uid(job_dir: Path):
+    t = pq.read_table(Path(job_dir) / "ranking.parquet").to_pandas()
+    return t.set_index("uid").sort_index()
+
+
+def _run(cfg_dict) -> Path:
+    status, summary = run(load_config(data=cfg_dict))
+    assert status == 0
+    return Path(summary["run"].get("job_root") or "")
+
+
+def _job_dir(cfg_dict) -> Path:
+    out = Path(cfg_dict["output_dir"])
+    dirs = [p for p in out.iterdir() if p.is_dir() and (p / "summary.json").exists()]
+    return max(dirs, key=lambda p: p.stat().st_mtime)
+
+
+def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
+    traj = json.loads(micro_trajectory.read_text())
+    first = dict(traj, checkpoints=traj["checkpoints"][:2])
+    for c in first["checkpoints"]:
+        c["path"] = str(micro_trajectory.parent / c["path"])
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(first))
+    cfg = small_job_config(tmp_path / "a", short)
+    run(load_config(data=cfg))
+    job = _job_dir(cfg)
+    last = traj["checkpoints"][2]
+    new = add_checkpoint(job, str(micro_trajectory.parent / last["path"]), step=last["step"], lr=last["lr"],
+                         lr_mean=last["lr_mean"], device="cpu")
+    full_cfg = small_job_config(tmp_path / "b", micro_trajectory)
+    run(load_config(data=full_cfg))
+    a, b = _by_uid(new), _by_uid(_job_dir(full_cfg))
+    assert list(a.index) == list(b.index)
+    for c in METHODS:
+        np.testing.assert_allclose(a[c].values, b[c].values, rtol=1e-9, atol=1e-12 * np.abs(b[c].values).max(),
+                                   err_msg=c)
+    assert (a["kept"].values == b["kept"].values).all()
+
+
+def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    shards = demo_pool_shards()
+    for s in shards[:2]:
+        shutil.copy(s, lake)
+    cfg = small_job_config(tmp_path, micro_trajectory, data={"shards": [str(lake)]})
+    status, first = run(load_config(data=cfg))
+    job = _job_dir(cfg)
+    for s in shards[2:]:
+        shutil.copy(s, lake)
+    status, second = run(load_config(data=cfg))
+    assert status == 0 and _job_dir(cfg) == job
+    assert second["run"]["shards_skipped"] == 2 and second["counts"]["samples"] == 1000
+    scratch = small_job_config(tmp_path / "scratch", micro_trajectory, data={"shards": [str(lake)]})
+    run(load_config(data=scratch))
+    a, b = _by_uid(job), _by_uid(_job_dir(scratch))
+    for c in METHODS:
+        np.testing.assert_array_equal(a[c].values, b[c].values, err_msg=c)
+
+
+def test_retarget_from_stored_features(tmp_path, micro_trajectory):
+    # target A: the demo target shard; target B: its samples reversed, so max_samples picks other pairs
+    samples, _ = read_shard(str(DEMO_DIR / "target" / "demo-target-000000.tar.gz"))
+    tb = tmp_path / "target_b"
+    tb.mkdir()
+    write_shard(tb / "b-000000.tar", [{"__key__": s.key, "jpg": s.image, "txt": s.caption} for s in samples[::-1]])
+    feats = {"k": 1024, "layer_k": 16, "bank_size": 128, "batch_size": 50, "save_hzg": True}
+    cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats)
+    run(load_config(data=cfg))
+    new = retarget(_job_dir(cfg), [str(tb)], device="cpu")
+    full = small_job_config(tmp_path / "b", micro_trajectory, features=feats,
+                            target={"shards": [str(tb)], "max_samples": 64})
+    run(load_config(data=full))
+    a, b = _by_uid(new), _by_uid(_job_dir(full))
+    for c in ("tracin_target", "diffin_target"):
+        rho = spearmanr(a[c].values, b[c].values).correlation
+        print(f"{c}: Spearman(retarget, full re-run) = {rho:.3f}")
+        assert rho >= 0.8, (c, rho)
+    # exact against its definition: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i
+    layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))
+    traj = json.loads(full_layout.trajectory.read_text())["checkpoints"]
+    from pruner.model.checkpoints import load_trajectory
+    from pruner.scorer import Scorer
+    sc = Scorer(load_config(data=full), load_trajectory(file=str(micro_trajectory)), device="cpu")
+    url = demo_pool_shards()[0]
+    want = np.zeros(250)
+    for i, c in enumerate(traj):
+        v = torch.load(full_layout.shared(i), weights_only=True)["vectors"]["v_target"]
+        pv = sc.engines[i].projector.project_weights(v).double().numpy()
+        want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
+    got = pq.read_table(JobLayout(new).scores(url))["tracin_target"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
