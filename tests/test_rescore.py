@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 from scipy.stats import spearmanr
 
@@ -28,12 +27,6 @@ METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga
 def _by_uid(job_dir: Path):
     t = pq.read_table(Path(job_dir) / "ranking.parquet").to_pandas()
     return t.set_index("uid").sort_index()
-
-
-def _run(cfg_dict) -> Path:
-    status, summary = run(load_config(data=cfg_dict))
-    assert status == 0
-    return Path(summary["run"].get("job_root") or "")
 
 
 def _job_dir(cfg_dict) -> Path:

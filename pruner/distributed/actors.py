@@ -1,7 +1,11 @@
 """Ray actors: thin wrappers that move shards into a :class:`pruner.scorer.Scorer` and results back out.
 
 Actors return results to the driver (which writes them), so a multi-node cluster needs no shared
-filesystem for outputs; only the input shards must be readable from every node.
+filesystem for outputs; only the input shards must be readable from every node. A shard that cannot be opened
+at all (the reader's ``unreadable_shard``: missing on this node, permission or network error, not a tar) fails
+its task with :class:`ShardUnreadableError` instead of scoring as an empty shard, so the driver retries it
+(possibly on another node) and reports it if it keeps failing, rather than silently selecting from a partial
+pool. Bad samples inside a readable shard stay rejects.
 """
 from __future__ import annotations
 
@@ -65,6 +69,10 @@ class SharedComputer:
         return self.scorer.last_checkpoint_features(sub)
 
 
+class ShardUnreadableError(OSError):
+    """The shard could not be opened as a tar archive on this worker (see the module docstring)."""
+
+
 class ShardScorer:
     """Scores whole shards. Constructed with everything it needs, so a restarted actor is ready again."""
 
@@ -86,6 +94,9 @@ class ShardScorer:
         rejects = RejectLog()
         samples = list(iter_shard(url, rejects, allow_pipe=self.cfg.data.allow_pipe,
                                   max_samples=self.cfg.data.max_samples_per_shard))
+        unreadable = [r["detail"] for r in rejects.records if r["reason"] == "unreadable_shard"]
+        if unreadable:
+            raise ShardUnreadableError(unreadable[0])
         table, feats = self.scorer.score_table(samples, url)
         dt = time.time() - t0
         self.samples_scored.inc(len(samples))

@@ -4,7 +4,24 @@ with retries and resume, writes every result atomically, then hands over to the 
 Resume and idempotency: the job directory is keyed by a job id derived from the config fingerprint, the shard
 lists and the checkpoint contents. A shard is done when its score Parquet exists (written last, atomically),
 so a re-run after a crash at any point skips finished shards, rescores unfinished ones from scratch, and
-never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed.
+never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed. When every
+shard is already scored, no Ray instance is started at all.
+
+Failures: a shard attempt fails when its task raises (including an unreadable shard, see
+:class:`~pruner.distributed.actors.ShardScorer`) or its actor dies mid-shard (crash, OOM kill, node loss). The
+shard is requeued up to ``ray.max_retries`` times, then reported in ``stats["shards_failed"]`` (the job exits
+with status 1); ``stats["failed_attempts"]`` counts every failed attempt per shard. A dead actor is restarted by
+Ray (``max_restarts``) and gets new work only once it answers a ping, so shards never queue behind an actor that
+cannot come back (e.g. its node is gone and no other node has room); an actor that is dead for good is dropped,
+and if none is left the remaining shards are reported as failed instead of waiting forever.
+
+Timing: shards are handed out once every scoring actor has loaded its models (or ``ACTOR_START_GRACE_S`` after
+the first one did), so ``stats["score_seconds"]`` is the scoring phase alone and ``actor_start_seconds`` the
+start-up before it.
+
+Metrics (Ray's Prometheus export, shown on the dashboard): ``pruner_samples_scored`` and ``pruner_shards_done``
+from the actors, ``pruner_shard_attempts_failed`` and ``pruner_shards_failed`` (given up after the retries) from
+the driver.
 """
 from __future__ import annotations
 
@@ -21,6 +38,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 import yaml
+from ray.util.metrics import Counter
 from tqdm import tqdm
 
 from pruner.config import JobConfig
@@ -34,6 +52,7 @@ from pruner.scores.oga import fit_isolation_forest
 from pruner.scorer import checkpoint_weights
 
 log = logging.getLogger("pruner.driver")
+ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
 
 
 def _file_digest(path: str) -> str:
@@ -95,8 +114,21 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     return layout, pool, target, traj
 
 
+def _metrics() -> dict:
+    return {"attempts_failed": Counter("pruner_shard_attempts_failed",
+                                       description="shard scoring attempts that failed (retried or not)"),
+            "shards_failed": Counter("pruner_shards_failed",
+                                     description="shards given up after ray.max_retries retries")}
+
+
 def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj: Trajectory) -> dict:
     """Score every pending shard. Returns run statistics (failed shards included)."""
+    pending = [u for u in pool if not layout.scores(u).exists()]
+    stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
+             "failed_attempts": {}, "actors": 0, "gpus": 0}
+    if not pending:
+        log.info("all %d shards already scored in %s", len(pool), layout.root)
+        return stats
     connect_ray(cfg)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n_actors = gpus if gpus else cfg.ray.num_actors
@@ -104,12 +136,8 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     Shared, Scorer = remote_classes(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=8)
     cfg_dict = cfg.model_dump(mode="json")
     m = len(traj.checkpoints)
-    pending = [u for u in pool if not layout.scores(u).exists()]
-    stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
-             "actors": n_actors, "gpus": gpus}
-    if not pending:
-        log.info("all %d shards already scored in %s", len(pool), layout.root)
-        return stats
+    stats.update(actors=n_actors, gpus=gpus)
+    metrics = _metrics()
 
     t0 = time.time()
     states = [torch.load(layout.shared(i), map_location="cpu", weights_only=True) if layout.shared(i).exists()
@@ -134,38 +162,78 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     stats["shared_seconds"] = time.time() - t0
 
     states_ref, forest_ref = ray.put(states), ray.put(forest)
+    t_actors = time.time()
     actors = [Scorer.remote(cfg_dict, traj, states_ref, forest_ref, cpus) for _ in range(n_actors)]
-    queue, idle, inflight = deque(pending), list(actors), {}
-    attempts: dict[str, int] = {}
-    done_samples, t1 = 0, time.time()
+    # inflight: object ref -> (shard url, actor) for a scoring task, (None, actor) for a readiness probe (ping) of
+    # a new actor or of one whose task died with it: an actor takes shards only once its probe has answered
+    queue, idle, inflight = deque(pending), [], {a.ping.remote(): (None, a) for a in actors}
+    # Scoring starts once every actor is ready (so score_seconds is the scoring phase, start-up excluded), or
+    # ACTOR_START_GRACE_S after the first one was ready: a straggler that cannot be placed joins when it can.
+    done_samples, t1, first_ready = 0, None, None
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
-    while queue or inflight:
-        while queue and idle:
+
+    def failed_attempt(url: str, err: str) -> None:
+        n = stats["failed_attempts"][url] = stats["failed_attempts"].get(url, 0) + 1
+        metrics["attempts_failed"].inc()
+        if n <= cfg.ray.max_retries:
+            log.warning("shard %s failed (attempt %d), retrying: %s", url, n, err[:300])
+            queue.append(url)
+        else:
+            log.error("shard %s failed %d times, giving up: %s", url, n, err[:300])
+            stats["shards_failed"][url] = err[:2000]
+            metrics["shards_failed"].inc()
+            bar.update(1)
+
+    while queue or any(url is not None for url, _ in inflight.values()):
+        waited = time.time() - first_ready if first_ready is not None else 0.0
+        if t1 is None and (not inflight or waited > ACTOR_START_GRACE_S):
+            t1 = time.time()
+            stats.update(actor_start_seconds=t1 - t_actors, actors_ready_at_start=len(idle))
+            log.info("%d of %d scoring actors ready after %.1fs", len(idle), len(actors), t1 - t_actors)
+        while t1 is not None and queue and idle:
             actor, url = idle.pop(), queue.popleft()
             inflight[actor.score_shard.remote(url)] = (url, actor)
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        if not inflight:  # every actor is dead for good: report the rest instead of waiting forever
+            while queue:
+                url = queue.popleft()
+                stats["shards_failed"][url] = "no scoring actor left (every actor died more often than max_restarts)"
+                metrics["shards_failed"].inc()
+                bar.update(1)
+            break
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=None if t1 is not None else 1.0)
         for ref in ready:
             url, actor = inflight.pop(ref)
-            idle.append(actor)
+            if url is None:  # a readiness probe
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                    first_ready = first_ready or time.time()
+                except ray.exceptions.ActorUnavailableError:  # still restarting or unreachable: ask again
+                    time.sleep(0.5)
+                    inflight[actor.ping.remote()] = (None, actor)
+                except ray.exceptions.RayError as e:  # dead for good (restarts exhausted, constructor failed)
+                    log.error("a scoring actor is dead for good, continuing without it: %s", str(e)[:300])
+                continue
             try:
                 _, table, feats, rejects, st = ray.get(ref)
-            except (ray.exceptions.RayError, ray.exceptions.RayActorError) as e:
-                attempts[url] = attempts.get(url, 0) + 1
-                if attempts[url] <= cfg.ray.max_retries:
-                    log.warning("shard %s failed (attempt %d), retrying: %s", url, attempts[url], str(e)[:300])
-                    queue.append(url)
-                else:
-                    log.error("shard %s failed %d times, giving up: %s", url, attempts[url], str(e)[:300])
-                    stats["shards_failed"][url] = str(e)[:2000]
-                    bar.update(1)
+            except ray.exceptions.RayError as e:
+                # the task raised, or its actor died with it (Ray restarts the actor), or the result was lost with
+                # its node: either way the actor takes new work only once it answers a ping
+                inflight[actor.ping.remote()] = (None, actor)
+                failed_attempt(url, str(e))
                 continue
-            _write_shard_result(layout, url, table, feats, rejects)
+            idle.append(actor)
+            try:
+                _write_shard_result(layout, url, table, feats, rejects)
+            except ValueError as e:  # e.g. features that overflow float16: deterministic, fails every retry
+                failed_attempt(url, f"{type(e).__name__}: {e}")
+                continue
             done_samples += st["n"]
             bar.update(1)
             bar.set_postfix(samples=done_samples, rate=f"{done_samples / max(time.time() - t1, 1e-9):.1f}/s")
     bar.close()
+    stats["score_seconds"] = time.time() - (t1 or time.time())  # the scoring phase: actor start-up excluded
     for a in actors:
         ray.kill(a)
-    stats["score_seconds"] = time.time() - t1
     stats["samples_scored_this_run"] = done_samples
     return stats

@@ -2,6 +2,9 @@
 
 Also used by ``pruner prune``. Exit status: 0 on success, 1 if any shard failed after its retries (the summary
 lists them; nothing is selected from a partial pool), 2 for an invalid config.
+
+Idempotent: re-running a finished job (every shard scored and summary.json written, which the reduce step does
+last) starts no Ray instance and recomputes nothing; it prints the existing summary's counts.
 """
 from __future__ import annotations
 
@@ -22,11 +25,18 @@ def run(cfg: JobConfig) -> tuple[int, dict]:
     layout, pool, target, traj = prepare(cfg)
     print(f"pruner: job directory {layout.root}", flush=True)
     stats = score_all(cfg, layout, pool, target, traj)
+    if stats["shards_skipped"] == stats["shards_total"] and layout.summary.exists() and layout.ranking.exists():
+        summary = json.loads(layout.summary.read_text())
+        c = summary["counts"]
+        print(f"pruner: job already complete, nothing recomputed: kept {c['kept']} of {c['samples']} samples; "
+              f"summary: {layout.summary}", flush=True)
+        return 0, summary
     if stats["shards_failed"]:
         write_json_atomic(layout.root / "failed.json", stats)
         print(f"pruner: {len(stats['shards_failed'])} shard(s) failed: {sorted(stats['shards_failed'])}", flush=True)
         return 1, stats
     summary = finalize(cfg, layout, pool, stats)
+    (layout.root / "failed.json").unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
     c = summary["counts"]
     print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']} "
           f"({c['rejected']} rejected by the reader); summary: {layout.summary}", flush=True)
