@@ -68,8 +68,9 @@ def iter_pool(urls: Sequence[str], allow_pipe: bool = False) -> Iterable[Sample]
 
 def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Sequence[str], bank: bool = True):
     """(bank samples, target samples, reference batches) of a job: the bank and the reference batches are
-    hash-selected from the pool in sorted shard order (so shards appended later, sorting after, do not change
-    them), the target is the first ``target.max_samples`` samples of the sorted target shards."""
+    hash-selected among the first 4 x (their size) samples of the pool in sorted shard order (so shards
+    appended later, sorting after those samples, do not change them), the target is the first
+    ``target.max_samples`` samples of the sorted target shards."""
     allow, d = cfg.data.allow_pipe, cfg.scores.diffin
     bank_samples = hash_pick(iter_pool(pool_urls, allow), cfg.features.bank_size, "bank") if bank else []
     refs = hash_pick(iter_pool(pool_urls, allow), d.reference_batches * d.reference_batch_size, "reference")
@@ -184,13 +185,17 @@ class Scorer:
         comps, features, _ = self.score_components(samples)
         return self.combine_scores(comps, features[-1], [s.uid for s in samples]), features
 
-    def score_table(self, samples: Sequence[Sample], url: str) -> tuple[pa.Table, list[np.ndarray]]:
-        """A per-shard result table: uid, key, shard_url, row, then every score column (float64)."""
-        cols, features = self.score(samples) if samples else ({}, [])
+    def score_table(self, samples: Sequence[Sample], url: str):
+        """A per-shard result: (table: uid, key, shard_url, row, then every score column (float64),
+        [P g_z [n, k] per checkpoint], [P H_z G_B [n, k] per checkpoint] when features.save_hzg else [])."""
+        cols, features, hzg = {}, [], []
+        if samples:
+            comps, features, hzg = self.score_components(samples, project_hzg=self.cfg.features.save_hzg)
+            cols = self.combine_scores(comps, features[-1], [s.uid for s in samples])
         table = {"uid": pa.array([s.uid for s in samples], pa.string()),
                  "key": pa.array([s.key for s in samples], pa.string()),
                  "shard_url": pa.array([url] * len(samples), pa.string()),
                  "row": pa.array(np.arange(len(samples), dtype=np.int32))}
         for k in sorted(cols):
             table[k] = pa.array(cols[k], pa.float64())
-        return pa.table(table), features
+        return pa.table(table), features, hzg

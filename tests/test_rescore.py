@@ -4,6 +4,7 @@ agreement with the exact full re-run)."""
 from __future__ import annotations
 
 import json
+import tarfile
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import small_job_config
 from corpus import write_shard
 from pruner.config import load_config
 from pruner.io.layout import JobLayout
-from pruner.io.shards import DEMO_DIR, demo_pool_shards, read_shard
+from pruner.io.shards import DEMO_DIR, demo_pool_shards
 from pruner.io.store import load_features
 from pruner.jobs.prune import run
 from pruner.rescore import add_checkpoint, retarget
@@ -64,7 +65,10 @@ def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
     shards = demo_pool_shards()
     for s in shards[:2]:
         shutil.copy(s, lake)
-    cfg = small_job_config(tmp_path, micro_trajectory, data={"shards": [str(lake)]})
+    # the bank (bank_size x 4 candidates) and the other hash-picked inputs must come from the first two shards
+    # (500 samples), as in a lake whose new shards sort after the old ones
+    feats = {"k": 128, "layer_k": 8, "bank_size": 100, "batch_size": 50}
+    cfg = small_job_config(tmp_path, micro_trajectory, data={"shards": [str(lake)]}, features=feats)
     status, first = run(load_config(data=cfg))
     job = _job_dir(cfg)
     for s in shards[2:]:
@@ -72,7 +76,7 @@ def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
     status, second = run(load_config(data=cfg))
     assert status == 0 and _job_dir(cfg) == job
     assert second["run"]["shards_skipped"] == 2 and second["counts"]["samples"] == 1000
-    scratch = small_job_config(tmp_path / "scratch", micro_trajectory, data={"shards": [str(lake)]})
+    scratch = small_job_config(tmp_path / "scratch", micro_trajectory, data={"shards": [str(lake)]}, features=feats)
     run(load_config(data=scratch))
     a, b = _by_uid(job), _by_uid(_job_dir(scratch))
     for c in METHODS:
@@ -81,10 +85,13 @@ def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
 
 def test_retarget_from_stored_features(tmp_path, micro_trajectory):
     # target A: the demo target shard; target B: its samples reversed, so max_samples picks other pairs
-    samples, _ = read_shard(str(DEMO_DIR / "target" / "demo-target-000000.tar.gz"))
+    members: dict[str, dict] = {}
+    with tarfile.open(DEMO_DIR / "target" / "demo-target-000000.tar.gz", "r:gz") as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tf.extractfile(m).read()
     tb = tmp_path / "target_b"
-    tb.mkdir()
-    write_shard(tb / "b-000000.tar", [{"__key__": s.key, "jpg": s.image, "txt": s.caption} for s in samples[::-1]])
+    write_shard(tb / "b-000000.tar", list(members.items())[::-1])
     feats = {"k": 1024, "layer_k": 16, "bank_size": 128, "batch_size": 50, "save_hzg": True}
     cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats)
     run(load_config(data=cfg))

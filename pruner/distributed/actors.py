@@ -89,7 +89,7 @@ class ShardScorer:
         return self.pid
 
     def score_shard(self, url: str):
-        """Returns (url, score table, [features per checkpoint], rejects table, stats)."""
+        """Returns (url, score table, [P g per checkpoint], [P H_z G per checkpoint], rejects table, stats)."""
         t0 = time.time()
         rejects = RejectLog()
         samples = list(iter_shard(url, rejects, allow_pipe=self.cfg.data.allow_pipe,
@@ -97,13 +97,13 @@ class ShardScorer:
         unreadable = [r["detail"] for r in rejects.records if r["reason"] == "unreadable_shard"]
         if unreadable:
             raise ShardUnreadableError(unreadable[0])
-        table, feats = self.scorer.score_table(samples, url)
+        table, feats, hzg = self.scorer.score_table(samples, url)
         dt = time.time() - t0
         self.samples_scored.inc(len(samples))
         self.shards_done.inc()
         log.info("actor %d scored %s: %d samples in %.1fs (%.1f samples/s), %d rejects", self.pid, url,
                  len(samples), dt, len(samples) / max(dt, 1e-9), sum(rejects.counts().values()))
-        return url, table, feats if self.cfg.features.save else [], rejects.to_table(), {
+        return url, table, feats if self.cfg.features.save else [], hzg, rejects.to_table(), {
             "n": len(samples), "seconds": dt, "rejects": rejects.counts(), "actor_pid": self.pid}
 
 

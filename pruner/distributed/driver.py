@@ -1,8 +1,8 @@
 """The Ray driver: lists shards, computes shared quantities once per checkpoint, runs a pool of shard scorers
 with retries and resume, writes every result atomically, then hands over to the reduce step.
 
-Resume and idempotency: the job directory is keyed by a job id derived from the config fingerprint, the shard
-lists and the checkpoint contents. A shard is done when its score Parquet exists (written last, atomically),
+Resume and idempotency: the job directory is keyed by a job id derived from the config fingerprint (with the
+pool's shard specs), the target shards and the checkpoint contents. A shard is done when its score Parquet exists (written last, atomically),
 so a re-run after a crash at any point skips finished shards, rescores unfinished ones from scratch, and
 never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed. When every
 shard is already scored, no Ray instance is started at all.
@@ -63,11 +63,14 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def job_id(cfg: JobConfig, pool: list[str], target: list[str], traj: Trajectory) -> str:
-    """16 hex digits from the config fingerprint, the shard lists and the checkpoint file contents."""
+def job_id(cfg: JobConfig, target: list[str], traj: Trajectory) -> str:
+    """16 hex digits from the config fingerprint (which holds the pool's shard *specs*), the target shard list
+    and the checkpoint file contents. The expanded pool list is deliberately left out: when a folder or glob
+    of the lake gains shards, re-running the same config reuses the job directory and scores only the new
+    shards (incremental re-scoring; see pruner.rescore)."""
     h = hashlib.sha256()
     h.update(cfg.fingerprint().encode())
-    h.update(json.dumps([pool, target]).encode())
+    h.update(json.dumps(target).encode())
     for ck in traj.checkpoints:
         h.update(json.dumps([ck.step, ck.lr, ck.lr_mean]).encode())
         h.update(_file_digest(ck.path).encode())
@@ -89,10 +92,12 @@ def _save_shared(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _write_shard_result(layout: JobLayout, url: str, table, feats, rejects) -> None:
+def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects) -> None:
     """Features and rejects first, the score table last: its existence marks the shard as done."""
     for i, f in enumerate(feats):
         save_features(layout.features(url, i), f)
+    for i, f in enumerate(hzg):
+        save_features(layout.hzg(url, i), f)
     with atomic_path(layout.rejects(url)) as tmp:
         pq.write_table(rejects, tmp)
     with atomic_path(layout.scores(url)) as tmp:
@@ -103,7 +108,7 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     target = expand_shard_specs(cfg.target.shards, cfg.data.allow_pipe) if cfg.target.shards else []
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
-    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, pool, target, traj)}")
+    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj)}")
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     if not layout.config.exists():
         write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
@@ -215,7 +220,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                     log.error("a scoring actor is dead for good, continuing without it: %s", str(e)[:300])
                 continue
             try:
-                _, table, feats, rejects, st = ray.get(ref)
+                _, table, feats, hzg, rejects, st = ray.get(ref)
             except ray.exceptions.RayError as e:
                 # the task raised, or its actor died with it (Ray restarts the actor), or the result was lost with
                 # its node: either way the actor takes new work only once it answers a ping
@@ -224,7 +229,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                 continue
             idle.append(actor)
             try:
-                _write_shard_result(layout, url, table, feats, rejects)
+                _write_shard_result(layout, url, table, feats, hzg, rejects)
             except ValueError as e:  # e.g. features that overflow float16: deterministic, fails every retry
                 failed_attempt(url, f"{type(e).__name__}: {e}")
                 continue

@@ -25,8 +25,9 @@ def run(cfg: JobConfig) -> tuple[int, dict]:
     layout, pool, target, traj = prepare(cfg)
     print(f"pruner: job directory {layout.root}", flush=True)
     stats = score_all(cfg, layout, pool, target, traj)
-    if stats["shards_skipped"] == stats["shards_total"] and layout.summary.exists() and layout.ranking.exists():
-        summary = json.loads(layout.summary.read_text())
+    summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
+    if (stats["shards_skipped"] == stats["shards_total"] and layout.ranking.exists()
+            and summary.get("counts", {}).get("shards") == len(pool)):
         c = summary["counts"]
         print(f"pruner: job already complete, nothing recomputed: kept {c['kept']} of {c['samples']} samples; "
               f"summary: {layout.summary}", flush=True)

@@ -1,0 +1,271 @@
+"""A finished job's stored projected gradients, seen as one virtual matrix over the whole pool.
+
+Sample ids: the pool's samples are numbered 0..n-1 in the order of the per-shard score files
+(``shards/<id>.parquet``, sorted by name, as :func:`pruner.select.rank.shard_score_files` lists them), rows in
+file order; row j of a score file is row ``row[j]`` of each ``shards/<id>.c<i>.npy`` (fp16 [n_shard, k]).
+
+Two views of a sample z, from the features P g_i(z) at checkpoints i = 0..m-1 with learning-rate weights eta_i
+(read from ``shared/ckpt-<i>.pt``, the weights the job's TracIn scores used):
+
+* ``"tracin"``: ``concat_i sqrt(eta_i) P g_i(z)`` [m k]. The inner product of two such vectors is the TracIn
+  score ``sum_i eta_i <P g_i(q), P g_i(z)>`` (methods §2.1/2.3: Captum's TracInCPFastRandProj embedding).
+* ``"unit"``: ``concat_i sqrt(eta_i) P g_i(z) / ||P g_i(z)||``, then scaled to unit norm (the "cosine TracIn"
+  embedding of methods §2.1 for clustering and near-duplicate search; a zero block stays zero).
+
+Everything is read memory-mapped, one shard at a time and at most ``batch_rows`` rows per batch: memory is
+``batch_rows x m k x 4`` bytes plus the n-entry offset table, independent of the pool size.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pruner.io.layout import JobLayout
+from pruner.io.store import load_features
+from pruner.select.rank import shard_score_files
+
+WEIGHTINGS = ("tracin", "unit")
+
+
+def checkpoint_etas(job_dir: str | Path) -> list[float]:
+    """eta_i of every checkpoint of a job, from ``shared/ckpt-<i>.pt`` (i = 0, 1, ... while the file exists)."""
+    layout = JobLayout(Path(job_dir))
+    etas = []
+    while layout.shared(len(etas)).exists():
+        state = torch.load(layout.shared(len(etas)), map_location="cpu", weights_only=True, mmap=True)
+        etas.append(float(state["eta"]))
+    if not etas:
+        raise FileNotFoundError(f"{layout.shared(0)} does not exist: {layout.root} is not a scored job directory "
+                                f"(fix: point to <output_dir>/<name>-<id> of a finished `pruner prune`)")
+    return etas
+
+
+def weight_blocks(blocks: Sequence[np.ndarray], etas: Sequence[float], weighting: str = "tracin") -> np.ndarray:
+    """float32 [b, m k] from per-checkpoint blocks [b, k] (any float dtype), in the given view (module doc)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r}: one of {WEIGHTINGS}")
+    parts = []
+    for f, eta in zip(blocks, etas):
+        f = np.asarray(f, dtype=np.float32)
+        if weighting == "unit":
+            nrm = np.linalg.norm(f, axis=1, keepdims=True)
+            f = np.divide(f, nrm, out=np.zeros_like(f), where=nrm > 0)
+        parts.append(f * np.float32(np.sqrt(eta)))
+    x = np.concatenate(parts, axis=1)
+    if weighting == "unit":
+        nrm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.divide(x, nrm, out=np.zeros_like(x), where=nrm > 0)
+    return x
+
+
+@dataclass
+class PoolFeatures:
+    """The stored features of a job (see the module docstring). Open with :meth:`open`."""
+
+    root: Path
+    files: list[Path]           # score files with at least one row, sorted by name
+    counts: np.ndarray          # [n_files] rows per file
+    offsets: np.ndarray         # [n_files + 1] first id of each file, then n
+    etas: list[float]           # eta_i per checkpoint
+    k: int                      # projected dimension per checkpoint
+
+    @classmethod
+    def open(cls, job_dir: str | Path) -> "PoolFeatures":
+        """Check the feature files (shapes, dtype, row alignment) and build the id table. Raises
+        FileNotFoundError naming a missing file (a job run with ``features.save: false`` has none)."""
+        root = Path(job_dir)
+        etas = checkpoint_etas(root)
+        files, counts, k = [], [], None
+        for f in shard_score_files(root):
+            n = pq.read_metadata(f).num_rows
+            if n == 0:
+                continue
+            rows = pq.read_table(f, columns=["row"])["row"].to_numpy()
+            if not np.array_equal(rows, np.arange(n)):
+                raise ValueError(f"{f}: column 'row' is not 0..{n - 1}; the feature files are not row-aligned")
+            for i in range(len(etas)):
+                p = feature_path(f, i)
+                if not p.exists():
+                    raise FileNotFoundError(f"{p} does not exist (fix: re-run the job with features.save: true)")
+                a = load_features(p)
+                if a.ndim != 2 or a.shape[0] != n or (k is not None and a.shape[1] != k):
+                    raise ValueError(f"{p}: shape {a.shape}, expected [{n}, {k or 'k'}] (row-aligned with {f.name})")
+                k = a.shape[1]
+            files.append(f)
+            counts.append(n)
+        if not files:
+            raise ValueError(f"{root}/shards holds no scored samples")
+        counts = np.asarray(counts, np.int64)
+        return cls(root, files, counts, np.concatenate([[0], np.cumsum(counts)]), etas, int(k))
+
+    # -- shape ----------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def m(self) -> int:
+        return len(self.etas)
+
+    @property
+    def dim(self) -> int:
+        return self.m * self.k
+
+    def fingerprint(self) -> dict:
+        """What an index built from these features depends on (file names, sizes, mtimes; etas)."""
+        files = []
+        for f in self.files:
+            for p in [f] + [feature_path(f, i) for i in range(self.m)]:
+                st = p.stat()
+                files.append([p.name, st.st_size, st.st_mtime_ns])
+        return {"files": files, "etas": self.etas, "k": self.k, "n": self.n}
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def blocks(self, file_index: int, start: int = 0, stop: Optional[int] = None) -> list[np.ndarray]:
+        """Per-checkpoint fp16 rows [start, stop) of one file (memory-mapped views)."""
+        return [load_features(feature_path(self.files[file_index], i))[start:stop] for i in range(self.m)]
+
+    def batches(self, batch_rows: int = 65536, weighting: str = "tracin") -> Iterator[tuple[int, np.ndarray]]:
+        """(first id, float32 [b, m k]) over the whole pool in id order, b <= batch_rows."""
+        for fi in range(len(self.files)):
+            n = int(self.counts[fi])
+            for s in range(0, n, batch_rows):
+                e = min(n, s + batch_rows)
+                yield int(self.offsets[fi]) + s, weight_blocks(self.blocks(fi, s, e), self.etas, weighting)
+
+    def locate(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(file index, row) [len(ids)] of global ids."""
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n):
+            raise IndexError(f"sample ids out of range [0, {self.n})")
+        fi = np.searchsorted(self.offsets, ids, side="right") - 1
+        return fi, ids - self.offsets[fi]
+
+    def gather(self, ids, weighting: str = "tracin") -> np.ndarray:
+        """float32 [len(ids), m k] for arbitrary ids (grouped by file; order preserved)."""
+        ids = np.asarray(ids, np.int64)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        fi, rows = self.locate(ids)
+        for f in np.unique(fi):
+            sel = np.flatnonzero(fi == f)
+            r = rows[sel]
+            out[sel] = weight_blocks([b[r] for b in self.blocks(int(f))], self.etas, weighting)
+        return out
+
+    def records(self, ids, columns: Sequence[str] = ("uid", "key", "shard_url", "row")) -> list[dict]:
+        """The score-file rows of ``ids`` (in the given order) as dicts of ``columns``."""
+        ids = np.asarray(ids, np.int64)
+        fi, rows = self.locate(ids)
+        out: list[Optional[dict]] = [None] * len(ids)
+        for f in np.unique(fi):
+            sel = np.flatnonzero(fi == f)
+            t = pq.read_table(self.files[int(f)], columns=list(columns)).take(pa.array(rows[sel]))
+            for j, rec in zip(sel, t.to_pylist()):
+                out[j] = rec
+        return out  # type: ignore[return-value]
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One score-file column over the whole pool, in id order (memory: that column)."""
+        return pa.chunked_array([c for f in self.files for c in pq.read_table(f, columns=[name])[name].chunks])
+
+
+def feature_path(score_file: Path, checkpoint: int) -> Path:
+    """``shards/<id>.c<i>.npy`` beside ``shards/<id>.parquet`` (JobLayout.features without the URL)."""
+    return score_file.with_name(f"{score_file.stem}.c{checkpoint}.npy")
+
+
+# -- captions and metadata straight from the shards ---------------------------------------------------------
+
+def _split_name(name: str) -> tuple[Optional[str], str]:
+    d, base = posixpath.split(name)
+    if "." not in base:
+        return None, ""
+    stem, ext = base.split(".", 1)
+    return posixpath.join(d, stem), ext.lower()
+
+
+def read_text_members(url: str, keys: Optional[Iterable[str]] = None) -> dict[str, dict]:
+    """``{key: {"caption": str | None, "meta": dict}}`` for the samples of one shard (only ``keys`` if given), from
+    the ``.txt`` and ``.json`` members, streaming the tar without decoding images. Keys follow the webdataset
+    convention of :mod:`pruner.io.shards`; a repeated key keeps its first occurrence, as the reader does.
+    Unreadable members give ``None`` / ``{}``. Stops early once every wanted key is complete."""
+    want = None if keys is None else set(keys)
+    out: dict[str, dict] = {}
+    done: set[str] = set()
+    cur, exts = None, set()
+    with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+        for m in tf:
+            k, ext = _split_name(m.name) if m.isfile() else (None, "")
+            if k is None:
+                continue
+            if k != cur or ext in exts:  # a new sample (a repeated extension starts one too)
+                if cur is not None:
+                    done.add(cur)
+                cur, exts = k, set()
+                if want is not None and want <= done:
+                    break
+            exts.add(ext)
+            if k in done or (want is not None and k not in want) or ext not in ("txt", "json"):
+                continue
+            rec = out.setdefault(k, {"caption": None, "meta": {}})
+            raw = tf.extractfile(m).read()
+            try:
+                if ext == "txt":
+                    rec["caption"] = raw.decode("utf-8").strip()
+                else:
+                    meta = json.load(io.BytesIO(raw))
+                    rec["meta"] = meta if isinstance(meta, dict) else {}
+            except (ValueError, RecursionError):
+                pass
+            tf.members = []
+    return out
+
+
+def read_captions(records: Sequence[dict]) -> list[Optional[str]]:
+    """Captions of samples given as records with ``shard_url`` and ``key`` (one pass per distinct shard)."""
+    by_url: dict[str, set[str]] = {}
+    for r in records:
+        by_url.setdefault(r["shard_url"], set()).add(r["key"])
+    found = {url: read_text_members(url, keys) for url, keys in by_url.items()}
+    return [(found[r["shard_url"]].get(r["key"]) or {}).get("caption") for r in records]
+
+
+def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "classname",
+                  caption_ids: Iterable[int] = ()) -> tuple[pa.Array, dict[int, Optional[str]]]:
+    """(labels, captions): ``str(meta[label_key])`` from each sample's json member, for every sample of
+    ``score_files`` in id order (null where absent; all null without ``label_key``), and the captions of the
+    samples ``caption_ids``. One streaming pass per shard over text members only; memory: one shard's texts plus
+    the label column."""
+    want = set(int(i) for i in caption_ids)
+    categories: dict[str, int] = {}
+    codes: list[np.ndarray] = []
+    captions: dict[int, Optional[str]] = {}
+    offset = 0
+    for f in score_files:
+        t = pq.read_table(f, columns=["key", "shard_url"])
+        keys, urls = t["key"].to_pylist(), t["shard_url"].to_pylist()
+        texts = {url: read_text_members(url) for url in set(urls)}
+        c = np.full(len(keys), -1, np.int32)
+        for j, (key, url) in enumerate(zip(keys, urls)):
+            rec = texts[url].get(key) or {}
+            v = (rec.get("meta") or {}).get(label_key) if label_key else None
+            if v is not None:
+                c[j] = categories.setdefault(str(v), len(categories))
+            if offset + j in want:
+                captions[offset + j] = rec.get("caption")
+        codes.append(c)
+        offset += len(keys)
+    idx = np.concatenate(codes) if codes else np.zeros(0, np.int32)
+    labels = pa.DictionaryArray.from_arrays(pa.array(idx, mask=idx < 0), pa.array(list(categories), pa.string()))
+    return labels, captions
