@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Cost of Diff-In and TracIn per sample per checkpoint, as multiples of a plain training step on the same model,
+batch and device, side by side in one process (repeats interleaved round-robin across variants, so a change of
+machine load affects every variant alike).
+
+Variants (time per batch of ``--batch-size`` pool samples at one checkpoint):
+
+* ``train_step``              forward + backward of the in-batch CLIP loss w.r.t. all parameters (no optimiser);
+* ``diffin_central``          ``CheckpointScorer.__call__`` with targets ["target", "train"], central FD (the default:
+                              base pass with features, norms and dots + two FD passes);
+* ``diffin_forward``          the same with the forward FD scheme (one FD pass);
+* ``diffin_target_central``   targets ["target"] only, central FD;
+* ``tracin``                  TracIn only: one engine pass with the v_target direction (exact dot; no features, no norms);
+* ``tracin_features``         one engine pass with the v_target direction, features and norms (what TracIn + OGA need).
+
+The per-checkpoint shared quantities (bank embeddings, v, G, u = H_B v) are computed once before timing; their
+cost is reported separately (``shared_seconds``), it does not grow with the pool.
+
+Usage::
+
+    python benchmarks/bench_diffin_cost.py --arch pruner-tiny --batch-size 32 --device cpu --repeats 5
+
+Writes ``benchmarks/results/diffin_cost.json`` (``--out``): ``diffin_vs_train_step`` (time per sample of Diff-In,
+central, targets target+train, divided by the time per sample of a train step; the goal is <= 2.5),
+``tracin_vs_train_step``, ``model``, ``device`` and the details of every variant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_gradients as common  # noqa: E402  (also puts the repository root on sys.path)
+import torch  # noqa: E402
+
+ROOT = common.ROOT
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "diffin_cost.json"
+VARIANTS = ("train_step", "diffin_central", "diffin_forward", "diffin_target_central", "tracin", "tracin_features")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="pruner-tiny")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k", type=int, default=1024, help="projection dimension of the base pass features")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per variant (median reported; >= 5)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="base-pass precision (FD passes always run in fp32; forward FD needs fp32)")
+    p.add_argument("--bank-size", type=int, default=4096, help="negative bank K (embedded once per checkpoint)")
+    p.add_argument("--target-size", type=int, default=64, help="target pairs for v_target (shared cost only)")
+    p.add_argument("--reference-batches", type=int, default=1, help="R reference batches for G_B (shared cost only)")
+    p.add_argument("--fd-eps", type=float, default=1e-2)
+    p.add_argument("--hvp-eps", type=float, default=1e-2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    if args.repeats < 5:
+        p.error("--repeats must be at least 5")
+    return args
+
+
+def main(argv=None) -> dict:
+    warnings.filterwarnings("ignore")
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from pruner.grads.engine import PerSampleGradients
+    from pruner.io.atomic import write_json_atomic
+    from pruner.scores.components import CheckpointScorer, strict_fp32
+    from pruner.scores.shared import compute_shared
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    strict_fp32()
+    device = common.resolve_device(args.device)
+    model, tokenizer = common.build_model(args.arch, device)
+    images, tokens = common.make_batch(model, tokenizer, args.batch_size, device, seed=1)
+
+    def batches(n, seed, size):
+        imgs, toks = common.make_batch(model, tokenizer, n, device, seed=seed)
+        return [(imgs[i:i + size], toks[i:i + size]) for i in range(0, n, size)]
+
+    engine = PerSampleGradients(model, k=args.k, precision=args.precision)
+    t0 = time.perf_counter()
+    shared = compute_shared(engine, index=0, step=1000, eta=1e-3, a_t=-1e-6,
+                            bank_batches=batches(args.bank_size, 2, 256),
+                            target_batches=batches(args.target_size, 3, args.batch_size),
+                            reference_batches=batches(args.reference_batches * args.batch_size, 4, args.batch_size),
+                            targets=["target", "train"], hvp_eps=args.hvp_eps, self_rank=0)
+    common.sync(device)
+    shared_seconds = time.perf_counter() - t0
+
+    train = common.make_train_step(model, images, tokens, device, args.precision)
+    scorers = {
+        "diffin_central": CheckpointScorer(engine, shared, targets=["target", "train"], fd_eps=args.fd_eps,
+                                           fd_scheme="central"),
+        "diffin_target_central": CheckpointScorer(engine, shared, targets=["target"], fd_eps=args.fd_eps,
+                                                  fd_scheme="central"),
+    }
+    if args.precision == "fp32":
+        scorers["diffin_forward"] = CheckpointScorer(engine, shared, targets=["target", "train"], fd_eps=args.fd_eps,
+                                                     fd_scheme="forward")
+    tracin_dir = engine.directions([shared.vectors["v_target"]])
+    loss_fn = scorers["diffin_central"].loss_fn
+
+    fns = {"train_step": train}
+    for name in ("diffin_central", "diffin_forward", "diffin_target_central"):
+        if name in scorers:
+            fns[name] = (lambda s: (lambda: s(images, tokens)))(scorers[name])
+    fns["tracin"] = lambda: engine.run(images, tokens, loss_fn, directions=tracin_dir, features=False, norms=False)
+    fns["tracin_features"] = lambda: engine.run(images, tokens, loss_fn, directions=tracin_dir, features=True,
+                                                norms=True)
+
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            common.sync(device)
+            t = time.perf_counter()
+            fn()
+            common.sync(device)
+            times[name].append(time.perf_counter() - t)
+
+    per_sample = {name: statistics.median(ts) / args.batch_size for name, ts in times.items()}
+    base = per_sample["train_step"]
+    variants = {name: {"times_s": ts, "median_s": statistics.median(ts), "per_sample_ms": 1e3 * per_sample[name],
+                       "samples_per_s": 1.0 / per_sample[name], "vs_train_step": per_sample[name] / base}
+                for name, ts in times.items()}
+    for name, v in variants.items():
+        print(f"{name:>22}: {v['per_sample_ms']:8.3f} ms/sample  x{v['vs_train_step']:.2f} train step", flush=True)
+
+    report = {
+        "diffin_vs_train_step": variants["diffin_central"]["vs_train_step"],
+        "tracin_vs_train_step": variants["tracin"]["vs_train_step"],
+        "diffin_forward_vs_train_step": variants.get("diffin_forward", {}).get("vs_train_step"),
+        "diffin_target_only_vs_train_step": variants["diffin_target_central"]["vs_train_step"],
+        "tracin_with_features_vs_train_step": variants["tracin_features"]["vs_train_step"],
+        "goal_diffin_vs_train_step": 2.5,
+        "model": args.arch,
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "batch_size": args.batch_size,
+        "k": args.k,
+        "precision": args.precision,
+        "bank_size": args.bank_size,
+        "fd_eps": args.fd_eps,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "shared_seconds": shared_seconds,
+        "shared_note": "bank embedding + v_target/v_pred + G_B + u_target + u_train (central FD HVPs), once per "
+                       f"checkpoint; target {args.target_size} pairs, {args.reference_batches} reference batch(es)",
+        "variants": variants,
+        "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_diffin_cost.py", *argv]),
+        "torch": torch.__version__,
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "notes": "time per sample = median batch time / batch size; ratios divide by the train step's time per "
+                 "sample (forward + backward of the in-batch CLIP loss w.r.t. all parameters, no optimiser step). "
+                 "diffin_* = CheckpointScorer.__call__ (base pass with features, exact norms and 4 directional dots, "
+                 "plus the FD passes along G).",
+    }
+    write_json_atomic(args.out, report)
+    print(f"diffin_vs_train_step: {report['diffin_vs_train_step']:.3f} (goal <= 2.5)")
+    print(f"tracin_vs_train_step: {report['tracin_vs_train_step']:.3f}")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

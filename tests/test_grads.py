@@ -1,0 +1,423 @@
+"""The per-sample gradient engine (pruner.grads.engine) and its projections (pruner.grads.project) against the
+brute-force torch.func references in tests/reference.py, on pruner-micro at 32 px.
+
+Two models: random weights, and the same model after a few SGD steps of the in-batch CLIP loss (so the per-sample
+gradients are those of a model that has started to fit, with a trained logit scale).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from reference import encode_pairs_functional, per_sample_grads
+from torch.func import grad, vmap
+
+from pruner.grads.engine import PerSampleGradients, select_layers
+from pruner.grads.project import FactorizedProjector, random_matrix
+from pruner.model.clip import create_clip, linear_layers, linearize_clip
+from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, in_batch_detached_loss, logit_scale_of
+
+DEMO_POOL = Path(__file__).resolve().parents[1] / "pruner" / "demo" / "pool"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP barrier stalls make multi-threaded runs of these tiny
+    models 10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- data and models -----------------------------------------------------------------------------------------------
+def _demo_pairs(preprocess, tokenizer, n: int):
+    """n real (image, caption) pairs from the bundled demo pool, or None when it is absent."""
+    shards = sorted(DEMO_POOL.glob("*.tar.gz"))
+    if not shards:
+        return None
+    try:
+        from pruner.io.shards import read_shard
+    except ImportError:  # pragma: no cover - the reader is part of the package
+        return None
+    samples = []
+    for s in shards:
+        samples += read_shard(str(s))[0]
+        if len(samples) >= n:
+            break
+    samples = samples[:n]
+    if len(samples) < n:
+        return None
+    return torch.stack([preprocess(s.image) for s in samples]), tokenizer([s.caption for s in samples])
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = create_clip("pruner-micro")
+    return linearize_clip(model).eval(), preprocess, tokenizer
+
+
+@pytest.fixture(scope="module")
+def data(micro):
+    """160 pairs: real demo pairs when available (else random images with distinct captions)."""
+    _, preprocess, tokenizer = micro
+    pairs = _demo_pairs(preprocess, tokenizer, 160)
+    if pairs is None:
+        g = torch.Generator().manual_seed(1)
+        pairs = (torch.randn(160, 3, 32, 32, generator=g),
+                 tokenizer([f"a photo of object {i} with colour {i * 7 % 13}" for i in range(160)]))
+    return pairs
+
+
+def _sgd_trained(model, images, tokens, steps: int = 8, lr: float = 0.1):
+    """A copy of the model after ``steps`` plain SGD steps of the in-batch CLIP loss (logit scale trained too)."""
+    import copy
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (32,), generator=g)
+        img, txt = encode_pairs(m, images[idx], tokens[idx])
+        loss = clip_batch_loss(img, txt, m.logit_scale.exp())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return m.eval()
+
+
+@pytest.fixture(scope="module", params=["random", "sgd"])
+def model(request, micro, data):
+    base = micro[0]
+    if request.param == "random":
+        return base
+    # train on the tail of the data so the scored samples (the head) are not the training batches
+    return _sgd_trained(base, data[0][96:], data[1][96:])
+
+
+def _bank(model, data, n: int = 48):
+    with torch.no_grad():
+        return encode_pairs(model, data[0][-n:], data[1][-n:])
+
+
+def _loss_fn(model, data):
+    bank_img, bank_txt = _bank(model, data)
+    scale = logit_scale_of(model)
+    return lambda i, t: bank_loss(i, t, bank_img, bank_txt, scale)
+
+
+def _flat(grads: dict, names) -> torch.Tensor:
+    return torch.cat([grads[n].double().flatten(1) for n in names], 1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# -- exactness against torch.func -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exact(model, data):
+    """Engine results and torch.func per-sample gradients for 8 samples, with three directions:
+    the mean per-sample gradient, one sample's gradient, and a random vector."""
+    images, tokens = data[0][:8], data[1][:8]
+    loss_fn = _loss_fn(model, data)
+    eng = PerSampleGradients(model, k=1024)
+    names = list(eng.params())
+    ref = per_sample_grads(model, set(names), images, tokens, loss_fn)
+    g = torch.Generator().manual_seed(3)
+    vectors = [{n: ref[n].mean(0) for n in names}, {n: ref[n][5].clone() for n in names},
+               {n: torch.randn(p.shape, generator=g) for n, p in eng.params().items()}]
+    res = eng.run(images, tokens, loss_fn, directions=eng.directions(vectors))
+    return eng, names, ref, vectors, res, images, tokens, loss_fn
+
+
+def test_features_equal_projected_exact_gradients(exact):
+    eng, names, ref, _, res, *_ = exact
+    want = eng.projector.project_weights(ref)
+    assert res.features.shape == want.shape == (8, 1024)
+    assert res.features.dtype == torch.float32
+    assert _rel(res.features, want) < 1e-4
+    per_sample = (res.features - want).double().norm(dim=1) / want.double().norm(dim=1)
+    assert float(per_sample.max()) < 1e-4, per_sample
+
+
+def test_exact_squared_norms(exact):
+    _, names, ref, _, res, *_ = exact
+    want = _flat(ref, names).square().sum(1)
+    assert res.sq_norm.dtype == torch.float64
+    rel = (res.sq_norm - want).abs() / want
+    assert float(rel.max()) < 1e-4, rel
+
+
+def test_directional_dots(exact):
+    _, names, ref, vectors, res, *_ = exact
+    flat = _flat(ref, names)
+    assert res.dots.shape == (8, 3)
+    for j, v in enumerate(vectors):
+        want = flat @ torch.cat([v[n].double().flatten() for n in names])
+        err = (res.dots[:, j] - want).abs()
+        assert float(err.max() / want.abs().max()) < 1e-4, (j, err, want)
+        if j < 2:  # structured directions: every dot is far from zero, so check each sample
+            assert float((err / want.abs()).max()) < 1e-4, (j, err, want)
+    # the direction that is sample 5's own gradient gives its squared norm
+    assert abs(float(res.dots[5, 1] / res.sq_norm[5]) - 1) < 1e-4
+
+
+def test_loss_and_embeddings(exact, model):
+    _, _, _, _, res, images, tokens, loss_fn = exact
+    with torch.no_grad():
+        img, txt = encode_pairs(model, images, tokens)
+        want = loss_fn(img, txt)
+    torch.testing.assert_close(res.loss, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(res.img_emb, img.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.txt_emb, txt.float(), rtol=0, atol=1e-6)
+
+
+def test_run_leaves_model_untouched(model, data):
+    """The pass switches requires_grad off and adds hooks temporarily: both are restored, no .grad is formed."""
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    eng = PerSampleGradients(model, k=64)
+    eng.run(data[0][:3], data[1][:3], _loss_fn(model, data))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_projected_inner_products_correlate_with_exact(model, data):
+    """Pearson correlation of <P g_i, P g_j> with <g_i, g_j> over the 276 pairs i<j of 24 samples, k=1024
+    (engine defaults otherwise)."""
+    n = 24
+    images, tokens = data[0][:n], data[1][:n]
+    loss_fn = _loss_fn(model, data)
+    eng = PerSampleGradients(model, k=1024)
+    names = list(eng.params())
+    flat = _flat(per_sample_grads(model, set(names), images, tokens, loss_fn), names)
+    feats = eng.run(images, tokens, loss_fn, norms=False).features.double()
+    iu = torch.triu_indices(n, n, 1)
+    exact_ip = (flat @ flat.T)[iu[0], iu[1]]
+    proj_ip = (feats @ feats.T)[iu[0], iu[1]]
+    assert exact_ip.numel() == 276
+    r = float(torch.corrcoef(torch.stack([exact_ip, proj_ip]))[0, 1])
+    assert r >= 0.95, f"Pearson {r:.4f} < 0.95 (k=1024, layer_k={eng.projector.layer_k})"
+
+
+# -- batch invariance and determinism ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batched(micro, data):
+    model = micro[0]
+    images, tokens = data[0][:64], data[1][:64]
+    loss_fn = _loss_fn(model, data)
+    eng = PerSampleGradients(model, k=256)
+    vec = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) for n, p in eng.params().items()}
+    dirs = eng.directions([vec])
+
+    def run(bs):
+        parts = [eng.run(images[i:i + bs], tokens[i:i + bs], loss_fn, directions=dirs) for i in range(0, 64, bs)]
+        return {k: torch.cat([getattr(p, k) for p in parts]) for k in ("features", "sq_norm", "dots", "loss")}
+
+    return run
+
+
+def test_batch_size_invariance(batched):
+    results = {bs: batched(bs) for bs in (64, 7, 1)}
+    ref = results[64]
+    for bs in (7, 1):
+        r = results[bs]
+        per_sample = (r["features"] - ref["features"]).norm(dim=1) / ref["features"].norm(dim=1)
+        assert float(per_sample.max()) < 1e-5, (bs, float(per_sample.max()))
+        assert float(((r["sq_norm"] - ref["sq_norm"]).abs() / ref["sq_norm"]).max()) < 1e-5
+        assert float(((r["dots"] - ref["dots"]).abs() / ref["dots"].abs().max()).max()) < 1e-5
+        assert float(((r["loss"] - ref["loss"]).abs() / ref["loss"].abs()).max()) < 1e-5
+
+
+def test_bitwise_deterministic_on_cpu(batched):
+    a, b = batched(7), batched(7)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- projection matrices -------------------------------------------------------------------------------------------
+def test_projection_matrices_depend_only_on_seed_and_layer(micro):
+    model = micro[0]
+    a = PerSampleGradients(model, k=512, seed=7)
+    # a second engine on a separately built model with a different layer selection (so other offsets and order)
+    torch.manual_seed(123)
+    other = linearize_clip(create_clip("pruner-micro")[0])
+    b = PerSampleGradients(other, k=512, seed=7, include=["transformer.*", "visual.proj"])
+    c = PerSampleGradients(model, k=512, seed=8)
+    shared = [n for n in b.layers if n in a.layers]
+    assert len(shared) >= 5
+    for name in shared:
+        for pa, pb in zip(a.projector.factors(name), b.projector.factors(name)):
+            assert torch.equal(pa, pb), name
+    a2 = PerSampleGradients(model, k=512, seed=7)
+    assert torch.equal(a.projector.final(), a2.projector.final())
+    for name in a.layers:
+        for pa, pa2, pc in zip(a.projector.factors(name), a2.projector.factors(name), c.projector.factors(name)):
+            assert torch.equal(pa, pa2)
+            assert not torch.equal(pa, pc), name
+    assert not torch.equal(a.projector.final(), c.projector.final())
+    # a pure function of its arguments
+    assert torch.equal(random_matrix(3, "x", 4, 9), random_matrix(3, "x", 4, 9))
+    assert not torch.equal(random_matrix(3, "x", 4, 9), random_matrix(3, "y", 4, 9))
+    assert not torch.equal(random_matrix(3, "x", 4, 9), random_matrix(4, "x", 4, 9))
+    # does not consume or depend on the global RNG
+    torch.manual_seed(0)
+    m1 = random_matrix(1, "z", 5, 5)
+    r1 = torch.rand(1)
+    torch.manual_seed(0)
+    torch.rand(3)
+    assert torch.equal(random_matrix(1, "z", 5, 5), m1)
+    torch.manual_seed(0)
+    random_matrix(1, "z", 5, 5)
+    assert torch.equal(torch.rand(1), r1)
+
+
+def test_random_matrix_entries():
+    r = random_matrix(0, "a", 16, 300, "rademacher")
+    assert r.dtype == torch.float32 and r.shape == (16, 300)
+    assert set(torch.unique(r * 4).tolist()) == {-1.0, 1.0}
+    g = random_matrix(0, "a", 64, 2000, "gaussian")
+    assert abs(float(g.mean())) < 0.01 and abs(float(g.var() * 64) - 1) < 0.02
+    with pytest.raises(ValueError):
+        random_matrix(0, "a", 2, 2, "sparse")
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_sketches_preserve_inner_products_in_expectation(kind):
+    """E[M^T M] = I for one matrix, and E <P x, P y> = <x, y> for the full factorised + dense sketch, over 300
+    seeds, with a 5-sigma (and 5 %) tolerance."""
+    acc = torch.zeros(24, 24, dtype=torch.float64)
+    for s in range(300):
+        m = random_matrix(s, "m", 6, 24, kind).double()
+        acc += m.T @ m
+    acc /= 300
+    assert float((acc - torch.eye(24, dtype=torch.float64)).abs().max()) < 0.15
+
+    layers = {"a": (40, 24, True), "b": (12, 64, False), "c": (8, 8, True)}
+    g = torch.Generator().manual_seed(0)
+    x = {"a.weight": torch.randn(40, 24, generator=g), "a.bias": torch.randn(40, generator=g),
+         "b.weight": torch.randn(12, 64, generator=g), "c.weight": torch.randn(8, 8, generator=g),
+         "c.bias": torch.randn(8, generator=g)}
+    y = {n: 0.6 * t + torch.randn(t.shape, generator=g) for n, t in x.items()}
+    exact_xy = sum(float((x[n].double() * y[n].double()).sum()) for n in x)
+    exact_xx = sum(float(x[n].double().square().sum()) for n in x)
+    est_xy, est_xx = [], []
+    for seed in range(300):
+        proj = FactorizedProjector(layers, k=48, layer_k=6, seed=seed, kind=kind)
+        px, py = proj.project_weights(x).double(), proj.project_weights(y).double()
+        est_xy.append(float(px @ py))
+        est_xx.append(float(px @ px))
+    for est, want in ((est_xy, exact_xy), (est_xx, exact_xx)):
+        t = torch.tensor(est, dtype=torch.float64)
+        se = float(t.std() / math.sqrt(len(est)))
+        assert abs(float(t.mean()) - want) < 5 * se, (kind, float(t.mean()), want, se)
+        assert abs(float(t.mean()) / want - 1) < 0.05, (kind, float(t.mean()), want)
+
+
+def test_projector_layout():
+    proj = FactorizedProjector({"a": (40, 24, True), "b": (3, 64, False)}, k=10, layer_k=6)
+    assert proj.offsets == {"a": (0, 6, 6), "b": (42, 3, 6)}
+    assert proj.concat_dim == 42 + 18
+    assert proj.final().shape == (10, 60)
+    p_out, p_in = proj.factors("b")
+    assert p_out.shape == (3, 3) and p_in.shape == (6, 64)
+
+
+# -- in-batch loss variant ----------------------------------------------------------------------------------------
+def test_in_batch_variant_exact(model, data):
+    """With in_batch_detached_loss the engine's per-sample gradients equal torch.func gradients of each sample's
+    loss against the *same* detached in-batch negatives (the other pairs' embeddings as constants)."""
+    b = 6
+    images, tokens = data[0][:b], data[1][:b]
+    scale = logit_scale_of(model)
+    eng = PerSampleGradients(model, k=512)
+    names = list(eng.params())
+    with torch.no_grad():
+        img_all, txt_all = encode_pairs(model, images, tokens)
+    others = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, b)]) for i in range(b)])  # [b, b-1]
+    neg_txt, neg_img = txt_all[others].double(), img_all[others].double()  # [b, b-1, e]
+    params = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
+
+    def one(p, image, tok, ntxt, nimg):
+        img, txt = encode_pairs_functional(model, p, image[None], tok[None])
+        img, txt = img.double()[0], txt.double()[0]
+        pos = scale * (img * txt).sum()
+        i2t = torch.cat([pos[None], scale * ntxt @ img])
+        t2i = torch.cat([pos[None], scale * nimg @ txt])
+        return 0.5 * (torch.logsumexp(i2t, 0) + torch.logsumexp(t2i, 0)) - pos
+
+    ref = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))(params, images, tokens, neg_txt, neg_img)
+    loss_fn = lambda i, t: in_batch_detached_loss(i, t, scale)
+    vec = {n: ref[n][2].clone() for n in names}
+    res = eng.run(images, tokens, loss_fn, directions=eng.directions([vec]))
+    assert _rel(res.features, eng.projector.project_weights(ref)) < 1e-4
+    flat = _flat(ref, names)
+    want_sq = flat.square().sum(1)
+    assert float(((res.sq_norm - want_sq).abs() / want_sq).max()) < 1e-4
+    want_dot = flat @ flat[2]
+    assert float(((res.dots[:, 0] - want_dot).abs() / want_dot.abs().max()).max()) < 1e-4
+    # and the loss values are the in-batch ones
+    with torch.no_grad():
+        torch.testing.assert_close(res.loss, in_batch_detached_loss(img_all, txt_all, scale), rtol=1e-6, atol=1e-9)
+
+
+# -- layer selection -----------------------------------------------------------------------------------------------
+def test_include_exclude_patterns(micro, data):
+    model = micro[0]
+    all_layers = linear_layers(model)
+    vis = select_layers(model, include=["visual.*"])
+    assert set(vis) == {n for n in all_layers if n.startswith("visual.")} and "visual.proj" in vis
+    no_attn = select_layers(model, exclude=["*.attn.*"])
+    assert set(no_attn) == {n for n in all_layers if ".attn." not in n}
+    both = select_layers(model, include=["transformer.*", "text_projection"], exclude=["*.mlp.c_fc"])
+    assert set(both) == {n for n in all_layers if (n.startswith("transformer.") or n == "text_projection")
+                         and not n.endswith("mlp.c_fc")}
+    assert list(both) == [n for n in all_layers if n in both]  # registration order
+    with pytest.raises(ValueError, match="no linear layer"):
+        select_layers(model, include=["nothing.*"])
+    with pytest.raises(ValueError, match="no linear layer"):
+        PerSampleGradients(model, include=["visual.*"], exclude=["visual.*"])
+
+    # the engine over a subset is exact for that subset, and params() names exactly the chosen layers
+    eng = PerSampleGradients(model, k=256, include=["visual.*"], exclude=["*.mlp.*"])
+    names = list(eng.params())
+    assert names and all(n.startswith("visual.") and ".mlp." not in n for n in names)
+    assert set(names) == {f"{l}.{w}" for l in eng.layers for w in ("weight", "bias")
+                          if getattr(eng.layers[l], w, None) is not None}
+    images, tokens = data[0][:4], data[1][:4]
+    loss_fn = _loss_fn(model, data)
+    ref = per_sample_grads(model, set(names), images, tokens, loss_fn)
+    res = eng.run(images, tokens, loss_fn)
+    assert _rel(res.features, eng.projector.project_weights(ref)) < 1e-4
+    want = _flat(ref, names).square().sum(1)
+    assert float(((res.sq_norm - want) / want).abs().max()) < 1e-4
+
+
+# -- reduced precision ---------------------------------------------------------------------------------------------
+def _bf16_autocast_supported() -> bool:
+    try:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+        return out.dtype == torch.bfloat16
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _bf16_autocast_supported(), reason="CPU autocast bf16 unsupported")
+def test_bf16_autocast_correlates_with_fp32(micro, data):
+    model = micro[0]
+    images, tokens = data[0][:8], data[1][:8]
+    loss_fn = _loss_fn(model, data)
+    fp32 = PerSampleGradients(model, k=1024).run(images, tokens, loss_fn)
+    bf16 = PerSampleGradients(model, k=1024, precision="bf16").run(images, tokens, loss_fn)
+    assert bf16.features.dtype == torch.float32 and torch.isfinite(bf16.features).all()
+    r = float(torch.corrcoef(torch.stack([fp32.features.flatten(), bf16.features.flatten()]))[0, 1])
+    assert r >= 0.99, r
+    r_norm = float(torch.corrcoef(torch.stack([fp32.sq_norm, bf16.sq_norm]))[0, 1])
+    assert r_norm >= 0.99, r_norm
+    # bf16 really ran: the values are close but not identical
+    assert not torch.equal(fp32.features, bf16.features)

@@ -1,0 +1,57 @@
+"""Smoke run of benchmarks/quality.py at a toy size: every stage runs (noisy shards, proxy training, in-process
+scoring with every method, coreset retraining + zero-shot/retrieval evaluation, counterfactual groups, data
+deletion with the parameter-space update) and the result JSON has every key. Numbers are meaningless at this
+size (the proxy is at chance after a few steps); only structure and ranges are checked."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10"
+needs_data = pytest.mark.skipif(not (DATA / "train").is_dir(), reason="shared CIFAR-10 shards not present")
+
+REQUIRED = ["auroc", "average_precision", "coreset_zero_shot", "full_data_zero_shot", "clean_data_zero_shot",
+            "counterfactual_spearman", "seeds", "config", "found_at", "auroc_per_class", "coreset_recall",
+            "full_data_recall", "clean_data_recall", "deletion", "std", "wall_time_s", "command", "goals",
+            "per_seed", "diagnostics"]
+METHODS = ["diffin_target", "diffin_train", "diffin_self", "tracin_target", "tracin_self", "oga_iforest", "oga_l1",
+           "oga_l2", "baseline_clip_score", "baseline_loss", "baseline_random"]
+
+
+@needs_data
+def test_quality_smoke(tmp_path):
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--no-ray", "--device", "cpu",
+           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--seeds", "1",
+           "--train-shards", "1", "--test-shards", "1", "--pool-size", "600", "--target-size", "40",
+           "--steps", "8", "--checkpoints", "2", "--groups", "2", "--noise-runs", "0", "--deletion-drop", "0",
+           "--coreset-methods", "diffin_target", "--keep-fractions", "0.5", "--balanced-methods", "diffin_target",
+           "--eval-size", "300",
+           "--retrieval-size", "100", "--bank-size", "64", "--k", "64", "--reference-batch-size", "16",
+           "--self-rank", "1"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    missing = [k for k in REQUIRED if k not in r]
+    assert not missing, missing
+    assert set(METHODS) <= set(r["auroc"]) and set(METHODS) <= set(r["average_precision"])
+    for m in METHODS:
+        assert 0.0 <= r["auroc"][m] <= 1.0 and 0.0 <= r["average_precision"][m] <= 1.0
+        assert set(r["found_at"][m]) == {"0.1", "0.2", "0.3"}
+    assert 0.0 <= r["coreset_zero_shot"]["diffin_target"]["keep_0.5"] <= 1.0
+    assert 0.0 <= r["full_data_zero_shot"] <= 1.0 and 0.0 <= r["clean_data_zero_shot"] <= 1.0
+    assert set(r["counterfactual_spearman"]) == {"diffin_target", "tracin_target"}
+    assert r["seeds"] == [0] and r["config"]["pool_size"] == 600
+    d = r["deletion"]["diffin_target_keep_0.5"]
+    assert d["n_dropped"]["mean"] == 300
+    for k in ("target_loss_original", "target_loss_param_update", "target_loss_retrained"):
+        assert d[k]["mean"]["bank"] > 0
+    assert "| diffin_target |" in proc.stdout and "Goals:" in proc.stdout
+    print(f"smoke run took {time.time() - t0:.0f} s")

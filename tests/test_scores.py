@@ -1,0 +1,586 @@
+"""Influence scores (pruner.scores.*) against brute-force definitions on pruner-micro (32 px):
+
+* shared vectors: finite-difference u = H_B v against exact double-backward HVPs;
+* per-sample T2 terms (finite differences of exact dots / norms along G) against double backward, and their
+  O(eps^2) convergence;
+* t1_self against the eigen-decomposition definition;
+* the batched Diff-In and TracIn scores (components + ``combine``) against a direct per-sample evaluation of the
+  formulas of shared/methods.md sections 1 and 2 over two checkpoints;
+* signs on a constructed case (a caption swapped to another class must come out harmful);
+* OGA isolation-forest determinism and outlier ranking; hash_unit.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import hvp
+
+from pruner.grads.engine import PerSampleGradients
+from pruner.grads.vectors import dot, norm
+from pruner.model.clip import create_clip, linearize_clip
+from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_scale_of
+from pruner.scores.combine import combine, hash_unit
+from pruner.scores.components import CheckpointScorer, strict_fp32
+from pruner.scores.oga import fit_isolation_forest, iforest_scores
+from pruner.scores.shared import compute_shared, diffin_coefficient
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "pruner" / "demo"
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP barrier stalls make multi-threaded runs of these tiny
+    models 10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fp32():
+    strict_fp32()
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+def _read_samples(shards, max_samples=None):
+    """[(image PIL, caption, label, classname)] from WebDataset shards (pruner's reader when available)."""
+    out = []
+    try:
+        from pruner.io.shards import read_shard
+        for s in shards:
+            for smp in read_shard(str(s))[0]:
+                out.append((smp.image, smp.caption, smp.meta.get("label"), smp.meta.get("classname")))
+    except ImportError:  # pragma: no cover - fallback reader
+        import io
+        import tarfile
+
+        from PIL import Image
+        for s in shards:
+            groups: dict = {}
+            with tarfile.open(s, "r|*") as tf:
+                for m in tf:
+                    if m.isfile() and "." in m.name:
+                        key, ext = m.name.split(".", 1)
+                        groups.setdefault(key, {})[ext] = tf.extractfile(m).read()
+            for key, parts in groups.items():
+                meta = json.loads(parts.get("json", b"{}"))
+                out.append((Image.open(io.BytesIO(parts["jpg"])).convert("RGB"), parts["txt"].decode().strip(),
+                            meta.get("label"), meta.get("classname")))
+    return out[:max_samples] if max_samples else out
+
+
+def _pool_and_target():
+    pool_shards = sorted((DEMO / "pool").glob("*.tar.gz"))
+    target_shards = sorted((DEMO / "target").glob("*.tar.gz"))
+    if pool_shards and target_shards:
+        return _read_samples(pool_shards), _read_samples(target_shards)
+    train = sorted((SHARED_CIFAR / "train").glob("*.tar*"))[:2]
+    test = sorted((SHARED_CIFAR / "test").glob("*.tar*"))[:1]
+    if not train or not test:
+        pytest.skip("no demo pool and no shared CIFAR-10 shards")
+    return _read_samples(train, 1000), _read_samples(test, 200)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return _pool_and_target()
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = create_clip("pruner-micro")
+    return linearize_clip(model).eval(), preprocess, tokenizer
+
+
+def _tensors(preprocess, tokenizer, samples, captions=None):
+    return (torch.stack([preprocess(s[0]) for s in samples]),
+            tokenizer(captions if captions is not None else [s[1] for s in samples]))
+
+
+@pytest.fixture(scope="module")
+def pairs(micro, corpus):
+    """Preprocessed pool pairs (images [n,3,32,32], tokens [n,16]) and target pairs."""
+    _, preprocess, tokenizer = micro
+    pool, target = corpus
+    return _tensors(preprocess, tokenizer, pool[:400]), _tensors(preprocess, tokenizer, target)
+
+
+def _batches(images, tokens, start, n, size):
+    return [(images[i:i + size], tokens[i:i + size]) for i in range(start, start + n, size)]
+
+
+def _sgd(model, images, tokens, steps, lr=0.1, batch=32, seed=0):
+    """``steps`` plain SGD steps of the in-batch CLIP loss, in place; returns the model in eval mode."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        img, txt = encode_pairs(model, images[idx], tokens[idx])
+        opt.zero_grad()
+        clip_batch_loss(img, txt, logit_scale_of(model)).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+# -- exact references ----------------------------------------------------------------------------------------------
+def _grad(params, loss):
+    names = list(params)
+    return {n: g.detach() for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names]))}
+
+
+def _rel(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| for parameter vectors."""
+    return norm({n: a[n].double() - b[n].double() for n in b}) / norm(b)
+
+
+class Setting:
+    """One checkpoint with its bank, target and reference batches, and the exact (autograd) shared vectors."""
+
+    def __init__(self, model, pool, target, bank=(200, 64), ref=(300, 32, 16)):
+        self.model = model
+        self.engine = PerSampleGradients(model, k=256)
+        self.params = self.engine.params()
+        self.bank_batches = _batches(*pool, bank[0], bank[1], 32)
+        self.target_batches = _batches(*target, 0, 40, 20)
+        self.ref_batches = _batches(*pool, ref[0], ref[1], ref[2])
+        self.scale = logit_scale_of(model)
+        with torch.no_grad():
+            self.bank = encode_pairs(model, torch.cat([b[0] for b in self.bank_batches]),
+                                     torch.cat([b[1] for b in self.bank_batches]))
+        n = sum(b[0].shape[0] for b in self.target_batches)
+        img, txt = encode_pairs(model, torch.cat([b[0] for b in self.target_batches]),
+                                torch.cat([b[1] for b in self.target_batches]))
+        self.v = _grad(self.params, bank_loss(img, txt, *self.bank, self.scale).sum() / n)
+        img, txt = encode_pairs(model, torch.cat([b[0] for b in self.target_batches]),
+                                torch.cat([b[1] for b in self.target_batches]))
+        self.v_pred = _grad(self.params, -(self.scale * (img.double() * txt.double()).sum(-1)).sum() / n)
+        self.G = _grad(self.params, self.ref_loss())
+
+    def ref_loss(self):
+        total = 0.0
+        for images, tokens in self.ref_batches:
+            img, txt = encode_pairs(self.model, images, tokens)
+            total = total + clip_batch_loss(img, txt, self.scale)
+        return total / len(self.ref_batches)
+
+    def sample_loss(self, image, token):
+        img, txt = encode_pairs(self.model, image[None], token[None])
+        return bank_loss(img, txt, *self.bank, self.scale).sum()
+
+    def sample_grad(self, image, token):
+        return _grad(self.params, self.sample_loss(image, token))
+
+    def shared(self, targets, self_rank=0, index=0, step=1, eta=1.0, a_t=1.0, hvp_eps=1e-2):
+        return compute_shared(self.engine, index=index, step=step, eta=eta, a_t=a_t,
+                              bank_batches=self.bank_batches, target_batches=self.target_batches,
+                              reference_batches=self.ref_batches, targets=targets, hvp_eps=hvp_eps,
+                              self_rank=self_rank)
+
+
+@pytest.fixture(scope="module")
+def random_setting(micro, pairs):
+    return Setting(micro[0], *pairs)
+
+
+@pytest.fixture(scope="module")
+def trained_setting(micro, pairs):
+    return Setting(_sgd(copy.deepcopy(micro[0]), *pairs[0], steps=6), *pairs)
+
+
+# -- shared vectors -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_shared_vectors_and_fd_hvp(which, request):
+    st = request.getfixturevalue(f"{which}_setting")
+    sh = st.shared(["target", "train"])
+    # the shared first-order vectors are the autograd gradients
+    assert _rel(sh.vectors["v_target"], st.v) < 1e-5
+    assert _rel(sh.vectors["v_pred"], st.v_pred) < 1e-5
+    assert _rel(sh.vectors["G"], st.G) < 1e-5
+    torch.testing.assert_close(sh.bank_img, st.bank[0].float())
+    assert sh.scale == st.scale
+    # u = H_B v by central finite differences (hvp_eps = 1e-2) against double backward
+    for name, src in (("u_target", st.v), ("u_train", st.G)):
+        exact = hvp(st.ref_loss, st.params, src)
+        err = _rel(sh.vectors[name], exact)
+        assert err < 1e-2, (which, name, err)
+    # the model is restored bit for bit after the perturbations
+    before = {n: p.detach().clone() for n, p in st.model.state_dict(keep_vars=True).items()}
+    st.shared(["target"])
+    after = st.model.state_dict(keep_vars=True)
+    assert all(torch.equal(before[n], after[n].detach()) for n in before)
+
+
+# -- T2 terms and t1_self -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def t2_case(micro, pairs):
+    st = Setting(micro[0], *pairs, ref=(300, 16, 16))
+    images, tokens = pairs[0][0][:6], pairs[0][1][:6]
+    sh = st.shared(["target", "train", "self"], self_rank=2)
+    G, v = sh.vectors["G"], sh.vectors["v_target"]
+    exact = {"t2_target": [], "t2_train": [], "t2_self": []}
+    grads = []
+    for b in range(images.shape[0]):
+        g = st.sample_grad(images[b], tokens[b])
+        hz_g = hvp(lambda: st.sample_loss(images[b], tokens[b]), st.params, G)
+        exact["t2_target"].append(dot(v, hz_g))
+        exact["t2_train"].append(dot(G, hz_g))
+        exact["t2_self"].append(dot(g, hz_g))
+        grads.append(g)
+    exact = {k: np.array(x) for k, x in exact.items()}
+
+    def fd(eps, scheme="central"):
+        comp, _ = CheckpointScorer(st.engine, sh, targets=["target", "train", "self"], fd_eps=eps,
+                                   fd_scheme=scheme)(images, tokens)
+        return comp
+
+    return st, sh, images, tokens, exact, grads, fd
+
+
+def _fd_errors(comp, exact):
+    """{term: (max per-sample relative error, ||fd - exact|| / ||exact||)}."""
+    out = {}
+    for k, want in exact.items():
+        got = comp[k]
+        out[k] = (float(np.max(np.abs(got - want) / np.abs(want))), float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    return out
+
+
+def test_t2_terms_match_double_backward(t2_case):
+    *_, exact, _, fd = t2_case
+    errs = _fd_errors(fd(1e-2), exact)
+    for k, (max_rel, _) in errs.items():
+        assert max_rel < 1e-2, (k, errs)
+    # the terms are not degenerate
+    for k, want in exact.items():
+        assert np.all(np.abs(want) > 0), k
+
+
+def test_t2_step_halving_is_second_order(t2_case):
+    *_, exact, _, fd = t2_case
+    e1, e2 = _fd_errors(fd(1e-2), exact), _fd_errors(fd(5e-3), exact)
+    for k in exact:
+        ratio = e1[k][1] / e2[k][1]
+        assert e2[k][1] < e1[k][1] and ratio > 2, (k, e1[k], e2[k], ratio)
+
+
+def test_forward_scheme_is_first_order(t2_case):
+    """The forward scheme (one extra pass) is consistent too, with O(eps) error: worse than central at the same
+    step, and roughly halving with the step."""
+    *_, exact, _, fd = t2_case
+    c, f1, f2 = _fd_errors(fd(1e-2), exact), _fd_errors(fd(1e-2, "forward"), exact), _fd_errors(fd(5e-3, "forward"), exact)
+    for k in ("t2_target", "t2_train"):
+        assert f1[k][1] < 0.2 and f1[k][1] > c[k][1], (k, c[k], f1[k])
+        assert 1.4 < f1[k][1] / f2[k][1] < 2.8, (k, f1[k], f2[k])
+
+
+def test_t1_self_is_eigen_definition(t2_case):
+    st, sh, images, tokens, _, grads, fd = t2_case
+    comp = fd(1e-2)
+    lams = sh.eigvals
+    qs = [sh.vectors[f"q{j}"] for j in range(len(lams))]
+    assert len(lams) == 2 and lams == sorted(lams)
+    # orthonormal eigenvectors, Rayleigh quotients equal to the eigenvalues (exact HVP)
+    for i, qi in enumerate(qs):
+        for j, qj in enumerate(qs):
+            assert abs(dot(qi, qj) - (i == j)) < 1e-4
+        hq = hvp(st.ref_loss, st.params, qi)
+        rq = dot(qi, hq)
+        assert abs(rq - lams[i]) < 1e-2 * max(abs(x) for x in lams), (i, rq, lams)
+        if abs(lams[i]) == max(abs(x) for x in lams):
+            # the dominant pair has converged (4 subspace iterations): ||H q - lambda q|| / |lambda| small.
+            # (The second pair need not have: its residual is reported, not asserted.)
+            residual = norm({n: hq[n] - lams[i] * qi[n] for n in hq}) / abs(lams[i])
+            assert residual < 0.1, (i, residual, lams)
+    want = np.array([sum(lam * dot(q, g) ** 2 for lam, q in zip(lams, qs)) for g in grads])
+    np.testing.assert_allclose(comp["t1_self"], want, rtol=1e-4)
+    # diffin_self = -(a (t1_self + t2_self)) (suspicious = low)
+    out = combine([comp], [0.5], [-2.0], [str(i) for i in range(len(grads))])
+    np.testing.assert_allclose(out["diffin_self"], 2.0 * (comp["t1_self"] + comp["t2_self"]))
+
+
+def test_t1_target_train_are_exact_dots(t2_case):
+    st, sh, images, tokens, _, grads, fd = t2_case
+    comp = fd(1e-2)
+    for name, u in (("t1_target", sh.vectors["u_target"]), ("t1_train", sh.vectors["u_train"])):
+        want = np.array([dot(u, g) for g in grads])
+        np.testing.assert_allclose(comp[name], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+# -- batched Diff-In and TracIn vs direct per-sample evaluation over two checkpoints ------------------------------
+N_POOL, M_CKPT = 1000, 2
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(micro, pairs):
+    """Checkpoints after 3 and 6 SGD steps (eta 0.1), and 20 scored pool samples."""
+    pool, target = pairs
+    model = copy.deepcopy(micro[0])
+    ckpts = []
+    for step in (3, 6):
+        _sgd(model, *pool, steps=3, seed=step)
+        ckpts.append((step, 0.1, Setting(copy.deepcopy(model), pool, target, ref=(300, 16, 16))))
+    images, tokens = pool[0][:20], pool[1][:20]
+    return ckpts, images, tokens
+
+
+@pytest.fixture(scope="module")
+def batched_scores(two_checkpoints):
+    ckpts, images, tokens = two_checkpoints
+    per, etas, a_ts = [], [], []
+    for i, (step, eta, st) in enumerate(ckpts):
+        a = diffin_coefficient(step, eta, N_POOL, M_CKPT)
+        sh = st.shared(["target", "train"], index=i, step=step, eta=eta, a_t=a)
+        scorer = CheckpointScorer(st.engine, sh, targets=["target", "train"])
+        parts = [scorer(images[j:j + 8], tokens[j:j + 8])[0] for j in range(0, 20, 8)]
+        per.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        etas.append(eta)
+        a_ts.append(a)
+    return combine(per, etas, a_ts, [f"s{i}" for i in range(20)]), per
+
+
+@pytest.fixture(scope="module")
+def direct_scores(two_checkpoints):
+    """The formulas evaluated sample by sample with exact autograd gradients and double-backward HVPs."""
+    ckpts, images, tokens = two_checkpoints
+    out = {k: np.zeros(20) for k in ("diffin_target", "diffin_train", "tracin_target", "tracin_pred", "tracin_self")}
+    per = []
+    for step, eta, st in ckpts:
+        a = -step * eta ** 2 / (N_POOL * M_CKPT)
+        comp = {k: np.zeros(20) for k in ("tracin_target", "tracin_pred", "sq_norm", "loss")}
+        for b in range(20):
+            g = st.sample_grad(images[b], tokens[b])
+            hb_g = hvp(st.ref_loss, st.params, g)  # H_B g_z
+            hz_G = hvp(lambda: st.sample_loss(images[b], tokens[b]), st.params, st.G)  # H_z G_B
+            bracket = {n: hb_g[n] + hz_G[n] for n in g}
+            out["diffin_target"][b] += a * dot(st.v, bracket)
+            out["diffin_train"][b] += a * dot(st.G, bracket)
+            comp["tracin_target"][b] = dot(g, st.v)
+            comp["tracin_pred"][b] = dot(g, st.v_pred)
+            comp["sq_norm"][b] = dot(g, g)
+            with torch.no_grad():
+                comp["loss"][b] = float(st.sample_loss(images[b], tokens[b]))
+        out["tracin_target"] += eta * comp["tracin_target"]
+        out["tracin_pred"] += eta * comp["tracin_pred"]
+        out["tracin_self"] -= eta * comp["sq_norm"]
+        per.append(comp)
+    return out, per
+
+
+@pytest.mark.parametrize("score", ["diffin_target", "diffin_train"])
+def test_batched_diffin_equals_direct(batched_scores, direct_scores, score):
+    got, want = batched_scores[0][score], direct_scores[0][score]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    worst = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert rel < 2e-2 and worst < 2e-2, (score, rel, worst, got, want)
+    assert np.all(np.sign(got) == np.sign(want)) or worst < 1e-3
+
+
+def test_tracin_equals_explicit_dots(batched_scores, direct_scores):
+    (got, per_got), (want, per_want) = batched_scores, direct_scores
+    for i in range(M_CKPT):
+        for k in ("tracin_target", "tracin_pred", "sq_norm", "loss"):
+            np.testing.assert_allclose(per_got[i][k], per_want[i][k], rtol=1e-4, err_msg=f"ckpt {i} {k}")
+    for k in ("tracin_target", "tracin_pred", "tracin_self"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, err_msg=k)
+    # eta-weighted sums of the per-checkpoint columns, and the audit columns are kept
+    np.testing.assert_allclose(got["tracin_target"], 0.1 * (got["c0_tracin_target"] + got["c1_tracin_target"]))
+    np.testing.assert_allclose(got["tracin_self"], -0.1 * (got["c0_sq_norm"] + got["c1_sq_norm"]))
+    np.testing.assert_allclose(got["oga_l2"], -np.sqrt(per_got[-1]["sq_norm"]))
+    np.testing.assert_allclose(got["baseline_loss"], -per_got[-1]["loss"])
+
+
+# -- signs on a constructed case -----------------------------------------------------------------------------------
+N_CLEAN, N_SWAPPED, SIGN_STEPS, SIGN_LR = 40, 10, 48, 2e-3
+
+
+def _adamw_train(model, images, tokens, steps, lr, batch=32, warmup=8, save_at=()):
+    """AdamW (no weight decay) on the in-batch CLIP loss with a learnable temperature, linear warm-up, gradient
+    clipping at 1; returns [(step, eta, eval-mode copy)] at the ``save_at`` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    saved = []
+    for step in range(1, steps + 1):
+        model.train()
+        eta = lr * min(1.0, step / warmup)
+        for group in opt.param_groups:
+            group["lr"] = eta
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        img, txt = encode_pairs(model, images[idx], tokens[idx])
+        logits = model.logit_scale.exp() * img @ txt.T
+        labels = torch.arange(batch)
+        loss = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                      + torch.nn.functional.cross_entropy(logits.T, labels))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step in save_at:
+            ckpt = copy.deepcopy(model).eval()
+            for p in ckpt.parameters():
+                p.grad = None
+            saved.append((step, eta, ckpt))
+    return saved
+
+
+@pytest.fixture(scope="module")
+def sign_case(micro, corpus):
+    """pruner-micro trained for a few dozen AdamW steps on real demo pairs; 40 clean pool pairs and 10 pool images
+    whose caption names another class, scored (TracIn target, Diff-In target) against the clean target set at two
+    checkpoints."""
+    _, preprocess, tokenizer = micro
+    pool, target = corpus
+    names = json.loads((DEMO / "classnames.json").read_text())["classnames"] if (DEMO / "classnames.json").exists() \
+        else sorted({s[3] for s in pool})
+    n_scored = N_CLEAN + N_SWAPPED
+    rng = random.Random(0)
+    swapped_caps = []
+    for image, caption, label, classname in pool[N_CLEAN:n_scored]:
+        other = rng.choice([c for c in names if c != classname])
+        head, _, tail = caption.rpartition(classname)
+        assert head or tail, caption
+        swapped_caps.append(head + other + tail)
+    scored = _tensors(preprocess, tokenizer, pool[:n_scored], [s[1] for s in pool[:N_CLEAN]] + swapped_caps)
+    rest = _tensors(preprocess, tokenizer, pool[n_scored:])  # the training pool (the scored pairs are not in it)
+    tgt = _tensors(preprocess, tokenizer, target)
+
+    torch.manual_seed(0)
+    model = linearize_clip(create_clip("pruner-micro")[0])
+    ckpts = _adamw_train(model, *rest, steps=SIGN_STEPS, lr=SIGN_LR, save_at=(SIGN_STEPS // 2, SIGN_STEPS))
+    per, etas, a_ts, states = [], [], [], []
+    for i, (step, eta, ckpt) in enumerate(ckpts):
+        engine = PerSampleGradients(ckpt, k=256)
+        a = diffin_coefficient(step, eta, len(pool), len(ckpts))
+        sh = compute_shared(engine, index=i, step=step, eta=eta, a_t=a,
+                            bank_batches=_batches(*rest, 0, 128, 64), target_batches=_batches(*tgt, 0, len(target), 100),
+                            reference_batches=_batches(*rest, 200, 64, 32), targets=["target"], hvp_eps=1e-2,
+                            self_rank=0)
+        per.append(CheckpointScorer(engine, sh, targets=["target"])(*scored)[0])
+        etas.append(eta)
+        a_ts.append(a)
+        states.append((ckpt, engine, sh))
+    out = combine(per, etas, a_ts, [f"z{i}" for i in range(n_scored)])
+    last = ckpts[-1][2]
+    with torch.no_grad():
+        img, txt = encode_pairs(last, tgt[0], tokenizer([f"a photo of a {c}." for c in names]))
+        labels = torch.tensor([names.index(s[3]) if s[3] in names else -1 for s in target])
+        zero_shot = float(((img @ txt.T).argmax(1) == labels).float().mean())
+        img, _ = encode_pairs(last, tgt[0], tgt[1])
+        img_cos = float((img @ img.T).mean())
+    return {"scores": out, "per": per, "scored": scored, "target": tgt, "states": states,
+            "zero_shot": zero_shot, "img_cos": img_cos}
+
+
+def _describe(case, key):
+    v = case["scores"][key]
+    clean, sw = v[:N_CLEAN], v[N_CLEAN:]
+    return (f"{key}: clean median {np.median(clean):.4g} (min {clean.min():.4g}, max {clean.max():.4g}); swapped "
+            f"{np.array2string(sw, precision=4)}; model after {SIGN_STEPS} AdamW steps: target zero-shot accuracy "
+            f"{case['zero_shot']:.3f}, mean image-image cosine {case['img_cos']:.3f}")
+
+
+@pytest.mark.parametrize("score", ["tracin_target", "diffin_target"])
+def test_swapped_caption_is_harmful(sign_case, score):
+    """A pair whose caption names another class must be harmful (negative) and rank below the clean median."""
+    v = sign_case["scores"][score]
+    clean, sw = v[:N_CLEAN], v[N_CLEAN:]
+    assert np.all(sw < 0) and np.all(sw < np.median(clean)), _describe(sign_case, score)
+
+
+def test_tracin_matches_measured_first_order_effect(sign_case):
+    """Ground truth for the sign convention: TracIn target at a checkpoint is the first-order change of the target
+    loss under a gradient step on z, measured here by central differences of the target loss along -g_z
+    (positive = the step lowers the target loss = helpful)."""
+    ckpt, engine, sh = sign_case["states"][-1]
+    images, tokens = sign_case["scored"]
+    t_img, t_tok = sign_case["target"]
+    params = engine.params()
+
+    def target_loss():
+        with torch.no_grad():
+            img, txt = encode_pairs(ckpt, t_img, t_tok)
+            return float(bank_loss(img, txt, sh.bank_img, sh.bank_txt, sh.scale).mean())
+
+    measured = []
+    for b in range(images.shape[0]):
+        img, txt = encode_pairs(ckpt, images[b:b + 1], tokens[b:b + 1])
+        g = _grad(params, bank_loss(img, txt, sh.bank_img, sh.bank_txt, sh.scale).sum())
+        h = 1e-2 / norm(g)
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        vals = []
+        for sign in (-1.0, 1.0):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.add_(g[n], alpha=sign * h)
+            vals.append(target_loss())
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+        measured.append((vals[1] - vals[0]) / (2 * h))  # = -d/dstep L_V(theta - step * g_z) at step 0
+    measured = np.array(measured)
+    tracin = sign_case["per"][-1]["tracin_target"]
+    np.testing.assert_allclose(tracin, measured, rtol=2e-2, atol=2e-3 * np.abs(measured).max())
+    assert np.array_equal(np.sign(tracin), np.sign(measured))
+
+
+# -- OGA and hash_unit ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def oga_features(random_setting, pairs):
+    st = random_setting
+    images, tokens = pairs[0][0][:48], pairs[0][1][:48]
+    loss_fn = lambda i, t: bank_loss(i, t, *st.bank, st.scale)
+    return st.engine.run(images, tokens, loss_fn, norms=False).features.numpy()
+
+
+def test_iforest_deterministic(oga_features):
+    a = iforest_scores(fit_isolation_forest(oga_features, seed=3), oga_features)
+    b = iforest_scores(fit_isolation_forest(oga_features, seed=3), oga_features)
+    c = iforest_scores(fit_isolation_forest(oga_features, seed=4), oga_features)
+    assert a.dtype == np.float64 and a.shape == (len(oga_features),)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # float64 input is scored like its float32 cast
+    assert np.array_equal(a, iforest_scores(fit_isolation_forest(oga_features.astype(np.float64), seed=3),
+                                            oga_features.astype(np.float64)))
+    with pytest.raises(ValueError):
+        fit_isolation_forest(oga_features[:1])
+
+
+def test_iforest_outlier_scores_lowest(oga_features):
+    feats = oga_features.copy()
+    feats[17] *= 25.0  # a sample whose gradient is 25x larger than it was
+    forest = fit_isolation_forest(feats, seed=0)
+    scores = iforest_scores(forest, feats)
+    assert int(np.argmin(scores)) == 17
+    assert scores[17] < np.partition(scores, 1)[1]
+    # and the same outlier scored by a forest fitted without it (subsample fit, then score everything)
+    forest = fit_isolation_forest(np.delete(feats, 17, axis=0), seed=0)
+    assert int(np.argmin(iforest_scores(forest, feats))) == 17
+
+
+def test_hash_unit():
+    vals = [f"uid-{i}" for i in range(2000)]
+    a = hash_unit(vals, "random-0")
+    assert a.dtype == np.float64 and a.shape == (2000,)
+    assert np.array_equal(a, hash_unit(vals, "random-0"))
+    assert np.all((a >= 0) & (a < 1))
+    assert np.array_equal(hash_unit(vals[::-1], "random-0"), a[::-1])  # per value, independent of order
+    assert not np.array_equal(a, hash_unit(vals, "random-1"))
+    assert 0.45 < a.mean() < 0.55
+    want = int.from_bytes(hashlib.sha1(b"s:x").digest()[:8], "little") / 2.0 ** 64
+    assert hash_unit(["x"], "s")[0] == want
+    out = combine([{"sq_norm": np.ones(3), "l1_feat": np.ones(3), "loss": np.ones(3), "clip_score": np.ones(3)}],
+                  [1.0], [1.0], ["a", "b", "c"], seed=7)
+    assert np.array_equal(out["baseline_random"], hash_unit(["a", "b", "c"], "random-7"))
