@@ -10,7 +10,8 @@ Variants (time per batch of ``--batch-size`` pool samples at one checkpoint):
                               base pass with features, norms and dots + two FD passes);
 * ``diffin_forward``          the same with the forward FD scheme (one FD pass);
 * ``diffin_target_central``   targets ["target"] only, central FD;
-* ``tracin``                  TracIn only: one engine pass with the v_target direction (exact dot; no features, no norms);
+* ``tracin``                  TracIn only: one engine pass with the v_target direction (exact dot; no features,
+                              no norms);
 * ``tracin_features``         one engine pass with the v_target direction, features and norms (what TracIn + OGA need).
 
 The per-checkpoint shared quantities (bank embeddings, v, G, u = H_B v) are computed once before timing; their

@@ -95,7 +95,8 @@ def make_batch(model, tokenizer, n: int, device: torch.device, seed: int = 1):
 
 def random_bank(model, k: int, device: torch.device, seed: int = 2):
     """A frozen negative bank of k unit-norm (image, text) embeddings (random: the cost does not depend on them)."""
-    e = model.text_projection.out_features if hasattr(model.text_projection, "out_features") else model.text_projection.shape[1]
+    proj = model.text_projection
+    e = proj.out_features if hasattr(proj, "out_features") else proj.shape[1]
     g = torch.Generator().manual_seed(seed)
     img = torch.nn.functional.normalize(torch.randn(k, e, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(k, e, generator=g), dim=-1)
@@ -428,7 +429,8 @@ def main(argv=None) -> dict:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "notes": "samples/s = batch_size / median batch time. features_vs_train_step comes from the 'paired' run "
                  "(train step and engine alternating in one process, robust to load drift); the separate-process "
-                 "runs give the peak memory, the TRAK-style numbers and features_vs_train_step_separate_processes. The engine row is one forward + activation-only "
+                 "runs give the peak memory, the TRAK-style numbers and features_vs_train_step_separate_processes. "
+                 "The engine row is one forward + activation-only "
                  "backward with features and exact norms; train_step is forward + backward of the in-batch CLIP "
                  "loss w.r.t. all parameters (including the token embedding), no optimiser step. Same linearised "
                  "model for all variants.",

@@ -138,10 +138,10 @@ def parse_args(argv=None):
     return a
 
 
-RESULT_SETTINGS = ("data_dir", "train_shards", "test_shards", "pool_size", "target_size", "noise", "rare_classes", "rare_weight", "arch", "steps",
-                   "batch_size", "lr", "optimizer", "momentum", "checkpoints", "group_fraction", "groups", "deletion_drop", "eval_size",
-                   "retrieval_size", "bank_size", "k", "reference_batch_size", "fd_eps", "hvp_eps", "self_rank",
-                   "loss", "device")
+RESULT_SETTINGS = ("data_dir", "train_shards", "test_shards", "pool_size", "target_size", "noise", "rare_classes",
+                   "rare_weight", "arch", "steps", "batch_size", "lr", "optimizer", "momentum", "checkpoints",
+                   "group_fraction", "groups", "deletion_drop", "eval_size", "retrieval_size", "bank_size", "k",
+                   "reference_batch_size", "fd_eps", "hvp_eps", "self_rank", "loss", "device")
 
 
 def settings_hash(a) -> str:

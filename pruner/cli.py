@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["rescore"]:
         from pruner.rescore import main as rescore_main
         return rescore_main(argv[1:])
+    if argv[:1] == ["explain"]:
+        from pruner.explain.query import main as explain_main
+        return explain_main(argv[1:])
+    if argv[:1] == ["cluster"]:
+        from pruner.explain.cluster import main as cluster_main
+        return cluster_main(argv[1:])
     if argv[:1] == ["report"]:
         from pruner.report.html import main as report_main
         return report_main(argv[1:])
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_materialize)
     sub.add_parser("train-proxy", help="train a proxy CLIP trajectory (see `pruner train-proxy --help`)")
     sub.add_parser("rescore", help="re-score a finished job for a new target or checkpoint (`pruner rescore --help`)")
+    sub.add_parser("explain", help="TracIn proponents/opponents of a pair, pool uid or target (`pruner explain --help`)")
+    sub.add_parser("cluster", help="spherical k-means of the pool in gradient space (`pruner cluster --help`)")
     sub.add_parser("report", help="self-contained HTML report of a finished job (see `pruner report --help`)")
     args = ap.parse_args(argv)
     return args.fn(args)

@@ -175,11 +175,13 @@ def test_gradients_unchanged():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     g0, g1 = grads(original), grads(lin)
-    pairs = [("transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.attn.in_proj.weight", False),
-             ("visual.transformer.resblocks.1.attn.in_proj_bias", "visual.transformer.resblocks.1.attn.in_proj.bias", False),
-             ("visual.transformer.resblocks.0.attn.out_proj.weight", "visual.transformer.resblocks.0.attn.out_proj.weight", False),
+    vis, txt = "visual.transformer.resblocks", "transformer.resblocks"
+    pairs = [(f"{txt}.0.attn.in_proj_weight", f"{txt}.0.attn.in_proj.weight", False),
+             (f"{vis}.1.attn.in_proj_bias", f"{vis}.1.attn.in_proj.bias", False),
+             (f"{vis}.0.attn.out_proj.weight", f"{vis}.0.attn.out_proj.weight", False),
              ("visual.proj", "visual.proj.weight", True), ("text_projection", "text_projection.weight", True),
-             ("visual.conv1.weight", "visual.conv1.weight", False), ("token_embedding.weight", "token_embedding.weight", False)]
+             ("visual.conv1.weight", "visual.conv1.weight", False),
+             ("token_embedding.weight", "token_embedding.weight", False)]
     for a, b, transpose in pairs:
         want = g0[a].T if transpose else g0[a]
         torch.testing.assert_close(g1[b], want, atol=1e-5, rtol=1e-4, msg=lambda m, a=a: f"{a}: {m}")
