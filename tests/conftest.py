@@ -52,3 +52,14 @@ def small_job_config(tmp: Path, trajectory: Path, **overrides) -> dict:
         else:
             cfg[section] = value
     return cfg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_ray_per_module():
+    """Jobs run in-process start a private local Ray and keep it for the rest of the process (pruner.distributed.
+    driver.connect_ray). Shut it down after each test module, so modules that start or join their own clusters
+    begin with no Ray instance in this process."""
+    yield
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
