@@ -167,17 +167,6 @@ def device_name(device: torch.device) -> str:
 
 
 # -- TRAK-style baseline ---------------------------------------------------------------------------------------------
-class _Encoder(torch.nn.Module):
-    def __init__(self, model, which):
-        super().__init__()
-        self.m = model
-        self.which = which
-
-    def forward(self, x):
-        f = self.m.encode_image if self.which == "image" else self.m.encode_text
-        return torch.nn.functional.normalize(f(x), dim=-1)
-
-
 class DenseGaussianProjector:
     """x [B, D] (given per layer) -> x R, R [D, k] with N(0, 1/k) entries, generated per (layer, row block) from a
     seeded generator on the device. Regenerated on every call unless cached (TRAK BasicProjector behaviour)."""
@@ -215,6 +204,7 @@ def make_trak_step(model, engine, images, tokens, loss_fn, k, device, precision,
     from torch.func import functional_call, grad, vmap
     names = list(engine.params())
     params = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
+    from tests.reference import _Encoder  # the same functional encoder the correctness tests use
     enc_img, enc_txt = _Encoder(model, "image"), _Encoder(model, "text")
     proj = DenseGaussianProjector({n: p.numel() for n, p in params.items()}, k, device, block_mb=block_mb,
                                   cache_gb=cache_gb)

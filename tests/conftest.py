@@ -63,3 +63,14 @@ def _private_ray_per_module():
     import ray
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a small shared CPU, OpenMP barrier stalls make multi-threaded runs of
+    the tiny models 10x slower. Restored afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,14 +22,7 @@ from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, in_batch
 DEMO_POOL = Path(__file__).resolve().parents[1] / "pruner" / "demo" / "pool"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP barrier stalls make multi-threaded runs of these tiny
-    models 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- data and models -----------------------------------------------------------------------------------------------

@@ -13,14 +13,7 @@ from pruner.model.clip import (LinearSelfAttention, MatmulLinear, create_clip, l
 ARCHS = ("pruner-micro", "pruner-tiny")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP barrier stalls make multi-threaded runs of these tiny
-    models 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturbed_model(arch: str, seed: int = 0) -> tuple[nn.Module, object]:

@@ -36,14 +36,7 @@ DEMO = ROOT / "pruner" / "demo"
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP barrier stalls make multi-threaded runs of these tiny
-    models 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
