@@ -150,12 +150,9 @@ class PerSampleGradients:
             has_bias = self.layers[name].bias is not None
             gsum = gy.sum(1) if has_bias else None  # [B, d_out] bias gradient
             if concat is not None:
-                off, ko, ki = proj.offsets[name]
-                p_out, p_in = proj.factors(name)
-                gp, ap = gy @ p_out.T, a @ p_in.T  # [B, T, ko], [B, T, ki]
-                concat[:, off:off + ko * ki] += torch.einsum("bto,bti->boi", gp, ap).reshape(b, -1)
-                if has_bias:
-                    concat[:, off + ko * ki: off + ko * ki + ko] += gsum @ p_out.T
+                block = proj.project_activations(name, a, gy)
+                off = proj.offsets[name][0]
+                concat[:, off:off + block.shape[1]] += block
             if sq is not None:
                 if a.shape[1] == 1:
                     w2 = (gy.square().sum((1, 2)) * a.square().sum((1, 2)))

@@ -73,6 +73,18 @@ class FactorizedProjector:
         """The dense reduction R [k, concat_dim]."""
         return self._get("final", self.k, self.concat_dim)
 
+    def project_activations(self, name: str, a: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        """The layer's block of the concatenation from its captured tokens, without forming the weight gradient:
+        a [B, T, d_in] layer inputs, gy [B, T, d_out] output gradients (float32) -> [B, block] float32 with
+        block = k_out*k_in (+ k_out with a bias), equal to projecting sum_t gy_t a_t^T (and sum_t gy_t)."""
+        b = a.shape[0]
+        p_out, p_in = self.factors(name)
+        gp = gy @ p_out.T  # [B, T, k_out]
+        block = torch.einsum("bto,bti->boi", gp, a @ p_in.T).reshape(b, -1)
+        if self.layers[name][2]:
+            block = torch.cat([block, gp.sum(1)], 1)
+        return block
+
     def project_weights(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Project explicit gradients: ``grads`` maps ``<layer>.weight`` ([..., d_out, d_in]) and ``<layer>.bias``
         ([..., d_out]) to tensors with the same leading batch shape. Returns [..., k] float32. This is the
