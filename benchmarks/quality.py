@@ -23,6 +23,11 @@ service (pruner.jobs.prune.run), or in-process with pruner.scorer.Scorer under `
     pairs. A retrieval hit means the retrieved caption TEXT equals the paired caption text (captions are one of
     100 synthetic strings, so even a perfect class model hits i2t R@1 only ~10% of the time); class-level hits are
     reported as well. References: the full noisy pool (= the proxy) and the clean pairs only (oracle filter).
+    With ``--policies``, the selection policies of pruner.select.policies are coreset methods too, named
+    ``<score>:<policy>`` (cluster_balanced: the same share of every gradient cluster; class_balanced: of every image
+    class; top_k_dedup: the global top-k after greedy near-duplicate removal), each ranking by the
+    ``--policy-scores``, evaluated exactly like the plain top-k coresets (one extra prune job with
+    features.save provides the stored gradient features they need).
 (c) counterfactual fidelity: the pool is split at random into ``--groups`` disjoint groups of
     ``--group-fraction`` of the pool; each is removed and the model retrained (same seed and steps). Actual effect
     = target loss(retrained without the group) - target loss(proxy), where the target loss is the mean over V of
@@ -70,6 +75,10 @@ ALL_METHODS = ["diffin_target", "diffin_train", "diffin_self", "tracin_target", 
 DETECT_EXTRA = ["tracin_pred"]
 INFLUENCE = ["diffin_target", "tracin_target"]
 BASELINES = ["baseline_clip_score", "baseline_loss", "baseline_random"]
+# coreset method -> (pruner.select.policies policy, with near-duplicate removal); class = the json "label" of the
+# pool shards, i.e. the image's CIFAR-10 class (a label the pool really carries; captions may be swapped)
+POLICY_METHODS = {"cluster_balanced": ("cluster_balanced", False), "class_balanced": ("class_balanced", False),
+                  "top_k_dedup": ("top_k", True)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,6 +111,15 @@ def parse_args(argv=None):
                    help="investigation: also keep the top share within each caption class (the class the caption "
                         "names) by these methods ('none' to skip)")
     p.add_argument("--balanced-keep", default="0.5", help="keep fractions of the class-balanced coresets")
+    p.add_argument("--policies", default="none", help="selection policies (pruner.select.policies) as coreset methods "
+                   f"<score>:<policy>, at every --keep-fractions: comma list of {','.join(POLICY_METHODS)} ('none' "
+                   "to skip); they need a prune job run with features.save (one extra scoring pass, Ray)")
+    p.add_argument("--policy-scores", default="diffin_target,baseline_loss", help="scores the policies rank by")
+    p.add_argument("--policy-clusters", type=int, default=10, help="gradient clusters of cluster_balanced")
+    p.add_argument("--dedup-threshold", type=float, default=0.98, help="cosine above which top_k_dedup drops a "
+                   "sample as a near-duplicate of a better-ranked one (seed-0 pool of 5000, gradient space: 16%% of "
+                   "the samples have a neighbour above 0.98, 2%% above 0.99)")
+    p.add_argument("--dedup-space", default="gradient", choices=["gradient", "embedding"])
     p.add_argument("--groups", type=int, default=20, help="counterfactual groups (0: skip (c))")
     p.add_argument("--group-fraction", type=float, default=0.05)
     p.add_argument("--deletion-drop", type=float, default=0.1, help="(d): also drop this lowest-ranked share (0: skip)")
@@ -133,6 +151,11 @@ def parse_args(argv=None):
     a.ablation_list = [x for x in a.ablations.split(",") if x]
     a.balanced_list = [] if a.balanced_methods in ("", "none") else a.balanced_methods.split(",")
     a.balanced_keep_list = [float(f) for f in a.balanced_keep.split(",") if f]
+    a.policy_list = [] if a.policies in ("", "none") else a.policies.split(",")
+    a.policy_score_list = [x for x in a.policy_scores.split(",") if x]
+    unknown = set(a.policy_list) - set(POLICY_METHODS)
+    if unknown:
+        p.error(f"--policies: unknown {sorted(unknown)} (choose from {list(POLICY_METHODS)})")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
@@ -211,11 +234,11 @@ def score_in_process(cfg, traj, device, subset_uids=None):
     return out, shared, scorer.weights
 
 
-def score_with_ray(cfg):
+def run_prune_job(cfg):
+    """Run (or resume) the prune job through the Ray service (pruner.jobs.prune.run, a private local Ray).
+    Returns (job layout, trajectory, summary)."""
     from pruner.distributed.driver import prepare
     from pruner.jobs.prune import run
-    from pruner.scores.shared import CheckpointShared
-    import pyarrow.parquet as pq
     for k, v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
                  ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):
         os.environ.setdefault(k, v)
@@ -229,6 +252,13 @@ def score_with_ray(cfg):
     if status != 0:
         raise RuntimeError(f"prune job failed with status {status}: {json.dumps(summary)[:2000]}")
     layout, _, _, traj = prepare(cfg)
+    return layout, traj, summary
+
+
+def score_with_ray(cfg):
+    from pruner.scores.shared import CheckpointShared
+    import pyarrow.parquet as pq
+    layout, traj, summary = run_prune_job(cfg)
     t = pq.read_table(layout.ranking).to_pydict()
     cols = {k: np.asarray(v, np.float64) for k, v in t.items() if k not in ("uid", "key", "shard_url", "row", "kept")}
     cols["uid"] = np.asarray(t["uid"])
@@ -268,6 +298,37 @@ def cached_scores(a, cfg, traj, seed_dir: Path):
             "job_selection": (summary or {}).get("selection")}
     ql.write_json(meta_p, meta)
     return cols, shared, weights, meta
+
+
+def policy_coresets(a, cfg_dict: dict, keys: list) -> dict:
+    """{(method "<score>:<policy>", keep fraction): (pool indices kept [K], policy summary without "keep")} for
+    --policies x --policy-scores x --keep-fractions, from pruner.select.policies.select_policy on the prune job of
+    ``cfg_dict`` re-run with features.save (clustering and gradient dedup read the stored features). Its scores
+    equal the cached columns up to scoring round-off (the configs differ only in features.save); the result's
+    ``policy_selection`` records each keep set's overlap with the plain top-k of the cached columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pruner.config import load_config
+    from pruner.select.policies import select_policy
+    from pruner.select.rank import shard_score_files
+    cfg_dict = json.loads(json.dumps(cfg_dict))
+    cfg_dict["features"]["save"] = True
+    layout, _, _ = run_prune_job(load_config(data=cfg_dict, check_paths=False))
+    files = [f for f in shard_score_files(layout.root) if pq.read_metadata(f).num_rows]
+    uid_of_id = pa.concat_tables([pq.read_table(f, columns=["uid"]) for f in files])["uid"]
+    uid_of_id = uid_of_id.to_numpy(zero_copy_only=False)  # sample id -> uid, the order of select_policy's mask
+    pos = {k: i for i, k in enumerate(keys)}
+    out = {}
+    for score in a.policy_score_list:
+        for name in a.policy_list:
+            policy, dedup = POLICY_METHODS[name]
+            for f in a.keep_list:
+                sm = select_policy(layout.root, policy, score, keep_fraction=f, n_clusters=a.policy_clusters,
+                                   label_key="label", dedup_threshold=a.dedup_threshold if dedup else None,
+                                   dedup_space=a.dedup_space, seed=cfg_dict["seed"], write=False)
+                idx = np.sort(np.array([pos[u] for u in uid_of_id[sm.pop("keep")]]))
+                out[f"{score}:{name}", f] = (idx, sm)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,16 +571,28 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
     # -- (b) coresets --------------------------------------------------------------------------------------------
     t0 = time.time()
     res["coreset_zero_shot"], res["coreset_recall"], res["coreset_swapped_share"] = {}, {}, {}
+
+    def coreset(m: str, f: float, idx: np.ndarray) -> None:
+        """Retrain on the pool samples ``idx`` (cached) and record method m's results at keep fraction f."""
+        r = runner.result(f"coreset-{m}-{f}", [keys[i] for i in idx])
+        kf = f"keep_{f}"
+        res["coreset_zero_shot"].setdefault(m, {})[kf] = r["zero_shot"]
+        res["coreset_recall"].setdefault(m, {})[kf] = {"text": r["recall_text"], "class": r["recall_class"]}
+        res["coreset_swapped_share"].setdefault(m, {})[kf] = float(swapped[idx].mean())
+
     for m in a.coreset_list:
         if m not in cols:
             continue
         for f in a.keep_list:
-            idx = keep_indices(cols[m], uids, f)
-            r = runner.result(f"coreset-{m}-{f}", [keys[i] for i in idx])
-            kf = f"keep_{f}"
-            res["coreset_zero_shot"].setdefault(m, {})[kf] = r["zero_shot"]
-            res["coreset_recall"].setdefault(m, {})[kf] = {"text": r["recall_text"], "class": r["recall_class"]}
-            res["coreset_swapped_share"].setdefault(m, {})[kf] = float(swapped[idx].mean())
+            coreset(m, f, keep_indices(cols[m], uids, f))
+    if a.policy_list:
+        res["policy_selection"] = {}
+        pcs = policy_coresets(a, job_config(a, seed, seed_dir, traj_path, pool_dir, target_dir), keys)
+        for (m, f), (idx, sm) in pcs.items():
+            coreset(m, f, idx)
+            res["policy_selection"].setdefault(m, {})[f"keep_{f}"] = {
+                "groups": len(sm["groups"] or []), "dedup": sm["dedup"],
+                "overlap_with_plain_top_k": float(np.isin(idx, keep_indices(cols[sm["score"]], uids, f)).mean())}
     res["coreset_zero_shot_balanced"], res["coreset_recall_balanced"] = {}, {}
     for m in a.balanced_list:
         if m not in cols:
@@ -769,6 +842,31 @@ def markdown(r) -> str:
                  f"{fmt(d['target_loss_param_update_times_T']['mean']['bank'])} | "
                  f"{fmt(d['target_loss_retrained']['mean']['bank'])} |")
     L += ["", "Goals: " + ", ".join(f"{k}: {'MET' if v else 'NOT met'}" for k, v in r["goals"].items())]
+    if r["config"].get("policies"):
+        L += ["", policy_markdown(r)]
+    return "\n".join(L)
+
+
+def policy_markdown(r) -> str:
+    """Selection policies vs the plain top-k of the same score: zero-shot top-1, class-level recall@1 (image to
+    text / text to image) and the share of swapped pairs kept, per keep fraction."""
+    c = r["config"]
+    kfs = [f"keep_{f}" for f in c["keep_fractions"]]
+    L = [f"Policies ({c['policy_clusters']} gradient clusters; classes = the image label; top_k_dedup: cosine > "
+         f"{c['dedup_threshold']} in {c['dedup_space']} space):", "",
+         "| method | " + " | ".join(f"ZS {k[5:]} | R@1 i2t/t2i (class) {k[5:]} | swapped {k[5:]}" for k in kfs) + " |",
+         "|---|" + "---|---|---|" * len(kfs)]
+    for score in c["policy_scores"]:
+        for m in [score] + [f"{score}:{p}" for p in c["policies"]]:
+            if m not in r["coreset_zero_shot"]:
+                continue
+            row = [m]
+            for k in kfs:
+                rc = r["coreset_recall"][m][k]["class"]
+                row += [fmt(r["coreset_zero_shot"][m][k], pct=True),
+                        f"{fmt(rc['i2t_r1'], pct=True)} / {fmt(rc['t2i_r1'], pct=True)}",
+                        fmt(r["coreset_swapped_share"][m][k], pct=True)]
+            L.append("| " + " | ".join(row) + " |")
     return "\n".join(L)
 
 
@@ -869,6 +967,8 @@ def main(argv=None) -> int:
     config = {k: getattr(a, k) for k in RESULT_SETTINGS} | {
         "keep_fractions": a.keep_list, "coreset_methods": a.coreset_list, "no_ray": a.no_ray, "threads": a.threads,
         "balanced_methods": a.balanced_list, "balanced_keep": a.balanced_keep_list,
+        "policies": a.policy_list, "policy_scores": a.policy_score_list, "policy_clusters": a.policy_clusters,
+        "dedup_threshold": a.dedup_threshold, "dedup_space": a.dedup_space,
         "target_set": f"held-out clean slice of the TRAIN split ({a.target_size} pairs, class-balanced, disjoint "
                       f"from the pool); evaluation on the TEST split only",
         "target_loss": "mean over V of pruner.model.loss.bank_loss vs the prune job's fixed bank pairs, embedded by "

@@ -106,29 +106,62 @@ class ScoresConfig(_Section):
 
 
 class SelectConfig(_Section):
-    """How the global ranking turns into a keep set. Exactly one of keep_fraction, keep_count, threshold."""
+    """How the scores turn into a keep set (pruner.select). Exactly one of keep_fraction, keep_count, threshold.
+
+    ``policy`` ``top_k`` keeps the global best (pruner.select.rank); ``cluster_balanced`` / ``class_balanced``
+    keep the same share of every gradient cluster (``n_clusters``, spherical k-means on the stored features) or
+    of every class (the json field ``label_key``), best first within each (pruner.select.policies).
+    ``dedup_threshold`` (a cosine in (0, 1]) first drops near-duplicates of better-ranked samples in
+    ``dedup_space`` (stored gradient features, or CLIP embeddings at the last checkpoint). Policies and dedup keep
+    a budget, so they take keep_fraction or keep_count, not threshold; the gradient-space ones need
+    ``features.save``."""
 
     score: str = "diffin_target"
     keep_fraction: Optional[float] = Field(default=None, gt=0, le=1)
     keep_count: Optional[int] = Field(default=None, gt=0)
     threshold: Optional[float] = None
-    policy: Literal["top_k"] = "top_k"
+    policy: Literal["top_k", "cluster_balanced", "class_balanced"] = "top_k"
+    dedup_threshold: Optional[float] = Field(default=None, gt=0, le=1)
+    dedup_space: Literal["gradient", "embedding"] = "gradient"
+    n_clusters: int = Field(default=100, gt=0)  # cluster_balanced only
+    label_key: str = "classname"  # class_balanced only: the json field holding the class
 
     @model_validator(mode="after")
     def _exactly_one(self):
         given = [n for n in ("keep_fraction", "keep_count", "threshold") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of keep_fraction, keep_count, threshold (got {', '.join(given)})")
+        if self.threshold is not None and self.uses_policy:
+            raise ValueError(f"threshold cannot be combined with policy {self.policy!r} or dedup_threshold: "
+                             f"policies keep a budget (fix: give keep_fraction or keep_count instead)")
         if not given:
             self.keep_fraction = 0.5
         return self
 
+    @property
+    def uses_policy(self) -> bool:
+        """True when the keep set comes from pruner.select.policies rather than the plain global top-k."""
+        return self.policy != "top_k" or self.dedup_threshold is not None
+
+    @property
+    def needs_features(self) -> bool:
+        """True when the policy reads the stored gradient features (clustering or gradient-space dedup)."""
+        return self.policy == "cluster_balanced" or (self.dedup_threshold is not None
+                                                      and self.dedup_space == "gradient")
+
 
 class RayConfig(_Section):
     address: Optional[str] = None  # None: a private local Ray instance
-    num_actors: int = Field(default=2, gt=0)  # CPU actors when no GPU is present; one per GPU otherwise
+    # auto: one scoring actor per GPU in the cluster when the job starts, else num_actors CPU actors.
+    # gpu: num_actors actors with one GPU each, requested even if no GPU node is up yet (an autoscaling cluster
+    # adds GPU workers for them; see deploy/raycluster.yaml). cpu: num_actors CPU actors.
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+    num_actors: int = Field(default=2, gt=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_retries: int = Field(default=2, ge=0)
+    # how long to wait for the first actor to be placed (e.g. while the autoscaler starts a GPU node) before the
+    # job fails with an error naming the missing resources
+    placement_timeout_s: float = Field(default=1800.0, gt=0)
 
 
 class JobConfig(_Section):
@@ -156,6 +189,10 @@ class JobConfig(_Section):
         if "diffin" in self.scores.methods and "target" in self.scores.diffin.targets and not self.target.shards:
             raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
                              "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
+        if self.select.needs_features and not self.features.save:
+            raise ValueError("select.policy cluster_balanced and gradient-space dedup read the stored gradient "
+                             "features, but features.save is false (fix: set features.save: true, or use "
+                             "select.dedup_space: embedding / policy class_balanced)")
         return self
 
     def fingerprint(self) -> str:

@@ -62,6 +62,33 @@ def test_two_selection_criteria_rejected(tmp_path):
         load_config(_write(tmp_path, _base(tmp_path)), ["select.keep_fraction=0.3", "select.keep_count=10"])
 
 
+@pytest.mark.parametrize("overrides,fragment", [
+    (["select.threshold=0.1", "select.policy=cluster_balanced"], "select: Value error, threshold cannot be combined"),
+    (["select.threshold=0.1", "select.dedup_threshold=0.99"], "(fix: give keep_fraction or keep_count instead)"),
+    (["select.policy=random"], "select.policy"),
+    (["select.dedup_threshold=0"], "select.dedup_threshold"),
+    (["select.dedup_threshold=1.5"], "select.dedup_threshold"),
+    (["select.dedup_space=pixels"], "select.dedup_space"),
+    (["select.n_clusters=0"], "select.n_clusters"),
+    (["select.policy=cluster_balanced", "features.save=false"], "features.save is false (fix: set features.save"),
+    (["select.dedup_threshold=0.99", "features.save=false"], "features.save is false"),
+    (["select.dedup_keys=1"], "select.dedup_keys: unknown key"),
+])
+def test_policy_config_errors(tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _base(tmp_path)), overrides)
+    assert fragment in str(e.value)
+
+
+def test_policy_config_accepted(tmp_path):
+    path = _write(tmp_path, _base(tmp_path))
+    cfg = load_config(path, ["select.policy=class_balanced", "select.label_key=label", "features.save=false",
+                             "select.dedup_threshold=0.995", "select.dedup_space=embedding"])
+    assert cfg.select.uses_policy and not cfg.select.needs_features and cfg.select.keep_fraction == 0.5
+    plain = load_config(path, ["select.threshold=0.1"]).select
+    assert not plain.uses_policy and plain.n_clusters == 100 and plain.label_key == "classname"
+
+
 def test_missing_paths_reported(tmp_path):
     d = _base(tmp_path)
     d["data"]["shards"] = [str(tmp_path / "nope.tar")]

@@ -1,10 +1,11 @@
-"""Explaining (TracIn proponents/opponents over the stored features), gradient clustering and selection policies,
-on a real small job: the demo pool's first two shards plus a shard of planted duplicates (identical image and
-caption under new keys)."""
+"""Explaining (TracIn proponents/opponents over the stored features), gradient clustering and selection policies
+(also through the job's reduce step), on a real small job: the demo pool's first two shards plus a shard of planted
+duplicates (identical image and caption under new keys)."""
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET, cluster_pool
 from pruner.explain.index import PoolIndex, choose_params, fill_index, new_index
 from pruner.explain.pool import PoolFeatures, read_text_members
 from pruner.explain.query import QueryEncoder, explain, main as explain_main
+from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards, demo_target_shards
+from pruner.report.html import build_report
 from pruner.select.policies import balanced_quotas, greedy_dedup, rank_order, select_policy
 from pruner.select.rank import order_key
+from pruner.select.reduce import finalize
 from tests.conftest import small_job_config
 
 N_DUPS = 3
@@ -357,6 +361,59 @@ def test_dedup_removes_planted_duplicates(job, pool):
     kept = set(pq.read_table(e["manifests"]["paths"]["keep.parquet"])["uid"].to_pylist())
     assert len(kept) == int(0.5 * pool.n) and e["dedup"]["removed"] >= len(pairs)
     assert not any(a in kept and b in kept for a, b in pairs)
+
+
+def _job_copy(job_root: Path, tmp_path: Path, overrides: list[str]):
+    """(a copy of the module's job directory, its config with ``overrides``, the pool's shard URLs)."""
+    from pruner.io.shards import expand_shard_specs
+    root = tmp_path / job_root.name
+    shutil.copytree(job_root, root, ignore=shutil.ignore_patterns("keep*", "explain", "clusters.*"))
+    cfg = load_config(root / "config.yaml", overrides, check_paths=False)
+    return root, cfg, expand_shard_specs(cfg.data.shards)
+
+
+@pytest.mark.parametrize("policy,extra", [("cluster_balanced", ["select.n_clusters=4"]),
+                                          ("class_balanced", ["select.dedup_threshold=0.9999"])])
+def test_finalize_with_a_policy(job, pool, tmp_path, policy, extra):
+    """The job's reduce step with select.policy: manifests, ranking `kept` and summary counts are the policy's."""
+    root, cfg, shards = _job_copy(job[0], tmp_path, [f"select.policy={policy}", "select.keep_fraction=0.4"] + extra)
+    summary = finalize(cfg, JobLayout(root), shards, {})
+    ref = select_policy(root, policy, "diffin_target", keep_fraction=0.4, n_clusters=4, seed=cfg.seed,
+                        dedup_threshold=cfg.select.dedup_threshold, write=False)
+    uids = np.array(pool.column("uid").to_pylist())  # id order, as the policy's keep mask
+    expect = set(uids[ref["keep"]])
+    assert len(expect) == int(0.4 * pool.n)
+    assert set(pq.read_table(root / "keep" / "keep.parquet")["uid"].to_pylist()) == expect
+    assert sum(len(v) for v in json.loads((root / "keep" / "manifest.json").read_text()).values()) == len(expect)
+    ranking = pq.read_table(root / "ranking.parquet")
+    assert ranking["rank"].to_pylist() == list(range(pool.n))
+    assert set(np.array(ranking["uid"].to_pylist())[ranking["kept"].to_numpy()]) == expect
+    s = ranking["diffin_target"].to_numpy()
+    assert (np.diff(s) <= 0).all()  # still the score order, whatever the keep set
+    assert summary["counts"]["kept"] == len(expect) and summary["counts"]["samples"] == pool.n
+    assert summary["counts"]["dropped"] == pool.n - len(expect)
+    assert summary["selection"] is None and "keep" not in summary["policy"]
+    assert summary["policy"]["policy"] == policy and summary["policy"]["n_keep"] == len(expect)
+    assert summary["manifests"]["paths"]["keep.parquet"].endswith("keep.parquet")
+    assert json.loads((root / "summary.json").read_text())["policy"]["groups"] == summary["policy"]["groups"]
+    assert (root / "keep" / "policy.json").exists()
+    if policy == "class_balanced":
+        assert summary["policy"]["dedup"]["removed"] >= 1  # the planted duplicates of the same class
+        report = build_report(root, top=2, class_shards=2).read_text()
+        assert "class_balanced" in report
+    # policies read the whole job directory: a score file outside the pool is refused
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        finalize(cfg, JobLayout(root), shards[:-1], {})
+
+
+def test_finalize_top_k_unchanged(job, tmp_path):
+    """Plain top-k (no policy, no dedup) reproduces the job's own reduce outputs byte for byte."""
+    root, cfg, shards = _job_copy(job[0], tmp_path, [])
+    summary = finalize(cfg, JobLayout(root), shards, {})
+    assert summary["selection"]["n_keep"] == summary["counts"]["kept"] and "policy" not in summary
+    for name in ("ranking.parquet", "keep/keep.parquet", "keep/manifest.json", "keep/uids.npy"):
+        assert (root / name).read_bytes() == (job[0] / name).read_bytes(), name
+    assert not (root / "keep" / "policy.json").exists()
 
 
 def test_cli_main(job, tmp_path):

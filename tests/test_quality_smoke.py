@@ -1,6 +1,6 @@
 """Smoke run of benchmarks/quality.py at a toy size: every stage runs (noisy shards, proxy training, in-process
-scoring with every method, coreset retraining + zero-shot/retrieval evaluation, counterfactual groups, data
-deletion with the parameter-space update) and the result JSON has every key. Numbers are meaningless at this
+scoring with every method, coreset retraining + zero-shot/retrieval evaluation, a selection policy as a coreset
+method, counterfactual groups, data deletion with the parameter-space update) and the result JSON has every key. Numbers are meaningless at this
 size (the proxy is at chance after a few steps); only structure and ranges are checked."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_quality_smoke(tmp_path):
            "--coreset-methods", "diffin_target", "--keep-fractions", "0.5", "--balanced-methods", "diffin_target",
            "--eval-size", "300",
            "--retrieval-size", "100", "--bank-size", "64", "--k", "64", "--reference-batch-size", "16",
-           "--self-rank", "1"]
+           "--self-rank", "1", "--policies", "class_balanced", "--policy-scores", "baseline_loss"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -54,4 +54,8 @@ def test_quality_smoke(tmp_path):
     for k in ("target_loss_original", "target_loss_param_update", "target_loss_retrained"):
         assert d[k]["mean"]["bank"] > 0
     assert "| diffin_target |" in proc.stdout and "Goals:" in proc.stdout
+    # a selection policy as a coreset method (through a Ray prune job with features.save)
+    assert 0.0 <= r["coreset_zero_shot"]["baseline_loss:class_balanced"]["keep_0.5"] <= 1.0
+    assert r["per_seed"][0]["policy_selection"]["baseline_loss:class_balanced"]["keep_0.5"]["groups"] == 10
+    assert "| baseline_loss:class_balanced |" in proc.stdout
     print(f"smoke run took {time.time() - t0:.0f} s")

@@ -129,6 +129,21 @@ def test_write_ranking_matches_brute_force(pool, files, tmp_path, kw):
     assert [p.name for p in out.parent.iterdir()] == ["ranking.parquet"]  # temporary runs removed
 
 
+@pytest.mark.parametrize("kw", [{}, {"buffer_rows": 300, "fan_in": 2, "row_group": 101}])
+def test_write_ranking_with_a_keep_mask(pool, files, tmp_path, kw):
+    """An explicit keep set (a selection policy's) is carried through the sort, intermediate merges included."""
+    rows = pa.concat_tables([pq.read_table(f) for f in files])
+    mask = np.random.default_rng(3).random(len(rows)) < 0.3
+    out = write_ranking(files, "s", tmp_path / "ranking.parquet", mask, **kw)
+    r = pq.read_table(out)
+    assert r.column_names == pool.column_names + ["rank", "kept"]
+    assert r["uid"].to_pylist() == brute_order(pool)
+    want = dict(zip(rows["uid"].to_pylist(), mask))
+    assert r["kept"].to_pylist() == [want[u] for u in r["uid"].to_pylist()]
+    with pytest.raises(ValueError, match="keep mask has 5 entries"):
+        write_ranking(files, "s", tmp_path / "bad.parquet", mask[:5])
+
+
 def test_all_nan_and_empty_files(tmp_path):
     t = pa.table({"uid": ["b", "a", "c"], "s": [math.nan] * 3})
     pq.write_table(t, tmp_path / "a.parquet")

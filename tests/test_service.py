@@ -552,6 +552,20 @@ def test_failing_shard_is_retried_then_reported(head, pool, micro_trajectory, tm
     wait_until(counted, 60, "the failed shard in the metrics export", step=1)
 
 
+def test_gpu_actors_on_a_cpu_cluster_fail_clearly(head, pool, micro_trajectory, tmp_path):
+    """ray.accelerator: gpu asks for GPU actors even when no GPU node is up (an autoscaler would add one); on this
+    CPU-only cluster nothing can place them, so after ray.placement_timeout_s the job exits 1 naming the
+    missing resource instead of waiting forever."""
+    cfg_path = write_config(tmp_path, micro_trajectory, [pool / "pool-000000.tar"],
+                            ray={"accelerator": "gpu", "num_actors": 1, "placement_timeout_s": 3})
+    rc, out = run_driver(cfg_path, head.address, tmp_path / "driver.log", timeout=120)
+    assert rc == 1, out[-4000:]
+    assert "requesting 1 GPU actors, 0 GPU(s) in the cluster now" in out
+    assert "the shared-quantity actor could not be placed within ray.placement_timeout_s=3s" in out
+    assert "1 CPU + 1 GPU" in out and "Fix:" in out
+    assert not JobLayout(job_dir(cfg_path)).scores(str(pool / "pool-000000.tar")).exists()
+
+
 def test_config_change_new_directory_same_config_nothing_recomputed(reference, micro_trajectory):
     from pruner.jobs.prune import run
     root = reference.root

@@ -55,6 +55,9 @@ class SharedComputer:
         log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
                  len(self.reference[0]) if self.reference else 0, len(self.target))
 
+    def ping(self) -> int:
+        return os.getpid()
+
     def compute(self, i: int) -> dict:
         t0 = time.time()
         shared = self.scorer.compute_shared(i, self.bank, self.target, self.reference)

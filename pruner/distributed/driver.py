@@ -87,6 +87,38 @@ def connect_ray(cfg: JobConfig) -> None:
              log_to_driver=True, configure_logging=False)
 
 
+def actor_plan(cfg: JobConfig) -> tuple[int, int]:
+    """(number of scoring actors, GPUs in the cluster they are sized by or 0 for CPU actors) per ray.accelerator."""
+    present = int(ray.cluster_resources().get("GPU", 0))
+    acc = cfg.ray.accelerator
+    if acc == "gpu":
+        if present < cfg.ray.num_actors:
+            log.info("requesting %d GPU actors, %d GPU(s) in the cluster now: waiting up to %.0fs for the "
+                     "autoscaler to add GPU workers", cfg.ray.num_actors, present, cfg.ray.placement_timeout_s)
+        return cfg.ray.num_actors, cfg.ray.num_actors
+    if acc == "auto" and present:
+        return present, present
+    return cfg.ray.num_actors, 0
+
+
+class PlacementError(RuntimeError):
+    """No node offered the resources an actor asks for within ray.placement_timeout_s."""
+
+
+def placement_guard(cfg: JobConfig, gpus_per_actor: int):
+    """``wait(ping refs, what)``: block until the first of the pings answers, or raise a PlacementError naming the
+    resources no node offered after ray.placement_timeout_s (a pending actor would otherwise wait forever)."""
+    def wait(refs: list, what: str) -> None:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=cfg.ray.placement_timeout_s)
+        if not ready:
+            need = f"{cfg.ray.cpus_per_actor:g} CPU" + (f" + {gpus_per_actor} GPU" if gpus_per_actor else "")
+            raise PlacementError(
+                f"{what} could not be placed within ray.placement_timeout_s={cfg.ray.placement_timeout_s:g}s: no "
+                f"node offers {need} (cluster: {ray.cluster_resources()}). Fix: add such nodes (or let the "
+                f"autoscaler do so), lower ray.cpus_per_actor, or set ray.accelerator (auto/cpu) to match the cluster")
+    return wait
+
+
 def _save_shared(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -135,13 +167,13 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
         log.info("all %d shards already scored in %s", len(pool), layout.root)
         return stats
     connect_ray(cfg)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_actors = gpus if gpus else cfg.ray.num_actors
+    n_actors, gpus = actor_plan(cfg)
     cpus = cfg.ray.cpus_per_actor
     Shared, Scorer = remote_classes(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=8)
     cfg_dict = cfg.model_dump(mode="json")
     m = len(traj.checkpoints)
     stats.update(actors=n_actors, gpus=gpus)
+    wait_placed = placement_guard(cfg, gpus_per_actor=1 if gpus else 0)
     metrics = _metrics()
 
     t0 = time.time()
@@ -151,6 +183,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
     if any(s is None for s in states) or need_oga:
         comp = Shared.remote(cfg_dict, traj, pool, target, cpus)
+        wait_placed([comp.ping.remote()], "the shared-quantity actor")
         for i in range(m):
             if states[i] is None:
                 states[i] = ray.get(comp.compute.remote(i))
@@ -189,6 +222,12 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
             metrics["shards_failed"].inc()
             bar.update(1)
 
+    try:
+        wait_placed(list(inflight), f"none of the {n_actors} scoring actors")
+    except PlacementError:
+        for a in actors:
+            ray.kill(a)
+        raise
     while queue or any(url is not None for url, _ in inflight.values()):
         waited = time.time() - first_ready if first_ready is not None else 0.0
         if t1 is None and (not inflight or waited > ACTOR_START_GRACE_S):

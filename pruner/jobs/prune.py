@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    status, _ = run(cfg)
+    from pruner.distributed.driver import PlacementError
+    try:
+        status, _ = run(cfg)
+    except PlacementError as e:
+        print(f"pruner: {e}", file=sys.stderr)
+        return 1
     return status
 
 

@@ -23,6 +23,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -127,23 +128,39 @@ def attach_images(rows: list[dict]) -> None:
             r["note"] = note
 
 
-def class_split(layout: JobLayout, selection: Selection, max_shards: int) -> tuple[dict, int, int]:
+def _kept_by_key(layout: JobLayout, selection: Optional[Selection], score_file: Path) -> tuple[str, dict]:
+    """(shard URL, {key: kept}) of one score file: recomputed with the job's Selection, or for a policy job
+    (``selection`` None) read from ``keep/keep.parquet`` (only that shard's rows). URL "" for an empty file."""
+    t = pq.read_table(score_file, columns=["key", "uid", "shard_url"] + ([selection.score] if selection else []))
+    if not t.num_rows:
+        return "", {}
+    url = t.column("shard_url")[0].as_py()  # one score file per shard
+    if selection is not None:
+        kept = selection.is_kept(t.column(selection.score).to_numpy(), t.column("uid"))
+    else:
+        keys = set(pq.read_table(layout.keep_dir / "keep.parquet", columns=["key"],
+                                 filters=[("shard_url", "==", url)])["key"].to_pylist())
+        kept = [k in keys for k in t.column("key").to_pylist()]
+    return url, dict(zip(t.column("key").to_pylist(), kept))
+
+
+def _policy_facts(summary: dict) -> dict:
+    """The "selection" facts of a policy job: summary["policy"] without the per-group counts and unset fields."""
+    return {k: v for k, v in summary["policy"].items() if k != "groups" and v is not None}
+
+
+def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: int) -> tuple[dict, int, int]:
     """({classname: [kept, dropped]}, shards read, shards in the job) from at most max_shards evenly spaced
-    shards: kept is recomputed from the per-shard score files with the job's Selection, classname from the
-    ``.json`` metadata in the shard. Empty when no sample has a ``classname``."""
+    shards: kept as :func:`_kept_by_key` gives it, classname from the ``.json`` metadata in the shard. Empty when
+    no sample has a ``classname``."""
     files = shard_score_files(layout.root)
     pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
         if files else []
     counts = defaultdict(lambda: [0, 0])
     for f in pick:
-        t = pq.read_table(f, columns=["key", "uid", "shard_url", selection.score])
-        if not t.num_rows:
+        url, kept = _kept_by_key(layout, selection, f)
+        if not url or url.startswith("pipe:"):  # the report does not run commands
             continue
-        url = t.column("shard_url")[0].as_py()  # one score file per shard
-        if url.startswith("pipe:"):  # the report does not run commands
-            continue
-        kept = dict(zip(t.column("key").to_pylist(),
-                        selection.is_kept(t.column(selection.score).to_numpy(), t.column("uid"))))
         for s in iter_shard(url, RejectLog()):
             name = s.meta.get("classname")
             if s.key in kept and isinstance(name, str):
@@ -270,12 +287,14 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
     attach_images(head + tail)
-    classes = class_split(layout, Selection(**summary["selection"]), class_shards)
+    selection = Selection(**summary["selection"]) if summary["selection"] else None  # None: a policy job
+    classes = class_split(layout, selection, class_shards)
     rejects = read_rejects(layout, 20)
 
     run = summary.get("run", {})
     facts = [["job", summary["job"]], ["selection score", score],
-             ["selection", ", ".join(f"{k}={v}" for k, v in summary["selection"].items() if k != "score")],
+             ["selection", ", ".join(f"{k}={v}" for k, v in (summary["selection"] or _policy_facts(summary)).items()
+                                     if k != "score")],
              ["samples", counts["samples"]], ["kept", counts["kept"]], ["dropped", counts["dropped"]],
              ["rejected by the reader", counts["rejected"]], ["shards", counts["shards"]],
              ["actors / GPUs", f'{run.get("actors", "–")} / {run.get("gpus", "–")}'],

@@ -351,14 +351,10 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     return summary
 
 
-def apply_select_config(job_dir: str | Path, select_cfg, seed: int = 0, keep_dir: Optional[str | Path] = None) -> dict:
-    """:func:`select_policy` driven by a SelectConfig (fields policy, score, keep_fraction, keep_count,
-    dedup_threshold, dedup_space, n_clusters, label_key; missing ones take the defaults)."""
-    g = lambda name, default: getattr(select_cfg, name, default)  # noqa: E731
-    if g("threshold", None) is not None:
+def apply_select_config(job_dir: str | Path, cfg, seed: int = 0, keep_dir: Optional[str | Path] = None) -> dict:
+    """:func:`select_policy` driven by a :class:`pruner.config.SelectConfig` ``cfg`` (the job's reduce step)."""
+    if cfg.threshold is not None:  # the config refuses it with a policy or dedup; plain top-k has no business here
         raise ValueError("select.threshold cannot be combined with a balanced policy or dedup (fix: keep_fraction)")
-    return select_policy(job_dir, g("policy", "top_k"), g("score", "diffin_target"),
-                         keep_fraction=g("keep_fraction", None), keep_count=g("keep_count", None),
-                         dedup_threshold=g("dedup_threshold", None), dedup_space=g("dedup_space", "gradient"),
-                         n_clusters=g("n_clusters", 100), label_key=g("label_key", "classname"), seed=seed,
-                         keep_dir=keep_dir)
+    return select_policy(job_dir, cfg.policy, cfg.score, keep_fraction=cfg.keep_fraction, keep_count=cfg.keep_count,
+                         dedup_threshold=cfg.dedup_threshold, dedup_space=cfg.dedup_space, n_clusters=cfg.n_clusters,
+                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir)

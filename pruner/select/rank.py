@@ -43,6 +43,7 @@ NAN_KEY = np.uint64(2**64 - 1)  # order key of NaN: after every number (no numbe
 _SIGN = np.uint64(1 << 63)
 _UID_BINS = 257 * 257  # two uid bytes per pass; code 0 = "string ended", byte b -> b + 1
 _KEY = "__order_key"
+_KEPT = "__kept"  # a keep mask carried through write_ranking's sort
 
 
 def shard_score_files(job_root: str | Path) -> list[Path]:
@@ -286,34 +287,47 @@ def _rechunk(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(buf)
 
 
-def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str | Path, selection: Selection, *,
-                  buffer_rows: int = 1 << 18, fan_in: int = 64, row_group: int = 1 << 16) -> Path:
+def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str | Path,
+                  selection: Selection | np.ndarray, *, buffer_rows: int = 1 << 18, fan_in: int = 64,
+                  row_group: int = 1 << 16) -> Path:
     """Write ``out_path``: ONE Parquet table of every sample (all columns of the score files, in the first file's
-    column order) plus ``rank`` (int64, 0 = best by score desc then uid asc) and ``kept`` (bool, ``rank <
-    selection.n_keep``), rows in rank order, in row groups of ``row_group`` rows. All files must have the same
-    columns. Temporary runs live in a hidden folder beside ``out_path`` (about the size of the data) and are
-    removed afterwards. Raises ValueError if ``kept`` disagrees with ``selection.is_kept`` (duplicate uids, or a
-    selection computed on other files) or the row count differs from ``selection.n_total``.
+    column order) plus ``rank`` (int64, 0 = best by score desc then uid asc) and ``kept`` (bool), rows in rank order,
+    in row groups of ``row_group`` rows. All files must have the same columns. ``selection`` is the keep set: a
+    :class:`Selection` (``kept`` = ``rank < selection.n_keep``), or a bool mask [n] over the files' rows
+    concatenated in the given order (a selection policy's keep set, :mod:`pruner.select.policies`; carried through
+    the sort as a hidden column; 1 byte per sample held). Temporary runs live in a hidden folder beside
+    ``out_path`` (about the size of the data) and are removed afterwards. Raises ValueError if ``kept`` disagrees with ``selection.is_kept`` (duplicate
+    uids, or a selection computed on other files) or the row count differs from the selection's (or mask's).
     """
+    mask = None if isinstance(selection, Selection) else np.asarray(selection, bool)
+    n_total = selection.n_total if mask is None else len(mask)
     files = [Path(f) for f in shard_files]
     _check_files(files, score)
+    if mask is not None:
+        rows = sum(pq.read_metadata(f).num_rows for f in files)
+        if len(mask) != rows:
+            raise ValueError(f"the keep mask has {len(mask)} entries, the files {rows} rows")
     schema = pq.read_schema(files[0]).remove_metadata()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.runs-", dir=out_path.parent))
     run_rows = max(256, buffer_rows // fan_in)
     try:
-        runs = []
+        runs, off = [], 0
+        run_schema = schema if mask is None else schema.append(pa.field(_KEPT, pa.bool_()))
         for i, f in enumerate(files):
             t = pq.read_table(f)
             if set(t.column_names) != set(schema.names):
                 raise ValueError(f"{f}: columns {t.column_names} differ from {files[0]}'s {schema.names}")
-            t = _sorted(t.select(schema.names).cast(schema), score)
-            runs.append(_write_run([t], schema, tmp_dir / f"run-{i:06d}.parquet", run_rows))
+            t = t.select(schema.names).cast(schema)
+            if mask is not None:
+                t = t.append_column(_KEPT, pa.array(mask[off:off + len(t)]))
+            off += len(t)
+            runs.append(_write_run([_sorted(t, score)], run_schema, tmp_dir / f"run-{i:06d}.parquet", run_rows))
         level = 0
         while len(runs) > fan_in:
             groups = [runs[i: i + fan_in] for i in range(0, len(runs), fan_in)]
-            runs = [_write_run(_rechunk(_merge(g, score), run_rows), schema,
+            runs = [_write_run(_rechunk(_merge(g, score), run_rows), run_schema,
                                tmp_dir / f"merge{level}-{i:06d}.parquet", run_rows) for i, g in enumerate(groups)]
             for g in groups:
                 for r in g:
@@ -324,15 +338,19 @@ def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str |
         with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, out_schema) as w:
             for t in _rechunk(_merge(runs, score), row_group):
                 rank = np.arange(n, n + len(t), dtype=np.int64)
-                kept = rank < selection.n_keep
-                if not np.array_equal(kept, selection.is_kept(t[score].to_numpy(), t["uid"])):
-                    raise ValueError(f"ranks {n}..{n + len(t) - 1}: kept set disagrees with the selection "
-                                     f"(duplicate uids, or a selection computed on other files)")
+                if mask is not None:
+                    kept = t[_KEPT].to_numpy()
+                    t = t.drop_columns([_KEPT])
+                else:
+                    kept = rank < selection.n_keep
+                    if not np.array_equal(kept, selection.is_kept(t[score].to_numpy(), t["uid"])):
+                        raise ValueError(f"ranks {n}..{n + len(t) - 1}: kept set disagrees with the selection "
+                                         f"(duplicate uids, or a selection computed on other files)")
                 w.write_table(t.append_column("rank", pa.array(rank)).append_column("kept", pa.array(kept)),
                               row_group_size=row_group)
                 n += len(t)
-            if n != selection.n_total:
-                raise ValueError(f"ranked {n} samples but the selection counted {selection.n_total}")
+            if n != n_total:
+                raise ValueError(f"ranked {n} samples but the selection counted {n_total}")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_path

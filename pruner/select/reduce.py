@@ -14,7 +14,8 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import RejectLog
-from pruner.select.rank import select, write_ranking
+from pruner.select.policies import apply_select_config
+from pruner.select.rank import select, shard_score_files, write_ranking
 
 _COMPONENT = re.compile(r"^c\d+_")
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
@@ -57,7 +58,12 @@ def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
 
 
 def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict) -> dict:
-    """Rank, select, write ranking/manifests/summary. Requires every shard of the pool to be scored."""
+    """Rank, select, write ranking/manifests/summary. Requires every shard of the pool to be scored.
+
+    ``select.policy: top_k`` without dedup: the exact global top-k (:func:`select`), ``summary["selection"]`` its
+    cut-off. Otherwise the keep set is :func:`apply_select_config`'s (it writes the manifests and
+    ``keep/policy.json``), the ranking's ``kept`` column is that set, ``summary["selection"]`` is None and
+    ``summary["policy"]`` holds the policy summary (per-group counts, dedup counts)."""
     t0 = time.time()
     files = [layout.scores(u) for u in pool]
     missing = [str(f) for f in files if not f.exists()]
@@ -65,26 +71,50 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
         raise RuntimeError(f"{len(missing)} shards have no score file (first: {missing[0]}); re-run the job")
     nonempty = [f for f in files if pq.read_metadata(f).num_rows > 0]
     s = cfg.select
-    sel = select(nonempty, s.score, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
-    write_ranking(nonempty, s.score, layout.ranking, sel)
-    manifests = write_manifests(nonempty, sel, layout.keep_dir)
+    policy = None
+    if s.uses_policy:
+        policy, n_total, n_keep = _apply_policy(cfg, layout, nonempty)
+        write_ranking(sorted(nonempty), s.score, layout.ranking, policy.pop("keep"))
+        manifests = policy.pop("manifests")
+        selection = None
+    else:
+        sel = select(nonempty, s.score, keep_fraction=s.keep_fraction, keep_count=s.keep_count,
+                     threshold=s.threshold)
+        write_ranking(nonempty, s.score, layout.ranking, sel)
+        manifests = write_manifests(nonempty, sel, layout.keep_dir)
+        selection, n_total, n_keep = sel.as_dict(), sel.n_total, sel.n_keep
     rejects = RejectLog()
     for u in pool:
         if layout.rejects(u).exists():
             rejects.merge(RejectLog.read(layout.rejects(u)))
     summary = {
-        "job": layout.root.name, "score": s.score, "selection": sel.as_dict(),
-        "counts": {"shards": len(pool), "samples": sel.n_total, "kept": sel.n_keep,
-                   "dropped": sel.n_total - sel.n_keep, "rejected": len(rejects)},
+        "job": layout.root.name, "score": s.score, "selection": selection,
+        "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
+                   "dropped": n_total - n_keep, "rejected": len(rejects)},
         "rejects_by_reason": rejects.counts(),
         "manifests": manifests,
         "run": run_stats,
         "reduce_seconds": time.time() - t0,
         "versions": _versions(),
     }
+    if policy is not None:
+        summary["policy"] = policy
     summary.update(_summarise_ranking(layout.ranking))
     write_json_atomic(layout.summary, summary)
     return summary
+
+
+def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path]) -> tuple[dict, int, int]:
+    """(policy summary with its bool [n] "keep" in sorted score-file order, n_total, n_keep). Policies read the
+    whole job directory (score files, stored features, clusters), so it must hold exactly the pool's shards."""
+    on_disk = [f for f in shard_score_files(layout.root) if pq.read_metadata(f).num_rows > 0]
+    if on_disk != sorted(pool_files):
+        extra = sorted(set(on_disk) - set(pool_files))  # pool files all exist: the difference is on disk only
+        raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
+                           f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
+                           f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
+    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed)
+    return policy, policy["n_total"], policy["n_keep"]
 
 
 def _versions() -> dict:
