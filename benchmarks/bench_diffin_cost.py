@@ -7,7 +7,9 @@ Variants (time per batch of ``--batch-size`` pool samples at one checkpoint):
 
 * ``train_step``              forward + backward of the in-batch CLIP loss w.r.t. all parameters (no optimiser);
 * ``diffin_central``          ``CheckpointScorer.__call__`` with targets ["target", "train"], central FD (the default:
-                              base pass with features, norms and dots + two FD passes);
+                              two FD passes with features, norms and every directional dot; the base components
+                              are their midpoint);
+* ``diffin_central_exact_base`` the same with ``base_pass="exact"`` (an extra pass at theta_t);
 * ``diffin_forward``          the same with the forward FD scheme (one FD pass);
 * ``diffin_target_central``   targets ["target"] only, central FD;
 * ``tracin``                  TracIn only: one engine pass with the v_target direction (exact dot; no features,
@@ -44,7 +46,8 @@ import torch  # noqa: E402
 
 ROOT = common.ROOT
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "diffin_cost.json"
-VARIANTS = ("train_step", "diffin_central", "diffin_forward", "diffin_target_central", "tracin", "tracin_features")
+VARIANTS = ("train_step", "diffin_central", "diffin_central_exact_base", "diffin_forward", "diffin_target_central",
+            "tracin", "tracin_features")
 
 
 def parse_args(argv=None):
@@ -104,6 +107,8 @@ def main(argv=None) -> dict:
     scorers = {
         "diffin_central": CheckpointScorer(engine, shared, targets=["target", "train"], fd_eps=args.fd_eps,
                                            fd_scheme="central"),
+        "diffin_central_exact_base": CheckpointScorer(engine, shared, targets=["target", "train"],
+                                                      fd_eps=args.fd_eps, fd_scheme="central", base_pass="exact"),
         "diffin_target_central": CheckpointScorer(engine, shared, targets=["target"], fd_eps=args.fd_eps,
                                                   fd_scheme="central"),
     }
@@ -114,7 +119,7 @@ def main(argv=None) -> dict:
     loss_fn = scorers["diffin_central"].loss_fn
 
     fns = {"train_step": train}
-    for name in ("diffin_central", "diffin_forward", "diffin_target_central"):
+    for name in ("diffin_central", "diffin_central_exact_base", "diffin_forward", "diffin_target_central"):
         if name in scorers:
             fns[name] = (lambda s: (lambda: s(images, tokens)))(scorers[name])
     fns["tracin"] = lambda: engine.run(images, tokens, loss_fn, directions=tracin_dir, features=False, norms=False)
@@ -145,6 +150,7 @@ def main(argv=None) -> dict:
         "diffin_vs_train_step": variants["diffin_central"]["vs_train_step"],
         "tracin_vs_train_step": variants["tracin"]["vs_train_step"],
         "diffin_forward_vs_train_step": variants.get("diffin_forward", {}).get("vs_train_step"),
+        "diffin_exact_base_vs_train_step": variants["diffin_central_exact_base"]["vs_train_step"],
         "diffin_target_only_vs_train_step": variants["diffin_target_central"]["vs_train_step"],
         "tracin_with_features_vs_train_step": variants["tracin_features"]["vs_train_step"],
         "goal_diffin_vs_train_step": 2.5,
@@ -169,8 +175,8 @@ def main(argv=None) -> dict:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "notes": "time per sample = median batch time / batch size; ratios divide by the train step's time per "
                  "sample (forward + backward of the in-batch CLIP loss w.r.t. all parameters, no optimiser step). "
-                 "diffin_* = CheckpointScorer.__call__ (base pass with features, exact norms and 4 directional dots, "
-                 "plus the FD passes along G).",
+                 "diffin_* = CheckpointScorer.__call__: the FD passes along G (features, exact norms, 5 directional "
+                 "dots each), plus a base pass at theta_t for the exact-base and forward variants.",
     }
     write_json_atomic(args.out, report)
     print(f"diffin_vs_train_step: {report['diffin_vs_train_step']:.3f} (goal <= 2.5)")

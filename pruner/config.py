@@ -85,6 +85,9 @@ class DiffInConfig(_Section):
     targets: list[Literal["target", "self", "train"]] = Field(default_factory=lambda: ["target", "train"])
     fd_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the parameter perturbation for T2
     fd_scheme: Literal["central", "forward"] = "central"
+    # central only: base quantities (loss, TracIn dots, features, norms) from the mean of the two FD passes, exact
+    # to O(fd_eps^2) like T2 (2 passes per sample), or from an extra pass at theta_t ("exact", 3 passes)
+    base_pass: Literal["midpoint", "exact"] = "midpoint"
     hvp_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the perturbation for u = H_B v (shared)
     reference_batches: int = Field(default=1, gt=0)
     reference_batch_size: int = Field(default=128, gt=1)

@@ -143,7 +143,7 @@ class Scorer:
         self.shared = [s if s.bank_img.device == self.device else CheckpointShared.from_state(s.to_state(), self.device)
                        for s in shared]
         self.scorers = [CheckpointScorer(e, s, targets=targets, fd_eps=d.fd_eps, fd_scheme=d.fd_scheme,
-                                         loss=self.cfg.features.loss) for e, s in zip(self.engines, self.shared)]
+                                         loss=self.cfg.features.loss, base_pass=d.base_pass) for e, s in zip(self.engines, self.shared)]
 
     def last_checkpoint_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Projected gradients [n, k] at the last checkpoint (the OGA forest's training rows)."""

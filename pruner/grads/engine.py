@@ -1,16 +1,18 @@
 """Per-sample gradients of linear layers from forward/backward hooks, in one pass at training-step cost.
 
 For a linear layer y = W a (+ b) applied to tokens t = 1..T of sample z, the per-sample gradient is
-``dW_z = sum_t gy_{z,t} a_{z,t}^T`` ([d_out, d_in]); it is never materialised. From the captured layer input
-``a`` [B, T, d_in] and output gradient ``gy`` [B, T, d_out] the engine computes, per sample:
+``dW_z = sum_t gy_{z,t} a_{z,t}^T`` ([d_out, d_in]). From the captured layer input ``a`` [B, T, d_in] and output
+gradient ``gy`` [B, T, d_out] the engine computes, per sample:
 
 * projected features: ``sum_t (P_out gy_t)(P_in a_t)^T`` per layer, concatenated, then reduced to k dims
-  (see :mod:`pruner.grads.project`);
-* the exact squared gradient norm: ``||dW_z||^2 = sum_{t,s} <gy_t, gy_s><a_t, a_s>`` (Gram trick), plus bias;
-* exact inner products with fixed directions d (e.g. a target gradient): ``<dW_z, D> = sum_t <gy_t, D a_t>``.
+  (see :mod:`pruner.grads.project`); dW_z is not formed for these;
+* the exact squared gradient norm ``||dW_z||^2`` (plus bias) and exact inner products ``<dW_z, D_j>`` with fixed
+  directions (e.g. a target gradient): dW_z is formed a bounded chunk of samples at a time and contracted with
+  every direction in one GEMM (:func:`weight_gradient_terms`), which costs about one forward of the layer in
+  all, however many directions there are.
 
 Model parameters are switched to ``requires_grad=False`` during the pass and only the patch / token embedding
-outputs require grad, so backward computes activation gradients only: no weight gradient is ever formed.
+outputs require grad, so backward computes activation gradients only: no batch weight gradient is formed.
 Layer selection: every ``nn.Linear`` of a model passed through :func:`pruner.model.clip.linearize_clip`
 (attention in/out projections, MLPs, both tower output projections), filtered by fnmatch name patterns.
 Embeddings, norms, the patch convolution and logit_scale are not linear layers and are never selected.
@@ -46,18 +48,63 @@ class PerSampleResult:
 
 
 class Directions:
-    """A fixed set of n parameter-space directions, stacked per layer once (weights [n, d_out, d_in],
+    """A fixed set of n parameter-space directions, stacked per layer once (weights flattened [n, d_out * d_in],
     biases [n, d_out]) so the hooks can contract with all of them in one matmul."""
 
     def __init__(self, engine: "PerSampleGradients", vectors: Sequence[ParamVector]):
         self.n = len(vectors)
-        self.weight: dict[str, torch.Tensor] = {}
+        self.flat_weight: dict[str, torch.Tensor] = {}  # [n, d_out * d_in]
         self.bias: dict[str, torch.Tensor] = {}
         for name, layer in engine.layers.items():
             dev = layer.weight.device
-            self.weight[name] = torch.stack([v[f"{name}.weight"] for v in vectors]).float().to(dev)
+            self.flat_weight[name] = torch.stack([v[f"{name}.weight"].flatten() for v in vectors]).float().to(dev)
             if layer.bias is not None:
                 self.bias[name] = torch.stack([v[f"{name}.bias"] for v in vectors]).float().to(dev)
+
+
+def drop_trailing_zero_tokens(a: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the token positions after the last one with a non-zero output gradient in any sample (views of a
+    [B, T, d_in] and gy [B, T, d_out]). Exact: a zero gy_t adds nothing to any per-sample quantity. In the causal
+    text tower every position after the batch's last end-of-text token has exactly zero gradient (it cannot
+    influence the pooled token), so the hook work there scales with the caption length, not the context."""
+    used = torch.nonzero(gy.abs().amax((0, 2))).flatten()
+    t = int(used[-1]) + 1 if len(used) else 1
+    return (a, gy) if t == gy.shape[1] else (a[:, :t], gy[:, :t])
+
+
+def weight_gradient_terms(a: torch.Tensor, gy: torch.Tensor, directions: Optional[torch.Tensor] = None,
+                          norms: bool = True, chunk_bytes: int = 64 << 20
+                          ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Exact squared norms and directional dots of the per-sample weight gradients dW_z = sum_t gy_t a_t^T.
+
+    a [B, T, d_in], gy [B, T, d_out] (float32); ``directions`` [n, d_out * d_in] (flattened weights) or None.
+    Returns (||dW_z||^2 [B] float64 or None without ``norms``, <dW_z, D_j> [B, n] float64 or None).
+
+    Single-token layers (T = 1) use the rank-1 closed forms. Otherwise dW_z is formed for a chunk of samples at a
+    time (at most ``chunk_bytes``, so memory stays bounded for wide layers) and contracted with all n directions
+    in one GEMM: B T d_out d_in + B (n + 1) d_out d_in multiply-adds, i.e. about one forward of the layer whatever
+    n, against n forwards (B T n d_out d_in) for contracting token by token with each direction.
+    """
+    b, t, d_in = a.shape
+    d_out = gy.shape[-1]
+    if t == 1:
+        a1, g1 = a[:, 0], gy[:, 0]
+        sq = (g1.square().sum(1) * a1.square().sum(1)).double() if norms else None
+        dots = None
+        if directions is not None:  # <g a^T, D> = g^T D a
+            z = (a1 @ directions.view(-1, d_out, d_in).transpose(1, 2)).transpose(0, 1)  # [B, n, d_out]
+            dots = (z * g1[:, None]).sum(-1).double()
+        return sq, dots
+    sq = torch.empty(b, dtype=torch.float64, device=a.device) if norms else None
+    dots = None if directions is None else torch.empty(b, directions.shape[0], dtype=torch.float64, device=a.device)
+    step = max(1, chunk_bytes // (4 * d_out * d_in))
+    for s in range(0, b, step):
+        dw = torch.bmm(gy[s:s + step].transpose(1, 2), a[s:s + step]).flatten(1)  # [c, d_out * d_in]
+        if sq is not None:
+            sq[s:s + step] = torch.linalg.vector_norm(dw, dim=1).double().square()
+        if dots is not None:
+            dots[s:s + step] = (dw @ directions.T).double()
+    return sq, dots
 
 
 def select_layers(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> dict[str, nn.Linear]:
@@ -147,26 +194,24 @@ class PerSampleGradients:
         def on_grad(name: str, a: torch.Tensor, gy: torch.Tensor) -> None:
             a = a.reshape(b, -1, a.shape[-1]).float()  # [B, T, d_in]
             gy = gy.reshape(b, -1, gy.shape[-1]).float()  # [B, T, d_out]
+            a, gy = drop_trailing_zero_tokens(a, gy)
             has_bias = self.layers[name].bias is not None
             gsum = gy.sum(1) if has_bias else None  # [B, d_out] bias gradient
             if concat is not None:
                 block = proj.project_activations(name, a, gy)
                 off = proj.offsets[name][0]
                 concat[:, off:off + block.shape[1]] += block
-            if sq is not None:
-                if a.shape[1] == 1:
-                    w2 = (gy.square().sum((1, 2)) * a.square().sum((1, 2)))
-                else:
-                    w2 = ((gy @ gy.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
-                sq.add_(w2.double())
-                if has_bias:
-                    sq.add_(gsum.square().sum(1).double())
-            if dots is not None:
-                dw = directions.weight[name]  # [n, d_out, d_in]
-                z = (a @ dw.reshape(-1, dw.shape[-1]).T).view(b, a.shape[1], directions.n, -1)  # [B, T, n, d_out]
-                dots.add_(torch.einsum("btno,bto->bn", z, gy).double())
-                if has_bias:
-                    dots.add_((gsum @ directions.bias[name].T).double())
+            if sq is not None or dots is not None:
+                w2, wd = weight_gradient_terms(a, gy, None if dots is None else directions.flat_weight[name],
+                                               norms=sq is not None)
+                if sq is not None:
+                    sq.add_(w2)
+                    if has_bias:
+                        sq.add_(gsum.square().sum(1).double())
+                if dots is not None:
+                    dots.add_(wd)
+                    if has_bias:
+                        dots.add_((gsum @ directions.bias[name].T).double())
 
         def fwd_hook(name):
             def hook(_m, inputs, out):

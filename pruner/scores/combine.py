@@ -7,7 +7,7 @@ column                  value                                                   
 ======================  ===================================================================  ===========
 diffin_target           I(z,V) = sum_t a_t (T1 + T2), a_t = -t eta_t^2 / (N m)               methods §1
 diffin_train            same with V = the reference batches (v = G_B): coreset selection     methods §1.3
-diffin_self             -I(z,z) (large self-influence = suspicious, flagged for cleaning)   methods §1.3
+diffin_self             I(z,z), same formula with V = z (data cleaning; see below)         methods §1.3
 tracin_target           sum_t eta_t <g_t(z), v_t>                                            methods §2
 tracin_pred             sum_t eta_t <g_t(z), -grad s<x,y>(V)> (prediction-score variant)    methods §2.1
 tracin_self             -sum_t eta_t ||g_t(z)||^2                                            methods §2.1
@@ -20,6 +20,12 @@ baseline_random         uniform [0, 1) from a hash of (seed, uid)
 
 Sign convention of the influence values: positive = helpful (removing z would raise the target loss),
 negative = harmful. Per-checkpoint components are kept as ``c<i>_<component>`` columns for audits.
+
+diffin_self is I(z,z) as computed, not negated: without the first-order term (dropped, as in the official code)
+it is the second-order part sum_t a_t (g^T H_B g + g^T H_z G) with a_t < 0, so strongly self-influential
+(high-curvature) samples get large *negative* values and rank lowest, like harmful samples in every other
+column. methods.md leaves this sign open; measured on the quality benchmark (swapped captions, 3 seeds on a GPU)
+this orientation detects them at AUROC 0.67, the negated one at 0.33 (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
     for target in ("target", "train", "self"):
         t1, t2 = weighted(f"t1_{target}", a_ts), weighted(f"t2_{target}", a_ts)
         if t1 is not None and t2 is not None:
-            out[f"diffin_{target}"] = -(t1 + t2) if target == "self" else t1 + t2
+            out[f"diffin_{target}"] = t1 + t2
     for name in ("target", "pred"):
         v = weighted(f"tracin_{name}", etas)
         if v is not None:

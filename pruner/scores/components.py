@@ -6,7 +6,7 @@ At checkpoint t with shared quantities (v_X, G, u_X = H_B v_X, eigenpairs of H_B
 component          definition                                      how
 =================  ==============================================  =============================================
 loss               l_z(theta_t) (bank loss)                        base pass
-sq_norm            ||g_z||^2 over the selected parameters          base pass, exact (Gram trick)
+sq_norm            ||g_z||^2 over the selected parameters          base pass, exact
 clip_score         cos(x_z, y_z)                                   base pass
 l1_feat            ||P g_z||_1 of the projected gradient            base pass
 tracin_target      <g_z, v_target>                                 base pass, exact dot
@@ -18,16 +18,22 @@ t2_self            <g_z, H_z G> = D_G (1/2 ||g_z||^2)               same passes,
 =================  ==============================================  =============================================
 
 T2 by finite differences of exact per-sample quantities at theta_t +- eps * G/||G|| (frozen bank, fixed
-directions): central ``[f(+eps) - f(-eps)] ||G|| / (2 eps)`` (default, O(eps^2), two extra passes) or
-forward ``[f(+eps) - f(0)] ||G|| / eps`` (O(eps), one extra pass). Each pass is a forward + activation-only
+directions): central ``[f(+eps) - f(-eps)] ||G|| / (2 eps)`` (default, O(eps^2)) or forward
+``[f(+eps) - f(0)] ||G|| / eps`` (O(eps), the base pass is f(0)). Each pass is a forward + activation-only
 backward; perturbed weights stay float32 (TF32 must be off; :func:`strict_fp32`).
+
+The "base pass" with central differences is by default (``base_pass="midpoint"``) not a third pass: the base
+quantities are the mean of the two FD passes, f(0) + (eps^2 / 2) f''(0) + O(eps^4), i.e. exact to O(eps^2) like
+T2 itself (measured on pruner-micro: tests/test_scores.py). Diff-In then costs two passes instead of three.
+``base_pass="exact"`` adds the pass at theta_t (in the model's precision). Without Diff-In (TracIn / OGA /
+baselines only) there is no FD pass and the base pass at theta_t is the only one.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from pruner.grads.engine import PerSampleGradients
+from pruner.grads.engine import PerSampleGradients, PerSampleResult
 from pruner.grads.vectors import norm, perturbed
 from pruner.model.loss import bank_loss, in_batch_detached_loss
 from pruner.scores.shared import CheckpointShared
@@ -46,36 +52,39 @@ class CheckpointScorer:
     """Computes the components above for batches of pool samples at one checkpoint."""
 
     def __init__(self, engine: PerSampleGradients, shared: CheckpointShared, targets=("target", "train"),
-                 fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank"):
+                 fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank", base_pass: str = "midpoint"):
         if fd_scheme == "forward" and engine.precision != "fp32":
             raise ValueError("fd_scheme 'forward' reuses the base pass, which must then run in fp32 "
                              "(fix: model.precision: fp32 or scores.diffin.fd_scheme: central)")
+        if base_pass not in ("midpoint", "exact"):
+            raise ValueError(f"base_pass {base_pass!r}: one of midpoint, exact")
         self.engine, self.shared = engine, shared
         self.targets = set(targets)
-        self.fd_eps, self.fd_scheme = fd_eps, fd_scheme
+        self.fd_eps, self.fd_scheme, self.base_pass = fd_eps, fd_scheme, base_pass
         vec = shared.vectors
         self.base_names = [n for n in BASE_DIRECTIONS if n in vec]
         if fd_scheme == "forward" and "train" in self.targets:
             self.base_names.append("G")  # the forward difference reuses <g_z, G> at theta_t
         if "self" in self.targets:
             self.base_names += [f"q{j}" for j in range(len(shared.eigvals))]
-        self.base_dirs = engine.directions([vec[n] for n in self.base_names]) if self.base_names else None
         self.t2_names = [n for n, t in (("v_target", "target"), ("G", "train")) if t in self.targets]
-        self.t2_dirs = engine.directions([vec[n] for n in self.t2_names]) if self.t2_names else None
+        # every pass contracts with all directions at once: with per-sample weight gradients formed in the hooks
+        # an extra direction costs one GEMV over them, not another forward (pruner.grads.engine)
+        self.names = self.base_names + [n for n in self.t2_names if n not in self.base_names]
+        self.dirs = engine.directions([vec[n] for n in self.names]) if self.names else None
         self.g_norm = norm(vec["G"])
         if loss == "bank":
             self.loss_fn = lambda i, t: bank_loss(i, t, shared.bank_img, shared.bank_txt, shared.scale)
         else:
             self.loss_fn = lambda i, t: in_batch_detached_loss(i, t, shared.scale)
 
-    def _t2_pass(self, images, tokens, step: float, features: bool = False):
+    def _fd_pass(self, images, tokens, step: float, features: bool) -> PerSampleResult:
         """One finite-difference pass at theta_t + step * G^, always in fp32."""
         eng = self.engine
         saved, eng.precision = eng.precision, "fp32"
         try:
             with perturbed(eng.params(), self.shared.vectors["G"], step):
-                return eng.run(images, tokens, self.loss_fn, directions=self.t2_dirs, features=features,
-                               norms="self" in self.targets)
+                return eng.run(images, tokens, self.loss_fn, directions=self.dirs, features=features, norms=True)
         finally:
             eng.precision = saved
 
@@ -91,10 +100,20 @@ class CheckpointScorer:
         projected Hessian-gradient product P H_z G_B = [P g_z(+eps) - P g_z(-eps)] ||G|| / (2 eps). Stored next
         to P g_z it lets a new target v' be scored without gradient passes: T1 ~ <P u', P g_z>,
         T2 ~ <P v', P H_z G_B> (pruner rescore)."""
-        r = self.engine.run(images, tokens, self.loss_fn, directions=self.base_dirs, features=True, norms=True)
+        eps = self.fd_eps
+        fd = bool(self.t2_names) or "self" in self.targets or project_hzg
+        if fd and self.fd_scheme == "central" and self.base_pass == "midpoint":
+            plus = self._fd_pass(images, tokens, eps, True)
+            minus = self._fd_pass(images, tokens, -eps, True)
+            r = midpoint(plus, minus)
+        else:
+            r = self.engine.run(images, tokens, self.loss_fn, directions=self.dirs, features=True, norms=True)
+            if fd:
+                plus = self._fd_pass(images, tokens, eps, project_hzg)
+                minus = self._fd_pass(images, tokens, -eps, project_hzg) if self.fd_scheme == "central" else r
         out = {"loss": r.loss, "sq_norm": r.sq_norm, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double(),
                "l1_feat": r.features.abs().sum(-1).double()}
-        dots = {n: r.dots[:, j] for j, n in enumerate(self.base_names)}
+        dots = {n: r.dots[:, j] for j, n in enumerate(self.names)}
         for name in ("target", "pred"):
             if f"v_{name}" in dots:
                 out[f"tracin_{name}"] = dots[f"v_{name}"]
@@ -104,19 +123,30 @@ class CheckpointScorer:
         if "self" in self.targets:
             out["t1_self"] = sum(lam * dots[f"q{j}"].square() for j, lam in enumerate(self.shared.eigvals))
         hzg = None
-        if self.t2_names or "self" in self.targets or project_hzg:
-            eps = self.fd_eps
-            plus = self._t2_pass(images, tokens, eps, project_hzg)
-            if self.fd_scheme == "central":
-                minus, width = self._t2_pass(images, tokens, -eps, project_hzg), 2 * eps
-            else:
-                minus, width = r, eps
-            for j, n in enumerate(self.t2_names):
-                lo = minus.dots[:, j] if minus is not r else dots[n]
-                out[f"t2_{'target' if n == 'v_target' else 'train'}"] = (plus.dots[:, j] - lo) * (self.g_norm / width)
+        if fd:
+            scale = self.g_norm / (2 * eps if self.fd_scheme == "central" else eps)
+            for n in self.t2_names:
+                j = self.names.index(n)
+                out[f"t2_{'target' if n == 'v_target' else 'train'}"] = (plus.dots[:, j] - minus.dots[:, j]) * scale
             if "self" in self.targets:
-                out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * (self.g_norm / width)
+                out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * scale
             if project_hzg:
-                hzg = ((plus.features - minus.features) * (self.g_norm / width)).cpu().numpy()
+                hzg = ((plus.features - minus.features) * scale).cpu().numpy()
         arrays = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
         return arrays, r.features.cpu().numpy(), hzg
+
+
+def midpoint(plus: PerSampleResult, minus: PerSampleResult) -> PerSampleResult:
+    """The per-sample quantities at theta_t estimated from the two central-difference passes at theta_t +- eps G^:
+    their mean, which is exact up to O(eps^2) (the same order as the central difference itself); embeddings are
+    re-normalised to unit length."""
+    def mean(a, b):
+        return None if a is None else 0.5 * (a + b)
+
+    def unit(a, b):
+        m = a + b
+        return m / m.norm(dim=-1, keepdim=True)
+
+    return PerSampleResult(loss=mean(plus.loss, minus.loss), features=mean(plus.features, minus.features),
+                           sq_norm=mean(plus.sq_norm, minus.sq_norm), dots=mean(plus.dots, minus.dots),
+                           img_emb=unit(plus.img_emb, minus.img_emb), txt_emb=unit(plus.txt_emb, minus.txt_emb))
