@@ -399,15 +399,14 @@ def free_diagnostics(cols, weights, swapped, uids, caption_class=None) -> dict:
         return float(roc_auc_score(swapped, -s))
 
     for tgt in ("target", "train", "self"):
-        sign = -1.0 if tgt == "self" else 1.0
         if all(f"c{i}_t1_{tgt}" in cols for i in range(m)):
             t1 = [cols[f"c{i}_t1_{tgt}"] for i in range(m)]
             t2 = [cols[f"c{i}_t2_{tgt}"] for i in range(m)]
-            out[f"diffin_{tgt}:T1_only"] = au(sign * sum(a * x for a, x in zip(a_ts, t1)))
-            out[f"diffin_{tgt}:T2_only"] = au(sign * sum(a * x for a, x in zip(a_ts, t2)))
-            out[f"diffin_{tgt}:equal_checkpoint_weights"] = au(-sign * sum(x + y for x, y in zip(t1, t2)))
+            out[f"diffin_{tgt}:T1_only"] = au(sum(a * x for a, x in zip(a_ts, t1)))
+            out[f"diffin_{tgt}:T2_only"] = au(sum(a * x for a, x in zip(a_ts, t2)))
+            out[f"diffin_{tgt}:equal_checkpoint_weights"] = au(-sum(x + y for x, y in zip(t1, t2)))
             for i in range(m):
-                out[f"diffin_{tgt}:checkpoint_{i}"] = au(sign * a_ts[i] * (t1[i] + t2[i]))
+                out[f"diffin_{tgt}:checkpoint_{i}"] = au(a_ts[i] * (t1[i] + t2[i]))
     for i in range(m):
         if f"c{i}_tracin_target" in cols:
             out[f"tracin_target:checkpoint_{i}"] = au(cols[f"c{i}_tracin_target"])
@@ -415,7 +414,7 @@ def free_diagnostics(cols, weights, swapped, uids, caption_class=None) -> dict:
             out[f"baseline_loss:checkpoint_{i}"] = au(-cols[f"c{i}_loss"])
         if f"c{i}_clip_score" in cols:
             out[f"baseline_clip_score:checkpoint_{i}"] = au(cols[f"c{i}_clip_score"])
-    if "diffin_self" in cols:  # the opposite sign: large Diff-In self-influence magnitude = suspicious
+    if "diffin_self" in cols:  # the other orientation (-I(z,z), the column's sign before this was measured)
         out["diffin_self:sign_flipped"] = au(-cols["diffin_self"])
     std_au, within = {}, {}
     if caption_class is not None:
