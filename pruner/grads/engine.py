@@ -80,10 +80,12 @@ def weight_gradient_terms(a: torch.Tensor, gy: torch.Tensor, directions: Optiona
     a [B, T, d_in], gy [B, T, d_out] (float32); ``directions`` [n, d_out * d_in] (flattened weights) or None.
     Returns (||dW_z||^2 [B] float64 or None without ``norms``, <dW_z, D_j> [B, n] float64 or None).
 
-    Single-token layers (T = 1) use the rank-1 closed forms. Otherwise dW_z is formed for a chunk of samples at a
-    time (at most ``chunk_bytes``, so memory stays bounded for wide layers) and contracted with all n directions
-    in one GEMM: B T d_out d_in + B (n + 1) d_out d_in multiply-adds, i.e. about one forward of the layer whatever
-    n, against n forwards (B T n d_out d_in) for contracting token by token with each direction.
+    Single-token layers (T = 1) use the rank-1 closed forms. Norms alone use the Gram trick
+    ||dW_z||^2 = sum_{t,s} <gy_t, gy_s><a_t, a_s> (B T^2 (d_in + d_out) multiply-adds) when that is cheaper than
+    forming dW_z. Otherwise dW_z is formed for a chunk of samples at a time (at most ``chunk_bytes``, so memory
+    stays bounded for wide layers) and contracted with all n directions in one GEMM: B T d_out d_in +
+    B (n + 1) d_out d_in multiply-adds, i.e. about one forward of the layer whatever n, against n forwards
+    (B T n d_out d_in) for contracting token by token with each direction.
     """
     b, t, d_in = a.shape
     d_out = gy.shape[-1]
@@ -95,6 +97,11 @@ def weight_gradient_terms(a: torch.Tensor, gy: torch.Tensor, directions: Optiona
             z = (a1 @ directions.view(-1, d_out, d_in).transpose(1, 2)).transpose(0, 1)  # [B, n, d_out]
             dots = (z * g1[:, None]).sum(-1).double()
         return sq, dots
+    if directions is None:
+        if not norms:
+            return None, None
+        if t * (d_in + d_out) < d_in * d_out:
+            return ((gy @ gy.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)).double(), None
     sq = torch.empty(b, dtype=torch.float64, device=a.device) if norms else None
     dots = None if directions is None else torch.empty(b, directions.shape[0], dtype=torch.float64, device=a.device)
     step = max(1, chunk_bytes // (4 * d_out * d_in))
