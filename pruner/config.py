@@ -70,6 +70,12 @@ class FeaturesConfig(_Section):
 
     k: int = Field(default=1024, gt=0)
     layer_k: int = Field(default=16, gt=0)  # per-layer factor dimension (k_out = k_in = layer_k)
+    # Khatri-Rao sketch rows for the layers whose per-sample gradient has a single token (rank 1: the output
+    # projections, each tower's last block out_proj / MLP); None: min(k, 1024); 0: the Kronecker sketch there too
+    # (see pruner.grads.project)
+    single_token_k: Optional[int] = Field(default=None, ge=0)
+    # fnmatch patterns naming those layers; None: picked from the layer names of the linearised open_clip model
+    single_token_layers: Optional[list[str]] = None
     projection: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = 0
     include: list[str] = Field(default_factory=lambda: ["*"])
@@ -79,6 +85,14 @@ class FeaturesConfig(_Section):
     batch_size: int = Field(default=64, gt=0)
     save: bool = True  # store P g_z per checkpoint (needed by explain, clustering and rescore)
     save_hzg: bool = False  # also store P H_z G_B (2 x the storage; lets rescore re-target Diff-In)
+
+    @field_validator("single_token_layers")
+    @classmethod
+    def _patterns(cls, v):
+        if v is not None and any(not p.strip() for p in v):
+            raise ValueError("empty layer pattern (fix: fnmatch patterns such as 'visual.proj', or leave "
+                             "single_token_layers unset for the automatic choice)")
+        return v
 
 
 class DiffInConfig(_Section):

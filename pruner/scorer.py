@@ -111,7 +111,8 @@ class Scorer:
             model = load_scoring_model(ck, arch, config_file, device=self.device)
             self.engines.append(PerSampleGradients(model, k=f.k, layer_k=f.layer_k, seed=f.seed, kind=f.projection,
                                                    include=f.include, exclude=f.exclude,
-                                                   precision=cfg.model.precision))
+                                                   precision=cfg.model.precision, single_token_k=f.single_token_k,
+                                                   single_token_layers=f.single_token_layers))
         self.weights = checkpoint_weights(cfg, traj)
         self.shared: list[CheckpointShared] = []
         self.scorers: list[CheckpointScorer] = []

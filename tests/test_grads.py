@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_job_config
 from reference import encode_pairs_functional, per_sample_grads
 from torch.func import grad, vmap
 
-from pruner.grads.engine import PerSampleGradients, select_layers
-from pruner.grads.project import FactorizedProjector, random_matrix
+from pruner.config import load_config
+from pruner.grads.engine import PerSampleGradients, drop_trailing_zero_tokens, select_layers, weight_gradient_terms
+from pruner.grads.project import FactorizedProjector, find_single_token_layers, random_matrix
+from pruner.model.checkpoints import load_trajectory
 from pruner.model.clip import create_clip, linear_layers, linearize_clip
 from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, in_batch_detached_loss, logit_scale_of
+from pruner.scorer import Scorer
 
 DEMO_POOL = Path(__file__).resolve().parents[1] / "pruner" / "demo" / "pool"
 
@@ -179,26 +183,39 @@ def test_run_leaves_model_untouched(model, data):
     assert all(not m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known limit, issue 4: at layer_k=16 the factorised sketch of the single-token output projections "
-    "(visual.proj, text_projection: rank-1 per-sample gradients) is two 16-dim sketches multiplied, so Pearson "
-    "with exact inner products is 0.90-0.96 on random weights and 0.56-0.93 after SGD (dense sketch: 0.99)"))
 def test_projected_inner_products_correlate_with_exact(model, data):
-    """Pearson correlation of <P g_i, P g_j> with <g_i, g_j> over the 276 pairs i<j of 24 samples, k=1024
-    (engine defaults otherwise)."""
+    """Pearson correlation of <P g_i, P g_j> with <g_i, g_j> over the 276 pairs i<j of 24 samples at k=1024 with
+    the engine defaults (seed 0): >= 0.95 (issue 4). Measured 0.981 (random weights) and 0.967 (after SGD).
+
+    Not a lucky seed: over projection seeds 0-4 the mean is >= 0.94 and the worst >= 0.90 (measured 0.976 / 0.962
+    random, 0.952 / 0.922 after SGD). After SGD the per-sample gradients are nearly parallel (mean cosine 0.92) and
+    the seed-to-seed spread is that of any 1024-dim random projection: a dense +-1 sketch of the whole gradient
+    gives a mean of 0.956 and a worst of 0.914 over five seeds (benchmarks/projection_quality.py).
+    Before the Khatri-Rao blocks for single-token layers (single_token_k=0: 16 x 16 Kronecker blocks for the rank-1
+    gradients of the output projections and last blocks) seed 0 gave 0.922 / 0.563, seeds 0-4 a mean of 0.742
+    and a worst of 0.563 after SGD."""
     n = 24
     images, tokens = data[0][:n], data[1][:n]
     loss_fn = _loss_fn(model, data)
     eng = PerSampleGradients(model, k=1024)
     names = list(eng.params())
-    flat = _flat(per_sample_grads(model, set(names), images, tokens, loss_fn), names)
-    feats = eng.run(images, tokens, loss_fn, norms=False).features.double()
+    flat = _flat(per_sample_grads(model, set(names), images, tokens, loss_fn), names).detach()
     iu = torch.triu_indices(n, n, 1)
     exact_ip = (flat @ flat.T)[iu[0], iu[1]]
-    proj_ip = (feats @ feats.T)[iu[0], iu[1]]
     assert exact_ip.numel() == 276
-    r = float(torch.corrcoef(torch.stack([exact_ip, proj_ip]))[0, 1])
-    assert r >= 0.95, f"Pearson {r:.4f} < 0.95 (k=1024, layer_k={eng.projector.layer_k})"
+
+    def pearson(engine):
+        feats = engine.run(images, tokens, loss_fn, norms=False).features.double()
+        proj_ip = (feats @ feats.T)[iu[0], iu[1]]
+        return float(torch.corrcoef(torch.stack([exact_ip, proj_ip]))[0, 1])
+
+    assert eng.projector.single_token == {m for m in eng.layers if m in ("visual.proj", "text_projection")
+                                          or ".resblocks.1." in m and m.endswith(("out_proj", "c_fc", "c_proj"))}
+    r = pearson(eng)
+    assert r >= 0.95, f"Pearson {r:.4f} < 0.95 (k=1024, layer_k={eng.projector.layer_k}, " \
+                      f"single_token_k={eng.projector.single_token_k})"
+    rs = [r] + [pearson(PerSampleGradients(model, k=1024, seed=s)) for s in range(1, 5)]
+    assert sum(rs) / len(rs) >= 0.94 and min(rs) >= 0.90, rs
 
 
 # -- batch invariance and determinism ----------------------------------------------------------------------------
@@ -294,17 +311,20 @@ def test_sketches_preserve_inner_products_in_expectation(kind):
     acc /= 300
     assert float((acc - torch.eye(24, dtype=torch.float64)).abs().max()) < 0.15
 
-    layers = {"a": (40, 24, True), "b": (12, 64, False), "c": (8, 8, True)}
+    # a, b: Kronecker blocks; c (with a bias), d: Khatri-Rao blocks
+    layers = {"a": (40, 24, True), "b": (12, 64, False), "c": (8, 8, True), "d": (10, 6, False)}
     g = torch.Generator().manual_seed(0)
     x = {"a.weight": torch.randn(40, 24, generator=g), "a.bias": torch.randn(40, generator=g),
          "b.weight": torch.randn(12, 64, generator=g), "c.weight": torch.randn(8, 8, generator=g),
-         "c.bias": torch.randn(8, generator=g)}
+         "c.bias": torch.randn(8, generator=g), "d.weight": torch.randn(10, 6, generator=g)}
     y = {n: 0.6 * t + torch.randn(t.shape, generator=g) for n, t in x.items()}
     exact_xy = sum(float((x[n].double() * y[n].double()).sum()) for n in x)
     exact_xx = sum(float(x[n].double().square().sum()) for n in x)
     est_xy, est_xx = [], []
     for seed in range(300):
-        proj = FactorizedProjector(layers, k=48, layer_k=6, seed=seed, kind=kind)
+        proj = FactorizedProjector(layers, k=48, layer_k=6, seed=seed, kind=kind, single_token_k=12,
+                                   single_token_layers=["c", "d"])
+        assert proj.single_token == {"c", "d"}
         px, py = proj.project_weights(x).double(), proj.project_weights(y).double()
         est_xy.append(float(px @ py))
         est_xx.append(float(px @ px))
@@ -317,11 +337,147 @@ def test_sketches_preserve_inner_products_in_expectation(kind):
 
 def test_projector_layout():
     proj = FactorizedProjector({"a": (40, 24, True), "b": (3, 64, False)}, k=10, layer_k=6)
+    assert proj.single_token == set()  # no output projection or residual block among these names
     assert proj.offsets == {"a": (0, 6, 6), "b": (42, 3, 6)}
     assert proj.concat_dim == 42 + 18
     assert proj.final().shape == (10, 60)
     p_out, p_in = proj.factors("b")
     assert p_out.shape == (3, 3) and p_in.shape == (6, 64)
+    # Khatri-Rao blocks: m entries, the bias folded into P_in's last column
+    layers = {"a": (40, 24, True), "visual.proj": (3, 64, False), "c": (5, 7, True)}
+    proj = FactorizedProjector(layers, k=10, layer_k=6, single_token_k=20, single_token_layers=["visual.proj", "c"])
+    assert proj.offsets == {"a": (0, 6, 6), "visual.proj": (42, 20, 0), "c": (62, 20, 0)}
+    assert proj.block_dims == {"a": 42, "visual.proj": 20, "c": 20} and proj.concat_dim == 82
+    p_out, p_in = proj.factors("c")
+    assert p_out.shape == (20, 5) and p_in.shape == (20, 8)
+    assert set(torch.unique(p_in).tolist()) == {-1.0, 1.0}  # unit-variance Rademacher; P_out carries 1/sqrt(m)
+    # the automatic rule picks visual.proj; single_token_k=0 turns Khatri-Rao blocks off
+    auto = FactorizedProjector(layers, k=10, layer_k=6)
+    assert auto.single_token == {"visual.proj"} and auto.single_token_k == 10  # default: min(k, 1024)
+    assert FactorizedProjector(layers, k=2048).single_token_k == 1024
+    assert FactorizedProjector(layers, k=10, layer_k=6, single_token_k=0).offsets["visual.proj"] == (42, 3, 6)
+    # matrix_bytes() counts exactly the matrices the projector generates
+    for name in layers:
+        proj.factors(name)
+    proj.final()
+    assert proj.matrix_bytes() == sum(4 * t.numel() for t in proj._cache.values())
+    with pytest.raises(ValueError):
+        FactorizedProjector(layers, k=10, single_token_k=-1)
+
+
+def test_single_token_layer_rule():
+    """The automatic rule: both output projections, and the attention output projection and MLP of each tower's
+    last residual block; patterns override it."""
+    blocks = lambda tower, n: [f"{tower}resblocks.{i}.{l}" for i in range(n)  # noqa: E731
+                               for l in ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")]
+    names = blocks("visual.transformer.", 12) + ["visual.proj"] + blocks("transformer.", 3) + ["text_projection"]
+    want = [f"visual.transformer.resblocks.11.{l}" for l in ("attn.out_proj", "mlp.c_fc", "mlp.c_proj")] + [
+        "visual.proj"] + [f"transformer.resblocks.2.{l}" for l in ("attn.out_proj", "mlp.c_fc", "mlp.c_proj")] + [
+        "text_projection"]
+    assert find_single_token_layers(names) == want
+    assert find_single_token_layers(names, ["*proj*n"]) == ["text_projection"]
+    assert find_single_token_layers(names, []) == []
+
+
+def test_single_token_layers_are_those_with_one_token(micro, data):
+    """On the real model the rule names exactly the layers whose captured output gradient has one non-zero token
+    per sample (so their gradients are rank 1)."""
+    model = micro[0]
+    eng = PerSampleGradients(model, k=64)
+    live = {}
+    project = eng.projector.project_activations
+
+    def spy(name, a, gy):
+        live[name] = int((gy.abs().amax(-1) > 0).sum(1).max())
+        return project(name, a, gy)
+
+    eng.projector.project_activations = spy
+    eng.run(data[0][:4], data[1][:4], _loss_fn(model, data), norms=False)
+    assert set(live) == set(eng.layers)
+    assert eng.projector.single_token == {n for n, t in live.items() if t == 1}
+    assert len(eng.projector.single_token) == 8
+
+
+def test_khatri_rao_activations_equal_projected_weights():
+    """project_activations (the engine's path) equals project_weights of sum_t gy_t a_t^T for Khatri-Rao layers:
+    one token, several tokens with one non-zero output gradient (gathered), and several live tokens (warns, exact)."""
+    layers = {"p": (8, 12, False), "q": (20, 10, True), "r": (6, 5, True)}
+    proj = FactorizedProjector(layers, k=32, single_token_k=16, single_token_layers=["p", "q", "r"])
+    g = torch.Generator().manual_seed(0)
+    b = 5
+    a = {"p": torch.randn(b, 1, 12, generator=g), "q": torch.randn(b, 7, 10, generator=g),
+         "r": torch.randn(b, 4, 5, generator=g)}
+    gy = {"p": torch.randn(b, 1, 8, generator=g), "q": torch.randn(b, 7, 20, generator=g),
+          "r": torch.randn(b, 4, 6, generator=g)}
+    live = torch.zeros(b, 7)
+    live[torch.arange(b - 1), torch.tensor([0, 3, 6, 2])] = 1  # the last sample has no live token
+    gy["q"] = gy["q"] * live[..., None]
+    concat = torch.zeros(b, proj.concat_dim)
+    grads = {}
+    with pytest.warns(UserWarning, match="layer r is sketched as single-token"):
+        for name in layers:
+            block = proj.project_activations(name, a[name], gy[name])
+            assert block.shape == (b, 16)
+            off = proj.offsets[name][0]
+            concat[:, off:off + 16] += block
+            grads[f"{name}.weight"] = torch.einsum("bto,bti->boi", gy[name], a[name])
+            if layers[name][2]:
+                grads[f"{name}.bias"] = gy[name].sum(1)
+    assert _rel(concat @ proj.final().T, proj.project_weights(grads)) < 1e-5
+
+
+def test_khatri_rao_sketch_of_rank1_gradients_beats_kronecker():
+    """Why single-token layers get a Khatri-Rao block: for rank-1 gradients u a^T the 16 x 16 Kronecker block's
+    inner product is a product of two 16-dim estimates; a Khatri-Rao block of the same size (256) is ~2.6x less
+    noisy (RMS relative error over 200 seeds: 0.25 against 0.65), and its error falls as 1/sqrt(m)."""
+    g = torch.Generator().manual_seed(0)
+    u, a = torch.randn(2, 1, 1, 96, generator=g), torch.randn(2, 1, 1, 128, generator=g)
+    u[1] += u[0]
+    a[1] += a[0]
+    exact = float((u[0] * u[1]).sum() * (a[0] * a[1]).sum())
+    errors = {}
+    for label, st_k in (("kronecker", 0), ("khatri_rao", 256)):
+        est = []
+        for seed in range(200):
+            proj = FactorizedProjector({"visual.proj": (96, 128, False)}, k=8, seed=seed, single_token_k=st_k)
+            x, y = (proj.project_activations("visual.proj", a[i], u[i]).double() for i in (0, 1))
+            assert x.shape == (1, 256)
+            est.append(float((x * y).sum()))
+        errors[label] = float(torch.tensor(est).sub(exact).square().mean().sqrt()) / abs(exact)
+    assert errors["khatri_rao"] < errors["kronecker"] / 2, errors
+
+
+def test_projection_matrix_memory_for_vit_b32():
+    """ViT-B-32 (width 768 / 512, 12 + 12 blocks, output projections 768 -> 512 and 512 -> 512) at k = 1024: the
+    projection matrices (factors, Khatri-Rao rows, R) stay well under 300 MB."""
+    def tower(prefix, width, n):
+        out = {}
+        for i in range(n):
+            p = f"{prefix}resblocks.{i}."
+            out.update({p + "attn.in_proj": (3 * width, width, True), p + "attn.out_proj": (width, width, True),
+                        p + "mlp.c_fc": (4 * width, width, True), p + "mlp.c_proj": (width, 4 * width, True)})
+        return out
+    layers = {**tower("visual.transformer.", 768, 12), "visual.proj": (512, 768, False),
+              **tower("transformer.", 512, 12), "text_projection": (512, 512, False)}
+    proj = FactorizedProjector(layers, k=1024)
+    assert len(proj.single_token) == 8
+    assert proj.matrix_bytes() < 250e6, proj.matrix_bytes()
+    before = FactorizedProjector(layers, k=1024, single_token_k=0)
+    assert before.matrix_bytes() < proj.matrix_bytes()
+
+
+def test_features_config_projection_knobs():
+    from pydantic import ValidationError
+
+    from pruner.config import FeaturesConfig
+    f = FeaturesConfig()
+    assert f.single_token_k is None and f.single_token_layers is None  # the projector's defaults
+    assert FeaturesConfig(single_token_k=0).single_token_k == 0
+    assert FeaturesConfig(single_token_layers=["visual.proj", "*.mlp.*"]).single_token_layers == ["visual.proj",
+                                                                                                   "*.mlp.*"]
+    for bad in ({"single_token_k": -1}, {"single_token_layers": [""]}, {"single_token_layers": "visual.proj"}):
+        with pytest.raises(ValidationError):
+            FeaturesConfig(**bad)
 
 
 # -- in-batch loss variant ----------------------------------------------------------------------------------------
@@ -418,3 +574,49 @@ def test_bf16_autocast_correlates_with_fp32(micro, data):
     assert r_norm >= 0.99, r_norm
     # bf16 really ran: the values are close but not identical
     assert not torch.equal(fp32.features, bf16.features)
+
+
+# -- per-sample weight-gradient terms (every branch against explicit dW_z) ---------------------------------------
+@pytest.mark.parametrize("t, d_in, d_out, chunk_bytes", [
+    (1, 6, 5, 64 << 20),    # single token: rank-1 closed forms
+    (3, 20, 30, 64 << 20),  # norms alone: Gram trick (T (d_in + d_out) < d_in d_out); with directions: dW_z
+    (9, 4, 5, 64 << 20),    # norms alone: dW_z is cheaper than the Gram trick
+    (3, 20, 30, 4 * 600 * 2),  # two samples per chunk
+])
+def test_weight_gradient_terms_equal_explicit(t, d_in, d_out, chunk_bytes):
+    """Norms and dots equal those of explicitly formed dW_z = sum_t gy_t a_t^T (float64 reference, rel 1e-5)."""
+    g = torch.Generator().manual_seed(t)
+    b, n = 7, 3
+    a, gy = torch.randn(b, t, d_in, generator=g), torch.randn(b, t, d_out, generator=g)
+    dirs = torch.randn(n, d_out * d_in, generator=g)
+    dw = torch.einsum("bto,bti->boi", gy.double(), a.double()).flatten(1)
+    want_sq, want_dots = dw.square().sum(1), dw @ dirs.double().T
+    sq, dots = weight_gradient_terms(a, gy, dirs, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(sq, want_sq, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dots, want_dots, rtol=1e-5, atol=1e-5 * float(want_dots.abs().max()))
+    sq_only, none = weight_gradient_terms(a, gy, None, chunk_bytes=chunk_bytes)
+    assert none is None
+    torch.testing.assert_close(sq_only, want_sq, rtol=1e-5, atol=0)
+    assert weight_gradient_terms(a, gy, None, norms=False) == (None, None)
+
+
+def test_trailing_zero_tokens_are_dropped_exactly():
+    """Positions after the batch's last non-zero output gradient are cut (and only those)."""
+    a, gy = torch.randn(4, 10, 3), torch.randn(4, 10, 2)
+    gy[:, 6:] = 0
+    gy[1, 5] = 0  # an interior zero in one sample stays
+    a2, gy2 = drop_trailing_zero_tokens(a, gy)
+    assert gy2.shape[1] == a2.shape[1] == 6
+    assert torch.equal(a2, a[:, :6]) and torch.equal(gy2, gy[:, :6])
+    a3, gy3 = drop_trailing_zero_tokens(a, torch.zeros_like(gy))
+    assert gy3.shape[1] == 1
+
+
+def test_job_config_reaches_the_projector(micro_trajectory, tmp_path):
+    """features.single_token_k / single_token_layers / layer_k / k of a job config are the scoring engines'."""
+    cfg = load_config(data=small_job_config(tmp_path, micro_trajectory, features={
+        "k": 64, "layer_k": 4, "single_token_k": 32, "single_token_layers": ["visual.proj"]}))
+    traj = load_trajectory(file=cfg.trajectory.file)
+    proj = Scorer(cfg, traj).engines[0].projector
+    assert (proj.k, proj.layer_k, proj.single_token_k) == (64, 4, 32)
+    assert proj.single_token == {"visual.proj"}

@@ -132,7 +132,8 @@ class PerSampleGradients:
 
     def __init__(self, model: nn.Module, k: int = 1024, layer_k: int = 16, seed: int = 0,
                  kind: str = "rademacher", include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                 precision: str = "fp32"):
+                 precision: str = "fp32", single_token_k: Optional[int] = None,
+                 single_token_layers: Optional[Sequence[str]] = None):
         self.model = model
         self.layers = select_layers(model, include, exclude)
         device = next(model.parameters()).device
@@ -140,7 +141,8 @@ class PerSampleGradients:
         self.precision = precision
         self.projector = FactorizedProjector(
             {n: (m.out_features, m.in_features, m.bias is not None) for n, m in self.layers.items()},
-            k=k, layer_k=layer_k, seed=seed, kind=kind, device=device)
+            k=k, layer_k=layer_k, seed=seed, kind=kind, device=device, single_token_k=single_token_k,
+            single_token_layers=single_token_layers)
 
     # -- parameters ---------------------------------------------------------------------------------------
     def params(self) -> dict[str, nn.Parameter]:
@@ -201,7 +203,8 @@ class PerSampleGradients:
         def on_grad(name: str, a: torch.Tensor, gy: torch.Tensor) -> None:
             a = a.reshape(b, -1, a.shape[-1]).float()  # [B, T, d_in]
             gy = gy.reshape(b, -1, gy.shape[-1]).float()  # [B, T, d_out]
-            a, gy = drop_trailing_zero_tokens(a, gy)
+            if gy.device.type == "cpu":  # it reads the gradient on the host: a sync per layer on CUDA
+                a, gy = drop_trailing_zero_tokens(a, gy)
             has_bias = self.layers[name].bias is not None
             gsum = gy.sum(1) if has_bias else None  # [B, d_out] bias gradient
             if concat is not None:
