@@ -1,12 +1,21 @@
-"""Re-target throughput: samples/s of the matrix-vector pass `pruner rescore --target` runs over stored fp16
-features (pruner.rescore._projected_dot: [n, k] fp16 memory map @ [k, 2] per checkpoint).
+"""Re-target throughput of `pruner rescore --target`: samples/s of pruner.rescore.retarget_shard, the per-shard
+pass the command runs once the target vectors are known, over n synthetic samples in shards of --shard-size and
+one checkpoint (per shard fp16 features [rows, k] = P g_z and, for Diff-In, [rows, k] = P H_z G_B).
 
-Writes benchmarks/results/rescore.json with `samples_per_second` (median over repeats, page cache warm).
-Usage: python benchmarks/bench_rescore.py [--n 2000000] [--k 1024] [--repeats 5] [--threads 2] [--device cpu]
+Side by side in one run, for each thread count (torch.set_num_threads, as the CLI process would have it), repeats
+interleaved, page cache warm (one untimed pass first), medians:
+  * diffin+tracin: P g_z @ [P v', P u'] and P H_z G_B @ P v' (two files, 4 KiB read per sample at k=1024): the headline;
+  * tracin only (a job without features.save_hzg): P g_z @ P v' (one file, 2 KiB per sample);
+  * read only: an int64 sum over the same two files, i.e. the memory bandwidth a pass that computes nothing gets
+    here, and so the ceiling for the two rows above.
+Writes benchmarks/results/rescore.json (`samples_per_second`: diffin+tracin at the best thread count).
+Usage: python benchmarks/bench_rescore.py [--n 1000000] [--shard-size 10000] [--k 1024] [--repeats 5]
+                                          [--threads 1 2] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -18,42 +27,80 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pruner.io.atomic import write_json_atomic  # noqa: E402
+from pruner.io.layout import JobLayout  # noqa: E402
 from pruner.io.store import save_features  # noqa: E402
-from pruner.rescore import _projected_dot  # noqa: E402
+from pruner.rescore import retarget_shard  # noqa: E402
+
+
+def write_shards(layout: JobLayout, urls: list[str], rows: int, k: int) -> None:
+    """Random N(0, 1) fp16 features and hzg [rows, k] for checkpoint 0 of each shard."""
+    layout.shards_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for url in urls:
+        for path in (layout.features(url, 0), layout.hzg(url, 0)):
+            save_features(path, rng.standard_normal((rows, k), np.float32))
+
+
+def read_only(layout: JobLayout, urls: list[str]) -> None:
+    for url in urls:
+        for path in (layout.features(url, 0), layout.hzg(url, 0)):
+            torch.from_numpy(np.load(path, mmap_mode="c")).view(torch.int64).sum()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2_000_000)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (DataComp: about 10k)")
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rescore.json"))
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    urls = [f"bench://shard-{i:06d}.tar" for i in range(max(1, a.n // a.shard_size))]
+    n = len(urls) * a.shard_size
+    g = torch.Generator().manual_seed(0)
+    projs = [{"Pv": torch.randn(a.k, generator=g).to(a.device), "Pu": torch.randn(a.k, generator=g).to(a.device),
+              "eta": 0.5, "a_t": 0.25}]
+    passes = {"diffin+tracin": (lambda lay: [retarget_shard(lay, u, a.shard_size, projs, True) for u in urls], 2),
+              "tracin only": (lambda lay: [retarget_shard(lay, u, a.shard_size, projs, False) for u in urls], 1),
+              "read only": (lambda lay: read_only(lay, urls), 2)}
+    times: dict[tuple[str, int], list[float]] = {}
+    load = [os.getloadavg()[0]]  # the machine is shared: other processes' load during the run
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
-        path = Path(d) / "feats.npy"
-        rng = np.random.default_rng(0)
-        feats = np.empty((a.n, a.k), np.float16)
-        for s in range(0, a.n, 1 << 18):
-            feats[s:s + (1 << 18)] = rng.standard_normal((min(1 << 18, a.n - s), a.k), np.float32)
-        save_features(path, feats)
-        del feats
-        vec = torch.randn(a.k, 2, device=a.device)
-        _projected_dot(path, vec)  # warm the page cache
-        times = []
+        layout = JobLayout(Path(d))
+        write_shards(layout, urls, a.shard_size, a.k)
+        for t in a.threads:
+            torch.set_num_threads(t)
+            for fn, _ in passes.values():
+                fn(layout)  # warm the page cache
         for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            _projected_dot(path, vec)
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    result = {"samples_per_second": a.n / med, "n": a.n, "k": a.k, "median_seconds": med, "seconds": times,
-              "device": a.device, "threads": a.threads, "goal_samples_per_second": 5_000_000,
-              "command": "python " + " ".join(sys.argv),
-              "note": "one checkpoint's pass (2 target vectors); a job with m checkpoints (and hzg) does m (2m) passes"}
+            for t in a.threads:
+                torch.set_num_threads(t)
+                for name, (fn, _) in passes.items():
+                    t0 = time.perf_counter()
+                    fn(layout)
+                    if a.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    times.setdefault((name, t), []).append(time.perf_counter() - t0)
+    load.append(os.getloadavg()[0])
+    rows = {name: {str(t): {"samples_per_second": n / statistics.median(times[name, t]),
+                            "bytes_read_per_second": files * n * a.k * 2 / statistics.median(times[name, t]),
+                            "seconds": times[name, t]} for t in a.threads}
+            for name, (_, files) in passes.items()}
+    best = max(a.threads, key=lambda t: rows["diffin+tracin"][str(t)]["samples_per_second"])
+    result = {"samples_per_second": rows["diffin+tracin"][str(best)]["samples_per_second"], "threads": best,
+              "goal_samples_per_second": 5_000_000, "n": n, "shard_size": a.shard_size, "k": a.k,
+              "repeats": a.repeats, "device": a.device, "cpu_count": os.cpu_count(),
+              "load_average_1min_before_after": load, "passes": rows, "command": "python " + " ".join(sys.argv),
+              "note": "one checkpoint (a job with m checkpoints does m such passes per shard); "
+                      "samples_per_second is diffin+tracin (features + hzg, 4 KiB per sample at k=1024); "
+                      "'read only' is an int64 sum over the same files: the memory-bandwidth ceiling here"}
     write_json_atomic(a.out, result)
-    print(result)
+    print(f"{'pass':16s}" + "".join(f"{f'{t} thread(s): samples/s, GB/s':>36s}" for t in a.threads))
+    for name, row in rows.items():
+        print(f"{name:16s}" + "".join(f"{row[str(t)]['samples_per_second']:>24,.0f} "
+                                      f"{row[str(t)]['bytes_read_per_second'] / 1e9:>10.2f}" for t in a.threads))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from scipy.stats import spearmanr
 
@@ -18,9 +19,9 @@ from corpus import write_shard
 from pruner.config import load_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import DEMO_DIR, demo_pool_shards
-from pruner.io.store import load_features
+from pruner.io.store import load_features, save_features
 from pruner.jobs.prune import run
-from pruner.rescore import add_checkpoint, retarget
+from pruner.rescore import _projected_dot, add_checkpoint, retarget
 
 METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga_iforest", "baseline_loss")
 
@@ -118,3 +119,30 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory):
         want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
     got = pq.read_table(JobLayout(new).scores(url))["tracin_target"].to_numpy()
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("j", [1, 2, 3])
+def test_projected_dot_matches_float64(tmp_path, threads, j):
+    # many 512-row chunks shared out between the threads, the last one partial; plus an empty shard
+    rng = np.random.default_rng(j)
+    n, k = 70_001, 64
+    feats = rng.standard_normal((n, k)).astype(np.float16)
+    save_features(tmp_path / "f.npy", feats)
+    save_features(tmp_path / "e.npy", np.zeros((0, k), np.float16))
+    vec = torch.randn(k, j, generator=torch.Generator().manual_seed(j))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _projected_dot(tmp_path / "f.npy", vec)
+        empty = _projected_dot(tmp_path / "e.npy", vec)
+        restored = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    f64, v64 = feats.astype(np.float64), vec.double().numpy()
+    # fp16 inputs and fp32 vectors are exact in float64; fp32 accumulation of k products errs by at most
+    # gamma_k = k u / (1 - k u) (u = 2^-24) times sum_i |x_i v_i| (Higham, Thm 3.1)
+    bound = k * 2.0 ** -24 / (1 - k * 2.0 ** -24) * (np.abs(f64) @ np.abs(v64))
+    assert got.shape == (n, j) and got.dtype == np.float64 and empty.shape == (0, j)
+    assert (np.abs(got - f64 @ v64) <= bound).all()
+    assert restored == threads  # the pass runs its threads at intra-op 1 and restores the setting

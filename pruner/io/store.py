@@ -21,9 +21,10 @@ def save_features(path: str | Path, features: np.ndarray) -> None:
             np.save(fh, f16)
 
 
-def load_features(path: str | Path, mmap: bool = True) -> np.ndarray:
-    """[n, k] float16, memory-mapped read-only by default."""
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+def load_features(path: str | Path, mmap: bool = True, copy_on_write: bool = False) -> np.ndarray:
+    """[n, k] float16, memory-mapped read-only by default (``copy_on_write``: a writable private map, nothing
+    copied and the file never written: what ``torch.from_numpy`` needs without a warning)."""
+    return np.load(path, mmap_mode=("c" if copy_on_write else "r") if mmap else None, allow_pickle=False)
 
 
 def save_index(path: str | Path, uids: list[str], keys: list[str], shard_url: str) -> None:
