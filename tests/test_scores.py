@@ -461,7 +461,16 @@ def sign_case(micro, corpus):
     clean median. diffin_target: clean median -2.56e-5 (-7.1e-5 .. 3.2e-5), 6/10 swapped negative, 4/10 below the
     clean median. The measured first-order effect of a step on each swapped pair at the last checkpoint is positive
     too (it lowers the target loss), so at this stage of training the premise of test_swapped_caption_is_harmful
-    does not hold."""
+    does not hold.
+
+    Tried without success (same 40 + 10 pairs): AdamW lr 2e-4..5e-3 for up to 1200 steps (best zero-shot 0.33;
+    the held-out target bank loss never clearly below uniform, ln 129 = 4.86, then up to 9.6 as the model
+    memorises; swapped 0/10 negative up to 600 steps, 3-5/10 later while clean pairs spread to both signs); one
+    pair per class per batch; a bank of one pair per class; logit scale fixed at 5 or 50; SGD and AdamW-then-SGD
+    (both collapse); class subsets (zero-shot up to 0.88 on 2 classes); a fitted target of 200 training pairs; a
+    target holding the swapped images with their correct captions (a step on (x, wrong caption) still lowers the
+    loss of (x, correct caption) in 9/10 cases: the step mainly separates x from the bank). visual.proj and
+    text_projection carry most of <g_z, v>."""
     _, preprocess, tokenizer = micro
     pool, target = corpus
     names = json.loads((DEMO / "classnames.json").read_text())["classnames"] if (DEMO / "classnames.json").exists() \
@@ -516,20 +525,11 @@ def _describe(case, key):
 
 @pytest.mark.xfail(strict=False, reason=(
     "measured, issue 5: with a proxy trained for 48 AdamW steps (zero-shot 0.19, image embeddings nearly "
-    "collapsed) a part of every gradient shared by all pairs dominates, and swapped pairs really do lower the "
-    "target loss: tracin_target 0/10 swapped negative, diffin_target 6/10 "
-    "(test_tracin_matches_measured_first_order_effect checks the scores against that effect). "
-    "Tried without success (exact TracIn at a checkpoint, same 40 clean + 10 swapped pairs): AdamW lr 2e-4..5e-3 "
-    "for up to 1200 steps (best zero-shot 0.33 at lr 5e-4 / 320 steps; held-out target bank loss never clearly "
-    "below the uniform ln 129 = 4.86, at best 4.60, then up to 9.6 as the model memorises; swapped 0/10 "
-    "negative up to 600 steps, 3-5/10 later while clean pairs spread to both signs); one pair per class per "
-    "batch; a bank of one pair per class; logit scale fixed at 5 or 50, or learned fast; SGD and AdamW-then-SGD "
-    "(both collapse); class subsets (airplane/frog: zero-shot up to 0.88; 4 classes: up to 0.65); a target of "
-    "200 clean training pairs the model fits (loss 2.0), with the scored images also trained on. None gave more "
-    "than 6/10 swapped pairs negative. Layer split: visual.proj and text_projection carry most of <g_z, v>, "
-    "and the image-tower part of a swapped airplane->frog pair lowers the loss of both airplane and frog "
-    "targets. With 95 images per class and 10 caption templates, the proxy cannot learn a held-out pair's "
-    "bank loss within a CPU budget of about a minute"))
+    "collapsed) a part of every gradient shared by all pairs dominates and swapped pairs really do lower the "
+    "target loss (tracin_target 0/10 swapped negative, diffin_target 6/10; the measured first-order effect agrees, "
+    "test_tracin_matches_measured_first_order_effect). Longer training (up to 1200 steps), other lr/temperature/"
+    "batching, class subsets and a target holding the swapped images with their true captions all stayed at "
+    "<= 6/10 (details in the sign_case docstring)"))
 @pytest.mark.parametrize("score", ["tracin_target", "diffin_target"])
 def test_swapped_caption_is_harmful(sign_case, score):
     """A pair whose caption names another class must be harmful (negative) and rank below the clean median."""

@@ -67,6 +67,8 @@ def drop_trailing_zero_tokens(a: torch.Tensor, gy: torch.Tensor) -> tuple[torch.
     [B, T, d_in] and gy [B, T, d_out]). Exact: a zero gy_t adds nothing to any per-sample quantity. In the causal
     text tower every position after the batch's last end-of-text token has exactly zero gradient (it cannot
     influence the pooled token), so the hook work there scales with the caption length, not the context."""
+    if bool(gy[:, -1].any()):  # the common case (every vision token is live): no scan of the whole gradient
+        return a, gy
     used = torch.nonzero(gy.abs().amax((0, 2))).flatten()
     t = int(used[-1]) + 1 if len(used) else 1
     return (a, gy) if t == gy.shape[1] else (a[:, :t], gy[:, :t])
