@@ -162,6 +162,11 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
 def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "auto") -> Path:
     """Re-score a finished job for a new target set into ``<job>/retarget-<hash>/`` and rank by it there."""
     cfg, layout = load_job(job_dir)
+    if cfg.select.needs_features:
+        raise ValueError(f"{job_dir}: select.policy {cfg.select.policy!r} / gradient-space dedup reads stored "
+                         f"features, which a re-targeted job does not have (not supported yet; fix: select.policy "
+                         f"class_balanced or top_k with dedup_space embedding, or re-run the job with the new "
+                         f"target)")
     tag = hashlib.sha256(json.dumps(sorted(target_specs)).encode()).hexdigest()[:12]
     new = JobLayout(layout.root / f"retarget-{tag}")
     new.shards_dir.mkdir(parents=True, exist_ok=True)

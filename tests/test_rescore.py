@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from scipy.stats import spearmanr
 
 from conftest import small_job_config
@@ -146,3 +147,13 @@ def test_projected_dot_matches_float64(tmp_path, threads, j):
     assert got.shape == (n, j) and got.dtype == np.float64 and empty.shape == (0, j)
     assert (np.abs(got - f64 @ v64) <= bound).all()
     assert restored == threads  # the pass runs its threads at intra-op 1 and restores the setting
+
+
+def test_retarget_refuses_feature_policies_up_front(tmp_path, micro_trajectory):
+    """A job whose selection reads stored features (cluster_balanced) cannot be re-targeted yet: a clear error
+    before any gradient pass, not a missing-file error at the end."""
+    cfg = small_job_config(tmp_path, micro_trajectory, select={"score": "diffin_target", "keep_fraction": 0.5,
+                                                               "policy": "cluster_balanced", "n_clusters": 4})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="cluster_balanced.*not supported yet; fix"):
+        retarget(tmp_path, [str(tmp_path / "new-target")])
