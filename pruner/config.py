@@ -289,9 +289,22 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
     return problems
 
 
+#: Keys whose default changed after job directories were written without them, with the value that reproduces
+#: what such a job did: its stored features were made with the Kronecker sketch everywhere, and its base
+#: components came from a pass at theta_t. Applied only when re-opening a job (:func:`load_job_config`).
+JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "scores.diffin.base_pass": "exact"}
+
+
+def load_job_config(path: str | Path) -> JobConfig:
+    """The ``config.yaml`` of an existing job directory (pruner rescore / explain), with
+    :data:`JOB_LEGACY_DEFAULTS` for keys it does not have, so stored features are extended with the same sketch."""
+    return load_config(path, check_paths=False, defaults=JOB_LEGACY_DEFAULTS)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None, check_paths: bool = True) -> JobConfig:
-    """Load and validate a job config from a YAML file (or a dict), applying ``key.path=value`` overrides."""
+                data: dict | None = None, check_paths: bool = True, defaults: dict | None = None) -> JobConfig:
+    """Load and validate a job config from a YAML file (or a dict), applying ``key.path=value`` overrides.
+    ``defaults`` ({dotted key: value}) fill keys the file does not set, before validation."""
     source = str(path) if path else "<dict>"
     if data is None:
         p = Path(path)
@@ -307,6 +320,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     else:
         data = json.loads(json.dumps(data))
         base = Path.cwd()
+    for dotted, value in (defaults or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for name in parents:
+            if not isinstance(node, dict):
+                break
+            if node.get(name) is None:
+                node[name] = {}
+            node = node[name]
+        if isinstance(node, dict):  # anything else is left for validation to report
+            node.setdefault(leaf, value)
     for o in overrides or []:
         apply_override(data, o)
     _resolve_paths(data, base)

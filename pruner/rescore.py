@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from pruner.config import JobConfig, load_config
+from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path
 from pruner.io.layout import JobLayout
 from pruner.io.shards import expand_shard_specs
@@ -53,7 +53,7 @@ def load_job(job_dir: str | Path) -> tuple[JobConfig, JobLayout]:
     layout = JobLayout(Path(job_dir))
     if not layout.config.exists():
         raise FileNotFoundError(f"{job_dir} is not a pruner job directory (no config.yaml)")
-    cfg = load_config(data=yaml.safe_load(layout.config.read_text()), check_paths=False)
+    cfg = load_job_config(layout.config)
     return cfg, layout
 
 
@@ -117,7 +117,7 @@ def _dot_cuda(feats: torch.Tensor, vectors: torch.Tensor, chunk: int = 1 << 16) 
             uploaded[slot].synchronize()  # this buffer's previous upload has finished: safe to overwrite
         rows = staging[slot][:e - s].copy_(feats[s:e]).to(vectors.device, non_blocking=True)
         uploaded[slot] = torch.cuda.Event()
-        uploaded[slot].record()
+        uploaded[slot].record(torch.cuda.current_stream(vectors.device))  # the stream the copy was queued on
         torch.mm(rows.float(), vectors, out=out[s:e])
     return out.cpu()
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pruner.cli import main as cli_main
-from pruner.config import ConfigError, load_config
+from pruner.config import ConfigError, load_config, load_job_config
 from pruner.io.shards import DEMO_DIR
 
 
@@ -139,3 +139,19 @@ def test_cli_validate_config(tmp_path, capsys):
     assert "valid" in capsys.readouterr().out
     assert cli_main(["validate-config", path, "--set", "features.bogus=1"]) == 2
     assert "features.bogus: unknown key" in capsys.readouterr().err
+
+
+def test_job_config_keeps_the_sketch_of_old_jobs(tmp_path):
+    """A job's config.yaml written before features.single_token_k / scores.diffin.base_pass existed re-opens with
+    the values that job used (Kronecker sketch everywhere, exact base pass), so rescore/explain extend its stored
+    features with the same projection; keys the file sets are kept, and new configs get the new defaults."""
+    old = {"data": {"shards": ["/nowhere/pool"]}, "trajectory": {"file": "/nowhere/trajectory.json"},
+           "scores": {"diffin": {"targets": ["train"]}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = load_job_config(tmp_path / "config.yaml")
+    assert cfg.features.single_token_k == 0 and cfg.scores.diffin.base_pass == "exact"
+    old["features"] = {"single_token_k": 256}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_job_config(tmp_path / "config.yaml").features.single_token_k == 256
+    fresh = load_config(data={k: v for k, v in old.items() if k != "features"}, check_paths=False)
+    assert fresh.features.single_token_k is None and fresh.scores.diffin.base_pass == "midpoint"

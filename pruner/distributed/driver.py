@@ -183,7 +183,11 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
     if any(s is None for s in states) or need_oga:
         comp = Shared.remote(cfg_dict, traj, pool, target, cpus)
-        wait_placed([comp.ping.remote()], "the shared-quantity actor")
+        try:
+            wait_placed([comp.ping.remote()], "the shared-quantity actor")
+        except PlacementError:
+            ray.kill(comp)  # its pending resource request would otherwise stay queued
+            raise
         for i in range(m):
             if states[i] is None:
                 states[i] = ray.get(comp.compute.remote(i))

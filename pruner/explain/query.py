@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pruner.config import load_config
+from pruner.config import load_job_config
 from pruner.explain.index import KINDS, PoolIndex
 from pruner.explain.pool import PoolFeatures, read_captions, weight_blocks
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
@@ -63,7 +63,7 @@ class QueryEncoder:
 
     def __init__(self, job_dir: str | Path, device: str = "auto"):
         self.layout = JobLayout(Path(job_dir))
-        cfg = load_config(self.layout.config, check_paths=False)
+        cfg = load_job_config(self.layout.config)
         if cfg.features.loss != "bank":
             raise ValueError(f"{self.layout.config}: features.loss is {cfg.features.loss!r}; a single query pair has "
                              f"no batch-mates, so only jobs scored with the bank loss can be explained")
