@@ -46,7 +46,6 @@ Writes ``benchmarks/results/projection_quality[_<arch>].json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
@@ -64,36 +63,9 @@ import torch  # noqa: E402
 from pruner.grads.engine import PerSampleGradients, select_layers  # noqa: E402
 from pruner.grads.project import FactorizedProjector, random_matrix  # noqa: E402
 from pruner.model.clip import create_clip, linearize_clip  # noqa: E402
-from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_scale_of  # noqa: E402
+from pruner.model.loss import bank_loss, encode_pairs, logit_scale_of  # noqa: E402
+from tests.reference import demo_pairs, sgd_trained  # noqa: E402  (the test suite's data and SGD proxy)
 
-DEMO_POOL = ROOT / "pruner" / "demo" / "pool"
-
-
-# -- data and models (as in tests/test_grads.py) ------------------------------------------------------------------
-def demo_pairs(preprocess, tokenizer, n: int):
-    from pruner.io.shards import read_shard
-    samples = []
-    for s in sorted(DEMO_POOL.glob("*.tar.gz")):
-        samples += read_shard(str(s))[0]
-        if len(samples) >= n:
-            break
-    samples = samples[:n]
-    return torch.stack([preprocess(s.image) for s in samples]), tokenizer([s.caption for s in samples])
-
-
-def sgd_trained(model, images, tokens, steps: int = 8, lr: float = 0.1):
-    m = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        idx = torch.randint(0, images.shape[0], (32,), generator=g)
-        img, txt = encode_pairs(m, images[idx], tokens[idx])
-        loss = clip_batch_loss(img, txt, m.logit_scale.exp())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return m.eval()
 
 
 def capture(model, images, tokens, loss_fn) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:

@@ -2,9 +2,14 @@
 Hessian-vector products with double backward. Slow by design; tiny models only."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call, grad, vmap
+
+from pruner.io.shards import DEMO_DIR, read_shard
+from pruner.model.loss import clip_batch_loss, encode_pairs
 
 
 
@@ -47,3 +52,33 @@ def hvp(loss_fn, params: dict, vec: dict) -> dict:
         gv = sum((gi * vec[n]).sum() for gi, n in zip(g, names))
         h = torch.autograd.grad(gv, ps)
     return {n: hi.detach() for n, hi in zip(names, h)}
+
+
+def demo_pairs(preprocess, tokenizer, n: int):
+    """(images [n, 3, H, W], tokens [n, context]) of the first n pairs of the bundled demo pool, or None when it
+    holds fewer (or is absent)."""
+    samples = []
+    for shard in sorted((DEMO_DIR / "pool").glob("*.tar.gz")):
+        samples += read_shard(str(shard))[0]
+        if len(samples) >= n:
+            break
+    if len(samples) < n:
+        return None
+    samples = samples[:n]
+    return torch.stack([preprocess(s.image) for s in samples]), tokenizer([s.caption for s in samples])
+
+
+def sgd_trained(model, images, tokens, steps: int = 8, lr: float = 0.1):
+    """A copy of the model after ``steps`` plain SGD steps of the in-batch CLIP loss (logit scale trained too)."""
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (32,), generator=g)
+        img, txt = encode_pairs(m, images[idx], tokens[idx])
+        loss = clip_batch_loss(img, txt, m.logit_scale.exp())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return m.eval()

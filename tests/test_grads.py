@@ -7,12 +7,11 @@ gradients are those of a model that has started to fit, with a trained logit sca
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import small_job_config
-from reference import encode_pairs_functional, per_sample_grads
+from reference import demo_pairs, encode_pairs_functional, per_sample_grads, sgd_trained
 from torch.func import grad, vmap
 
 from pruner.config import load_config
@@ -20,36 +19,13 @@ from pruner.grads.engine import PerSampleGradients, drop_trailing_zero_tokens, s
 from pruner.grads.project import FactorizedProjector, find_single_token_layers, random_matrix
 from pruner.model.checkpoints import load_trajectory
 from pruner.model.clip import create_clip, linear_layers, linearize_clip
-from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, in_batch_detached_loss, logit_scale_of
+from pruner.model.loss import bank_loss, encode_pairs, in_batch_detached_loss, logit_scale_of
 from pruner.scorer import Scorer
-
-DEMO_POOL = Path(__file__).resolve().parents[1] / "pruner" / "demo" / "pool"
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- data and models -----------------------------------------------------------------------------------------------
-def _demo_pairs(preprocess, tokenizer, n: int):
-    """n real (image, caption) pairs from the bundled demo pool, or None when it is absent."""
-    shards = sorted(DEMO_POOL.glob("*.tar.gz"))
-    if not shards:
-        return None
-    try:
-        from pruner.io.shards import read_shard
-    except ImportError:  # pragma: no cover - the reader is part of the package
-        return None
-    samples = []
-    for s in shards:
-        samples += read_shard(str(s))[0]
-        if len(samples) >= n:
-            break
-    samples = samples[:n]
-    if len(samples) < n:
-        return None
-    return torch.stack([preprocess(s.image) for s in samples]), tokenizer([s.caption for s in samples])
-
-
 @pytest.fixture(scope="module")
 def micro():
     torch.manual_seed(0)
@@ -61,29 +37,12 @@ def micro():
 def data(micro):
     """160 pairs: real demo pairs when available (else random images with distinct captions)."""
     _, preprocess, tokenizer = micro
-    pairs = _demo_pairs(preprocess, tokenizer, 160)
+    pairs = demo_pairs(preprocess, tokenizer, 160)
     if pairs is None:
         g = torch.Generator().manual_seed(1)
         pairs = (torch.randn(160, 3, 32, 32, generator=g),
                  tokenizer([f"a photo of object {i} with colour {i * 7 % 13}" for i in range(160)]))
     return pairs
-
-
-def _sgd_trained(model, images, tokens, steps: int = 8, lr: float = 0.1):
-    """A copy of the model after ``steps`` plain SGD steps of the in-batch CLIP loss (logit scale trained too)."""
-    import copy
-    m = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        idx = torch.randint(0, images.shape[0], (32,), generator=g)
-        img, txt = encode_pairs(m, images[idx], tokens[idx])
-        loss = clip_batch_loss(img, txt, m.logit_scale.exp())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return m.eval()
 
 
 @pytest.fixture(scope="module", params=["random", "sgd"])
@@ -92,7 +51,7 @@ def model(request, micro, data):
     if request.param == "random":
         return base
     # train on the tail of the data so the scored samples (the head) are not the training batches
-    return _sgd_trained(base, data[0][96:], data[1][96:])
+    return sgd_trained(base, data[0][96:], data[1][96:])
 
 
 def _bank(model, data, n: int = 48):
