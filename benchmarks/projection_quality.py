@@ -46,7 +46,6 @@ Writes ``benchmarks/results/projection_quality[_<arch>].json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import shlex
@@ -62,6 +61,7 @@ import torch  # noqa: E402
 
 from pruner.grads.engine import PerSampleGradients, select_layers  # noqa: E402
 from pruner.grads.project import FactorizedProjector, random_matrix  # noqa: E402
+from pruner.io.atomic import write_json_atomic  # noqa: E402
 from pruner.model.clip import create_clip, linearize_clip  # noqa: E402
 from pruner.model.loss import bank_loss, encode_pairs, logit_scale_of  # noqa: E402
 from tests.reference import demo_pairs, sgd_trained  # noqa: E402  (the test suite's data and SGD proxy)
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         res = time_engine(args.time, args.batch_size, args.k, args.repeats)
         res["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
         if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1))
+            write_json_atomic(args.out, res)
         return 0
     model = None
     report = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         "projection_quality.json" if args.arch == "pruner-micro" else f"projection_quality_{args.arch}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_json_atomic(out, report)
     print(f"wrote {out}")
     return 0
 
