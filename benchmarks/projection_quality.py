@@ -61,7 +61,7 @@ import torch  # noqa: E402
 
 from pruner.grads.engine import PerSampleGradients, select_layers  # noqa: E402
 from pruner.grads.project import FactorizedProjector, random_matrix  # noqa: E402
-from pruner.io.atomic import write_json_atomic  # noqa: E402
+from pruner.io.atomic import atomic_path, write_json_atomic  # noqa: E402
 from pruner.model.clip import create_clip, linearize_clip  # noqa: E402
 from pruner.model.loss import bank_loss, encode_pairs, logit_scale_of  # noqa: E402
 from tests.reference import demo_pairs, sgd_trained  # noqa: E402  (the test suite's data and SGD proxy)
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     for params in args.params.split(","):
         cached = Path(args.cache) / f"acts-{args.arch}-{params}-{args.n}.pt" if args.cache else None
         if cached and cached.exists():
-            acts = torch.load(cached)
+            acts = torch.load(cached, weights_only=True)
             order = select_layers(linearize_clip(create_clip(args.arch)[0]))  # the engine's concatenation order
             acts = {name: acts[name] for name in order}
         else:
@@ -373,8 +373,8 @@ def main(argv=None) -> int:
             loss_fn = lambda i, t: bank_loss(i, t, bank_img, bank_txt, scale)  # noqa: E731
             acts = capture(m, images[:args.n], tokens[:args.n], loss_fn)
             if cached:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(acts, cached)
+                with atomic_path(cached) as tmp:
+                    torch.save(acts, tmp)
         report["models"].append(analyse(f"{args.arch} {params}", acts, args.k, args.seeds, args.variants.split(","),
                                         not args.no_dense))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
