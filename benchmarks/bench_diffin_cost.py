@@ -126,17 +126,7 @@ def main(argv=None) -> dict:
     fns["tracin_features"] = lambda: engine.run(images, tokens, loss_fn, directions=tracin_dir, features=True,
                                                 norms=True)
 
-    for _ in range(args.warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            common.sync(device)
-            t = time.perf_counter()
-            fn()
-            common.sync(device)
-            times[name].append(time.perf_counter() - t)
+    times = common.time_interleaved(fns, device, args.warmup, args.repeats)
 
     per_sample = {name: statistics.median(ts) / args.batch_size for name, ts in times.items()}
     base = per_sample["train_step"]

@@ -141,6 +141,23 @@ def time_calls(fn, device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def time_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of every function, calls alternating round-robin (so a change of machine load affects
+    every variant alike)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) * (1 if sys.platform == "darwin" else 1024)
@@ -273,17 +290,7 @@ def run_worker(args) -> dict:
         # train step and engine alternately in one process: their ratio is then immune to machine-load drift
         fns = {"train_step": make_train_step(model, images, tokens, device, args.precision),
                "engine": lambda: engine.run(images, tokens, loss_fn, features=True, norms=True)}
-        for _ in range(args.warmup):
-            for f in fns.values():
-                f()
-        times = {k: [] for k in fns}
-        for _ in range(args.repeats):
-            for k, f in fns.items():
-                sync(device)
-                t0 = time.perf_counter()
-                f()
-                sync(device)
-                times[k].append(time.perf_counter() - t0)
+        times = time_interleaved(fns, device, args.warmup, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         return {"variant": "paired", "times_s": times, "median_s": med,
                 "samples_per_s": {k: args.batch_size / v for k, v in med.items()},
