@@ -238,13 +238,22 @@ def apply_override(d: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not key.path=value")
     key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
+    *sections, leaf = key.strip().split(".")
+    cur, bad = _section(d, sections)
+    if bad is not None:
+        raise ConfigError(f"override {override!r}: {bad} is not a section")
+    cur[leaf] = yaml.safe_load(raw)
+
+
+def _section(d: dict, names: list[str]) -> tuple[dict | None, str | None]:
+    """(the nested section ``d[names[0]][names[1]]...``, created where missing, None) or (None, the first name
+    whose value is not a mapping)."""
     cur = d
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
+    for name in names:
+        cur = cur.setdefault(name, {})
         if not isinstance(cur, dict):
-            raise ConfigError(f"override {override!r}: {p} is not a section")
-    cur[parts[-1]] = yaml.safe_load(raw)
+            return None, name
+    return cur, None
 
 
 def _resolve_paths(d: dict, base: Path) -> None:
@@ -321,16 +330,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = json.loads(json.dumps(data))
         base = Path.cwd()
     for dotted, value in (defaults or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for name in parents:
-            if not isinstance(node, dict):
-                break
-            if node.get(name) is None:
-                node[name] = {}
-            node = node[name]
-        if isinstance(node, dict):  # anything else is left for validation to report
-            node.setdefault(leaf, value)
+        *sections, leaf = dotted.split(".")
+        section, _ = _section(data, sections)
+        if section is not None:  # a non-mapping is left for validation to report
+            section.setdefault(leaf, value)
     for o in overrides or []:
         apply_override(data, o)
     _resolve_paths(data, base)
