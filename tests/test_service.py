@@ -18,6 +18,7 @@ Kills happen at natural points: once the job directory holds some shard results 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -250,16 +251,24 @@ def assert_same_ranking(root: Path, reference: Path) -> None:
     assert sa["selection"] == sb["selection"]
 
 
-def run_driver(cfg_path: Path, address: str, log: Path, timeout: float = JOB_TIMEOUT) -> tuple[int, str]:
-    """`python -m pruner.jobs.prune --config cfg` as a subprocess joining the cluster; (exit status, output)."""
+@contextlib.contextmanager
+def driver_process(cfg_path: Path, address: str, log: Path):
+    """`python -m pruner.jobs.prune --config cfg` as a subprocess (own process group) joining the cluster, output
+    to ``log``; the group is killed on exit."""
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "pruner.jobs.prune", "--config", str(cfg_path)],
                                 env=ray_env(RAY_ADDRESS=address), stdout=fh, stderr=subprocess.STDOUT,
                                 cwd=cfg_path.parent, start_new_session=True)
         try:
-            rc = proc.wait(timeout=timeout)
+            yield proc
         finally:
             _kill_group(proc)
+
+
+def run_driver(cfg_path: Path, address: str, log: Path, timeout: float = JOB_TIMEOUT) -> tuple[int, str]:
+    """The driver run to completion: (exit status, output)."""
+    with driver_process(cfg_path, address, log) as proc:
+        rc = proc.wait(timeout=timeout)
     return rc, log.read_text(errors="replace")
 
 
@@ -432,16 +441,10 @@ def test_driver_killed_then_rerun(head, reference, pool, pool_uids, micro_trajec
     cfg_path = write_config(tmp_path, micro_trajectory, [pool])
     root = job_dir(cfg_path)
     seed_shared(root, reference.root)
-    with open(tmp_path / "run1.log", "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "pruner.jobs.prune", "--config", str(cfg_path)],
-                                env=ray_env(RAY_ADDRESS=head.address), stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, start_new_session=True)
-        try:
-            wait_until(some_shards_done(root, driver_log=tmp_path / "run1.log"), JOB_TIMEOUT, "some shards done")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        finally:
-            _kill_group(proc)
+    with driver_process(cfg_path, head.address, tmp_path / "run1.log") as proc:
+        wait_until(some_shards_done(root, driver_log=tmp_path / "run1.log"), JOB_TIMEOUT, "some shards done")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("pool-*.parquet")
             if not p.name.endswith(".rejects.parquet")}
     assert 0 < len(done) < N_SHARDS and not (root / "summary.json").exists()
@@ -480,17 +483,11 @@ def test_node_lost_mid_run(pool, pool_uids, reference, micro_trajectory, tmp_pat
         cfg_path = write_config(tmp_path, micro_trajectory, [pool])
         root = job_dir(cfg_path)
         seed_shared(root, reference.root)
-        with open(tmp_path / "driver.log", "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "pruner.jobs.prune", "--config", str(cfg_path)],
-                                    env=ray_env(RAY_ADDRESS=head2.address), stdout=fh, stderr=subprocess.STDOUT,
-                                    cwd=tmp_path, start_new_session=True)
-            try:
-                wait_until(some_shards_done(root, busy_on=worker, driver_log=tmp_path / "driver.log"), JOB_TIMEOUT,
-                           "shards done on both nodes and the second node's actor mid-shard")
-                worker.kill()
-                rc = proc.wait(timeout=JOB_TIMEOUT)
-            finally:
-                _kill_group(proc)
+        with driver_process(cfg_path, head2.address, tmp_path / "driver.log") as proc:
+            wait_until(some_shards_done(root, busy_on=worker, driver_log=tmp_path / "driver.log"), JOB_TIMEOUT,
+                       "shards done on both nodes and the second node's actor mid-shard")
+            worker.kill()
+            rc = proc.wait(timeout=JOB_TIMEOUT)
         out = (tmp_path / "driver.log").read_text(errors="replace")
         assert rc == 0, out[-4000:]
         summary = json.loads((root / "summary.json").read_text())
