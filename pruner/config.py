@@ -206,6 +206,14 @@ class JobConfig(_Section):
         if "diffin" in self.scores.methods and "target" in self.scores.diffin.targets and not self.target.shards:
             raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
                              "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
+        score, methods = self.select.score, self.scores.methods
+        method = {"diffin": "diffin", "tracin": "tracin", "oga": "oga", "baseline": "baselines"}.get(score.split("_")[0])
+        if method is not None and method not in methods:
+            raise ValueError(f"select.score {score!r} is a {method} score but scores.methods is {methods} "
+                             f"(fix: add {method} to scores.methods or rank by another score)")
+        if method == "diffin" and score.removeprefix("diffin_") not in self.scores.diffin.targets:
+            raise ValueError(f"select.score {score!r} needs the target {score.removeprefix('diffin_')!r} in "
+                             f"scores.diffin.targets {self.scores.diffin.targets} (fix: add it)")
         if self.select.needs_features and not self.features.save:
             raise ValueError("select.policy cluster_balanced and gradient-space dedup read the stored gradient "
                              "features, but features.save is false (fix: set features.save: true, or use "

@@ -94,6 +94,17 @@ def combine_columns(cfg: JobConfig, weights: Sequence[tuple[int, float, float]],
     return cols
 
 
+def computed_quantities(cfg: JobConfig) -> tuple[bool, bool]:
+    """(features, norms): whether a job's passes form projected features P g_z (OGA's L1 and Isolation Forest,
+    stored features for rescore / explain / policies) and exact gradient norms (TracIn self-influence, OGA L2,
+    Diff-In self-influence). Neither is free (projections; per-sample norms), so a job that reads neither, such as
+    ``scores.methods: [diffin]`` with ``features.save: false``, skips both (benchmarks/bench_diffin_cost.py)."""
+    methods, f = cfg.scores.methods, cfg.features
+    features = "oga" in methods or f.save or f.save_hzg
+    norms = "tracin" in methods or "oga" in methods or ("diffin" in methods and "self" in cfg.scores.diffin.targets)
+    return features, norms
+
+
 class Scorer:
     """Scores samples at every checkpoint of a trajectory. Shapes: images [B,3,H,W], tokens [B,ctx]."""
 
@@ -143,8 +154,10 @@ class Scorer:
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
         self.shared = [s if s.bank_img.device == self.device else CheckpointShared.from_state(s.to_state(), self.device)
                        for s in shared]
+        features, norms = computed_quantities(self.cfg)
         self.scorers = [CheckpointScorer(e, s, targets=targets, fd_eps=d.fd_eps, fd_scheme=d.fd_scheme,
-                                         loss=self.cfg.features.loss, base_pass=d.base_pass) for e, s in zip(self.engines, self.shared)]
+                                         loss=self.cfg.features.loss, base_pass=d.base_pass, features=features,
+                                         norms=norms) for e, s in zip(self.engines, self.shared)]
 
     def last_checkpoint_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Projected gradients [n, k] at the last checkpoint (the OGA forest's training rows)."""
@@ -154,8 +167,9 @@ class Scorer:
     def score_components(self, samples: Sequence[Sample], project_hzg: bool = False):
         """Per-checkpoint components and projected vectors for a list of samples.
 
-        Returns (components: list over checkpoints of {name: float64 [n]}, features: list of P g_z [n, k] float32,
-        hzg: list of P H_z G_B [n, k] float32, or [] unless ``project_hzg``). Components depend only on the
+        Returns (components: list over checkpoints of {name: float64 [n]}, features: list of P g_z [n, k] float32
+        (None per checkpoint when the job forms no features, :func:`computed_quantities`), hzg: list of P H_z G_B
+        [n, k] float32, or [] unless ``project_hzg``). Components depend only on the
         checkpoint, its shared quantities and the sample, never on the other checkpoints (a_t and eta are
         applied in :meth:`combine_scores`), so they can be cached and recombined."""
         if not self.scorers:
@@ -169,10 +183,12 @@ class Scorer:
                 comp, f, h = sc.compute(images, tokens, project_hzg=project_hzg)
                 for k, v in comp.items():
                     comps[i].setdefault(k, []).append(v)
-                feats[i].append(f)
+                if f is not None:
+                    feats[i].append(f)
                 if h is not None:
                     hzgs[i].append(h)
-        empty = np.zeros((0, self.cfg.features.k), np.float32)
+        features, _ = computed_quantities(self.cfg)
+        empty = np.zeros((0, self.cfg.features.k), np.float32) if features else None
         return ([{k: np.concatenate(v) for k, v in c.items()} for c in comps],
                 [np.concatenate(f) if f else empty for f in feats],
                 [np.concatenate(h) for h in hzgs] if project_hzg else [])

@@ -13,7 +13,7 @@ def _base(tmp_path) -> dict:
     traj = tmp_path / "trajectory.json"
     traj.write_text("{}")
     return {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": str(traj)},
-            "scores": {"diffin": {"targets": ["train"]}}}
+            "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
 
 
 def _write(tmp_path, d) -> str:
@@ -89,6 +89,29 @@ def test_policy_config_accepted(tmp_path):
     assert not plain.uses_policy and plain.n_clusters == 100 and plain.label_key == "classname"
 
 
+@pytest.mark.parametrize("overrides,fragment", [
+    (["scores.methods=[diffin]", "select.score=tracin_target"],
+     "select.score 'tracin_target' is a tracin score but scores.methods is ['diffin'] (fix: add tracin"),
+    (["scores.methods=[tracin, oga]"], "select.score 'diffin_train' is a diffin score"),
+    (["select.score=oga_l2", "scores.methods=[diffin, baselines]"], "is a oga score"),
+    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it)"),
+])
+def test_select_score_must_come_from_a_configured_method(tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _base(tmp_path)), overrides)
+    assert fragment in str(e.value)
+
+
+def test_diffin_alone_forms_no_features_or_norms(tmp_path):
+    from pruner.scorer import computed_quantities
+    path = _write(tmp_path, _base(tmp_path))
+    alone = load_config(path, ["scores.methods=[diffin]", "features.save=false"])
+    assert computed_quantities(alone) == (False, False)
+    assert computed_quantities(load_config(path)) == (True, True)
+    assert computed_quantities(load_config(path, ["scores.methods=[diffin, tracin]", "features.save=false"])) == \
+        (False, True)
+
+
 def test_missing_paths_reported(tmp_path):
     d = _base(tmp_path)
     d["data"]["shards"] = [str(tmp_path / "nope.tar")]
@@ -120,7 +143,7 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
     sub.mkdir()
     (sub / "trajectory.json").write_text("{}")
     d = {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": "trajectory.json"},
-         "scores": {"diffin": {"targets": ["train"]}}}
+         "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
     cfg = load_config(_write(sub, d))
     assert cfg.trajectory.file == str((sub / "trajectory.json").resolve())
 
@@ -146,7 +169,7 @@ def test_job_config_keeps_the_sketch_of_old_jobs(tmp_path):
     the values that job used (Kronecker sketch everywhere, exact base pass), so rescore/explain extend its stored
     features with the same projection; keys the file sets are kept, and new configs get the new defaults."""
     old = {"data": {"shards": ["/nowhere/pool"]}, "trajectory": {"file": "/nowhere/trajectory.json"},
-           "scores": {"diffin": {"targets": ["train"]}}}
+           "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     cfg = load_job_config(tmp_path / "config.yaml")
     assert cfg.features.single_token_k == 0 and cfg.scores.diffin.base_pass == "exact"

@@ -301,6 +301,26 @@ def test_midpoint_base_is_second_order(t2_case):
         assert e2 < e1 / 3, (k, e1, e2)
 
 
+def test_diffin_alone_skips_features_and_norms(t2_case):
+    """A job that reads neither projected features nor exact norms (``scores.methods: [diffin]`` without the self
+    target, ``features.save: false``; pruner.scorer.computed_quantities) gets the same Diff-In components from passes
+    that form neither: no P g_z, no sq_norm / l1_feat, and every other component bit for bit equal."""
+    st, sh, images, tokens, *_ = t2_case
+    kw = dict(targets=["target", "train"], fd_eps=1e-2)
+    full, feats, _ = CheckpointScorer(st.engine, sh, **kw).compute(images, tokens)
+    alone, none, _ = CheckpointScorer(st.engine, sh, features=False, norms=False, **kw).compute(images, tokens)
+    assert feats.shape == (images.shape[0], st.engine.projector.k) and none is None
+    assert set(full) - set(alone) == {"sq_norm", "l1_feat"} and set(alone) <= set(full)
+    for k in alone:
+        np.testing.assert_array_equal(alone[k], full[k], err_msg=k)
+    cols = combine([alone], [0.5], [-2.0], [str(i) for i in range(images.shape[0])])
+    assert {"diffin_target", "diffin_train", "tracin_target"} <= set(cols)
+    assert not {"tracin_self", "oga_l2", "oga_l1"} & set(cols)
+    # the self target needs the norms (t2_self): they are formed whatever the flag says
+    with_self = CheckpointScorer(st.engine, sh, features=False, norms=False, targets=["self"], fd_eps=1e-2)
+    assert "t2_self" in with_self.compute(images, tokens)[0]
+
+
 def test_t1_self_is_eigen_definition(t2_case):
     st, sh, images, tokens, _, grads, fd = t2_case
     comp = fd(1e-2)

@@ -40,7 +40,7 @@ class PerSampleResult:
     """Outputs for a batch of B samples (all detached)."""
 
     loss: torch.Tensor  # [B] float64, the per-sample loss
-    features: Optional[torch.Tensor]  # [B, k] float32 projected gradients
+    features: Optional[torch.Tensor]  # [B, k] float32 projected gradients ([B, concat_dim] stage-1 sketch if not reduced)
     sq_norm: Optional[torch.Tensor]  # [B] float64 exact squared L2 norm of the gradient over selected params
     dots: Optional[torch.Tensor]  # [B, n_directions] float64 exact <g_z, d_j>
     img_emb: torch.Tensor  # [B, e] float32 unit-norm
@@ -69,7 +69,8 @@ def drop_trailing_zero_tokens(a: torch.Tensor, gy: torch.Tensor) -> tuple[torch.
     influence the pooled token), so the hook work there scales with the caption length, not the context."""
     if bool(gy[:, -1].any()):  # the common case (every vision token is live): no scan of the whole gradient
         return a, gy
-    used = torch.nonzero(gy.abs().amax((0, 2))).flatten()
+    live = (gy.amax((0, 2)) > 0) | (gy.amin((0, 2)) < 0)  # [T]; ~10x faster than gy.abs().amax: no |gy| copy
+    used = torch.nonzero(live).flatten()
     t = int(used[-1]) + 1 if len(used) else 1
     return (a, gy) if t == gy.shape[1] else (a[:, :t], gy[:, :t])
 
@@ -159,6 +160,10 @@ class PerSampleGradients:
     def directions(self, vectors: Sequence[ParamVector]) -> Directions:
         return Directions(self, vectors)
 
+    def reduce(self, concat: torch.Tensor) -> torch.Tensor:
+        """Stage-1 concatenations [B, concat_dim] -> projected features [B, k] (the dense reduction R)."""
+        return concat @ self.projector.final().T
+
     # -- the pass -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _activation_grads_only(self):
@@ -190,11 +195,14 @@ class PerSampleGradients:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def run(self, images: torch.Tensor, tokens: torch.Tensor, loss_fn: LossFn,
-            directions: Optional[Directions] = None, features: bool = True, norms: bool = True) -> PerSampleResult:
+            directions: Optional[Directions] = None, features: bool = True, norms: bool = True,
+            reduce: bool = True) -> PerSampleResult:
         """One forward + activation-only backward over a batch.
 
         images: [B, 3, H, W] preprocessed; tokens: [B, context] token ids. ``loss_fn`` maps the unit-norm
         embeddings to per-sample losses [B]; it must not mix samples (use a detached bank).
+        ``reduce=False`` leaves ``features`` as the stage-1 concatenation [B, concat_dim]: callers that combine
+        several passes linearly (the finite differences) reduce the combination once with :meth:`reduce`.
         """
         b = images.shape[0]
         proj = self.projector
@@ -241,6 +249,6 @@ class PerSampleGradients:
         finally:
             for h in handles:
                 h.remove()
-        feats = concat @ proj.final().T if concat is not None else None
+        feats = self.reduce(concat) if concat is not None and reduce else concat
         return PerSampleResult(loss=loss.detach(), features=feats, sq_norm=sq, dots=dots,
                                img_emb=img.detach().float(), txt_emb=txt.detach().float())

@@ -59,10 +59,12 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
         v = weighted(f"tracin_{name}", etas)
         if v is not None:
             out[f"tracin_{name}"] = v
-    out["tracin_self"] = -weighted("sq_norm", etas)
     last = per_ckpt[-1]
-    out["oga_l2"] = -np.sqrt(last["sq_norm"])
-    out["oga_l1"] = -last["l1_feat"]
+    if "sq_norm" in last:  # exact norms and projected features are formed only when the job reads them
+        out["tracin_self"] = -weighted("sq_norm", etas)
+        out["oga_l2"] = -np.sqrt(last["sq_norm"])
+    if "l1_feat" in last:
+        out["oga_l1"] = -last["l1_feat"]
     out["baseline_loss"] = -last["loss"]
     out["baseline_clip_score"] = last["clip_score"].copy()
     out["baseline_random"] = hash_unit(uids, f"random-{seed}")

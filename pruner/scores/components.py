@@ -52,7 +52,8 @@ class CheckpointScorer:
     """Computes the components above for batches of pool samples at one checkpoint."""
 
     def __init__(self, engine: PerSampleGradients, shared: CheckpointShared, targets=("target", "train"),
-                 fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank", base_pass: str = "midpoint"):
+                 fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank", base_pass: str = "midpoint",
+                 features: bool = True, norms: bool = True):
         if fd_scheme == "forward" and engine.precision != "fp32":
             raise ValueError("fd_scheme 'forward' reuses the base pass, which must then run in fp32 "
                              "(fix: model.precision: fp32 or scores.diffin.fd_scheme: central)")
@@ -60,6 +61,9 @@ class CheckpointScorer:
             raise ValueError(f"base_pass {base_pass!r}: one of midpoint, exact")
         self.engine, self.shared = engine, shared
         self.targets = set(targets)
+        # what the job reads (Scorer.set_shared): projected features (OGA, stored features) and exact norms (TracIn
+        # self-influence, OGA L2, Diff-In self); a pass that forms neither only contracts with the directions
+        self.features, self.norms = features, norms or "self" in self.targets
         self.fd_eps, self.fd_scheme, self.base_pass = fd_eps, fd_scheme, base_pass
         vec = shared.vectors
         self.base_names = [n for n in BASE_DIRECTIONS if n in vec]
@@ -79,12 +83,13 @@ class CheckpointScorer:
             self.loss_fn = lambda i, t: in_batch_detached_loss(i, t, shared.scale)
 
     def _fd_pass(self, images, tokens, step: float, features: bool) -> PerSampleResult:
-        """One finite-difference pass at theta_t + step * G^, always in fp32."""
+        """One finite-difference pass at theta_t + step * G^, always in fp32; features left unreduced."""
         eng = self.engine
         saved, eng.precision = eng.precision, "fp32"
         try:
             with perturbed(eng.params(), self.shared.vectors["G"], step):
-                return eng.run(images, tokens, self.loss_fn, directions=self.dirs, features=features, norms=True)
+                return eng.run(images, tokens, self.loss_fn, directions=self.dirs, features=features,
+                               norms=self.norms, reduce=False)
         finally:
             eng.precision = saved
 
@@ -94,7 +99,10 @@ class CheckpointScorer:
         return arrays, (feats if features else None)
 
     def compute(self, images: torch.Tensor, tokens: torch.Tensor, project_hzg: bool = False):
-        """Returns (components {name: float64 [B]}, P g_z [B, k] float32, P H_z G_B [B, k] float32 or None).
+        """Returns (components {name: float64 [B]}, P g_z [B, k] float32 or None, P H_z G_B [B, k] float32 or None).
+
+        Without ``features`` (set at construction) there is no P g_z and no l1_feat component, without ``norms`` no
+        sq_norm (and no t2_self: the "self" target turns norms on).
 
         With ``project_hzg`` the finite-difference passes also project the per-sample gradients, giving the
         projected Hessian-gradient product P H_z G_B = [P g_z(+eps) - P g_z(-eps)] ||G|| / (2 eps). Stored next
@@ -102,17 +110,25 @@ class CheckpointScorer:
         T2 ~ <P v', P H_z G_B> (pruner rescore)."""
         eps = self.fd_eps
         fd = bool(self.t2_names) or "self" in self.targets or project_hzg
+        features = self.features or project_hzg
         if fd and self.fd_scheme == "central" and self.base_pass == "midpoint":
-            plus = self._fd_pass(images, tokens, eps, True)
-            minus = self._fd_pass(images, tokens, -eps, True)
+            plus = self._fd_pass(images, tokens, eps, features)
+            minus = self._fd_pass(images, tokens, -eps, features)
             r = midpoint(plus, minus)
         else:
-            r = self.engine.run(images, tokens, self.loss_fn, directions=self.dirs, features=True, norms=True)
+            r = self.engine.run(images, tokens, self.loss_fn, directions=self.dirs, features=features,
+                                norms=self.norms, reduce=False)
             if fd:
                 plus = self._fd_pass(images, tokens, eps, project_hzg)
                 minus = self._fd_pass(images, tokens, -eps, project_hzg) if self.fd_scheme == "central" else r
-        out = {"loss": r.loss, "sq_norm": r.sq_norm, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double(),
-               "l1_feat": r.features.abs().sum(-1).double()}
+        # every pass leaves its features as the stage-1 sketch, which is linear in the gradient: the midpoint and the
+        # difference are formed there and reduced to k dims once each, not once per pass
+        feats = self.engine.reduce(r.features) if self.features else None
+        out = {"loss": r.loss, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double()}
+        if self.norms:
+            out["sq_norm"] = r.sq_norm
+        if feats is not None:
+            out["l1_feat"] = feats.abs().sum(-1).double()
         dots = {n: r.dots[:, j] for j, n in enumerate(self.names)}
         for name in ("target", "pred"):
             if f"v_{name}" in dots:
@@ -131,9 +147,9 @@ class CheckpointScorer:
             if "self" in self.targets:
                 out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * scale
             if project_hzg:
-                hzg = ((plus.features - minus.features) * scale).cpu().numpy()
+                hzg = (self.engine.reduce(plus.features - minus.features) * scale).cpu().numpy()
         arrays = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
-        return arrays, r.features.cpu().numpy(), hzg
+        return arrays, (None if feats is None else feats.cpu().numpy()), hzg
 
 
 def midpoint(plus: PerSampleResult, minus: PerSampleResult) -> PerSampleResult:
