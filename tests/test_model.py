@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruner.model.clip import (LinearSelfAttention, MatmulLinear, create_clip, linear_layers, linearize_clip)
+from pruner.model.clip import (LinearSelfAttention, MatmulLinear, create_clip, encode_text, linear_layers,
+                               linearize_clip)
 
 ARCHS = ("pruner-micro", "pruner-tiny")
 
@@ -70,6 +71,30 @@ def test_embeddings_unchanged_batch_of_one(pair):
         img1, txt1 = _embed(lin, images[b:b + 1], tokens[b:b + 1])
         torch.testing.assert_close(img1, img0, atol=1e-5, rtol=0)
         torch.testing.assert_close(txt1, txt0, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_text_without_padding_matches_full_context(pair):
+    """encode_text runs the causal text tower only up to the batch's last end-of-text token: the same embeddings as
+    open_clip's full-context encode_text (original and linearised model; atol 1e-5, the GEMMs see fewer rows), for a
+    batch and for each caption alone (each then cut to its own length)."""
+    arch, original, lin, images, tokens = pair
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to drop
+    for model in (original, lin):
+        torch.testing.assert_close(encode_text(model, tokens), model.encode_text(tokens), atol=1e-5, rtol=0)
+        for b in range(tokens.shape[0]):
+            torch.testing.assert_close(encode_text(model, tokens[b:b + 1]), model.encode_text(tokens[b:b + 1]),
+                                       atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_text_keeps_full_context_when_padding_matters(pair):
+    """Pooling other than at the end-of-text token (here the last position) reads the padding: the full context runs,
+    bit for bit open_clip's encode_text."""
+    arch, original, lin, images, tokens = pair
+    model = copy.deepcopy(lin)
+    model.text_pool_type = "last"
+    assert torch.equal(encode_text(model, tokens), model.encode_text(tokens))
 
 
 def test_parameters_preserved(pair):

@@ -127,6 +127,33 @@ def linearize_clip(model: nn.Module) -> nn.Module:
     return model
 
 
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Text embeddings [B, e] (not normalised) of token ids [B, context], like ``model.encode_text``, without the
+    padding after the batch's last end-of-text token.
+
+    For an open_clip ``CLIP`` whose text tower is causal (``attn_mask``) and pooled at the end-of-text token
+    (``text_pool_type == "argmax"``: the EOT id is the largest), a position after every sample's EOT can reach no
+    pooled token, so the tower runs on the first ``max_b argmax(tokens_b) + 1`` positions only (with the positional
+    embedding and causal mask cut to match). Same result up to float rounding (the GEMMs see fewer rows), and the
+    text tower costs what the captions' length asks, not the context length (77 for the open_clip ViT models; CC3M
+    captions are ~15 tokens). Any other model (no causal mask, other pooling, custom text towers) runs
+    ``model.encode_text`` unchanged. One host sync per batch on CUDA (the cut length)."""
+    mask = getattr(model, "attn_mask", None)
+    if (not isinstance(model, open_clip.model.CLIP) or type(model).encode_text is not open_clip.model.CLIP.encode_text
+            or getattr(model, "text_pool_type", None) != "argmax" or mask is None):
+        return model.encode_text(tokens)
+    eot = tokens.argmax(-1)  # [B]
+    t = int(eot.max()) + 1
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens[:, :t]).to(cast) + model.positional_embedding[:t].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=mask[:t, :t]))
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Module) else x @ proj
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """All ``nn.Linear`` modules of a linearised model by qualified name, in registration order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}

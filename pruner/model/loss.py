@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pruner.model.clip import encode_text
+
 
 def bank_loss(img: torch.Tensor, txt: torch.Tensor, bank_img: torch.Tensor, bank_txt: torch.Tensor,
               scale: float | torch.Tensor) -> torch.Tensor:
@@ -62,9 +64,10 @@ def clip_batch_loss(img: torch.Tensor, txt: torch.Tensor, scale: float | torch.T
 
 
 def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit-norm image and text embeddings, [B, e] each, in the model's compute dtype."""
+    """Unit-norm image and text embeddings, [B, e] each, in the model's compute dtype (text without the padding
+    after the last end-of-text token: :func:`pruner.model.clip.encode_text`)."""
     return (F.normalize(model.encode_image(images), dim=-1),
-            F.normalize(model.encode_text(tokens), dim=-1))
+            F.normalize(encode_text(model, tokens), dim=-1))
 
 
 def logit_scale_of(model) -> float:
