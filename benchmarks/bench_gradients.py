@@ -14,7 +14,9 @@ Variants (each in a fresh subprocess, so peak memory is measured cleanly):
                   ``--trak-block-mb`` per block) on every call; ``--trak-cache-gb`` keeps it in memory when it fits.
 
 A fourth worker, ``paired``, alternates the train step and the engine in one process; ``features_vs_train_step``
-is taken from it, so a change of machine load between the separate workers cannot skew that ratio.
+is taken from it, so a change of machine load between the separate workers cannot skew that ratio. It also times a
+train step whose text tower skips the padding after the last end-of-text token, as the engine's does
+(``features_vs_trimmed_train_step``, the like-for-like ratio).
 
 Timing: ``--warmup`` untimed calls, then ``--repeats`` timed calls; the median is reported (CUDA: synchronised).
 The TRAK-style warm-up runs the per-sample gradients and the first projection block only (the rest is seeded RNG
@@ -103,9 +105,15 @@ def random_bank(model, k: int, device: torch.device, seed: int = 2):
     return img.to(device), txt.to(device)
 
 
-def make_train_step(model, images, tokens, device, precision):
-    """A closure running forward + backward of the in-batch CLIP loss w.r.t. all parameters (no optimiser step)."""
-    from pruner.model.loss import clip_batch_loss, encode_pairs
+def make_train_step(model, images, tokens, device, precision, trim_text: bool = False):
+    """A closure running forward + backward of the in-batch CLIP loss w.r.t. all parameters (no optimiser step).
+
+    By default the text tower runs the full context, as open_clip's training does; ``trim_text`` cuts the padding
+    after the last end-of-text token first, as the engine does (pruner.model.clip.encode_text): the like-for-like
+    step, reported next to the plain one."""
+    import torch.nn.functional as F
+    from pruner.model.clip import encode_text
+    from pruner.model.loss import clip_batch_loss
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -114,7 +122,8 @@ def make_train_step(model, images, tokens, device, precision):
         for p in params:
             p.grad = None
         with autocast(device, precision):
-            img, txt = encode_pairs(model, images, tokens)
+            img = F.normalize(model.encode_image(images), dim=-1)
+            txt = F.normalize(encode_text(model, tokens) if trim_text else model.encode_text(tokens), dim=-1)
             loss = clip_batch_loss(img, txt, model.logit_scale.exp())
         loss.backward()
         return loss
@@ -289,12 +298,14 @@ def run_worker(args) -> dict:
     if args.worker == "paired":
         # train step and engine alternately in one process: their ratio is then immune to machine-load drift
         fns = {"train_step": make_train_step(model, images, tokens, device, args.precision),
+               "train_step_trimmed": make_train_step(model, images, tokens, device, args.precision, trim_text=True),
                "engine": lambda: engine.run(images, tokens, loss_fn, features=True, norms=True)}
         times = time_interleaved(fns, device, args.warmup, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         return {"variant": "paired", "times_s": times, "median_s": med,
                 "samples_per_s": {k: args.batch_size / v for k, v in med.items()},
-                "engine_vs_train_step_speed": med["train_step"] / med["engine"], **info}
+                "engine_vs_train_step_speed": med["train_step"] / med["engine"],
+                "engine_vs_trimmed_train_step_speed": med["train_step_trimmed"] / med["engine"], **info}
     if args.worker == "train_step":
         fn = make_train_step(model, images, tokens, device, args.precision)
     elif args.worker == "engine":
@@ -388,7 +399,8 @@ def main(argv=None) -> dict:
             results[variant]["process_wall_s"] = time.perf_counter() - t0
         r = results[variant]
         if variant == "paired":
-            print(f"{'paired':>11}: train step {r['samples_per_s']['train_step']:.1f} samples/s, engine "
+            print(f"{'paired':>11}: train step {r['samples_per_s']['train_step']:.1f} samples/s (with the text "
+                  f"padding cut: {r['samples_per_s']['train_step_trimmed']:.1f}), engine "
                   f"{r['samples_per_s']['engine']:.1f} samples/s (alternating in one process)", flush=True)
             continue
         print(f"{variant:>11}: {r['samples_per_s']:9.1f} samples/s  median {r['median_s'] * 1e3:9.1f} ms/batch  "
@@ -403,6 +415,7 @@ def main(argv=None) -> dict:
     report = {
         "features_vs_train_step": paired["engine_vs_train_step_speed"] if paired
         else ratio("engine", "train_step", "samples_per_s"),
+        "features_vs_trimmed_train_step": paired["engine_vs_trimmed_train_step_speed"] if paired else None,
         "features_vs_train_step_separate_processes": ratio("engine", "train_step", "samples_per_s"),
         "features_vs_trak_style": ratio("engine", "trak_style", "samples_per_s"),
         "peak_memory_vs_train_step": ratio("engine", "train_step", "peak_memory_bytes"),
@@ -429,7 +442,10 @@ def main(argv=None) -> dict:
                  "runs give the peak memory, the TRAK-style numbers and features_vs_train_step_separate_processes. "
                  "The engine row is one forward + activation-only "
                  "backward with features and exact norms; train_step is forward + backward of the in-batch CLIP "
-                 "loss w.r.t. all parameters (including the token embedding), no optimiser step. Same linearised "
+                 "loss w.r.t. all parameters (including the token embedding), no optimiser step, with the text "
+                 "tower over the full context as open_clip trains. The engine drops the text padding after the "
+                 "batch's last end-of-text token (exact: causal mask, EOT pooling); "
+                 "features_vs_trimmed_train_step compares with a train step that drops it too. Same linearised "
                  "model for all variants.",
     }
     write_json_atomic(args.out, report)
