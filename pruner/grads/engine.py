@@ -64,9 +64,11 @@ class Directions:
 
 def drop_trailing_zero_tokens(a: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut the token positions after the last one with a non-zero output gradient in any sample (views of a
-    [B, T, d_in] and gy [B, T, d_out]). Exact: a zero gy_t adds nothing to any per-sample quantity. In the causal
-    text tower every position after the batch's last end-of-text token has exactly zero gradient (it cannot
-    influence the pooled token), so the hook work there scales with the caption length, not the context."""
+    [B, T, d_in] and gy [B, T, d_out]). Exact: a zero gy_t adds nothing to any per-sample quantity. The layers
+    of a tower's last block after attention see a non-zero gradient at the pooled token only: in the vision tower
+    that is the class token, position 0, so their hook work shrinks to one token. (The text padding after the last
+    end-of-text token is not even computed: :func:`pruner.model.clip.encode_text`; for a text tower that runs the
+    full context, those positions have exactly zero gradient and are cut here.)"""
     if bool(gy[:, -1].any()):  # the common case (every vision token is live): no scan of the whole gradient
         return a, gy
     live = (gy.amax((0, 2)) > 0) | (gy.amin((0, 2)) < 0)  # [T]; ~10x faster than gy.abs().amax: no |gy| copy
