@@ -26,7 +26,9 @@ per-sample gradient has a single token, i.e. rank 1):
 * ``dense``             one dense Rademacher (+-1) sketch of the whole flattened gradient to k (TRAK-style; the
                         reference)
 * ``projector``         :class:`pruner.grads.project.FactorizedProjector` with its defaults (what the engine runs);
-  ``projector_m<m>``    the same with ``single_token_k=m`` (``projector_m0``: the Kronecker sketch everywhere)
+  ``projector_m<m>``    the same with ``single_token_k=m`` (``projector_m0``: the Kronecker sketch everywhere);
+  ``projector_viaR``    the same with ``single_token_direct=False`` (the Khatri-Rao blocks reduced by R too, as
+                        before they were added straight into the output)
 
 The script's own variants (all but ``projector*``) reduce with seeded column chunks of R, so their seeds are not
 the projector's; ``projector*`` use the engine's matrices and concatenation order exactly.
@@ -233,7 +235,8 @@ def analyse(label: str, acts: dict, k: int, seeds: int, variants: list[str], den
                 d, mem = flat.shape[1], k * flat.shape[1]
                 macs = k * flat.shape[1]
             elif variant.startswith("projector"):
-                kw = {} if variant == "projector" else {"single_token_k": int(variant.removeprefix("projector_m"))}
+                kw = ({} if variant == "projector" else {"single_token_direct": False} if variant == "projector_viaR"
+                      else {"single_token_k": int(variant.removeprefix("projector_m"))})
                 proj = FactorizedProjector({nm: (gy.shape[-1], a.shape[-1], hb) for nm, (a, gy, hb) in acts.items()},
                                            k=k, seed=s, **kw)
                 concat = torch.zeros(n, proj.concat_dim)
@@ -243,8 +246,8 @@ def analyse(label: str, acts: dict, k: int, seeds: int, variants: list[str], den
                     concat[:, off:off + blk.shape[1]] += blk
                 est_c = (concat.double() @ concat.double().T)[iu[0], iu[1]]
                 rs_concat.append(pearson(x, est_c))
-                f = (concat @ proj.final().T).double()
-                d = proj.concat_dim
+                f = proj.reduce(concat).double()
+                d = proj.reduced_dim
                 mem = proj.matrix_bytes() // 4
                 macs = k * d + sum((effective_tokens(gy) if nm in proj.single_token else a.shape[1])
                                    * (proj.offsets[nm][1] * (gy.shape[-1] + a.shape[-1] + hb) if nm in proj.single_token

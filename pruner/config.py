@@ -76,6 +76,9 @@ class FeaturesConfig(_Section):
     single_token_k: Optional[int] = Field(default=None, ge=0)
     # fnmatch patterns naming those layers; None: picked from the layer names of the linearised open_clip model
     single_token_layers: Optional[list[str]] = None
+    # add the Khatri-Rao blocks straight into the k-dim output (when single_token_k <= k) instead of through the
+    # dense reduction R: no second sketch on them (more accurate) and a smaller R (faster)
+    single_token_direct: bool = True
     projection: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = 0
     include: list[str] = Field(default_factory=lambda: ["*"])
@@ -309,7 +312,8 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
 #: Keys whose default changed after job directories were written without them, with the value that reproduces
 #: what such a job did: its stored features were made with the Kronecker sketch everywhere, and its base
 #: components came from a pass at theta_t. Applied only when re-opening a job (:func:`load_job_config`).
-JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "scores.diffin.base_pass": "exact"}
+JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "features.single_token_direct": False,
+                       "scores.diffin.base_pass": "exact"}
 
 
 def load_job_config(path: str | Path) -> JobConfig:

@@ -123,7 +123,8 @@ class Scorer:
             self.engines.append(PerSampleGradients(model, k=f.k, layer_k=f.layer_k, seed=f.seed, kind=f.projection,
                                                    include=f.include, exclude=f.exclude,
                                                    precision=cfg.model.precision, single_token_k=f.single_token_k,
-                                                   single_token_layers=f.single_token_layers))
+                                                   single_token_layers=f.single_token_layers,
+                                                   single_token_direct=f.single_token_direct))
         self.weights = checkpoint_weights(cfg, traj)
         self.shared: list[CheckpointShared] = []
         self.scorers: list[CheckpointScorer] = []

@@ -165,16 +165,20 @@ def test_cli_validate_config(tmp_path, capsys):
 
 
 def test_job_config_keeps_the_sketch_of_old_jobs(tmp_path):
-    """A job's config.yaml written before features.single_token_k / scores.diffin.base_pass existed re-opens with
-    the values that job used (Kronecker sketch everywhere, exact base pass), so rescore/explain extend its stored
-    features with the same projection; keys the file sets are kept, and new configs get the new defaults."""
+    """A job's config.yaml written before features.single_token_k / single_token_direct / scores.diffin.base_pass
+    existed re-opens with the values that job used (Kronecker sketch everywhere or Khatri-Rao blocks through R,
+    exact base pass), so rescore/explain extend its stored features with the same projection; keys the file sets
+    are kept, and new configs get the new defaults."""
     old = {"data": {"shards": ["/nowhere/pool"]}, "trajectory": {"file": "/nowhere/trajectory.json"},
            "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     cfg = load_job_config(tmp_path / "config.yaml")
     assert cfg.features.single_token_k == 0 and cfg.scores.diffin.base_pass == "exact"
-    old["features"] = {"single_token_k": 256}
+    assert not cfg.features.single_token_direct
+    old["features"] = {"single_token_k": 256}  # a job of the Khatri-Rao sketch before its blocks skipped R
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    assert load_job_config(tmp_path / "config.yaml").features.single_token_k == 256
+    reopened = load_job_config(tmp_path / "config.yaml").features
+    assert reopened.single_token_k == 256 and not reopened.single_token_direct
     fresh = load_config(data={k: v for k, v in old.items() if k != "features"}, check_paths=False)
     assert fresh.features.single_token_k is None and fresh.scores.diffin.base_pass == "midpoint"
+    assert fresh.features.single_token_direct

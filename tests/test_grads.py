@@ -259,10 +259,11 @@ def test_random_matrix_entries():
         random_matrix(0, "a", 2, 2, "sparse")
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_sketches_preserve_inner_products_in_expectation(kind):
+@pytest.mark.parametrize("kind,direct", [("rademacher", True), ("gaussian", True), ("rademacher", False)])
+def test_sketches_preserve_inner_products_in_expectation(kind, direct):
     """E[M^T M] = I for one matrix, and E <P x, P y> = <x, y> for the full factorised + dense sketch, over 300
-    seeds, with a 5-sigma (and 5 %) tolerance."""
+    seeds, with a 5-sigma (and 5 %) tolerance; Khatri-Rao blocks added straight into the output (``direct``, the
+    default) or reduced by R with the rest."""
     acc = torch.zeros(24, 24, dtype=torch.float64)
     for s in range(300):
         m = random_matrix(s, "m", 6, 24, kind).double()
@@ -282,7 +283,8 @@ def test_sketches_preserve_inner_products_in_expectation(kind):
     est_xy, est_xx = [], []
     for seed in range(300):
         proj = FactorizedProjector(layers, k=48, layer_k=6, seed=seed, kind=kind, single_token_k=12,
-                                   single_token_layers=["c", "d"])
+                                   single_token_layers=["c", "d"], single_token_direct=direct)
+        assert (proj.concat_dim - proj.reduced_dim) == (48 if direct else 0)
         assert proj.single_token == {"c", "d"}
         px, py = proj.project_weights(x).double(), proj.project_weights(y).double()
         est_xy.append(float(px @ py))
@@ -307,6 +309,14 @@ def test_projector_layout():
     proj = FactorizedProjector(layers, k=10, layer_k=6, single_token_k=20, single_token_layers=["visual.proj", "c"])
     assert proj.offsets == {"a": (0, 6, 6), "visual.proj": (42, 20, 0), "c": (62, 20, 0)}
     assert proj.block_dims == {"a": 42, "visual.proj": 20, "c": 20} and proj.concat_dim == 82
+    assert proj.reduced_dim == 82 and proj.final().shape == (10, 82)  # m > k: through R
+    # m <= k (the default): every Khatri-Rao block adds into the same k columns after the reduced blocks
+    direct = FactorizedProjector(layers, k=30, layer_k=6, single_token_k=20, single_token_layers=["visual.proj", "c"])
+    assert direct.offsets == {"a": (0, 6, 6), "visual.proj": (42, 20, 0), "c": (42, 20, 0)}
+    assert direct.reduced_dim == 42 and direct.concat_dim == 72 and direct.final().shape == (30, 42)
+    via_r = FactorizedProjector(layers, k=30, layer_k=6, single_token_k=20, single_token_layers=["visual.proj", "c"],
+                                single_token_direct=False)
+    assert via_r.offsets == proj.offsets and via_r.reduced_dim == via_r.concat_dim == 82
     p_out, p_in = proj.factors("c")
     assert p_out.shape == (20, 5) and p_in.shape == (20, 8)
     assert set(torch.unique(p_in).tolist()) == {-1.0, 1.0}  # unit-variance Rademacher; P_out carries 1/sqrt(m)
@@ -357,17 +367,21 @@ def test_single_token_layers_are_those_with_one_token(micro, data):
     assert len(eng.projector.single_token) == 8
 
 
-def test_khatri_rao_activations_equal_projected_weights():
+@pytest.mark.parametrize("direct", [True, False])
+def test_khatri_rao_activations_equal_projected_weights(direct):
     """project_activations (the engine's path) equals project_weights of sum_t gy_t a_t^T for Khatri-Rao layers:
-    one token, several tokens with one non-zero output gradient (gathered), and several live tokens (warns, exact)."""
-    layers = {"p": (8, 12, False), "q": (20, 10, True), "r": (6, 5, True)}
-    proj = FactorizedProjector(layers, k=32, single_token_k=16, single_token_layers=["p", "q", "r"])
+    one token, several tokens with one non-zero output gradient (gathered), and several live tokens (warns, exact);
+    blocks added straight into the output or reduced by R."""
+    layers = {"p": (8, 12, False), "q": (20, 10, True), "r": (6, 5, True), "s": (9, 7, True)}
+    proj = FactorizedProjector(layers, k=32, single_token_k=16, single_token_layers=["p", "q", "r"],
+                               single_token_direct=direct)
     g = torch.Generator().manual_seed(0)
     b = 5
     a = {"p": torch.randn(b, 1, 12, generator=g), "q": torch.randn(b, 7, 10, generator=g),
          "r": torch.randn(b, 4, 5, generator=g)}
+    a["s"] = torch.randn(b, 3, 7, generator=g)  # a Kronecker layer, always reduced by R
     gy = {"p": torch.randn(b, 1, 8, generator=g), "q": torch.randn(b, 7, 20, generator=g),
-          "r": torch.randn(b, 4, 6, generator=g)}
+          "r": torch.randn(b, 4, 6, generator=g), "s": torch.randn(b, 3, 9, generator=g)}
     live = torch.zeros(b, 7)
     live[torch.arange(b - 1), torch.tensor([0, 3, 6, 2])] = 1  # the last sample has no live token
     gy["q"] = gy["q"] * live[..., None]
@@ -376,13 +390,13 @@ def test_khatri_rao_activations_equal_projected_weights():
     with pytest.warns(UserWarning, match="layer r is sketched as single-token"):
         for name in layers:
             block = proj.project_activations(name, a[name], gy[name])
-            assert block.shape == (b, 16)
+            assert block.shape == (b, proj.block_dims[name])
             off = proj.offsets[name][0]
-            concat[:, off:off + 16] += block
+            concat[:, off:off + block.shape[1]] += block
             grads[f"{name}.weight"] = torch.einsum("bto,bti->boi", gy[name], a[name])
             if layers[name][2]:
                 grads[f"{name}.bias"] = gy[name].sum(1)
-    assert _rel(concat @ proj.final().T, proj.project_weights(grads)) < 1e-5
+    assert _rel(proj.reduce(concat), proj.project_weights(grads)) < 1e-5
 
 
 def test_khatri_rao_sketch_of_rank1_gradients_beats_kronecker():

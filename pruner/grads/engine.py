@@ -138,7 +138,7 @@ class PerSampleGradients:
     def __init__(self, model: nn.Module, k: int = 1024, layer_k: int = 16, seed: int = 0,
                  kind: str = "rademacher", include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                  precision: str = "fp32", single_token_k: Optional[int] = None,
-                 single_token_layers: Optional[Sequence[str]] = None):
+                 single_token_layers: Optional[Sequence[str]] = None, single_token_direct: bool = True):
         self.model = model
         self.layers = select_layers(model, include, exclude)
         device = next(model.parameters()).device
@@ -147,7 +147,7 @@ class PerSampleGradients:
         self.projector = FactorizedProjector(
             {n: (m.out_features, m.in_features, m.bias is not None) for n, m in self.layers.items()},
             k=k, layer_k=layer_k, seed=seed, kind=kind, device=device, single_token_k=single_token_k,
-            single_token_layers=single_token_layers)
+            single_token_layers=single_token_layers, single_token_direct=single_token_direct)
 
     # -- parameters ---------------------------------------------------------------------------------------
     def params(self) -> dict[str, nn.Parameter]:
@@ -163,8 +163,8 @@ class PerSampleGradients:
         return Directions(self, vectors)
 
     def reduce(self, concat: torch.Tensor) -> torch.Tensor:
-        """Stage-1 concatenations [B, concat_dim] -> projected features [B, k] (the dense reduction R)."""
-        return concat @ self.projector.final().T
+        """Stage-1 concatenations [B, concat_dim] -> projected features [B, k] (:meth:`FactorizedProjector.reduce`)."""
+        return self.projector.reduce(concat)
 
     # -- the pass -----------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -2,7 +2,12 @@
 
 Two stages. Stage 1 sketches each linear layer l's gradient ``G_l = [W_l | b_l]`` ([d_out, d_in] weight, optional
 [d_out] bias) into a block; the blocks are concatenated (D = sum of the block sizes). Stage 2 reduces the
-concatenation to exactly k dimensions with one dense sketch R [k, D]. Every sketch has ``E[S^T S] = I``, so
+concatenation to exactly k dimensions with one dense sketch R [k, D]. The Khatri-Rao blocks (below) of m <= k rows
+skip stage 2 (``single_token_direct``, the default): each is already an m-dimensional sketch, so it is added
+straight into the first m of the k output dimensions (independent zero-mean sketches of different layers add
+without bias). That spares them R's second layer of noise and shrinks R (pruner-tiny at k = 1024: D 15,264 ->
+7,072, matrices 78 -> 46 MiB).
+Every sketch has ``E[S^T S] = I``, so
 ``E <P g, P g'> = <g, g'>`` (unbiased inner products), and every stage is linear in the gradient, so projecting an
 explicit gradient (:meth:`FactorizedProjector.project_weights`: shared directions, tests, the TRAK-style baseline)
 and projecting captured activations (:meth:`FactorizedProjector.project_activations`: the engine's hot path,
@@ -121,6 +126,9 @@ class FactorizedProjector:
     ``offsets[name]`` is ``(offset, k_out, k_in)`` of the layer's block in the concatenation: for a Kronecker
     block k_out x k_in (+ k_out bias entries), for a Khatri-Rao block ``(offset, m, 0)`` (m entries, the bias
     folded in). ``block_dims[name]`` is the block's size, ``single_token`` the set of Khatri-Rao layers.
+    The first ``reduced_dim`` columns are reduced by R; with ``single_token_direct`` (and m <= k) every Khatri-Rao
+    block adds into the k columns after them, which :meth:`reduce` adds to the output as they are
+    (``concat_dim = reduced_dim + k``).
     """
 
     layers: dict[str, tuple[int, int, bool]]
@@ -131,6 +139,7 @@ class FactorizedProjector:
     device: torch.device | str = "cpu"
     single_token_k: Optional[int] = None  # None: min(k, 1024)
     single_token_layers: Optional[Sequence[str]] = None
+    single_token_direct: bool = True  # Khatri-Rao blocks straight into the output (when single_token_k <= k)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -144,17 +153,24 @@ class FactorizedProjector:
         self.offsets: dict[str, tuple[int, int, int]] = {}
         self.block_dims: dict[str, int] = {}
         self._warned: set[str] = set()
+        direct = self.single_token_direct and self.single_token_k <= self.k
         off = 0
         for name, (d_out, d_in, has_bias) in self.layers.items():
             if name in self.single_token:
+                self.block_dims[name] = self.single_token_k
+                if direct:
+                    continue  # placed after the reduced blocks, below
                 self.offsets[name] = (off, self.single_token_k, 0)
-                size = self.single_token_k
             else:
                 ko, ki = min(self.layer_k, d_out), min(self.layer_k, d_in)
                 self.offsets[name] = (off, ko, ki)
-                size = ko * ki + (ko if has_bias else 0)
-            self.block_dims[name] = size
-            off += size
+                self.block_dims[name] = ko * ki + (ko if has_bias else 0)
+            off += self.block_dims[name]
+        self.reduced_dim = off  # the columns R reduces
+        if direct and self.single_token:
+            for name in self.single_token:
+                self.offsets[name] = (off, self.single_token_k, 0)  # every Khatri-Rao block adds into these k columns
+            off += self.k
         self.concat_dim = off
 
     def _get(self, key: str, rows: int, cols: int, scale: float = 1.0) -> torch.Tensor:
@@ -177,12 +193,20 @@ class FactorizedProjector:
         return self._get(f"{name}/out", ko, d_out), self._get(f"{name}/in", ki, d_in)
 
     def final(self) -> torch.Tensor:
-        """The dense reduction R [k, concat_dim]."""
-        return self._get("final", self.k, self.concat_dim)
+        """The dense reduction R [k, reduced_dim]."""
+        return self._get("final", self.k, self.reduced_dim)
+
+    def reduce(self, concat: torch.Tensor) -> torch.Tensor:
+        """Stage-1 concatenations [..., concat_dim] -> projected features [..., k]: R times the reduced blocks,
+        plus the directly added Khatri-Rao blocks (the last k columns, when there are any)."""
+        out = concat[..., :self.reduced_dim] @ self.final().T
+        if self.concat_dim > self.reduced_dim:
+            out = out + concat[..., self.reduced_dim:]
+        return out
 
     def matrix_bytes(self) -> int:
         """Bytes of every projection matrix of this projector (float32), without generating them."""
-        n = self.k * self.concat_dim
+        n = self.k * self.reduced_dim
         for name, (d_out, d_in, has_bias) in self.layers.items():
             _, ko, ki = self.offsets[name]
             n += ko * (d_out + d_in + int(has_bias)) if name in self.single_token else ko * d_out + ki * d_in
@@ -232,17 +256,20 @@ class FactorizedProjector:
         """Project explicit gradients: ``grads`` maps ``<layer>.weight`` ([..., d_out, d_in]) and ``<layer>.bias``
         ([..., d_out]) to tensors with the same leading batch shape. Returns [..., k] float32. This is the
         brute-force path (tests, TRAK-style baseline, projecting shared vectors)."""
-        parts = []
+        concat = None
         for name, (_, d_in, has_bias) in self.layers.items():
             p_out, p_in = self.factors(name)
             w = grads[f"{name}.weight"].float()
             if name in self.single_token:
-                y = ((p_out @ w) * p_in[:, :d_in]).sum(-1)  # diag(P_out W P_in^T)
+                block = ((p_out @ w) * p_in[:, :d_in]).sum(-1)  # diag(P_out W P_in^T)
                 if has_bias:
-                    y = y + (p_out @ grads[f"{name}.bias"].float().unsqueeze(-1)).squeeze(-1) * p_in[:, d_in]
-                parts.append(y)
-                continue
-            parts.append((p_out @ w @ p_in.T).flatten(-2))
-            if has_bias:
-                parts.append((p_out @ grads[f"{name}.bias"].float().unsqueeze(-1)).squeeze(-1))
-        return torch.cat(parts, -1) @ self.final().T
+                    block = block + (p_out @ grads[f"{name}.bias"].float().unsqueeze(-1)).squeeze(-1) * p_in[:, d_in]
+            else:
+                block = (p_out @ w @ p_in.T).flatten(-2)
+                if has_bias:
+                    block = torch.cat([block, (p_out @ grads[f"{name}.bias"].float().unsqueeze(-1)).squeeze(-1)], -1)
+            if concat is None:
+                concat = block.new_zeros(*block.shape[:-1], self.concat_dim)
+            off = self.offsets[name][0]
+            concat[..., off:off + block.shape[-1]] += block
+        return self.reduce(concat)
