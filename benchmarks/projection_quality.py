@@ -241,9 +241,7 @@ def analyse(label: str, acts: dict, k: int, seeds: int, variants: list[str], den
                                            k=k, seed=s, **kw)
                 concat = torch.zeros(n, proj.concat_dim)
                 for nm, (a, gy, hb) in acts.items():
-                    blk = proj.project_activations(nm, a, gy)
-                    off = proj.offsets[nm][0]
-                    concat[:, off:off + blk.shape[1]] += blk
+                    proj.add_block(concat, nm, proj.project_activations(nm, a, gy))
                 est_c = (concat.double() @ concat.double().T)[iu[0], iu[1]]
                 rs_concat.append(pearson(x, est_c))
                 f = proj.reduce(concat).double()

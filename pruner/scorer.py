@@ -96,13 +96,12 @@ def combine_columns(cfg: JobConfig, weights: Sequence[tuple[int, float, float]],
 
 def computed_quantities(cfg: JobConfig) -> tuple[bool, bool]:
     """(features, norms): whether a job's passes form projected features P g_z (OGA's L1 and Isolation Forest,
-    stored features for rescore / explain / policies) and exact gradient norms (TracIn self-influence, OGA L2,
-    Diff-In self-influence). Neither is free (projections; per-sample norms), so a job that reads neither, such as
-    ``scores.methods: [diffin]`` with ``features.save: false``, skips both (benchmarks/bench_diffin_cost.py)."""
+    stored features for rescore / explain / policies) and exact gradient norms (TracIn self-influence, OGA L2; the
+    Diff-In self target needs them too, and :class:`CheckpointScorer` turns them on for it). Neither is free
+    (projections; per-sample norms), so a job that reads neither, such as ``scores.methods: [diffin]`` with
+    ``features.save: false``, skips both (benchmarks/bench_diffin_cost.py)."""
     methods, f = cfg.scores.methods, cfg.features
-    features = "oga" in methods or f.save or f.save_hzg
-    norms = "tracin" in methods or "oga" in methods or ("diffin" in methods and "self" in cfg.scores.diffin.targets)
-    return features, norms
+    return "oga" in methods or f.save or f.save_hzg, "tracin" in methods or "oga" in methods
 
 
 class Scorer:
@@ -188,8 +187,7 @@ class Scorer:
                     feats[i].append(f)
                 if h is not None:
                     hzgs[i].append(h)
-        features, _ = computed_quantities(self.cfg)
-        empty = np.zeros((0, self.cfg.features.k), np.float32) if features else None
+        empty = np.zeros((0, self.cfg.features.k), np.float32) if self.scorers[-1].features else None
         return ([{k: np.concatenate(v) for k, v in c.items()} for c in comps],
                 [np.concatenate(f) if f else empty for f in feats],
                 [np.concatenate(h) for h in hzgs] if project_hzg else [])

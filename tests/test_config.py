@@ -73,8 +73,14 @@ def test_two_selection_criteria_rejected(tmp_path):
     (["select.policy=cluster_balanced", "features.save=false"], "features.save is false (fix: set features.save"),
     (["select.dedup_threshold=0.99", "features.save=false"], "features.save is false"),
     (["select.dedup_keys=1"], "select.dedup_keys: unknown key"),
+    # select.score must be a column of a configured method and target
+    (["scores.methods=[diffin]", "select.score=tracin_target"],
+     "select.score 'tracin_target' is a tracin score but scores.methods is ['diffin'] (fix: add tracin"),
+    (["scores.methods=[tracin, oga]"], "select.score 'diffin_train' is a diffin score"),
+    (["select.score=oga_l2", "scores.methods=[diffin, baselines]"], "is a oga score"),
+    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it)"),
 ])
-def test_policy_config_errors(tmp_path, overrides, fragment):
+def test_select_config_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, _base(tmp_path)), overrides)
     assert fragment in str(e.value)
@@ -87,19 +93,6 @@ def test_policy_config_accepted(tmp_path):
     assert cfg.select.uses_policy and not cfg.select.needs_features and cfg.select.keep_fraction == 0.5
     plain = load_config(path, ["select.threshold=0.1"]).select
     assert not plain.uses_policy and plain.n_clusters == 100 and plain.label_key == "classname"
-
-
-@pytest.mark.parametrize("overrides,fragment", [
-    (["scores.methods=[diffin]", "select.score=tracin_target"],
-     "select.score 'tracin_target' is a tracin score but scores.methods is ['diffin'] (fix: add tracin"),
-    (["scores.methods=[tracin, oga]"], "select.score 'diffin_train' is a diffin score"),
-    (["select.score=oga_l2", "scores.methods=[diffin, baselines]"], "is a oga score"),
-    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it)"),
-])
-def test_select_score_must_come_from_a_configured_method(tmp_path, overrides, fragment):
-    with pytest.raises(ConfigError) as e:
-        load_config(_write(tmp_path, _base(tmp_path)), overrides)
-    assert fragment in str(e.value)
 
 
 def test_diffin_alone_forms_no_features_or_norms(tmp_path):

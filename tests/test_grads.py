@@ -391,8 +391,7 @@ def test_khatri_rao_activations_equal_projected_weights(direct):
         for name in layers:
             block = proj.project_activations(name, a[name], gy[name])
             assert block.shape == (b, proj.block_dims[name])
-            off = proj.offsets[name][0]
-            concat[:, off:off + block.shape[1]] += block
+            proj.add_block(concat, name, block)
             grads[f"{name}.weight"] = torch.einsum("bto,bti->boi", gy[name], a[name])
             if layers[name][2]:
                 grads[f"{name}.bias"] = gy[name].sum(1)

@@ -162,10 +162,6 @@ class PerSampleGradients:
     def directions(self, vectors: Sequence[ParamVector]) -> Directions:
         return Directions(self, vectors)
 
-    def reduce(self, concat: torch.Tensor) -> torch.Tensor:
-        """Stage-1 concatenations [B, concat_dim] -> projected features [B, k] (:meth:`FactorizedProjector.reduce`)."""
-        return self.projector.reduce(concat)
-
     # -- the pass -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _activation_grads_only(self):
@@ -204,7 +200,8 @@ class PerSampleGradients:
         images: [B, 3, H, W] preprocessed; tokens: [B, context] token ids. ``loss_fn`` maps the unit-norm
         embeddings to per-sample losses [B]; it must not mix samples (use a detached bank).
         ``reduce=False`` leaves ``features`` as the stage-1 concatenation [B, concat_dim]: callers that combine
-        several passes linearly (the finite differences) reduce the combination once with :meth:`reduce`.
+        several passes linearly (the finite differences) reduce the combination once with
+        :meth:`FactorizedProjector.reduce`.
         """
         b = images.shape[0]
         proj = self.projector
@@ -220,9 +217,7 @@ class PerSampleGradients:
             has_bias = self.layers[name].bias is not None
             gsum = gy.sum(1) if has_bias else None  # [B, d_out] bias gradient
             if concat is not None:
-                block = proj.project_activations(name, a, gy)
-                off = proj.offsets[name][0]
-                concat[:, off:off + block.shape[1]] += block
+                proj.add_block(concat, name, proj.project_activations(name, a, gy))
             if sq is not None or dots is not None:
                 w2, wd = weight_gradient_terms(a, gy, None if dots is None else directions.flat_weight[name],
                                                norms=sq is not None)
@@ -251,6 +246,6 @@ class PerSampleGradients:
         finally:
             for h in handles:
                 h.remove()
-        feats = self.reduce(concat) if concat is not None and reduce else concat
+        feats = proj.reduce(concat) if concat is not None and reduce else concat
         return PerSampleResult(loss=loss.detach(), features=feats, sq_norm=sq, dots=dots,
                                img_emb=img.detach().float(), txt_emb=txt.detach().float())

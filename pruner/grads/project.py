@@ -196,6 +196,12 @@ class FactorizedProjector:
         """The dense reduction R [k, reduced_dim]."""
         return self._get("final", self.k, self.reduced_dim)
 
+    def add_block(self, concat: torch.Tensor, name: str, block: torch.Tensor) -> None:
+        """Add layer ``name``'s block [..., block_dims[name]] into its place in ``concat`` [..., concat_dim] (in place;
+        directly added Khatri-Rao blocks share their columns, so this adds rather than writes)."""
+        off = self.offsets[name][0]
+        concat[..., off:off + block.shape[-1]] += block
+
     def reduce(self, concat: torch.Tensor) -> torch.Tensor:
         """Stage-1 concatenations [..., concat_dim] -> projected features [..., k]: R times the reduced blocks,
         plus the directly added Khatri-Rao blocks (the last k columns, when there are any)."""
@@ -270,6 +276,5 @@ class FactorizedProjector:
                     block = torch.cat([block, (p_out @ grads[f"{name}.bias"].float().unsqueeze(-1)).squeeze(-1)], -1)
             if concat is None:
                 concat = block.new_zeros(*block.shape[:-1], self.concat_dim)
-            off = self.offsets[name][0]
-            concat[..., off:off + block.shape[-1]] += block
+            self.add_block(concat, name, block)
         return self.reduce(concat)

@@ -123,7 +123,7 @@ class CheckpointScorer:
                 minus = self._fd_pass(images, tokens, -eps, project_hzg) if self.fd_scheme == "central" else r
         # every pass leaves its features as the stage-1 sketch, which is linear in the gradient: the midpoint and the
         # difference are formed there and reduced to k dims once each, not once per pass
-        feats = self.engine.reduce(r.features) if self.features else None
+        feats = self.engine.projector.reduce(r.features) if self.features else None
         out = {"loss": r.loss, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double()}
         if self.norms:
             out["sq_norm"] = r.sq_norm
@@ -147,7 +147,7 @@ class CheckpointScorer:
             if "self" in self.targets:
                 out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * scale
             if project_hzg:
-                hzg = (self.engine.reduce(plus.features - minus.features) * scale).cpu().numpy()
+                hzg = (self.engine.projector.reduce(plus.features - minus.features) * scale).cpu().numpy()
         arrays = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
         return arrays, (None if feats is None else feats.cpu().numpy()), hzg
 
