@@ -6,7 +6,8 @@
 * t1_self against the eigen-decomposition definition;
 * the batched Diff-In and TracIn scores (components + ``combine``) against a direct per-sample evaluation of the
   formulas of shared/methods.md sections 1 and 2 over two checkpoints;
-* signs on a constructed case (a caption swapped to another class must come out harmful);
+* signs on a constructed case (a caption swapped to the other colour must come out harmful: TracIn does, Diff-In
+  does not on an AdamW trajectory, an expected failure with its measured reason);
 * OGA isolation-forest determinism and outlier ranking; hash_unit.
 """
 from __future__ import annotations
@@ -14,12 +15,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from reference import hvp
 
 from pruner.grads.engine import PerSampleGradients
@@ -438,7 +439,27 @@ def test_tracin_equals_explicit_dots(batched_scores, direct_scores):
 
 
 # -- signs on a constructed case -----------------------------------------------------------------------------------
-N_CLEAN, N_SWAPPED, SIGN_STEPS, SIGN_LR = 40, 10, 48, 2e-3
+N_CLEAN, N_SWAPPED, SIGN_STEPS, SIGN_LR = 40, 10, 100, 2e-3
+SQUARE_COLOURS = {"red": (220, 30, 30), "blue": (40, 60, 220)}
+
+
+def _colour_squares(n, seed):
+    """``n`` constructed pairs [(image PIL 32x32, caption, label, colour)]: a noisy square of a class colour
+    (side 10-19 px, anywhere) on a noisy grey background, captioned "a photo of a <colour> square.", classes in
+    turn. Every caption of a class is the same text, so the frozen bank's same-class entry cancels out of the
+    per-sample loss and the loss measures the class alignment alone."""
+    rng = np.random.default_rng(seed)
+    names = list(SQUARE_COLOURS)
+    out = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        img = rng.normal(128, 20, (32, 32, 3))
+        side = rng.integers(10, 20)
+        x, y = rng.integers(0, 32 - side, 2)
+        img[y:y + side, x:x + side] = np.array(SQUARE_COLOURS[colour]) + rng.normal(0, 15, (side, side, 3))
+        out.append((Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), f"a photo of a {colour} square.",
+                    i % len(names), colour))
+    return out
 
 
 def _adamw_train(model, images, tokens, steps, lr, batch=32, warmup=8, save_at=()):
@@ -471,40 +492,37 @@ def _adamw_train(model, images, tokens, steps, lr, batch=32, warmup=8, save_at=(
 
 
 @pytest.fixture(scope="module")
-def sign_case(micro, corpus):
-    """pruner-micro trained for a few dozen AdamW steps on real demo pairs; 40 clean pool pairs and 10 pool images
-    whose caption names another class, scored (TracIn target, Diff-In target) against the clean target set at two
-    checkpoints (steps 24 and 48).
+def sign_case(micro):
+    """pruner-micro trained with AdamW (100 steps, lr 2e-3) on 512 constructed red/blue square pairs
+    (``_colour_squares``); 40 clean held-out pairs and 10 whose caption names the other colour, scored (TracIn
+    target, Diff-In target) against a clean target set of 96 pairs at two checkpoints (steps 50 and 100), with a
+    bank of one pair per class.
 
-    Measured (CPU, about 10 s): target zero-shot accuracy 0.190 (chance 0.10), mean image-image cosine 0.928.
-    tracin_target: clean median 0.254 (0.150 .. 0.303), swapped 0.139 .. 0.288, 0/10 negative, 6/10 below the
-    clean median. diffin_target: clean median -2.56e-5 (-7.1e-5 .. 3.2e-5), 6/10 swapped negative, 4/10 below the
-    clean median. The measured first-order effect of a step on each swapped pair at the last checkpoint is positive
-    too (it lowers the target loss), so at this stage of training the premise of test_swapped_caption_is_harmful
-    does not hold.
+    Why this case and not the demo's CIFAR pairs: on those, pruner-micro learns little in a test's budget
+    (zero-shot 0.19-0.33 after up to 1200 steps, image embeddings nearly collapsed) and the bank holds
+    near-duplicates of every class, so a step on any pair mainly separates it from the bank and lowers the target
+    loss: the measured first-order effect of a swapped pair was positive and the premise of the test did not
+    hold. Here the model learns the task (zero-shot 1.0) and the measured first-order effect of each swapped pair
+    is negative (``test_tracin_matches_measured_first_order_effect`` checks TracIn against it).
 
-    Tried without success (same 40 + 10 pairs): AdamW lr 2e-4..5e-3 for up to 1200 steps (best zero-shot 0.33;
-    the held-out target bank loss never clearly below uniform, ln 129 = 4.86, then up to 9.6 as the model
-    memorises; swapped 0/10 negative up to 600 steps, 3-5/10 later while clean pairs spread to both signs); one
-    pair per class per batch; a bank of one pair per class; logit scale fixed at 5 or 50; SGD and AdamW-then-SGD
-    (both collapse); class subsets (zero-shot up to 0.88 on 2 classes); a fitted target of 200 training pairs; a
-    target holding the swapped images with their correct captions (a step on (x, wrong caption) still lowers the
-    loss of (x, correct caption) in 9/10 cases: the step mainly separates x from the bank). visual.proj and
-    text_projection carry most of <g_z, v>."""
+    Measured (CPU, about 8 s; seeds 0-3 of data, init and sampling, and 2 or 3 colours all alike):
+    tracin_target: every swapped pair negative and below the clean median, every clean pair positive.
+    diffin_target: the swapped pairs of one direction (red images captioned blue) positive, of the other slightly
+    negative, none clearly below the clean median (seed 0 of the data here; other seeds and 3 colours: 0-4/10
+    negative). Why, from the per-checkpoint components: Diff-In keeps only second-order terms (methods.md 1.2
+    drops the first-order one), and with AdamW they are ~1e-4 of the first-order effect eta_t/N <v_t, g_z>: the
+    drift term a_t <v, H_z G_B> assumes plain-SGD steps eta G_B, while Adam's steps are eta times a normalised
+    direction. What is left is mostly a_t <H_B v, g_z>, the curvature's damping of the first-order effect, whose
+    sign does not follow the pair's harm. With plain SGD (lr 0.02-0.1, 24-400 steps, 2-8
+    colours) Diff-In's swapped pairs were 0-10/10 negative with no stable pattern (t eta ||H|| ~ 1-2, where the
+    second-order truncation does not hold), and TracIn's stayed positive while the model learned."""
     _, preprocess, tokenizer = micro
-    pool, target = corpus
-    names = json.loads((DEMO / "classnames.json").read_text())["classnames"] if (DEMO / "classnames.json").exists() \
-        else sorted({s[3] for s in pool})
-    n_scored = N_CLEAN + N_SWAPPED
-    rng = random.Random(0)
-    swapped_caps = []
-    for image, caption, label, classname in pool[N_CLEAN:n_scored]:
-        other = rng.choice([c for c in names if c != classname])
-        head, _, tail = caption.rpartition(classname)
-        assert head or tail, caption
-        swapped_caps.append(head + other + tail)
-    scored = _tensors(preprocess, tokenizer, pool[:n_scored], [s[1] for s in pool[:N_CLEAN]] + swapped_caps)
-    rest = _tensors(preprocess, tokenizer, pool[n_scored:])  # the training pool (the scored pairs are not in it)
+    train, pool, target = _colour_squares(512, 1), _colour_squares(N_CLEAN + N_SWAPPED, 2), _colour_squares(96, 3)
+    other = {c: [o for o in SQUARE_COLOURS if o != c][0] for c in SQUARE_COLOURS}
+    captions = [s[1] for s in pool[:N_CLEAN]] + [s[1].replace(f" {s[3]} ", f" {other[s[3]]} ")
+                                                 for s in pool[N_CLEAN:]]
+    scored = _tensors(preprocess, tokenizer, pool, captions)
+    rest = _tensors(preprocess, tokenizer, train)  # the training pool (the scored pairs are not in it)
     tgt = _tensors(preprocess, tokenizer, target)
 
     torch.manual_seed(0)
@@ -513,26 +531,22 @@ def sign_case(micro, corpus):
     per, etas, a_ts, states = [], [], [], []
     for i, (step, eta, ckpt) in enumerate(ckpts):
         engine = PerSampleGradients(ckpt, k=256)
-        a = diffin_coefficient(step, eta, len(pool), len(ckpts))
+        a = diffin_coefficient(step, eta, len(train), len(ckpts))
         sh = compute_shared(engine, index=i, step=step, eta=eta, a_t=a,
-                            bank_batches=_batches(*rest, 0, 128, 64),
-                            target_batches=_batches(*tgt, 0, len(target), 100),
+                            bank_batches=_batches(*rest, 0, len(SQUARE_COLOURS), len(SQUARE_COLOURS)),
+                            target_batches=_batches(*tgt, 0, len(target), len(target)),
                             reference_batches=_batches(*rest, 200, 64, 32), targets=["target"], hvp_eps=1e-2,
                             self_rank=0)
         per.append(CheckpointScorer(engine, sh, targets=["target"])(*scored)[0])
         etas.append(eta)
         a_ts.append(a)
         states.append((ckpt, engine, sh))
-    out = combine(per, etas, a_ts, [f"z{i}" for i in range(n_scored)])
-    last = ckpts[-1][2]
+    out = combine(per, etas, a_ts, [f"z{i}" for i in range(len(pool))])
     with torch.no_grad():
-        img, txt = encode_pairs(last, tgt[0], tokenizer([f"a photo of a {c}." for c in names]))
-        labels = torch.tensor([names.index(s[3]) if s[3] in names else -1 for s in target])
-        zero_shot = float(((img @ txt.T).argmax(1) == labels).float().mean())
-        img, _ = encode_pairs(last, tgt[0], tgt[1])
-        img_cos = float((img @ img.T).mean())
-    return {"scores": out, "per": per, "scored": scored, "target": tgt, "states": states,
-            "zero_shot": zero_shot, "img_cos": img_cos}
+        img, txt = encode_pairs(ckpts[-1][2], tgt[0], tokenizer([f"a photo of a {c} square." for c in other]))
+        zero_shot = float(((img @ txt.T).argmax(1) == torch.tensor([s[2] for s in target])).float().mean())
+    return {"scores": out, "per": per, "a_t": a_ts, "steps": ckpts, "n_train": len(train), "scored": scored, "target": tgt, "states": states,
+            "zero_shot": zero_shot}
 
 
 def _describe(case, key):
@@ -540,22 +554,36 @@ def _describe(case, key):
     clean, sw = v[:N_CLEAN], v[N_CLEAN:]
     return (f"{key}: clean median {np.median(clean):.4g} (min {clean.min():.4g}, max {clean.max():.4g}); swapped "
             f"{np.array2string(sw, precision=4)}; model after {SIGN_STEPS} AdamW steps: target zero-shot accuracy "
-            f"{case['zero_shot']:.3f}, mean image-image cosine {case['img_cos']:.3f}")
+            f"{case['zero_shot']:.3f}")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "measured, issue 5: with a proxy trained for 48 AdamW steps (zero-shot 0.19, image embeddings nearly "
-    "collapsed) a part of every gradient shared by all pairs dominates and swapped pairs really do lower the "
-    "target loss (tracin_target 0/10 swapped negative, diffin_target 6/10; the measured first-order effect agrees, "
-    "test_tracin_matches_measured_first_order_effect). Longer training (up to 1200 steps), other lr/temperature/"
-    "batching, class subsets and a target holding the swapped images with their true captions all stayed at "
-    "<= 6/10 (details in the sign_case docstring)"))
-@pytest.mark.parametrize("score", ["tracin_target", "diffin_target"])
-def test_swapped_caption_is_harmful(sign_case, score):
-    """A pair whose caption names another class must be harmful (negative) and rank below the clean median."""
-    v = sign_case["scores"][score]
+def test_swapped_caption_is_harmful_tracin(sign_case):
+    """A pair whose caption names the other colour is harmful (negative TracIn) and ranks below every clean pair's
+    median; the model has learned the task, so the premise holds."""
+    assert sign_case["zero_shot"] >= 0.95, _describe(sign_case, "tracin_target")
+    v = sign_case["scores"]["tracin_target"]
     clean, sw = v[:N_CLEAN], v[N_CLEAN:]
-    assert np.all(sw < 0) and np.all(sw < np.median(clean)), _describe(sign_case, score)
+    assert np.all(sw < 0) and np.all(sw < np.median(clean)) and np.all(clean > 0), _describe(sign_case, "tracin_target")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured, issue 5: on an AdamW trajectory Diff-In's terms are second order only (~1e-4 of the first-order "
+    "effect here, test_diffin_is_second_order_small_on_adamw) and their sign does not follow the swapped pairs' "
+    "harm; see the sign_case docstring"))
+def test_swapped_caption_is_harmful_diffin(sign_case):
+    v = sign_case["scores"]["diffin_target"]
+    clean, sw = v[:N_CLEAN], v[N_CLEAN:]
+    assert np.all(sw < 0) and np.all(sw < np.median(clean)), _describe(sign_case, "diffin_target")
+
+
+def test_diffin_is_second_order_small_on_adamw(sign_case):
+    """The reason behind the Diff-In xfail, pinned so a change to it is noticed: at each checkpoint and for every
+    scored pair, Diff-In's part a_t (T1 + T2) is under 1e-3 of the first-order effect eta_t / N <v_t, g_z> that
+    methods.md 1.2 leaves out (measured ~1e-4 on this AdamW trajectory)."""
+    for per, a, (step, eta, _) in zip(sign_case["per"], sign_case["a_t"], sign_case["steps"]):
+        second = np.abs(a * (per["t1_target"] + per["t2_target"]))
+        first = np.abs(eta / sign_case["n_train"] * per["tracin_target"])
+        assert np.all(second < 1e-3 * first), (step, np.max(second / first))
 
 
 def test_tracin_matches_measured_first_order_effect(sign_case):
