@@ -266,10 +266,12 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
                   keep_fraction: Optional[float] = None, keep_count: Optional[int] = None,
                   dedup_threshold: Optional[float] = None, dedup_space: str = "gradient",
                   n_clusters: int = 100, label_key: str = "classname", seed: int = 0,
-                  keep_dir: Optional[str | Path] = None, write: bool = True) -> dict:
+                  keep_dir: Optional[str | Path] = None, write: bool = True,
+                  score_files: Optional[list[Path]] = None) -> dict:
     """Apply a policy to a finished job (module docstring) and, with ``write``, write its keep set into
     ``keep_dir`` (default ``<job>/keep``) with policy.json. Returns the policy summary (``"keep"``: bool [n] in id
-    order, dropped from policy.json)."""
+    order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, when the
+    caller has already listed them (the reduce step); by default listed here from ``<job>/shards``."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: one of {POLICIES}")
     if (keep_fraction is None) == (keep_count is None):
@@ -279,7 +281,8 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     if dedup_space not in DEDUP_SPACES:
         raise ValueError(f"dedup_space {dedup_space!r}: one of {DEDUP_SPACES}")
     root = Path(job_dir)
-    files = [f for f in shard_score_files(root) if pq.read_metadata(f).num_rows > 0]
+    files = score_files if score_files is not None else \
+        [f for f in shard_score_files(root) if pq.read_metadata(f).num_rows > 0]
     _check_files(files, score)
     uids, keys = _score_columns(files, score)
     n = len(keys)
@@ -351,10 +354,11 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     return summary
 
 
-def apply_select_config(job_dir: str | Path, cfg, seed: int = 0, keep_dir: Optional[str | Path] = None) -> dict:
+def apply_select_config(job_dir: str | Path, cfg, seed: int = 0, keep_dir: Optional[str | Path] = None,
+                        score_files: Optional[list[Path]] = None) -> dict:
     """:func:`select_policy` driven by a :class:`pruner.config.SelectConfig` ``cfg`` (the job's reduce step)."""
     if cfg.threshold is not None:  # the config refuses it with a policy or dedup; plain top-k has no business here
         raise ValueError("select.threshold cannot be combined with a balanced policy or dedup (fix: keep_fraction)")
     return select_policy(job_dir, cfg.policy, cfg.score, keep_fraction=cfg.keep_fraction, keep_count=cfg.keep_count,
                          dedup_threshold=cfg.dedup_threshold, dedup_space=cfg.dedup_space, n_clusters=cfg.n_clusters,
-                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir)
+                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir, score_files=score_files)

@@ -73,7 +73,7 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     s = cfg.select
     policy = None
     if s.uses_policy:
-        policy, n_total, n_keep = _apply_policy(cfg, layout, nonempty)
+        policy, n_total, n_keep = _apply_policy(cfg, layout, files, nonempty)
         write_ranking(sorted(nonempty), s.score, layout.ranking, policy.pop("keep"))
         manifests = policy.pop("manifests")
         selection = None
@@ -104,16 +104,17 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     return summary
 
 
-def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path]) -> tuple[dict, int, int]:
+def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path],
+                  nonempty: list[Path]) -> tuple[dict, int, int]:
     """(policy summary with its bool [n] "keep" in sorted score-file order, n_total, n_keep). Policies read the
-    whole job directory (score files, stored features, clusters), so it must hold exactly the pool's shards."""
-    on_disk = [f for f in shard_score_files(layout.root) if pq.read_metadata(f).num_rows > 0]
-    if on_disk != sorted(pool_files):
-        extra = sorted(set(on_disk) - set(pool_files))  # pool files all exist: the difference is on disk only
+    whole job directory (score files, stored features, clusters), so it must hold exactly the pool's shards
+    (compared by name: every pool file exists, so any difference is a file on disk only)."""
+    extra = sorted(set(shard_score_files(layout.root)) - set(pool_files))
+    if extra:
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
                            f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
-    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed)
+    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=sorted(nonempty))
     return policy, policy["n_total"], policy["n_keep"]
 
 
