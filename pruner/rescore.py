@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
+from tqdm import tqdm
 
 from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path
@@ -173,7 +174,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     projs = target_projections(cfg, layout, target_specs, device)
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
-    for url in pool:
+    for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
         table = pq.read_table(layout.scores(url))
         tracin, diffin = retarget_shard(layout, url, table.num_rows, projs, has_hzg)
         keep = [c for c in table.column_names if not c.endswith("_target") and c not in RETARGET_COLUMNS]
@@ -257,7 +258,7 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
         with atomic_path(new.shared_dir / "oga_subsample.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, rows.astype(np.float32))
         forest = fit_isolation_forest(rows, seed=cfg2.seed, trees=cfg2.scores.oga.iforest_trees)
-    for url in pool:
+    for url in tqdm(pool, desc=f"checkpoint {info.step}", unit="shard", dynamic_ncols=True):
         if new.scores(url).exists():
             continue
         table = pq.read_table(layout.scores(url))
