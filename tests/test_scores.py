@@ -446,8 +446,9 @@ SQUARE_COLOURS = {"red": (220, 30, 30), "blue": (40, 60, 220)}
 def _colour_squares(n, seed):
     """``n`` constructed pairs [(image PIL 32x32, caption, label, colour)]: a noisy square of a class colour
     (side 10-19 px, anywhere) on a noisy grey background, captioned "a photo of a <colour> square.", classes in
-    turn. Every caption of a class is the same text, so the frozen bank's same-class entry cancels out of the
-    per-sample loss and the loss measures the class alignment alone."""
+    turn. Every caption of a class is the same text, so in the image-to-text half of the loss the bank's same-class
+    entry only repeats the positive logit (about a constant log 2) instead of asking the model to tell two
+    captions of one class apart."""
     rng = np.random.default_rng(seed)
     names = list(SQUARE_COLOURS)
     out = []
@@ -543,9 +544,10 @@ def sign_case(micro):
         states.append((ckpt, engine, sh))
     out = combine(per, etas, a_ts, [f"z{i}" for i in range(len(pool))])
     with torch.no_grad():
-        img, txt = encode_pairs(ckpts[-1][2], tgt[0], tokenizer([f"a photo of a {c} square." for c in other]))
+        img, txt = encode_pairs(ckpts[-1][2], tgt[0], tokenizer([f"a photo of a {c} square." for c in SQUARE_COLOURS]))
         zero_shot = float(((img @ txt.T).argmax(1) == torch.tensor([s[2] for s in target])).float().mean())
-    return {"scores": out, "per": per, "a_t": a_ts, "steps": ckpts, "n_train": len(train), "scored": scored, "target": tgt, "states": states,
+    return {"scores": out, "per": per, "a_t": a_ts, "steps": ckpts, "n_train": len(train), "scored": scored,
+            "target": tgt, "states": states,
             "zero_shot": zero_shot}
 
 

@@ -281,7 +281,7 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     if dedup_space not in DEDUP_SPACES:
         raise ValueError(f"dedup_space {dedup_space!r}: one of {DEDUP_SPACES}")
     root = Path(job_dir)
-    files = score_files if score_files is not None else \
+    files = sorted(score_files) if score_files is not None else \
         [f for f in shard_score_files(root) if pq.read_metadata(f).num_rows > 0]
     _check_files(files, score)
     uids, keys = _score_columns(files, score)

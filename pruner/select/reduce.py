@@ -108,7 +108,8 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path],
                   nonempty: list[Path]) -> tuple[dict, int, int]:
     """(policy summary with its bool [n] "keep" in sorted score-file order, n_total, n_keep). Policies read the
     whole job directory (score files, stored features, clusters), so it must hold exactly the pool's shards
-    (compared by name: every pool file exists, so any difference is a file on disk only)."""
+    (compared by path: every pool file exists, so any difference is a file on disk only; an empty one counts too,
+    as it is a shard outside the pool all the same)."""
     extra = sorted(set(shard_score_files(layout.root)) - set(pool_files))
     if extra:
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
