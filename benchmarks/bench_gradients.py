@@ -112,8 +112,7 @@ def make_train_step(model, images, tokens, device, precision, trim_text: bool = 
     after the last end-of-text token first, as the engine does (pruner.model.clip.encode_text): the like-for-like
     step, reported next to the plain one."""
     import torch.nn.functional as F
-    from pruner.model.clip import encode_text
-    from pruner.model.loss import clip_batch_loss
+    from pruner.model.loss import clip_batch_loss, encode_pairs
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -122,8 +121,8 @@ def make_train_step(model, images, tokens, device, precision, trim_text: bool = 
         for p in params:
             p.grad = None
         with autocast(device, precision):
-            img = F.normalize(model.encode_image(images), dim=-1)
-            txt = F.normalize(encode_text(model, tokens) if trim_text else model.encode_text(tokens), dim=-1)
+            img, txt = encode_pairs(model, images, tokens) if trim_text else (
+                F.normalize(model.encode_image(images), dim=-1), F.normalize(model.encode_text(tokens), dim=-1))
             loss = clip_batch_loss(img, txt, model.logit_scale.exp())
         loss.backward()
         return loss

@@ -115,7 +115,7 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path],
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
                            f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
-    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=sorted(nonempty))
+    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty)
     return policy, policy["n_total"], policy["n_keep"]
 
 
