@@ -100,6 +100,11 @@ class FeaturesConfig(_Section):
 
 class DiffInConfig(_Section):
     targets: list[Literal["target", "self", "train"]] = Field(default_factory=lambda: ["target", "train"])
+    # exact_increment: sum_t b_t <v_t, g_z(theta_t)> + a_t <v_t, H_B g_z>, the first-order increment evaluated at
+    # each checkpoint (one pass per sample); taylor: sum_t a_t <v_t, H_B g_z + H_z G_B>, the paper's and official
+    # code's estimator, which Taylor-expands that increment around theta_0 and drops its offset (two finite-
+    # difference passes). Why exact_increment is the default: README, Decisions; pruner.scores.combine.
+    form: Literal["exact_increment", "taylor"] = "exact_increment"
     fd_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the parameter perturbation for T2
     fd_scheme: Literal["central", "forward"] = "central"
     # central only: base quantities (loss, TracIn dots, features, norms) from the mean of the two FD passes, exact
@@ -217,6 +222,10 @@ class JobConfig(_Section):
         if method == "diffin" and score.removeprefix("diffin_") not in self.scores.diffin.targets:
             raise ValueError(f"select.score {score!r} needs the target {score.removeprefix('diffin_')!r} in "
                              f"scores.diffin.targets {self.scores.diffin.targets} (fix: add it)")
+        if self.features.save_hzg and self.scores.diffin.form != "taylor":
+            raise ValueError("features.save_hzg stores P H_z G_B, a term of scores.diffin.form 'taylor' only "
+                             "(fix: drop save_hzg: the exact_increment form re-targets from the stored features "
+                             "alone, or set scores.diffin.form: taylor)")
         if self.select.needs_features and not self.features.save:
             raise ValueError("select.policy cluster_balanced and gradient-space dedup read the stored gradient "
                              "features, but features.save is false (fix: set features.save: true, or use "
@@ -310,10 +319,10 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
 
 
 #: Keys whose default changed after job directories were written without them, with the value that reproduces
-#: what such a job did: its stored features were made with the Kronecker sketch everywhere, and its base
-#: components came from a pass at theta_t. Applied only when re-opening a job (:func:`load_job_config`).
+#: what such a job did: its stored features were made with the Kronecker sketch everywhere, its base
+#: components came from a pass at theta_t, and its Diff-In scores are the taylor form. Applied only when re-opening a job (:func:`load_job_config`).
 JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "features.single_token_direct": False,
-                       "scores.diffin.base_pass": "exact"}
+                       "scores.diffin.base_pass": "exact", "scores.diffin.form": "taylor"}
 
 
 def load_job_config(path: str | Path) -> JobConfig:

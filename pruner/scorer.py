@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ from pruner.model.clip import create_clip
 from pruner.scores.combine import combine
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import iforest_scores
-from pruner.scores.shared import CheckpointShared, compute_shared, diffin_coefficient
+from pruner.scores.shared import CheckpointShared, compute_shared, diffin_coefficient, first_order_coefficient
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[tuple[int, float, float]]:
-    """(step, eta, a_t) per checkpoint. eta is the mean learning rate over the interval the checkpoint stands
+class CheckpointWeights(NamedTuple):
+    """The weights of one checkpoint in the method scores (pruner.scores.combine)."""
+
+    step: int  # global training step t
+    eta: float  # learning-rate weight eta_t (TracIn's, and Diff-In's)
+    a_t: float  # Diff-In's second-order coefficient -t eta_t^2 / (N m)
+    b_t: float  # Diff-In's first-order coefficient eta_t / (N m) (form exact_increment only)
+
+
+def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[CheckpointWeights]:
+    """The weights of every checkpoint. eta is the mean learning rate over the interval the checkpoint stands
     for (TracIn's definition; methods §6) unless lr_weighting = at_checkpoint or the mean is unknown.
-    N for a_t: trajectory.pool_size from the config, else the trajectory file's, else 1 (a global constant:
-    rankings do not depend on it)."""
+    N for a_t and b_t: trajectory.pool_size from the config, else the trajectory file's, else 1 (a global
+    constant: rankings do not depend on it)."""
     n = cfg.trajectory.pool_size or traj.pool_size or 1
     m = len(traj.checkpoints)
     out = []
     for ck in traj.checkpoints:
-        eta = ck.lr_mean if (cfg.scores.diffin.lr_weighting == "interval_mean" and ck.lr_mean) else ck.lr
-        out.append((ck.step, float(eta), diffin_coefficient(ck.step, float(eta), n, m)))
+        eta = float(ck.lr_mean if (cfg.scores.diffin.lr_weighting == "interval_mean" and ck.lr_mean) else ck.lr)
+        out.append(CheckpointWeights(ck.step, eta, diffin_coefficient(ck.step, eta, n, m),
+                                     first_order_coefficient(eta, n, m)))
     return out
 
 
@@ -83,12 +93,14 @@ def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Se
     return bank_samples, target, reference
 
 
-def combine_columns(cfg: JobConfig, weights: Sequence[tuple[int, float, float]], forest,
+def combine_columns(cfg: JobConfig, weights: Sequence[CheckpointWeights], forest,
                     comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
                     uids: Sequence[str]) -> dict[str, np.ndarray]:
     """Method score columns from per-checkpoint components, with (step, eta, a_t) per checkpoint and the OGA
     forest (or None) applied to the last checkpoint's features (see pruner.scores.combine)."""
-    cols = combine(comps, [w[1] for w in weights], [w[2] for w in weights], list(uids), seed=cfg.seed)
+    exact = cfg.scores.diffin.form == "exact_increment"
+    cols = combine(comps, [w.eta for w in weights], [w.a_t for w in weights], list(uids), seed=cfg.seed,
+                   b_ts=[w.b_t for w in weights] if exact else None)
     if forest is not None:
         cols["oga_iforest"] = iforest_scores(forest, features_last)
     return cols
@@ -142,7 +154,7 @@ class Scorer:
     def compute_shared(self, i: int, bank: Sequence[Sample], target: Sequence[Sample],
                        reference: Sequence[Sequence[Sample]]) -> CheckpointShared:
         d = self.cfg.scores.diffin
-        step, eta, a_t = self.weights[i]
+        step, eta, a_t, _ = self.weights[i]
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
         return compute_shared(self.engines[i], index=i, step=step, eta=eta, a_t=a_t,
                               bank_batches=self.batches(bank), target_batches=self.batches(target),
@@ -157,7 +169,7 @@ class Scorer:
         features, norms = computed_quantities(self.cfg)
         self.scorers = [CheckpointScorer(e, s, targets=targets, fd_eps=d.fd_eps, fd_scheme=d.fd_scheme,
                                          loss=self.cfg.features.loss, base_pass=d.base_pass, features=features,
-                                         norms=norms) for e, s in zip(self.engines, self.shared)]
+                                         norms=norms, form=d.form) for e, s in zip(self.engines, self.shared)]
 
     def last_checkpoint_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Projected gradients [n, k] at the last checkpoint (the OGA forest's training rows)."""

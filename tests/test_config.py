@@ -167,11 +167,23 @@ def test_job_config_keeps_the_sketch_of_old_jobs(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     cfg = load_job_config(tmp_path / "config.yaml")
     assert cfg.features.single_token_k == 0 and cfg.scores.diffin.base_pass == "exact"
-    assert not cfg.features.single_token_direct
+    assert not cfg.features.single_token_direct and cfg.scores.diffin.form == "taylor"
     old["features"] = {"single_token_k": 256}  # a job of the Khatri-Rao sketch before its blocks skipped R
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     reopened = load_job_config(tmp_path / "config.yaml").features
     assert reopened.single_token_k == 256 and not reopened.single_token_direct
     fresh = load_config(data={k: v for k, v in old.items() if k != "features"}, check_paths=False)
     assert fresh.features.single_token_k is None and fresh.scores.diffin.base_pass == "midpoint"
-    assert fresh.features.single_token_direct
+    assert fresh.features.single_token_direct and fresh.scores.diffin.form == "exact_increment"
+
+
+def test_save_hzg_needs_the_taylor_form(tmp_path):
+    """P H_z G_B is a term of the taylor form only: asking to store it with the default exact_increment form is
+    refused with the fix; with form taylor it is accepted."""
+    base = {"data": {"shards": ["/nowhere/pool"]}, "trajectory": {"file": "/nowhere/trajectory.json"},
+            "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"},
+            "features": {"save_hzg": True}}
+    with pytest.raises(ConfigError, match="save_hzg.*form: taylor"):
+        load_config(data=base, check_paths=False)
+    base["scores"]["diffin"]["form"] = "taylor"
+    assert load_config(data=base, check_paths=False).features.save_hzg

@@ -146,8 +146,8 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
         write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
     if not layout.trajectory.exists():  # the audit record of the per-checkpoint weights behind every score
         write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
-            {"path": ck.path, "step": step, "lr": ck.lr, "lr_mean": ck.lr_mean, "eta": eta, "a_t": a_t}
-            for ck, (step, eta, a_t) in zip(traj.checkpoints, checkpoint_weights(cfg, traj))]})
+            {"path": ck.path, "step": w.step, "lr": ck.lr, "lr_mean": ck.lr_mean, "eta": w.eta, "a_t": w.a_t,
+             "b_t": w.b_t} for ck, w in zip(traj.checkpoints, checkpoint_weights(cfg, traj))]})
     return layout, pool, target, traj
 
 

@@ -5,9 +5,9 @@ Every *score column* is oriented "higher = more helpful = keep", so one ranking 
 ======================  ===================================================================  ===========
 column                  value                                                                source
 ======================  ===================================================================  ===========
-diffin_target           I(z,V) = sum_t a_t (T1 + T2), a_t = -t eta_t^2 / (N m)               methods §1
+diffin_target           I(z,V), Diff-In in one of two forms (below)                           methods §1
 diffin_train            same with V = the reference batches (v = G_B): coreset selection     methods §1.3
-diffin_self             I(z,z), same formula with V = z (data cleaning; see below)         methods §1.3
+diffin_self             -I(z,z) (exact_increment) or I(z,z) (taylor), V = z (data cleaning)  methods §1.3
 tracin_target           sum_t eta_t <g_t(z), v_t>                                            methods §2
 tracin_pred             sum_t eta_t <g_t(z), -grad s<x,y>(V)> (prediction-score variant)    methods §2.1
 tracin_self             -sum_t eta_t ||g_t(z)||^2                                            methods §2.1
@@ -21,11 +21,28 @@ baseline_random         uniform [0, 1) from a hash of (seed, uid)
 Sign convention of the influence values: positive = helpful (removing z would raise the target loss),
 negative = harmful. Per-checkpoint components are kept as ``c<i>_<component>`` columns for audits.
 
-diffin_self is I(z,z) as computed, not negated: without the first-order term (dropped, as in the official code)
-it is the second-order part sum_t a_t (g^T H_B g + g^T H_z G) with a_t < 0, so strongly self-influential
-(high-curvature) samples get large *negative* values and rank lowest, like harmful samples in every other
-column. methods.md leaves this sign open; measured on the quality benchmark (swapped captions, 3 seeds on a GPU)
-this orientation detects them at AUROC 0.67, the negated one at 0.33 (benchmarks/RESULTS.md).
+Diff-In's two forms (methods.md §1.2: the removal effect accumulates increments
+delta_{t+1} - delta_t = -eta_t H delta_t + (eta_t / N) g_z(theta_t)), with a_t = -t eta_t^2 / (N m) and
+b_t = eta_t / (N m):
+
+* ``exact_increment`` (default): I(z,V) = sum_t b_t <v_t, g_z(theta_t)> + a_t <v_t, H_B g_z> (T1). The
+  first-order increment is evaluated exactly at each checkpoint, where the scorer has g_z anyway; only the
+  propagation term -eta H delta_t is approximated (delta_t ~ t eta g_z / N), as in the paper.
+* ``taylor`` (the paper's and the official code's estimator): I(z,V) = sum_t a_t (T1 + T2), T2 = <v_t, H_z G_B>.
+  Here the increment is Taylor-expanded around theta_0, g_z(theta_t) ~ g_z(theta_0) - t eta H_z G_B, and the
+  offset g_z(theta_0) is dropped.
+
+Why exact_increment is the default (tests/test_scores.py, sign_case; README, Decisions): on an AdamW
+trajectory where the model learns, the Taylor form's T2, even with the actual displacement theta_0 - theta_t in
+place of t eta G_B, is anti-correlated with the true change of <v, g_z> (Pearson -0.78 / -0.87 at the two
+checkpoints), and the taylor form calls every clean pair harmful; the exact increment needs no such expansion.
+
+diffin_self: in the taylor form it is I(z,z) as computed, not negated: that is the second-order part
+sum_t a_t (g^T H_B g + g^T H_z G) with a_t < 0, so strongly self-influential (high-curvature) samples get large
+*negative* values and rank lowest, like harmful samples in every other column (measured on the quality benchmark,
+swapped captions, 3 seeds on a GPU: AUROC 0.67, the negated one 0.33; benchmarks/RESULTS.md). In the
+exact_increment form I(z,z) = sum_t b_t ||g_z||^2 + a_t g^T H_B g is dominated by its positive first-order part,
+so the column is -I(z,z), oriented like tracin_self.
 """
 from __future__ import annotations
 
@@ -42,8 +59,10 @@ def hash_unit(values: Sequence[str], salt: str) -> np.ndarray:
 
 
 def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: Sequence[float],
-            uids: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
-    """Method score columns plus ``c<i>_<component>`` columns, all float64 arrays [n]."""
+            uids: Sequence[str], seed: int = 0, b_ts: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """Method score columns plus ``c<i>_<component>`` columns, all float64 arrays [n].
+
+    ``b_ts`` given: Diff-In in the exact_increment form (first-order weights b_t), else the taylor form."""
     out: dict[str, np.ndarray] = {}
 
     def weighted(name: str, weights) -> np.ndarray | None:
@@ -51,10 +70,11 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
             return None
         return sum(w * c[name] for w, c in zip(weights, per_ckpt))
 
-    for target in ("target", "train", "self"):
-        t1, t2 = weighted(f"t1_{target}", a_ts), weighted(f"t2_{target}", a_ts)
-        if t1 is not None and t2 is not None:
-            out[f"diffin_{target}"] = t1 + t2
+    for target, first in (("target", "tracin_target"), ("train", "tracin_train"), ("self", "sq_norm")):
+        t1 = weighted(f"t1_{target}", a_ts)
+        second = weighted(f"t2_{target}", a_ts) if b_ts is None else weighted(first, b_ts)
+        if t1 is not None and second is not None:
+            out[f"diffin_{target}"] = (t1 + second) * (-1.0 if target == "self" and b_ts is not None else 1.0)
     for name in ("target", "pred"):
         v = weighted(f"tracin_{name}", etas)
         if v is not None:

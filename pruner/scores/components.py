@@ -15,7 +15,12 @@ t1_target/train    <u_X, g_z> = <v_X, H_B g_z>                     base pass, ex
 t1_self            g_z^T H_B g_z ~ sum_k lambda_k <q_k, g_z>^2     base pass, exact dots with top-r eigvecs
 t2_target/train    <v_X, H_z G> = D_G <g_z, v_X>                   finite difference along G^ (see below)
 t2_self            <g_z, H_z G> = D_G (1/2 ||g_z||^2)               same passes, exact norms
+tracin_train       <g_z, G>                                        base pass, exact dot (exact_increment, train)
 =================  ==============================================  =============================================
+
+Which of these a checkpoint needs depends on Diff-In's ``form`` (pruner.scores.combine): ``taylor`` (the paper's)
+uses T1 and T2; ``exact_increment`` uses T1 and the first-order dots (tracin_target, tracin_train, sq_norm) and no
+T2, so it has no finite-difference pass at all.
 
 T2 by finite differences of exact per-sample quantities at theta_t +- eps * G/||G|| (frozen bank, fixed
 directions): central ``[f(+eps) - f(-eps)] ||G|| / (2 eps)`` (default, O(eps^2)) or forward
@@ -53,12 +58,15 @@ class CheckpointScorer:
 
     def __init__(self, engine: PerSampleGradients, shared: CheckpointShared, targets=("target", "train"),
                  fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank", base_pass: str = "midpoint",
-                 features: bool = True, norms: bool = True):
+                 features: bool = True, norms: bool = True, form: str = "exact_increment"):
         if fd_scheme == "forward" and engine.precision != "fp32":
             raise ValueError("fd_scheme 'forward' reuses the base pass, which must then run in fp32 "
                              "(fix: model.precision: fp32 or scores.diffin.fd_scheme: central)")
         if base_pass not in ("midpoint", "exact"):
             raise ValueError(f"base_pass {base_pass!r}: one of midpoint, exact")
+        if form not in ("taylor", "exact_increment"):
+            raise ValueError(f"form {form!r}: one of taylor, exact_increment")
+        self.form = form
         self.engine, self.shared = engine, shared
         self.targets = set(targets)
         # what the job reads (Scorer.set_shared): projected features (OGA, stored features) and exact norms (TracIn
@@ -67,11 +75,13 @@ class CheckpointScorer:
         self.fd_eps, self.fd_scheme, self.base_pass = fd_eps, fd_scheme, base_pass
         vec = shared.vectors
         self.base_names = [n for n in BASE_DIRECTIONS if n in vec]
-        if fd_scheme == "forward" and "train" in self.targets:
-            self.base_names.append("G")  # the forward difference reuses <g_z, G> at theta_t
+        if "train" in self.targets and (fd_scheme == "forward" or form == "exact_increment"):
+            # the forward difference reuses <g_z, G> at theta_t; exact_increment's first-order train term is it
+            self.base_names.append("G")
         if "self" in self.targets:
             self.base_names += [f"q{j}" for j in range(len(shared.eigvals))]
-        self.t2_names = [n for n, t in (("v_target", "target"), ("G", "train")) if t in self.targets]
+        self.t2_names = [] if form == "exact_increment" else \
+            [n for n, t in (("v_target", "target"), ("G", "train")) if t in self.targets]
         # every pass contracts with all directions at once: with per-sample weight gradients formed in the hooks
         # an extra direction costs one GEMV over them, not another forward (pruner.grads.engine)
         self.names = self.base_names + [n for n in self.t2_names if n not in self.base_names]
@@ -108,8 +118,10 @@ class CheckpointScorer:
         projected Hessian-gradient product P H_z G_B = [P g_z(+eps) - P g_z(-eps)] ||G|| / (2 eps). Stored next
         to P g_z it lets a new target v' be scored without gradient passes: T1 ~ <P u', P g_z>,
         T2 ~ <P v', P H_z G_B> (pruner rescore)."""
+        if project_hzg and self.form != "taylor":
+            raise ValueError("P H_z G_B is a term of Diff-In's taylor form only (features.save_hzg)")
         eps = self.fd_eps
-        fd = bool(self.t2_names) or "self" in self.targets or project_hzg
+        fd = bool(self.t2_names) or ("self" in self.targets and self.form == "taylor") or project_hzg
         features = self.features or project_hzg
         if fd and self.fd_scheme == "central" and self.base_pass == "midpoint":
             plus = self._fd_pass(images, tokens, eps, features)
@@ -133,6 +145,8 @@ class CheckpointScorer:
         for name in ("target", "pred"):
             if f"v_{name}" in dots:
                 out[f"tracin_{name}"] = dots[f"v_{name}"]
+        if self.form == "exact_increment" and "train" in self.targets:
+            out["tracin_train"] = dots["G"]
         for name in ("target", "train"):
             if name in self.targets:
                 out[f"t1_{name}"] = dots[f"u_{name}"]
@@ -144,7 +158,7 @@ class CheckpointScorer:
             for n in self.t2_names:
                 j = self.names.index(n)
                 out[f"t2_{'target' if n == 'v_target' else 'train'}"] = (plus.dots[:, j] - minus.dots[:, j]) * scale
-            if "self" in self.targets:
+            if "self" in self.targets and self.form == "taylor":
                 out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * scale
             if project_hzg:
                 hzg = (self.engine.projector.reduce(plus.features - minus.features) * scale).cpu().numpy()

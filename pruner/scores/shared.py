@@ -61,6 +61,12 @@ def diffin_coefficient(step: int, eta: float, pool_size: int, m: int) -> float:
     return -step * eta * eta / (pool_size * m)
 
 
+def first_order_coefficient(eta: float, pool_size: int, m: int) -> float:
+    """b_t = eta_t / (N * m): the weight of the first-order increment <v_t, g_z(theta_t)> in Diff-In's
+    ``exact_increment`` form (the same normalisation as a_t; pruner.scores.combine)."""
+    return eta / (pool_size * m)
+
+
 @torch.no_grad()
 def embed_bank(model, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm embeddings of the bank pairs, [K, e] each (float32, detached)."""
