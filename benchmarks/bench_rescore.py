@@ -4,11 +4,14 @@ one checkpoint (per shard fp16 features [rows, k] = P g_z and, for Diff-In, [row
 
 Side by side in one run, for each thread count (torch.set_num_threads, as the CLI process would have it), repeats
 interleaved, page cache warm (one untimed pass first), medians:
-  * diffin+tracin: P g_z @ [P v', P u'] and P H_z G_B @ P v' (two files, 4 KiB read per sample at k=1024): the headline;
-  * tracin only (a job without features.save_hzg): P g_z @ P v' (one file, 2 KiB per sample);
+  * diffin+tracin: Diff-In's default exact_increment form with TracIn, P g_z @ [P v', P u'] (one file, 2 KiB read
+    per sample at k=1024): the headline;
+  * diffin(taylor)+tracin: the paper's taylor form, P g_z @ [P v', P u'] and P H_z G_B @ P v' (two files, 4 KiB);
+  * tracin only (a job without Diff-In): P g_z @ P v' (one file, 2 KiB per sample);
   * read only: an int64 sum over the same two files, i.e. the memory bandwidth a pass that computes nothing gets
     here, and so the ceiling for the two rows above.
-Writes benchmarks/results/rescore.json (`samples_per_second`: diffin+tracin at the best thread count).
+Writes benchmarks/results/rescore.json (`samples_per_second`: diffin+tracin, the default form, at the best thread
+count).
 Usage: python benchmarks/bench_rescore.py [--n 1000000] [--shard-size 10000] [--k 1024] [--repeats 5]
                                           [--threads 1 2] [--device cpu]
 """
@@ -61,9 +64,14 @@ def main() -> None:
     n = len(urls) * a.shard_size
     g = torch.Generator().manual_seed(0)
     projs = [{"Pv": torch.randn(a.k, generator=g).to(a.device), "Pu": torch.randn(a.k, generator=g).to(a.device),
-              "eta": 0.5, "a_t": 0.25}]
-    passes = {"diffin+tracin": (lambda lay: [retarget_shard(lay, u, a.shard_size, projs, True) for u in urls], 2),
-              "tracin only": (lambda lay: [retarget_shard(lay, u, a.shard_size, projs, False) for u in urls], 1),
+              "eta": 0.5, "a_t": 0.25, "b_t": 0.125}]
+
+    def retarget_all(form):
+        return lambda lay: [retarget_shard(lay, u, a.shard_size, projs, form) for u in urls]
+
+    passes = {"diffin+tracin": (retarget_all("exact_increment"), 1),
+              "diffin(taylor)+tracin": (retarget_all("taylor"), 2),
+              "tracin only": (retarget_all(None), 1),
               "read only": (lambda lay: read_only(lay, urls), 2)}
     times: dict[tuple[str, int], list[float]] = {}
     load = [os.getloadavg()[0]]  # the machine is shared: other processes' load during the run
@@ -94,12 +102,13 @@ def main() -> None:
               "repeats": a.repeats, "device": a.device, "cpu_count": os.cpu_count(),
               "load_average_1min_before_after": load, "passes": rows, "command": "python " + " ".join(sys.argv),
               "note": "one checkpoint (a job with m checkpoints does m such passes per shard); "
-                      "samples_per_second is diffin+tracin (features + hzg, 4 KiB per sample at k=1024); "
+                      "samples_per_second is diffin+tracin in Diff-In's default exact_increment form (features "
+                      "only, 2 KiB per sample at k=1024); diffin(taylor)+tracin also reads hzg (4 KiB); "
                       "'read only' is an int64 sum over the same files: the memory-bandwidth ceiling here"}
     write_json_atomic(a.out, result)
-    print(f"{'pass':16s}" + "".join(f"{f'{t} thread(s): samples/s, GB/s':>36s}" for t in a.threads))
+    print(f"{'pass':22s}" + "".join(f"{f'{t} thread(s): samples/s, GB/s':>36s}" for t in a.threads))
     for name, row in rows.items():
-        print(f"{name:16s}" + "".join(f"{row[str(t)]['samples_per_second']:>24,.0f} "
+        print(f"{name:22s}" + "".join(f"{row[str(t)]['samples_per_second']:>24,.0f} "
                                       f"{row[str(t)]['bytes_read_per_second'] / 1e9:>10.2f}" for t in a.threads))
 
 

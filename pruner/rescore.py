@@ -13,9 +13,10 @@ Three cases, each meant to give what a full re-run would give:
   checkpoints' learning-rate weights are unchanged.
 * **New target set** (:func:`retarget`): from the stored projected features, without per-sample gradient
   passes. The new target gradient v' and u' = H_B v' are computed once per checkpoint and projected with the
-  job's matrices; then TracIn ~ sum_t eta_t <P g_z, P v'> and Diff-In ~ sum_t a_t (<P g_z, P u'> +
-  <P H_z G_B, P v'>) are matrix-vector products over the memory-mapped fp16 features (Diff-In needs
-  ``features.save_hzg``). These are random-projection estimates of the exact dots a full re-run computes:
+  job's matrices; then TracIn ~ sum_t eta_t <P g_z, P v'> and Diff-In ~ sum_t b_t <P g_z, P v'> +
+  a_t <P g_z, P u'> (form exact_increment) or sum_t a_t (<P g_z, P u'> + <P H_z G_B, P v'>) (form taylor,
+  which needs ``features.save_hzg``) are matrix-vector products over the memory-mapped fp16 features. These are
+  random-projection estimates of the exact dots a full re-run computes:
   unbiased, with error shrinking as 1/sqrt(k); the test reports their rank agreement with a full re-run.
 """
 from __future__ import annotations
@@ -124,23 +125,27 @@ def _dot_cuda(feats: torch.Tensor, vectors: torch.Tensor, chunk: int = 1 << 16) 
 
 
 def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict],
-                   has_hzg: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                   diffin_form: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """One shard's new-target scores from its stored features: (tracin [n], diffin [n] or None) float64.
 
-    Per checkpoint one pass over P g_z ([n, k] fp16) with [P v', P u'] (P v' alone without hzg) and, with hzg,
-    one pass over P H_z G_B with P v'; ``projs`` as :func:`target_projections` returns them."""
+    Per checkpoint one pass over P g_z ([n, k] fp16) with [P v', P u'] (P v' alone when ``diffin_form`` is None)
+    and, in the taylor form, one pass over P H_z G_B with P v'; ``projs`` as :func:`target_projections` returns
+    them."""
     tracin, diffin = np.zeros(n), np.zeros(n)
     for i, p in enumerate(projs):
-        d = _projected_dot(layout.features(url, i), torch.stack([p["Pv"], p["Pu"]] if has_hzg else [p["Pv"]], 1))
+        d = _projected_dot(layout.features(url, i), torch.stack([p["Pv"], p["Pu"]] if diffin_form else [p["Pv"]], 1))
         tracin += p["eta"] * d[:, 0]
-        if has_hzg:
+        if diffin_form == "exact_increment":
+            diffin += p["b_t"] * d[:, 0] + p["a_t"] * d[:, 1]
+        elif diffin_form == "taylor":
             diffin += p["a_t"] * (d[:, 1] + _projected_dot(layout.hzg(url, i), p["Pv"][:, None])[:, 0])
-    return tracin, diffin if has_hzg else None
+    return tracin, diffin if diffin_form else None
 
 
 def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence[str],
                        device: str = "auto") -> list[dict]:
-    """Per checkpoint: {"Pv": [k], "Pu": [k], "eta", "a_t"} for a new target set (one pass over the target)."""
+    """Per checkpoint: {"Pv": [k], "Pu": [k], "eta", "a_t", "b_t"} for a new target set (one pass over the
+    target)."""
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     scorer = Scorer(cfg, traj, device=device)
     states = [CheckpointShared.from_state(torch.load(layout.shared(i), map_location="cpu", weights_only=True),
@@ -156,7 +161,7 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
         u = reference_hvp(engine, ref_batches, shared.scale, v, cfg.scores.diffin.hvp_eps)
         proj = engine.projector
         out.append({"Pv": proj.project_weights(v).float(), "Pu": proj.project_weights(u).float(),
-                    "eta": scorer.weights[i][1], "a_t": scorer.weights[i][2]})
+                    "eta": scorer.weights[i].eta, "a_t": scorer.weights[i].a_t, "b_t": scorer.weights[i].b_t})
     return out
 
 
@@ -173,27 +178,29 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     new.shards_dir.mkdir(parents=True, exist_ok=True)
     projs = target_projections(cfg, layout, target_specs, device)
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
+    diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
     for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
         table = pq.read_table(layout.scores(url))
-        tracin, diffin = retarget_shard(layout, url, table.num_rows, projs, has_hzg)
+        tracin, diffin = retarget_shard(layout, url, table.num_rows, projs, diffin_form)
         keep = [c for c in table.column_names if not c.endswith("_target") and c not in RETARGET_COLUMNS]
         cols = {c: table[c] for c in keep}
         cols["tracin_target"] = pa.array(tracin)
-        if has_hzg:
+        if diffin_form:
             cols["diffin_target"] = pa.array(diffin)
         with atomic_path(new.scores(url)) as tmp:
             pq.write_table(pa.table(cols), tmp)
         if layout.rejects(url).exists() and not new.rejects(url).exists():
             with atomic_path(new.rejects(url)) as tmp:
                 tmp.write_bytes(layout.rejects(url).read_bytes())
-    score = cfg.select.score if (has_hzg or cfg.select.score != "diffin_target") else "tracin_target"
+    score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"
     cfg2 = cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
                                   "select": cfg.select.model_copy(update={"score": score})})
     with atomic_path(new.config) as tmp:
         tmp.write_text(yaml.safe_dump(cfg2.model_dump(mode="json"), sort_keys=False))
     finalize(cfg2, new, pool, {"retarget_of": str(layout.root), "projected_estimates": True,
-                               "diffin_available": has_hzg})
+                               "diffin_available": diffin_form is not None})
     return new.root
 
 

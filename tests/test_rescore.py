@@ -85,8 +85,10 @@ def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
         np.testing.assert_array_equal(a[c].values, b[c].values, err_msg=c)
 
 
-def test_retarget_from_stored_features(tmp_path, micro_trajectory):
-    # target A: the demo target shard; target B: its samples reversed, so max_samples picks other pairs
+@pytest.mark.parametrize("form", ["exact_increment", "taylor"])
+def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
+    """Diff-In re-targets from P g_z alone in the exact_increment form, and with P H_z G_B (save_hzg) in the taylor
+    form. Target A: the demo target shard; target B: its samples reversed, so max_samples picks other pairs."""
     members: dict[str, dict] = {}
     with tarfile.open(DEMO_DIR / "target" / "demo-target-000000.tar.gz", "r:gz") as tf:
         for m in tf.getmembers():
@@ -94,11 +96,14 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory):
             members.setdefault(key, {})[ext] = tf.extractfile(m).read()
     tb = tmp_path / "target_b"
     write_shard(tb / "b-000000.tar", list(members.items())[::-1])
-    feats = {"k": 1024, "layer_k": 16, "bank_size": 128, "batch_size": 50, "save_hzg": True}
-    cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats)
+    feats = {"k": 1024, "layer_k": 16, "bank_size": 128, "batch_size": 50, "save_hzg": form == "taylor"}
+    scores = {"diffin": {"targets": ["target", "train"], "reference_batch_size": 32, "form": form},
+              "oga": {"iforest_sample": 100, "iforest_trees": 50}}
+    cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats, scores=scores)
     run(load_config(data=cfg))
     new = retarget(_job_dir(cfg), [str(tb)], device="cpu")
-    full = small_job_config(tmp_path / "b", micro_trajectory, features=feats,
+    assert not any(JobLayout(_job_dir(cfg)).shards_dir.glob("*hzg*")) or form == "taylor"
+    full = small_job_config(tmp_path / "b", micro_trajectory, features=feats, scores=scores,
                             target={"shards": [str(tb)], "max_samples": 64})
     run(load_config(data=full))
     a, b = _by_uid(new), _by_uid(_job_dir(full))
