@@ -10,15 +10,18 @@ Variants (time per batch of ``--batch-size`` pool samples at one checkpoint):
 * ``train_step_trimmed``      the same without the text padding after the last end-of-text token, as every scoring
                               pass runs it (pruner.model.clip.encode_text): ``diffin_vs_trimmed_train_step`` is the
                               like-for-like ratio;
-* ``diffin_alone``            Diff-In as a job with ``scores.methods: [diffin]`` and ``features.save: false`` runs it:
-                              targets ["target", "train"], central FD, midpoint base: two FD passes contracting with
-                              the directions (v_target, v_pred, u_target, u_train, G), no projected features and no
-                              gradient norms (pruner.scorer.computed_quantities);
-* ``diffin_central``          the default job: Diff-In, TracIn, OGA and baselines from the same two FD passes, which
-                              then also form the projected features and the exact norms;
-* ``diffin_central_exact_base`` the same with ``base_pass="exact"`` (an extra pass at theta_t);
-* ``diffin_forward``          the same with the forward FD scheme (one FD pass);
-* ``diffin_target_central``   targets ["target"] only, central FD;
+* ``diffin_alone``            Diff-In in its default form (``exact_increment``) as a job with ``scores.methods:
+                              [diffin]`` and ``features.save: false`` runs it: targets ["target", "train"], one pass
+                              at theta_t contracting with the directions (v_target, v_pred, u_target, u_train, G), no
+                              projected features and no gradient norms (pruner.scorer.computed_quantities);
+* ``diffin_all_methods``      the default job: Diff-In (exact_increment), TracIn, OGA and baselines from that one
+                              pass, which then also forms the projected features and the exact norms;
+* ``taylor_alone``            Diff-In in the paper's ``taylor`` form, as ``diffin_alone``: central FD, midpoint base,
+                              two FD passes;
+* ``taylor_central``          the taylor form with every method of the job in the same two FD passes;
+* ``taylor_central_exact_base`` the same with ``base_pass="exact"`` (an extra pass at theta_t);
+* ``taylor_forward``          the same with the forward FD scheme (one FD pass);
+* ``taylor_target_central``   targets ["target"] only, central FD;
 * ``tracin``                  TracIn only: one engine pass with the v_target direction (exact dot; no features,
                               no norms);
 * ``tracin_features``         one engine pass with the v_target direction, features and norms (what TracIn + OGA need).
@@ -31,9 +34,10 @@ Usage::
     python benchmarks/bench_diffin_cost.py --arch pruner-tiny --batch-size 32 --device cpu --repeats 5
 
 Writes ``benchmarks/results/diffin_cost.json`` (``--out``): ``diffin_vs_train_step`` (time per sample of Diff-In
-alone, ``diffin_alone``, divided by the time per sample of a train step; the goal is <= 2.5),
-``diffin_all_methods_vs_train_step`` (``diffin_central``: every method of the default job in the same passes),
-``tracin_vs_train_step``, ``model``, ``device`` and the details of every variant.
+alone in the default form, ``diffin_alone``, divided by the time per sample of a train step; the goal is <= 2.5),
+``diffin_all_methods_vs_train_step`` (every method of the default job in the same pass),
+``diffin_taylor_vs_train_step`` (``taylor_alone``), ``tracin_vs_train_step``, ``model``, ``device`` and the details
+of every variant.
 """
 from __future__ import annotations
 
@@ -54,8 +58,8 @@ import torch  # noqa: E402
 
 ROOT = common.ROOT
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "diffin_cost.json"
-VARIANTS = ("train_step", "train_step_trimmed", "diffin_alone", "diffin_central", "diffin_central_exact_base",
-            "diffin_forward", "diffin_target_central", "tracin", "tracin_features")
+VARIANTS = ("train_step", "train_step_trimmed", "diffin_alone", "diffin_all_methods", "taylor_alone", "taylor_central",
+            "taylor_central_exact_base", "taylor_forward", "taylor_target_central", "tracin", "tracin_features")
 
 
 def parse_args(argv=None):
@@ -112,26 +116,24 @@ def main(argv=None) -> dict:
     shared_seconds = time.perf_counter() - t0
 
     train = common.make_train_step(model, images, tokens, device, args.precision)
+    both = ["target", "train"]
+    taylor = dict(fd_eps=args.fd_eps, form="taylor")
     scorers = {
-        "diffin_alone": CheckpointScorer(engine, shared, targets=["target", "train"], fd_eps=args.fd_eps,
-                                         fd_scheme="central", features=False, norms=False),
-        "diffin_central": CheckpointScorer(engine, shared, targets=["target", "train"], fd_eps=args.fd_eps,
-                                           fd_scheme="central"),
-        "diffin_central_exact_base": CheckpointScorer(engine, shared, targets=["target", "train"],
-                                                      fd_eps=args.fd_eps, fd_scheme="central", base_pass="exact"),
-        "diffin_target_central": CheckpointScorer(engine, shared, targets=["target"], fd_eps=args.fd_eps,
-                                                  fd_scheme="central"),
+        "diffin_alone": CheckpointScorer(engine, shared, targets=both, features=False, norms=False),
+        "diffin_all_methods": CheckpointScorer(engine, shared, targets=both),
+        "taylor_alone": CheckpointScorer(engine, shared, targets=both, features=False, norms=False, **taylor),
+        "taylor_central": CheckpointScorer(engine, shared, targets=both, **taylor),
+        "taylor_central_exact_base": CheckpointScorer(engine, shared, targets=both, base_pass="exact", **taylor),
+        "taylor_target_central": CheckpointScorer(engine, shared, targets=["target"], **taylor),
     }
     if args.precision == "fp32":
-        scorers["diffin_forward"] = CheckpointScorer(engine, shared, targets=["target", "train"], fd_eps=args.fd_eps,
-                                                     fd_scheme="forward")
+        scorers["taylor_forward"] = CheckpointScorer(engine, shared, targets=both, fd_scheme="forward", **taylor)
     tracin_dir = engine.directions([shared.vectors["v_target"]])
-    loss_fn = scorers["diffin_central"].loss_fn
+    loss_fn = scorers["diffin_alone"].loss_fn
 
     fns = {"train_step": train,
            "train_step_trimmed": common.make_train_step(model, images, tokens, device, args.precision, trim_text=True)}
-    for name in ("diffin_alone", "diffin_central", "diffin_central_exact_base", "diffin_forward",
-                 "diffin_target_central"):
+    for name in VARIANTS:
         if name in scorers:
             fns[name] = (lambda s: (lambda: s(images, tokens)))(scorers[name])
     fns["tracin"] = lambda: engine.run(images, tokens, loss_fn, directions=tracin_dir, features=False, norms=False)
@@ -150,12 +152,17 @@ def main(argv=None) -> dict:
 
     report = {
         "diffin_vs_train_step": variants["diffin_alone"]["vs_train_step"],
-        "diffin_all_methods_vs_train_step": variants["diffin_central"]["vs_train_step"],
+        "diffin_all_methods_vs_train_step": variants["diffin_all_methods"]["vs_train_step"],
+        "diffin_form": "exact_increment",
+        "diffin_taylor_vs_train_step": variants["taylor_alone"]["vs_train_step"],
+        "diffin_taylor_all_methods_vs_train_step": variants["taylor_central"]["vs_train_step"],
         "tracin_vs_train_step": variants["tracin"]["vs_train_step"],
         "diffin_vs_trimmed_train_step": variants["diffin_alone"]["median_s"] / variants["train_step_trimmed"]["median_s"],
-        "diffin_forward_vs_train_step": variants.get("diffin_forward", {}).get("vs_train_step"),
-        "diffin_exact_base_vs_train_step": variants["diffin_central_exact_base"]["vs_train_step"],
-        "diffin_target_only_vs_train_step": variants["diffin_target_central"]["vs_train_step"],
+        "diffin_taylor_vs_trimmed_train_step":
+            variants["taylor_alone"]["median_s"] / variants["train_step_trimmed"]["median_s"],
+        "diffin_taylor_forward_vs_train_step": variants.get("taylor_forward", {}).get("vs_train_step"),
+        "diffin_taylor_exact_base_vs_train_step": variants["taylor_central_exact_base"]["vs_train_step"],
+        "diffin_taylor_target_only_vs_train_step": variants["taylor_target_central"]["vs_train_step"],
         "tracin_with_features_vs_train_step": variants["tracin_features"]["vs_train_step"],
         "goal_diffin_vs_train_step": 2.5,
         "model": args.arch,
@@ -179,14 +186,16 @@ def main(argv=None) -> dict:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "notes": "time per sample = median batch time / batch size; ratios divide by the train step's time per "
                  "sample (forward + backward of the in-batch CLIP loss w.r.t. all parameters, no optimiser step). "
-                 "diffin_* = CheckpointScorer.__call__: the FD passes along G (5 directional dots each; every "
-                 "variant but diffin_alone also forms features and exact norms), plus a base pass at theta_t for "
-                 "the exact-base and forward variants. diffin_vs_train_step is diffin_alone (a job with "
-                 "scores.methods [diffin], features.save false); diffin_all_methods_vs_train_step the default job.",
+                 "diffin_* and taylor_* = CheckpointScorer.__call__. diffin_*: Diff-In's default exact_increment "
+                 "form, one pass at theta_t (5 directional dots). taylor_*: the paper's form, the FD passes along "
+                 "G (5 directional dots each), plus a base pass at theta_t for the exact-base and forward "
+                 "variants. *_alone forms no features and no norms (a job with scores.methods [diffin], "
+                 "features.save false); the others form both, as the default job does.",
     }
     write_json_atomic(args.out, report)
     print(f"diffin_vs_train_step: {report['diffin_vs_train_step']:.3f} (goal <= 2.5; Diff-In alone)")
     print(f"diffin_all_methods_vs_train_step: {report['diffin_all_methods_vs_train_step']:.3f}")
+    print(f"diffin_taylor_vs_train_step: {report['diffin_taylor_vs_train_step']:.3f}")
     print(f"diffin_vs_trimmed_train_step: {report['diffin_vs_trimmed_train_step']:.3f}")
     print(f"tracin_vs_train_step: {report['tracin_vs_train_step']:.3f}")
     print(f"wrote {args.out}")

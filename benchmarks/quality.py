@@ -399,7 +399,7 @@ def free_diagnostics(cols, weights, swapped, uids, caption_class=None) -> dict:
         return float(roc_auc_score(swapped, -s))
 
     for tgt in ("target", "train", "self"):
-        if all(f"c{i}_t1_{tgt}" in cols for i in range(m)):
+        if all(f"c{i}_t1_{tgt}" in cols and f"c{i}_t2_{tgt}" in cols for i in range(m)):  # the taylor form
             t1 = [cols[f"c{i}_t1_{tgt}"] for i in range(m)]
             t2 = [cols[f"c{i}_t2_{tgt}"] for i in range(m)]
             out[f"diffin_{tgt}:T1_only"] = au(sum(a * x for a, x in zip(a_ts, t1)))
