@@ -9,7 +9,7 @@ interleaved, page cache warm (one untimed pass first), medians:
   * diffin(taylor)+tracin: the paper's taylor form, P g_z @ [P v', P u'] and P H_z G_B @ P v' (two files, 4 KiB);
   * tracin only (a job without Diff-In): P g_z @ P v' (one file, 2 KiB per sample);
   * read only: an int64 sum over the same two files, i.e. the memory bandwidth a pass that computes nothing gets
-    here, and so the ceiling for the two rows above.
+    here, and so the ceiling for the taylor row (4 KiB per sample); the 2 KiB rows can go up to twice as fast.
 Writes benchmarks/results/rescore.json (`samples_per_second`: diffin+tracin, the default form, at the best thread
 count).
 Usage: python benchmarks/bench_rescore.py [--n 1000000] [--shard-size 10000] [--k 1024] [--repeats 5]

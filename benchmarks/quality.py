@@ -182,7 +182,9 @@ def job_config(a, seed: int, seed_dir: Path, traj: Path, pool_dir: Path, target_
         "trajectory": {"file": str(traj)},
         "features": {"k": a.k, "bank_size": a.bank_size, "batch_size": 64, "save": False, "loss": a.loss},
         "scores": {"methods": ["diffin", "tracin", "oga", "baselines"],
-                   "diffin": {"targets": ["target", "train", "self"], "fd_eps": a.fd_eps, "hvp_eps": a.hvp_eps,
+                   # the taylor form: the one the recorded quality table and the deletion check (d) measure
+                   "diffin": {"form": "taylor", "targets": ["target", "train", "self"], "fd_eps": a.fd_eps,
+                              "hvp_eps": a.hvp_eps,
                               "reference_batch_size": a.reference_batch_size, "self_rank": a.self_rank},
                    "oga": {"iforest_sample": min(2000, a.pool_size)}},
         "select": {"score": "diffin_target", "keep_fraction": 0.5},

@@ -87,7 +87,7 @@ class FeaturesConfig(_Section):
     bank_size: int = Field(default=4096, gt=0)
     batch_size: int = Field(default=64, gt=0)
     save: bool = True  # store P g_z per checkpoint (needed by explain, clustering and rescore)
-    save_hzg: bool = False  # also store P H_z G_B (2 x the storage; lets rescore re-target Diff-In)
+    save_hzg: bool = False  # also store P H_z G_B (2 x the storage; lets rescore re-target the taylor form)
 
     @field_validator("single_token_layers")
     @classmethod
@@ -105,6 +105,7 @@ class DiffInConfig(_Section):
     # code's estimator, which Taylor-expands that increment around theta_0 and drops its offset (two finite-
     # difference passes). Why exact_increment is the default: README, Decisions; pruner.scores.combine.
     form: Literal["exact_increment", "taylor"] = "exact_increment"
+    # fd_eps, fd_scheme, base_pass: the taylor form's finite-difference passes (unused by exact_increment)
     fd_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the parameter perturbation for T2
     fd_scheme: Literal["central", "forward"] = "central"
     # central only: base quantities (loss, TracIn dots, features, norms) from the mean of the two FD passes, exact

@@ -2,11 +2,11 @@
 
     <output_dir>/<job name>-<job id>/
         config.yaml                 the resolved config that produced this directory
-        trajectory.json             checkpoints used (path, step, lr, lr weight, a_t)
+        trajectory.json             checkpoints used (path, step, lr, lr weight, a_t, b_t)
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
         shards/<shard id>.parquet   per-shard scores (one row per accepted sample)
         shards/<shard id>.c<i>.npy  optional fp16 projected gradients [n, k] at checkpoint i, row-aligned
-        shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (for re-targeting)
+        shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (re-targeting the taylor form)
         shards/<shard id>.rejects.parquet   samples the reader skipped, with reasons
         ranking.parquet             every sample, all scores and its rank
         keep/                       manifests: manifest.json, uids.npy, keep.parquet

@@ -34,7 +34,7 @@ b_t = eta_t / (N m):
 
 Why exact_increment is the default (tests/test_scores.py, sign_case; README, Decisions): on an AdamW
 trajectory where the model learns, the Taylor form's T2, even with the actual displacement theta_0 - theta_t in
-place of t eta G_B, is anti-correlated with the true change of <v, g_z> (Pearson -0.78 / -0.87 at the two
+place of t eta G_B, is anti-correlated with the true change of <v, g_z> (Pearson -0.65 / -0.79 at the two
 checkpoints), and the taylor form calls every clean pair harmful; the exact increment needs no such expansion.
 
 diffin_self: in the taylor form it is I(z,z) as computed, not negated: that is the second-order part

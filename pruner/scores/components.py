@@ -22,7 +22,11 @@ Which of these a checkpoint needs depends on Diff-In's ``form`` (pruner.scores.c
 uses T1 and T2; ``exact_increment`` uses T1 and the first-order dots (tracin_target, tracin_train, sq_norm) and no
 T2, so it has no finite-difference pass at all.
 
-T2 by finite differences of exact per-sample quantities at theta_t +- eps * G/||G|| (frozen bank, fixed
+In the exact_increment form (the default) the base pass at theta_t is the only pass, in the model's precision.
+With bf16 / fp16 its rounding of the first-order dots can exceed the second-order a_t T1 term (~1e-4 of them on
+an AdamW trajectory), so diffin_* is then TracIn-like plus rounding; use fp32 where that term matters.
+
+T2 (taylor form) by finite differences of exact per-sample quantities at theta_t +- eps * G/||G|| (frozen bank, fixed
 directions): central ``[f(+eps) - f(-eps)] ||G|| / (2 eps)`` (default, O(eps^2)) or forward
 ``[f(+eps) - f(0)] ||G|| / eps`` (O(eps), the base pass is f(0)). Each pass is a forward + activation-only
 backward; perturbed weights stay float32 (TF32 must be off; :func:`strict_fp32`).
@@ -59,7 +63,7 @@ class CheckpointScorer:
     def __init__(self, engine: PerSampleGradients, shared: CheckpointShared, targets=("target", "train"),
                  fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank", base_pass: str = "midpoint",
                  features: bool = True, norms: bool = True, form: str = "exact_increment"):
-        if fd_scheme == "forward" and engine.precision != "fp32":
+        if form == "taylor" and fd_scheme == "forward" and engine.precision != "fp32":
             raise ValueError("fd_scheme 'forward' reuses the base pass, which must then run in fp32 "
                              "(fix: model.precision: fp32 or scores.diffin.fd_scheme: central)")
         if base_pass not in ("midpoint", "exact"):
