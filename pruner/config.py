@@ -321,7 +321,8 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
 
 #: Keys whose default changed after job directories were written without them, with the value that reproduces
 #: what such a job did: its stored features were made with the Kronecker sketch everywhere, its base
-#: components came from a pass at theta_t, and its Diff-In scores are the taylor form. Applied only when re-opening a job (:func:`load_job_config`).
+#: components came from a pass at theta_t, and its Diff-In scores are the taylor form. Applied only when
+#: re-opening a job (:func:`load_job_config`).
 JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "features.single_token_direct": False,
                        "scores.diffin.base_pass": "exact", "scores.diffin.form": "taylor"}
 

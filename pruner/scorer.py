@@ -96,9 +96,9 @@ def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Se
 def combine_columns(cfg: JobConfig, weights: Sequence[CheckpointWeights], forest,
                     comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
                     uids: Sequence[str]) -> dict[str, np.ndarray]:
-    """Method score columns from per-checkpoint components, with (step, eta, a_t) per checkpoint and the OGA
-    forest (or None) applied to the last checkpoint's features (see pruner.scores.combine); b_t is applied when
-    the job's Diff-In form is exact_increment."""
+    """Method score columns from per-checkpoint components, with the weights of each checkpoint (b_t only in
+    Diff-In's exact_increment form) and the OGA forest (or None) applied to the last checkpoint's features (see
+    pruner.scores.combine)."""
     exact = cfg.scores.diffin.form == "exact_increment"
     cols = combine(comps, [w.eta for w in weights], [w.a_t for w in weights], list(uids), seed=cfg.seed,
                    b_ts=[w.b_t for w in weights] if exact else None)

@@ -162,7 +162,7 @@ class CheckpointScorer:
             for n in self.t2_names:
                 j = self.names.index(n)
                 out[f"t2_{'target' if n == 'v_target' else 'train'}"] = (plus.dots[:, j] - minus.dots[:, j]) * scale
-            if "self" in self.targets and self.form == "taylor":
+            if "self" in self.targets:  # a finite-difference pass runs in the taylor form only
                 out["t2_self"] = 0.5 * (plus.sq_norm - minus.sq_norm) * scale
             if project_hzg:
                 hzg = (self.engine.projector.reduce(plus.features - minus.features) * scale).cpu().numpy()
