@@ -8,9 +8,11 @@ Three cases, each meant to give what a full re-run would give:
   forest) and re-ranks everything.
 * **New checkpoint** (:func:`add_checkpoint`): per-checkpoint components never depend on the other
   checkpoints (a_t and eta are applied when combining), so only the new checkpoint's shared quantities and
-  components are computed; every score is then recombined over the longer trajectory, exactly as a full
-  re-run would. The checkpoint must come after the existing ones (continued training), so the earlier
-  checkpoints' learning-rate weights are unchanged.
+  components are computed, by the job's Ray actors as in a full run (the driver sends each actor the shard's
+  stored score table); every score is then recombined over the longer trajectory, exactly as a full re-run
+  would. The checkpoint must come after the existing ones (continued training), so the earlier checkpoints'
+  learning-rate weights are unchanged. The earlier checkpoints' features and shared quantities are hard-linked
+  into the new job directory (copied across filesystems).
 * **New target set** (:func:`retarget`): from the stored projected features, without per-sample gradient
   passes. The new target gradient v' and u' = H_B v' are computed once per checkpoint and projected with the
   job's matrices; then TracIn ~ sum_t eta_t <P g_z, P v'> and Diff-In ~ sum_t b_t <P g_z, P v'> +
@@ -44,7 +46,7 @@ from pruner.io.layout import JobLayout
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import load_features
 from pruner.model.checkpoints import load_trajectory
-from pruner.scorer import Scorer, checkpoint_weights, combine_columns, pick_shared_inputs
+from pruner.scorer import Scorer, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
 from pruner.select.reduce import finalize
 
@@ -204,33 +206,20 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     return new.root
 
 
-def _components_of(table: pa.Table, m: int) -> list[dict[str, np.ndarray]]:
-    """The stored per-checkpoint components ``c<i>_<name>`` of a score table, as combine() takes them."""
-    comps: list[dict[str, np.ndarray]] = [{} for _ in range(m)]
-    for c in table.column_names:
-        head, _, name = c.partition("_")
-        if head[:1] == "c" and head[1:].isdigit() and int(head[1:]) < m:
-            comps[int(head[1:])][name] = table[c].to_numpy()
-    return comps
-
-
 def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None, lr: float | None = None,
-                   lr_mean: float | None = None, device: str = "auto") -> Path:
+                   lr_mean: float | None = None) -> Path:
     """Extend a finished job's trajectory by one later checkpoint; returns the new job directory.
 
-    Computes only the new checkpoint (shared quantities, per-sample components, features) in this process and
-    recombines the stored components of the others; the result equals a full re-run on the longer trajectory."""
+    A prune job over the longer trajectory that reuses the finished one (``prior`` of
+    :func:`pruner.distributed.driver.score_all`): the scoring actors load and compute only the new checkpoint
+    and combine its components with the stored ones, so the result equals a full re-run on the longer
+    trajectory. Resumable like any job: re-running the same command finishes an interrupted extension."""
     from dataclasses import replace
 
-    from pruner.distributed.driver import prepare
     from pruner.io.atomic import write_json_atomic
-    from pruner.io.shards import iter_shard, RejectLog
-    from pruner.io.store import save_features
-    from pruner.scores.oga import fit_isolation_forest
-    from pruner.scorer import hash_pick, iter_pool
+    from pruner.jobs.prune import run
 
     cfg, layout = load_job(job_dir)
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_actor)))  # same reduction order as the scoring actors
     old = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     info = load_trajectory(checkpoints=[checkpoint]).checkpoints[0]
     info = replace(info, step=step if step is not None else info.step, lr=lr if lr is not None else info.lr,
@@ -245,50 +234,11 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
                                   "pool_size": old.pool_size, "checkpoints": entries})
     cfg2 = cfg.model_copy(update={"trajectory": cfg.trajectory.model_copy(update={"file": str(traj_file),
                                                                                  "checkpoints": []})})
-    new, pool, target, traj = prepare(cfg2)
-    m = len(traj.checkpoints)
-    one = Scorer(cfg2, replace(traj, checkpoints=(info,)), device=device)  # the new checkpoint's model only
-    weights, forest = checkpoint_weights(cfg2, traj), None
-    for i in range(m - 1):
-        new.shared_dir.mkdir(parents=True, exist_ok=True)
-        new.shared(i).write_bytes(layout.shared(i).read_bytes())
-    if not new.shared(m - 1).exists():
-        bank, tgt, ref = pick_shared_inputs(cfg2, pool, target)
-        state = one.compute_shared(0, bank, tgt, ref).to_state()
-        state["index"] = m - 1
-        with atomic_path(new.shared(m - 1)) as tmp:
-            torch.save(state, tmp)
-    one.set_shared([CheckpointShared.from_state(torch.load(new.shared(m - 1), weights_only=True))])
-    if "oga" in cfg2.scores.methods:
-        sub = hash_pick(iter_pool(pool, cfg2.data.allow_pipe), cfg2.scores.oga.iforest_sample, "oga", oversample=1)
-        rows = one.last_checkpoint_features(sub)
-        with atomic_path(new.shared_dir / "oga_subsample.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, rows.astype(np.float32))
-        forest = fit_isolation_forest(rows, seed=cfg2.seed, trees=cfg2.scores.oga.iforest_trees)
-    for url in tqdm(pool, desc=f"checkpoint {info.step}", unit="shard", dynamic_ncols=True):
-        if new.scores(url).exists():
-            continue
-        table = pq.read_table(layout.scores(url))
-        samples = list(iter_shard(url, RejectLog(), allow_pipe=cfg2.data.allow_pipe,
-                                  max_samples=cfg2.data.max_samples_per_shard))
-        if [s.uid for s in samples] != table["uid"].to_pylist():
-            raise RuntimeError(f"shard {url} changed since the job scored it (fix: run a full job)")
-        comps_new, feats, _ = one.score_components(samples) if samples else ([{}], [np.zeros((0, cfg2.features.k))], [])
-        comps = _components_of(table, m - 1) + comps_new
-        for i in range(m - 1):
-            if layout.features(url, i).exists():
-                new.features(url, i).write_bytes(layout.features(url, i).read_bytes())
-        if cfg2.features.save:
-            save_features(new.features(url, m - 1), feats[0])
-        if layout.rejects(url).exists():
-            new.rejects(url).write_bytes(layout.rejects(url).read_bytes())
-        cols = combine_columns(cfg2, weights, forest, comps, feats[0], [s.uid for s in samples]) if samples else {}
-        out = {c: table[c] for c in ("uid", "key", "shard_url", "row")}
-        out.update({k: pa.array(cols[k], pa.float64()) for k in sorted(cols)})
-        with atomic_path(new.scores(url)) as tmp:
-            pq.write_table(pa.table(out), tmp)
-    finalize(cfg2, new, pool, {"added_checkpoint_to": str(layout.root)})
-    return new.root
+    status, summary = run(cfg2, prior=layout)
+    if status:
+        raise RuntimeError(f"adding {checkpoint} to {job_dir}: {len(summary['shards_failed'])} shard(s) failed "
+                           f"(listed in failed.json of the new job directory; fix the cause, then re-run)")
+    return Path(cfg2.output_dir) / summary["job"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int, help="global step of the added checkpoint (default: from the file)")
     ap.add_argument("--lr", type=float, help="learning rate at the added checkpoint (default: from the file)")
     ap.add_argument("--lr-mean", type=float, help="mean learning rate since the previous checkpoint")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="re-target only (where the new target's gradients are "
+                    "computed); --add-checkpoint scores on the job's Ray actors (ray.accelerator)")
     args = ap.parse_args(argv)
     if args.target:
         out = retarget(args.job, args.target, args.device)
     else:
-        out = add_checkpoint(args.job, args.add_checkpoint, args.step, args.lr, args.lr_mean, args.device)
+        out = add_checkpoint(args.job, args.add_checkpoint, args.step, args.lr, args.lr_mean)
     summary = json.loads((out / "summary.json").read_text())
     print(f"pruner rescore: {out} (kept {summary['counts']['kept']} of {summary['counts']['samples']})")
     return 0

@@ -19,7 +19,7 @@ from pruner.grads.engine import PerSampleGradients
 from pruner.io.shards import Sample, iter_shard, RejectLog
 from pruner.model.checkpoints import Trajectory, load_scoring_model
 from pruner.model.clip import create_clip
-from pruner.scores.combine import combine
+from pruner.scores.combine import combine, split_components
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import iforest_scores
 from pruner.scores.shared import CheckpointShared, compute_shared, diffin_coefficient, first_order_coefficient
@@ -117,20 +117,31 @@ def computed_quantities(cfg: JobConfig) -> tuple[bool, bool]:
     return "oga" in methods or f.save or f.save_hzg, "tracin" in methods or "oga" in methods
 
 
-class Scorer:
-    """Scores samples at every checkpoint of a trajectory. Shapes: images [B,3,H,W], tokens [B,ctx]."""
+class ShardChangedError(ValueError):
+    """A shard no longer reads as the samples a job being extended scored from it."""
 
-    def __init__(self, cfg: JobConfig, traj: Trajectory, device: str | torch.device = "auto"):
+
+class Scorer:
+    """Scores samples at the checkpoints ``first``.. of a trajectory. Shapes: images [B,3,H,W], tokens [B,ctx].
+
+    ``first`` > 0 extends a finished job whose trajectory was the first ``first`` checkpoints (``pruner rescore
+    --add-checkpoint``): the earlier checkpoints are not loaded, their components come from the job's score
+    table (:meth:`score_table`'s ``prior``), and every checkpoint index below (``compute_shared``'s ``i``) is an
+    index into the whole trajectory, whose weights the scores are combined with."""
+
+    def __init__(self, cfg: JobConfig, traj: Trajectory, device: str | torch.device = "auto", first: int = 0):
+        if not 0 <= first < len(traj.checkpoints):
+            raise ValueError(f"first={first}: a trajectory of {len(traj.checkpoints)} checkpoints")
         strict_fp32()
         torch.manual_seed(cfg.seed)
-        self.cfg, self.traj = cfg, traj
+        self.cfg, self.traj, self.first = cfg, traj, first
         self.device = resolve_device(device) if isinstance(device, str) else device
         arch = traj.arch or cfg.model.arch
         config_file = cfg.model.config_file or traj.config_file
         _, self.preprocess, self.tokenizer = create_clip(arch, config_file)
         f = cfg.features
         self.engines = []
-        for ck in traj.checkpoints:
+        for ck in traj.checkpoints[first:]:
             model = load_scoring_model(ck, arch, config_file, device=self.device)
             self.engines.append(PerSampleGradients(model, k=f.k, layer_k=f.layer_k, seed=f.seed, kind=f.projection,
                                                    include=f.include, exclude=f.exclude,
@@ -157,12 +168,13 @@ class Scorer:
         d = self.cfg.scores.diffin
         step, eta, a_t, _ = self.weights[i]
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
-        return compute_shared(self.engines[i], index=i, step=step, eta=eta, a_t=a_t,
+        return compute_shared(self.engines[i - self.first], index=i, step=step, eta=eta, a_t=a_t,
                               bank_batches=self.batches(bank), target_batches=self.batches(target),
                               reference_batches=[self.tensors(r) for r in reference], targets=targets,
                               hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed)
 
     def set_shared(self, shared: Sequence[CheckpointShared]) -> None:
+        """The shared quantities of checkpoints ``first``.. (one per loaded model)."""
         d = self.cfg.scores.diffin
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
         self.shared = [s if s.bank_img.device == self.device else CheckpointShared.from_state(s.to_state(), self.device)
@@ -207,6 +219,9 @@ class Scorer:
 
     def combine_scores(self, comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
                        uids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Score columns from the components of every checkpoint of the trajectory (loaded or not)."""
+        if len(comps) != len(self.weights):
+            raise ValueError(f"components of {len(comps)} checkpoints for a trajectory of {len(self.weights)}")
         return combine_columns(self.cfg, self.weights, self.forest, comps, features_last, uids)
 
     def score(self, samples: Sequence[Sample]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
@@ -214,14 +229,25 @@ class Scorer:
         comps, features, _ = self.score_components(samples)
         return self.combine_scores(comps, features[-1], [s.uid for s in samples]), features
 
-    def score_table(self, samples: Sequence[Sample], url: str):
+    def score_table(self, samples: Sequence[Sample], url: str, prior: pa.Table | None = None):
         """A per-shard result: (table: uid, key, shard_url, row, then every score column (float64),
-        [P g_z [n, k] per checkpoint], [P H_z G_B [n, k] per checkpoint] when features.save_hzg else [])."""
+        [P g_z [n, k] per loaded checkpoint], [P H_z G_B [n, k] per loaded checkpoint] when features.save_hzg else
+        []). ``prior``: the shard's score table from the job this one extends (needed iff ``first`` > 0); its
+        ``c<i>_*`` columns supply the components of checkpoints 0..first-1, and its uids must be ``samples``'."""
+        if (prior is None) != (self.first == 0):
+            raise ValueError(f"{url}: a prior score table is needed exactly when extending a job (first={self.first})")
+        uids = [s.uid for s in samples]
+        if prior is not None and prior["uid"].to_pylist() != uids:
+            raise ShardChangedError(f"shard {url} now reads as {len(uids)} samples, not the {prior.num_rows} the "
+                                    f"extended job scored, or in another order: it changed since that job ran (fix: "
+                                    f"run a full job with the longer trajectory)")
         cols, features, hzg = {}, [], []
         if samples:
             comps, features, hzg = self.score_components(samples, project_hzg=self.cfg.features.save_hzg)
-            cols = self.combine_scores(comps, features[-1], [s.uid for s in samples])
-        table = {"uid": pa.array([s.uid for s in samples], pa.string()),
+            if prior is not None:
+                comps = split_components({c: prior[c].to_numpy() for c in prior.column_names}, self.first) + comps
+            cols = self.combine_scores(comps, features[-1], uids)
+        table = {"uid": pa.array(uids, pa.string()),
                  "key": pa.array([s.key for s in samples], pa.string()),
                  "shard_url": pa.array([url] * len(samples), pa.string()),
                  "row": pa.array(np.arange(len(samples), dtype=np.int32))}

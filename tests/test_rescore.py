@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -49,8 +50,11 @@ def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
     run(load_config(data=cfg))
     job = _job_dir(cfg)
     last = traj["checkpoints"][2]
-    new = add_checkpoint(job, str(micro_trajectory.parent / last["path"]), step=last["step"], lr=last["lr"],
-                         lr_mean=last["lr_mean"], device="cpu")
+    args = (job, str(micro_trajectory.parent / last["path"]))
+    kw = dict(step=last["step"], lr=last["lr"], lr_mean=last["lr_mean"])
+    new = add_checkpoint(*args, **kw)
+    summary = json.loads((new / "summary.json").read_text())
+    assert summary["run"]["checkpoints_reused"] == 2 and summary["run"]["extends"] == str(job)
     full_cfg = small_job_config(tmp_path / "b", micro_trajectory)
     run(load_config(data=full_cfg))
     a, b = _by_uid(new), _by_uid(_job_dir(full_cfg))
@@ -59,6 +63,50 @@ def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
         np.testing.assert_allclose(a[c].values, b[c].values, rtol=1e-9, atol=1e-12 * np.abs(b[c].values).max(),
                                    err_msg=c)
     assert (a["kept"].values == b["kept"].values).all()
+    # the earlier checkpoints' features are the finished job's files (hard links), the new one's are computed
+    old, ext = JobLayout(job), JobLayout(new)
+    url = pq.read_table(ext.ranking, columns=["shard_url"])["shard_url"][0].as_py()
+    assert [ext.features(url, i).stat().st_ino for i in range(2)] == [old.features(url, i).stat().st_ino
+                                                                       for i in range(2)]
+    np.testing.assert_array_equal(load_features(ext.features(url, 2)),
+                                  load_features(JobLayout(_job_dir(full_cfg)).features(url, 2)))
+    # an extension killed after some shards re-runs to the same result, rescoring only the missing ones
+    ext.scores(url).unlink()
+    ext.summary.unlink()
+    again = add_checkpoint(*args, **kw)
+    rerun = json.loads((again / "summary.json").read_text())["run"]
+    assert again == new and rerun["shards_skipped"] == rerun["shards_total"] - 1
+    redone = _by_uid(again)
+    for c in [*METHODS, "kept"]:
+        np.testing.assert_array_equal(redone[c].values, a[c].values, err_msg=c)
+
+
+def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_trajectory):
+    """Extending a job checks its inputs before scoring: a shard that no longer reads as the scored samples, and
+    a finished job whose checkpoints are not the first ones of the new trajectory, are refused by name."""
+    from pruner.distributed.driver import reused_checkpoints
+    from pruner.model.checkpoints import load_trajectory
+    from pruner.scorer import Scorer, ShardChangedError
+    from pruner.io.shards import RejectLog, iter_shard
+
+    cfg = load_config(data=small_job_config(tmp_path, micro_trajectory))
+    traj = load_trajectory(file=str(micro_trajectory))
+    url = demo_pool_shards()[0]
+    samples = list(iter_shard(url, RejectLog()))[:3]
+    prior = pa.table({"uid": [s.uid for s in samples[:2]]})
+    scorer = Scorer(cfg, traj, device="cpu", first=2)
+    with pytest.raises(ShardChangedError, match="changed since"):
+        scorer.score_table(samples, url, prior)
+    with pytest.raises(ValueError, match="prior score table"):
+        scorer.score_table(samples, url)
+    done = tmp_path / "done"
+    JobLayout(done).root.mkdir()
+    ck = [{"path": c.path, "step": c.step, "lr": c.lr, "lr_mean": c.lr_mean} for c in traj.checkpoints]
+    (done / "trajectory.json").write_text(json.dumps({"checkpoints": ck[:2]}))
+    assert reused_checkpoints(JobLayout(done), traj) == 2
+    (done / "trajectory.json").write_text(json.dumps({"checkpoints": ck[1:2]}))
+    with pytest.raises(ValueError, match="not the first checkpoints"):
+        reused_checkpoints(JobLayout(done), traj)
 
 
 def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):

@@ -36,9 +36,10 @@ def _setup(cfg_dict: dict, cpus: float):
 class SharedComputer:
     """Computes the per-checkpoint shared quantities and fits the OGA forest, once per job."""
 
-    def __init__(self, cfg_dict: dict, traj: Trajectory, pool_urls: list[str], target_urls: list[str], cpus: float):
+    def __init__(self, cfg_dict: dict, traj: Trajectory, pool_urls: list[str], target_urls: list[str], cpus: float,
+                 first: int = 0):
         self.cfg = _setup(cfg_dict, cpus)
-        self.scorer = Scorer(self.cfg, traj)
+        self.scorer = Scorer(self.cfg, traj, first=first)  # checkpoints first.. (see Scorer)
         allow = self.cfg.data.allow_pipe
         d = self.cfg.scores.diffin
         self.bank = hash_pick(iter_pool(pool_urls, allow), self.cfg.features.bank_size, "bank")
@@ -65,7 +66,8 @@ class SharedComputer:
         return shared.to_state()
 
     def oga_features(self, states: list[dict]):
-        """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint."""
+        """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``states``: the
+        shared quantities of checkpoints ``first``.."""
         self.scorer.set_shared([CheckpointShared.from_state(s) for s in states])
         sub = hash_pick(iter_pool(self.pool_urls, self.cfg.data.allow_pipe), self.cfg.scores.oga.iforest_sample,
                         "oga", oversample=1)
@@ -79,9 +81,11 @@ class ShardUnreadableError(OSError):
 class ShardScorer:
     """Scores whole shards. Constructed with everything it needs, so a restarted actor is ready again."""
 
-    def __init__(self, cfg_dict: dict, traj: Trajectory, shared_states: list[dict], forest, cpus: float):
+    def __init__(self, cfg_dict: dict, traj: Trajectory, shared_states: list[dict], forest, cpus: float,
+                 first: int = 0):
+        """``shared_states``: of checkpoints ``first``.. (see :class:`pruner.scorer.Scorer`)."""
         self.cfg = _setup(cfg_dict, cpus)
-        self.scorer = Scorer(self.cfg, traj)
+        self.scorer = Scorer(self.cfg, traj, first=first)
         self.scorer.set_shared([CheckpointShared.from_state(s) for s in shared_states])
         self.scorer.forest = forest
         self.samples_scored = Counter("pruner_samples_scored", description="samples scored")
@@ -91,8 +95,9 @@ class ShardScorer:
     def ping(self) -> int:
         return self.pid
 
-    def score_shard(self, url: str):
-        """Returns (url, score table, [P g per checkpoint], [P H_z G per checkpoint], rejects table, stats)."""
+    def score_shard(self, url: str, prior=None):
+        """Returns (url, score table, [P g per scored checkpoint], [P H_z G per scored checkpoint], rejects table,
+        stats). ``prior``: the shard's score table in the job being extended, when ``first`` > 0."""
         t0 = time.time()
         rejects = RejectLog()
         samples = list(iter_shard(url, rejects, allow_pipe=self.cfg.data.allow_pipe,
@@ -100,7 +105,7 @@ class ShardScorer:
         unreadable = [r["detail"] for r in rejects.records if r["reason"] == "unreadable_shard"]
         if unreadable:
             raise ShardUnreadableError(unreadable[0])
-        table, feats, hzg = self.scorer.score_table(samples, url)
+        table, feats, hzg = self.scorer.score_table(samples, url, prior)
         dt = time.time() - t0
         self.samples_scored.inc(len(samples))
         self.shards_done.inc()

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from pruner.config import JobConfig
 from pruner.distributed.actors import remote_classes
-from pruner.io.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from pruner.io.atomic import atomic_path, link_or_copy, write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import save_features
@@ -124,12 +124,18 @@ def _save_shared(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects) -> None:
-    """Features and rejects first, the score table last: its existence marks the shard as done."""
+def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects, prior: JobLayout | None = None,
+                        first: int = 0) -> None:
+    """Features and rejects first, the score table last: its existence marks the shard as done. ``feats`` and
+    ``hzg`` are of checkpoints ``first``..; those of the earlier ones are linked from the extended job ``prior``."""
+    for i in range(first):
+        for src, dst in ((prior.features(url, i), layout.features(url, i)), (prior.hzg(url, i), layout.hzg(url, i))):
+            if src.exists():
+                link_or_copy(src, dst)
     for i, f in enumerate(feats):
-        save_features(layout.features(url, i), f)
+        save_features(layout.features(url, first + i), f)
     for i, f in enumerate(hzg):
-        save_features(layout.hzg(url, i), f)
+        save_features(layout.hzg(url, first + i), f)
     with atomic_path(layout.rejects(url)) as tmp:
         pq.write_table(rejects, tmp)
     with atomic_path(layout.scores(url)) as tmp:
@@ -151,6 +157,22 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     return layout, pool, target, traj
 
 
+def reused_checkpoints(prior: JobLayout | None, traj: Trajectory) -> int:
+    """How many leading checkpoints of ``traj`` the finished job ``prior`` scored (0 without one): their
+    components, shared quantities and features are reused, since a checkpoint's components never depend on the
+    others. ``prior``'s trajectory must be a proper prefix of ``traj``."""
+    if prior is None:
+        return 0
+    done = json.loads(prior.trajectory.read_text())["checkpoints"]
+    keys = ("path", "step", "lr", "lr_mean")
+    mine = [dict(zip(keys, (c.path, c.step, c.lr, c.lr_mean))) for c in traj.checkpoints]
+    if len(done) >= len(mine) or [{k: d[k] for k in keys} for d in done] != mine[:len(done)]:
+        raise ValueError(f"{prior.root} scored the checkpoints {[d['path'] for d in done]}, which are not the first "
+                         f"checkpoints of the trajectory being scored, {[c['path'] for c in mine]} (fix: extend a job "
+                         f"only by later checkpoints, e.g. with pruner rescore --add-checkpoint)")
+    return len(done)
+
+
 def _metrics() -> dict:
     return {"attempts_failed": Counter("pruner_shard_attempts_failed",
                                        description="shard scoring attempts that failed (retried or not)"),
@@ -158,21 +180,33 @@ def _metrics() -> dict:
                                      description="shards given up after ray.max_retries retries")}
 
 
-def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj: Trajectory) -> dict:
-    """Score every pending shard. Returns run statistics (failed shards included)."""
+def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj: Trajectory,
+              prior: JobLayout | None = None) -> dict:
+    """Score every pending shard. Returns run statistics (failed shards included).
+
+    ``prior``: a finished job of the same config whose trajectory is a prefix of ``traj`` (see
+    :func:`reused_checkpoints`): only the later checkpoints are loaded and computed, on the same actors, and each
+    shard's scores combine its stored components with the new ones, as a full run would."""
     pending = [u for u in pool if not layout.scores(u).exists()]
     stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
-             "failed_attempts": {}, "actors": 0, "gpus": 0}
+             "failed_attempts": {}, "actors": 0, "gpus": 0, **({"extends": str(prior.root)} if prior else {})}
     if not pending:
         log.info("all %d shards already scored in %s", len(pool), layout.root)
         return stats
+    m, first = len(traj.checkpoints), reused_checkpoints(prior, traj)
+    unscored = [u for u in pending if prior is not None and not prior.scores(u).exists()]
+    if unscored:
+        raise ValueError(f"{len(unscored)} shard(s), e.g. {unscored[0]}, were not scored by the job being extended, "
+                         f"{prior.root} (fix: finish or re-run that job first, so it scores them, then extend it)")
+    for i in range(first):
+        if not layout.shared(i).exists():
+            link_or_copy(prior.shared(i), layout.shared(i))
     connect_ray(cfg)
     n_actors, gpus = actor_plan(cfg)
     cpus = cfg.ray.cpus_per_actor
     Shared, Scorer = remote_classes(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=8)
     cfg_dict = cfg.model_dump(mode="json")
-    m = len(traj.checkpoints)
-    stats.update(actors=n_actors, gpus=gpus)
+    stats.update(actors=n_actors, gpus=gpus, checkpoints_reused=first)
     wait_placed = placement_guard(cfg, gpus_per_actor=1 if gpus else 0)
     metrics = _metrics()
 
@@ -182,7 +216,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     sub_path = layout.shared_dir / "oga_subsample.npy"
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
     if any(s is None for s in states) or need_oga:
-        comp = Shared.remote(cfg_dict, traj, pool, target, cpus)
+        comp = Shared.remote(cfg_dict, traj, pool, target, cpus, first)
         try:
             wait_placed([comp.ping.remote()], "the shared-quantity actor")
         except PlacementError:
@@ -193,7 +227,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                 states[i] = ray.get(comp.compute.remote(i))
                 _save_shared(layout.shared(i), states[i])
         if need_oga:  # saved, so a re-run refits the identical forest (fixed random_state) without rescoring
-            rows = ray.get(comp.oga_features.remote(states))
+            rows = ray.get(comp.oga_features.remote(states[first:]))
             with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(rows, np.float32))
         ray.kill(comp)
@@ -203,9 +237,9 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
         forest = fit_isolation_forest(np.load(sub_path), seed=cfg.seed, trees=o.iforest_trees)
     stats["shared_seconds"] = time.time() - t0
 
-    states_ref, forest_ref = ray.put(states), ray.put(forest)
+    states_ref, forest_ref = ray.put(states[first:]), ray.put(forest)
     t_actors = time.time()
-    actors = [Scorer.remote(cfg_dict, traj, states_ref, forest_ref, cpus) for _ in range(n_actors)]
+    actors = [Scorer.remote(cfg_dict, traj, states_ref, forest_ref, cpus, first) for _ in range(n_actors)]
     # inflight: object ref -> (shard url, actor) for a scoring task, (None, actor) for a readiness probe (ping) of
     # a new actor or of one whose task died with it: an actor takes shards only once its probe has answered
     queue, idle, inflight = deque(pending), [], {a.ping.remote(): (None, a) for a in actors}
@@ -240,7 +274,8 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
             log.info("%d of %d scoring actors ready after %.1fs", len(idle), len(actors), t1 - t_actors)
         while t1 is not None and queue and idle:
             actor, url = idle.pop(), queue.popleft()
-            inflight[actor.score_shard.remote(url)] = (url, actor)
+            prior_table = pq.read_table(prior.scores(url)) if prior else None  # from the driver: no shared fs
+            inflight[actor.score_shard.remote(url, prior_table)] = (url, actor)
         if not inflight:  # every actor is dead for good: report the rest instead of waiting forever
             while queue:
                 url = queue.popleft()
@@ -272,7 +307,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                 continue
             idle.append(actor)
             try:
-                _write_shard_result(layout, url, table, feats, hzg, rejects)
+                _write_shard_result(layout, url, table, feats, hzg, rejects, prior, first)
             except ValueError as e:  # e.g. features that overflow float16: deterministic, fails every retry
                 failed_attempt(url, f"{type(e).__name__}: {e}")
                 continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -40,3 +41,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Give ``dst`` the content of ``src``, an artefact never modified in place: a hard link when both are on one
+    filesystem (no bytes copied, e.g. a job's stored features reused by the job that extends it), else a copy.
+    Either way through a temporary name, so ``dst`` is absent or complete at any moment."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(src, tmp)

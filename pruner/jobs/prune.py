@@ -14,17 +14,19 @@ import logging
 import sys
 
 from pruner.config import ConfigError, JobConfig, load_config
+from pruner.io.layout import JobLayout
 
 
-def run(cfg: JobConfig) -> tuple[int, dict]:
-    """Score, then reduce. Returns (exit status, summary-or-stats)."""
+def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
+    """Score, then reduce. Returns (exit status, summary-or-stats). ``prior``: a finished job this one extends by
+    later checkpoints (pruner.distributed.driver.score_all)."""
     from pruner.distributed.driver import prepare, score_all
     from pruner.io.atomic import write_json_atomic
     from pruner.select.reduce import finalize
 
     layout, pool, target, traj = prepare(cfg)
     print(f"pruner: job directory {layout.root}", flush=True)
-    stats = score_all(cfg, layout, pool, target, traj)
+    stats = score_all(cfg, layout, pool, target, traj, prior)
     summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
     if (stats["shards_skipped"] == stats["shards_total"] and layout.ranking.exists()
             and summary.get("counts", {}).get("shards") == len(pool)):

@@ -47,7 +47,7 @@ so the column is -I(z,z), oriented like tracin_self.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -92,3 +92,14 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
         for name, arr in comp.items():
             out[f"c{i}_{name}"] = arr
     return out
+
+
+def split_components(columns: Mapping[str, np.ndarray], m: int) -> list[dict[str, np.ndarray]]:
+    """The per-checkpoint components of checkpoints 0..m-1 from their ``c<i>_<component>`` columns (the inverse of
+    the naming in :func:`combine`): a list of m {component: [n]} dicts, as :func:`combine` takes them."""
+    comps: list[dict[str, np.ndarray]] = [{} for _ in range(m)]
+    for c, arr in columns.items():
+        head, _, name = c.partition("_")
+        if head[:1] == "c" and head[1:].isdigit() and int(head[1:]) < m:
+            comps[int(head[1:])][name] = np.asarray(arr)
+    return comps
