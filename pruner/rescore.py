@@ -221,13 +221,15 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
 
     cfg, layout = load_job(job_dir)
     old = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    done = [{k: c[k] for k in ("path", "step", "lr", "lr_mean")}  # what the job scored, as it recorded it
+            for c in json.loads(layout.trajectory.read_text())["checkpoints"]]
     info = load_trajectory(checkpoints=[checkpoint]).checkpoints[0]
     info = replace(info, step=step if step is not None else info.step, lr=lr if lr is not None else info.lr,
                    lr_mean=lr_mean if lr_mean is not None else info.lr_mean)
-    if info.step <= old.checkpoints[-1].step:
+    if info.step <= done[-1]["step"]:
         raise ValueError(f"checkpoint {checkpoint} (step {info.step}) must come after the job's last checkpoint "
-                         f"(step {old.checkpoints[-1].step}) (fix: pass --step)")
-    entries = [{"path": c.path, "step": c.step, "lr": c.lr, "lr_mean": c.lr_mean} for c in old.checkpoints + (info,)]
+                         f"(step {done[-1]['step']}) (fix: pass --step)")
+    entries = done + [info.record()]
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:12]
     traj_file = Path(cfg.output_dir) / "trajectories" / f"{cfg.name}-{digest}.json"
     write_json_atomic(traj_file, {"arch": old.arch or cfg.model.arch, "config_file": old.config_file,
@@ -235,10 +237,12 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
     cfg2 = cfg.model_copy(update={"trajectory": cfg.trajectory.model_copy(update={"file": str(traj_file),
                                                                                  "checkpoints": []})})
     status, summary = run(cfg2, prior=layout)
+    new = Path(cfg2.output_dir) / summary["job"]
     if status:
-        raise RuntimeError(f"adding {checkpoint} to {job_dir}: {len(summary['shards_failed'])} shard(s) failed "
-                           f"(listed in failed.json of the new job directory; fix the cause, then re-run)")
-    return Path(cfg2.output_dir) / summary["job"]
+        url, err = next(iter(summary["shards_failed"].items()))
+        raise RuntimeError(f"adding {checkpoint} to {job_dir}: {len(summary['shards_failed'])} shard(s) failed, all "
+                           f"listed in {new / 'failed.json'}; the first, {url}: {err[:500]}")
+    return new
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,10 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="re-target only (where the new target's gradients are "
                     "computed); --add-checkpoint scores on the job's Ray actors (ray.accelerator)")
     args = ap.parse_args(argv)
-    if args.target:
-        out = retarget(args.job, args.target, args.device)
-    else:
-        out = add_checkpoint(args.job, args.add_checkpoint, args.step, args.lr, args.lr_mean)
+    try:
+        if args.target:
+            out = retarget(args.job, args.target, args.device)
+        else:
+            out = add_checkpoint(args.job, args.add_checkpoint, args.step, args.lr, args.lr_mean)
+    except (OSError, ValueError, RuntimeError) as e:  # refusals and failures name their cause (PlacementError too)
+        print(f"pruner rescore: {e}", file=sys.stderr)
+        return 1
     summary = json.loads((out / "summary.json").read_text())
     print(f"pruner rescore: {out} (kept {summary['counts']['kept']} of {summary['counts']['samples']})")
     return 0

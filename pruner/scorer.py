@@ -1,6 +1,6 @@
 """The orchestrator: one object that turns samples into score rows, knowing nothing of Ray.
 
-``Scorer`` holds the model at every checkpoint of the trajectory (one linearised open_clip model each), the
+``Scorer`` holds the model at every checkpoint of the trajectory it scores (one linearised open_clip model each), the
 gradient computers, the per-checkpoint shared quantities and the OGA forest. The Ray layer creates one per
 actor, hands it shards, and writes what it returns. Notebooks can use it directly.
 """
@@ -168,6 +168,8 @@ class Scorer:
         d = self.cfg.scores.diffin
         step, eta, a_t, _ = self.weights[i]
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
+        if not self.first <= i < len(self.weights):
+            raise IndexError(f"checkpoint {i}: this scorer loads checkpoints {self.first}..{len(self.weights) - 1}")
         return compute_shared(self.engines[i - self.first], index=i, step=step, eta=eta, a_t=a_t,
                               bank_batches=self.batches(bank), target_batches=self.batches(target),
                               reference_batches=[self.tensors(r) for r in reference], targets=targets,
@@ -192,9 +194,9 @@ class Scorer:
     def score_components(self, samples: Sequence[Sample], project_hzg: bool = False):
         """Per-checkpoint components and projected vectors for a list of samples.
 
-        Returns (components: list over checkpoints of {name: float64 [n]}, features: list of P g_z [n, k] float32
-        (None per checkpoint when the job forms no features, :func:`computed_quantities`), hzg: list of P H_z G_B
-        [n, k] float32, or [] unless ``project_hzg``). Components depend only on the
+        Returns (components: list over the loaded checkpoints (``first``..) of {name: float64 [n]}, features: list of
+        P g_z [n, k] float32 (None per checkpoint when the job forms no features, :func:`computed_quantities`), hzg:
+        list of P H_z G_B [n, k] float32, or [] unless ``project_hzg``). Components depend only on the
         checkpoint, its shared quantities and the sample, never on the other checkpoints (a_t and eta are
         applied in :meth:`combine_scores`), so they can be cached and recombined."""
         if not self.scorers:
@@ -238,9 +240,9 @@ class Scorer:
             raise ValueError(f"{url}: a prior score table is needed exactly when extending a job (first={self.first})")
         uids = [s.uid for s in samples]
         if prior is not None and prior["uid"].to_pylist() != uids:
-            raise ShardChangedError(f"shard {url} now reads as {len(uids)} samples, not the {prior.num_rows} the "
-                                    f"extended job scored, or in another order: it changed since that job ran (fix: "
-                                    f"run a full job with the longer trajectory)")
+            raise ShardChangedError(f"shard {url} changed since the job being extended scored it: it now reads as "
+                                    f"{len(uids)} samples, that job scored {prior.num_rows}, and their uids or order "
+                                    f"differ (fix: run a full job with the longer trajectory)")
         cols, features, hzg = {}, [], []
         if samples:
             comps, features, hzg = self.score_components(samples, project_hzg=self.cfg.features.save_hzg)

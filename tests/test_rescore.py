@@ -3,6 +3,7 @@ from stored projected features (random-projection estimates: exact against their
 agreement with the exact full re-run)."""
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 import shutil
@@ -17,7 +18,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from conftest import small_job_config
-from corpus import write_shard
+from corpus import make_good_shard, write_shard
 from pruner.config import load_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import DEMO_DIR, demo_pool_shards
@@ -81,9 +82,64 @@ def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
         np.testing.assert_array_equal(redone[c].values, a[c].values, err_msg=c)
 
 
+def _drop_last_sample(shard: Path) -> None:
+    """Rewrite a .tar.gz shard without the files of its last sample."""
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    last = members[-1][0].name.split(".")[0]
+    with tarfile.open(shard, "w:gz") as tf:
+        for m, data in members:
+            if m.name.split(".")[0] != last:
+                tf.addfile(m, io.BytesIO(data))
+
+
+def test_extension_refuses_changed_inputs(tmp_path, micro_trajectory):
+    """add_checkpoint refuses, naming the cause: a shard the job did not score, a target set that changed (other
+    hash-picked samples), and a shard that lost a sample (given up at once, not retried)."""
+    traj = json.loads(micro_trajectory.read_text())
+    for c in traj["checkpoints"]:
+        c["path"] = str(micro_trajectory.parent / c["path"])
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(dict(traj, checkpoints=traj["checkpoints"][:2])))
+    last = traj["checkpoints"][2]
+    lake, target = tmp_path / "lake", tmp_path / "target"
+    lake.mkdir()
+    shards = demo_pool_shards()
+    for s in shards[:2]:
+        shutil.copy(s, lake)
+    shutil.copytree(DEMO_DIR / "target", target)
+    # bank (100 x 4), reference (4 x 16 x 4) and OGA (100) candidates all come before the shard's last sample
+    cfg = small_job_config(tmp_path, short, data={"shards": [str(lake)]}, target__shards=[str(target)],
+                           features={"k": 128, "layer_k": 8, "bank_size": 100, "batch_size": 50},
+                           scores={"diffin": {"targets": ["target"], "reference_batch_size": 16},
+                                   "oga": {"iforest_sample": 100, "iforest_trees": 50}})
+    status, _ = run(load_config(data=cfg))
+    job = _job_dir(cfg)
+
+    def extend():
+        return add_checkpoint(job, last["path"], step=last["step"], lr=last["lr"], lr_mean=last["lr_mean"])
+
+    shutil.copy(shards[2], lake)
+    with pytest.raises(ValueError, match="were not scored by the job being extended"):
+        extend()
+    (lake / Path(shards[2]).name).unlink()
+    extra = target / "aaa-first.tar"
+    make_good_shard(extra, n=64, prefix="x")
+    with pytest.raises(ValueError, match="target samples picked now differ"):
+        extend()
+    extra.unlink()
+    changed = lake / Path(shards[1]).name
+    _drop_last_sample(changed)
+    with pytest.raises(RuntimeError, match="changed since the job being extended scored it"):
+        extend()
+    failed = json.loads(next((tmp_path / "jobs").glob("*/failed.json")).read_text())
+    assert failed["failed_attempts"] == {str(changed): 1}
+
+
 def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_trajectory):
-    """Extending a job checks its inputs before scoring: a shard that no longer reads as the scored samples, and
-    a finished job whose checkpoints are not the first ones of the new trajectory, are refused by name."""
+    """Extending a job checks its inputs: a shard that no longer reads as the scored samples, and a finished job
+    whose config is another, or whose checkpoints (records, file digests) are not the first ones of the new
+    trajectory, are refused by name."""
     from pruner.distributed.driver import reused_checkpoints
     from pruner.model.checkpoints import load_trajectory
     from pruner.scorer import Scorer, ShardChangedError
@@ -99,14 +155,25 @@ def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_
         scorer.score_table(samples, url, prior)
     with pytest.raises(ValueError, match="prior score table"):
         scorer.score_table(samples, url)
-    done = tmp_path / "done"
-    JobLayout(done).root.mkdir()
-    ck = [{"path": c.path, "step": c.step, "lr": c.lr, "lr_mean": c.lr_mean} for c in traj.checkpoints]
-    (done / "trajectory.json").write_text(json.dumps({"checkpoints": ck[:2]}))
-    assert reused_checkpoints(JobLayout(done), traj) == 2
-    (done / "trajectory.json").write_text(json.dumps({"checkpoints": ck[1:2]}))
-    with pytest.raises(ValueError, match="not the first checkpoints"):
-        reused_checkpoints(JobLayout(done), traj)
+    def job(name, records, config):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        (root / "trajectory.json").write_text(json.dumps({"checkpoints": records}))
+        return JobLayout(root)
+
+    ck = [{**c.record(), "sha256": f"digest{i}"} for i, c in enumerate(traj.checkpoints)]
+    mine = job("mine", ck, cfg)
+    assert reused_checkpoints(job("done", ck[:2], cfg), cfg, mine) == 2
+    with pytest.raises(ValueError, match="is not checkpoint 0 of this trajectory"):
+        reused_checkpoints(job("shifted", ck[1:2], cfg), cfg, mine)
+    with pytest.raises(ValueError, match="or its file changed"):
+        reused_checkpoints(job("rewritten", [ck[0], {**ck[1], "sha256": "other"}], cfg), cfg, mine)
+    with pytest.raises(ValueError, match="already scored 3 checkpoints"):
+        reused_checkpoints(job("all", ck, cfg), cfg, mine)
+    other = cfg.model_copy(update={"seed": 1})
+    with pytest.raises(ValueError, match="another config"):
+        reused_checkpoints(job("other-config", ck[:2], other), cfg, mine)
 
 
 def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):

@@ -9,6 +9,8 @@ pool. Bad samples inside a readable shard stay rejects.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -58,6 +60,11 @@ class SharedComputer:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def input_digests(self) -> dict[str, str]:
+        """sha256 of the uids of the bank, reference and target samples, in the order they are used."""
+        uids = {"bank": self.bank, "reference": [s for batch in self.reference for s in batch], "target": self.target}
+        return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in uids.items()}
 
     def compute(self, i: int) -> dict:
         t0 = time.time()

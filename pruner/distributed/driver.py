@@ -41,7 +41,7 @@ import yaml
 from ray.util.metrics import Counter
 from tqdm import tqdm
 
-from pruner.config import JobConfig
+from pruner.config import JobConfig, load_job_config
 from pruner.distributed.actors import remote_classes
 from pruner.io.atomic import atomic_path, link_or_copy, write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
@@ -49,7 +49,7 @@ from pruner.io.shards import expand_shard_specs
 from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.oga import fit_isolation_forest
-from pruner.scorer import checkpoint_weights
+from pruner.scorer import ShardChangedError, checkpoint_weights
 
 log = logging.getLogger("pruner.driver")
 ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
@@ -63,17 +63,17 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def job_id(cfg: JobConfig, target: list[str], traj: Trajectory) -> str:
+def job_id(cfg: JobConfig, target: list[str], traj: Trajectory, digests: list[str]) -> str:
     """16 hex digits from the config fingerprint (which holds the pool's shard *specs*), the target shard list
-    and the checkpoint file contents. The expanded pool list is deliberately left out: when a folder or glob
-    of the lake gains shards, re-running the same config reuses the job directory and scores only the new
-    shards (incremental re-scoring; see pruner.rescore)."""
+    and the checkpoint file contents (``digests``, sha256 per checkpoint). The expanded pool list is deliberately
+    left out: when a folder or glob of the lake gains shards, re-running the same config reuses the job directory
+    and scores only the new shards (incremental re-scoring; see pruner.rescore)."""
     h = hashlib.sha256()
     h.update(cfg.fingerprint().encode())
     h.update(json.dumps(target).encode())
-    for ck in traj.checkpoints:
+    for ck, digest in zip(traj.checkpoints, digests):
         h.update(json.dumps([ck.step, ck.lr, ck.lr_mean]).encode())
-        h.update(_file_digest(ck.path).encode())
+        h.update(digest.encode())
     return h.hexdigest()[:16]
 
 
@@ -146,31 +146,60 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     target = expand_shard_specs(cfg.target.shards, cfg.data.allow_pipe) if cfg.target.shards else []
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
-    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj)}")
+    digests = [_file_digest(ck.path) for ck in traj.checkpoints]
+    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj, digests)}")
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     if not layout.config.exists():
         write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
     if not layout.trajectory.exists():  # the audit record of the per-checkpoint weights behind every score
         write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
-            {"path": ck.path, "step": w.step, "lr": ck.lr, "lr_mean": ck.lr_mean, "eta": w.eta, "a_t": w.a_t,
-             "b_t": w.b_t} for ck, w in zip(traj.checkpoints, checkpoint_weights(cfg, traj))]})
+            {**ck.record(), "sha256": digest, "eta": w.eta, "a_t": w.a_t, "b_t": w.b_t}
+            for ck, digest, w in zip(traj.checkpoints, digests, checkpoint_weights(cfg, traj))]})
     return layout, pool, target, traj
 
 
-def reused_checkpoints(prior: JobLayout | None, traj: Trajectory) -> int:
-    """How many leading checkpoints of ``traj`` the finished job ``prior`` scored (0 without one): their
-    components, shared quantities and features are reused, since a checkpoint's components never depend on the
-    others. ``prior``'s trajectory must be a proper prefix of ``traj``."""
+def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayout) -> int:
+    """How many leading checkpoints of the job ``layout`` (config ``cfg``) the finished job ``prior`` scored (0
+    without one): their components, shared quantities and features are reused, since a checkpoint's components
+    never depend on the others. ``prior`` must have the same config but for the trajectory, and its checkpoints
+    (path, step, learning rates, file contents) must be the first ones of ``layout``'s, fewer than all of them.
+    Jobs from before the contents were recorded (no ``sha256`` in their trajectory.json) are matched without them.
+    The samples the shared quantities are computed from are checked later (:func:`_check_shared_inputs`)."""
     if prior is None:
         return 0
+    prior_cfg = load_job_config(prior.config)
+    if cfg.model_copy(update={"trajectory": prior_cfg.trajectory}).fingerprint() != prior_cfg.fingerprint():
+        raise ValueError(f"{prior.root} was scored with another config than this job's (beyond the trajectory): its "
+                         f"components would not combine with the new ones (fix: run a full job)")
     done = json.loads(prior.trajectory.read_text())["checkpoints"]
-    keys = ("path", "step", "lr", "lr_mean")
-    mine = [dict(zip(keys, (c.path, c.step, c.lr, c.lr_mean))) for c in traj.checkpoints]
-    if len(done) >= len(mine) or [{k: d[k] for k in keys} for d in done] != mine[:len(done)]:
-        raise ValueError(f"{prior.root} scored the checkpoints {[d['path'] for d in done]}, which are not the first "
-                         f"checkpoints of the trajectory being scored, {[c['path'] for c in mine]} (fix: extend a job "
-                         f"only by later checkpoints, e.g. with pruner rescore --add-checkpoint)")
+    mine = json.loads(layout.trajectory.read_text())["checkpoints"]
+    keys = ("path", "step", "lr", "lr_mean") + (("sha256",) if all("sha256" in d for d in done + mine) else ())
+    if len(done) >= len(mine):
+        raise ValueError(f"{prior.root} already scored {len(done)} checkpoints; this trajectory has {len(mine)} "
+                         f"(fix: extend a job by at least one later checkpoint)")
+    for i, (d, c) in enumerate(zip(done, mine)):
+        if any(d[k] != c[k] for k in keys):
+            raise ValueError(f"checkpoint {i} of {prior.root} ({d['path']}, step {d['step']}) is not checkpoint {i} "
+                             f"of this trajectory ({c['path']}, step {c['step']}), or its file changed since that job "
+                             f"ran (fix: extend a job only by later checkpoints; after changing a checkpoint file, "
+                             f"run a full job)")
     return len(done)
+
+
+def _check_shared_inputs(layout: JobLayout, prior: JobLayout | None, picked: dict) -> None:
+    """Record the digests of the bank, reference and target samples the shared quantities are computed from in
+    ``shared/inputs.json``; when extending ``prior``, refuse if they differ from the ones its checkpoints used (the
+    pool grew in a way that changes the hash picks, or the target set changed): the reused components and the new
+    checkpoint's would then be against different targets. Jobs without the record are not checked."""
+    path = layout.shared_dir / "inputs.json"
+    before = prior.shared_dir / "inputs.json" if prior else None
+    if before is not None and before.exists() and json.loads(before.read_text()) != picked:
+        changed = sorted(k for k, v in json.loads(before.read_text()).items() if picked.get(k) != v)
+        raise ValueError(f"the {', '.join(changed)} samples picked now differ from those {prior.root} used (the lake "
+                         f"or the target set changed since it ran), so its scores cannot be extended (fix: run a full "
+                         f"job with the longer trajectory)")
+    if not path.exists():
+        write_json_atomic(path, picked)
 
 
 def _metrics() -> dict:
@@ -188,16 +217,23 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     :func:`reused_checkpoints`): only the later checkpoints are loaded and computed, on the same actors, and each
     shard's scores combine its stored components with the new ones, as a full run would."""
     pending = [u for u in pool if not layout.scores(u).exists()]
+    m, first = len(traj.checkpoints), reused_checkpoints(prior, cfg, layout)
     stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
-             "failed_attempts": {}, "actors": 0, "gpus": 0, **({"extends": str(prior.root)} if prior else {})}
+             "failed_attempts": {}, "actors": 0, "gpus": 0, "checkpoints_reused": first, "job": layout.root.name,
+             **({"extends": str(prior.root)} if prior else {})}
     if not pending:
         log.info("all %d shards already scored in %s", len(pool), layout.root)
         return stats
-    m, first = len(traj.checkpoints), reused_checkpoints(prior, traj)
     unscored = [u for u in pending if prior is not None and not prior.scores(u).exists()]
     if unscored:
         raise ValueError(f"{len(unscored)} shard(s), e.g. {unscored[0]}, were not scored by the job being extended, "
                          f"{prior.root} (fix: finish or re-run that job first, so it scores them, then extend it)")
+    f = cfg.features
+    lost = [p for u in pending for i in range(first)
+            for p, saved in ((prior.features(u, i), f.save), (prior.hzg(u, i), f.save_hzg)) if saved and not p.exists()]
+    if lost:
+        raise ValueError(f"{len(lost)} stored feature file(s) of the job being extended are missing, e.g. {lost[0]} "
+                         f"(fix: restore them, or run a full job with the longer trajectory)")
     for i in range(first):
         if not layout.shared(i).exists():
             link_or_copy(prior.shared(i), layout.shared(i))
@@ -206,38 +242,38 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     cpus = cfg.ray.cpus_per_actor
     Shared, Scorer = remote_classes(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=8)
     cfg_dict = cfg.model_dump(mode="json")
-    stats.update(actors=n_actors, gpus=gpus, checkpoints_reused=first)
+    stats.update(actors=n_actors, gpus=gpus)
     wait_placed = placement_guard(cfg, gpus_per_actor=1 if gpus else 0)
     metrics = _metrics()
 
     t0 = time.time()
+    # the shared quantities of the checkpoints this job loads (first..): the earlier ones are only linked
     states = [torch.load(layout.shared(i), map_location="cpu", weights_only=True) if layout.shared(i).exists()
-              else None for i in range(m)]
+              else None for i in range(first, m)]
     sub_path = layout.shared_dir / "oga_subsample.npy"
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
     if any(s is None for s in states) or need_oga:
         comp = Shared.remote(cfg_dict, traj, pool, target, cpus, first)
-        try:
+        try:  # killed however this ends: a pending resource request would otherwise stay queued
             wait_placed([comp.ping.remote()], "the shared-quantity actor")
-        except PlacementError:
-            ray.kill(comp)  # its pending resource request would otherwise stay queued
-            raise
-        for i in range(m):
-            if states[i] is None:
-                states[i] = ray.get(comp.compute.remote(i))
-                _save_shared(layout.shared(i), states[i])
-        if need_oga:  # saved, so a re-run refits the identical forest (fixed random_state) without rescoring
-            rows = ray.get(comp.oga_features.remote(states[first:]))
-            with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(rows, np.float32))
-        ray.kill(comp)
+            _check_shared_inputs(layout, prior, ray.get(comp.input_digests.remote()))
+            for j, s in enumerate(states):
+                if s is None:
+                    states[j] = ray.get(comp.compute.remote(first + j))
+                    _save_shared(layout.shared(first + j), states[j])
+            if need_oga:  # saved, so a re-run refits the identical forest (fixed random_state) without rescoring
+                rows = ray.get(comp.oga_features.remote(states))
+                with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(rows, np.float32))
+        finally:
+            ray.kill(comp)
     forest = None
     if "oga" in cfg.scores.methods:
         o = cfg.scores.oga
         forest = fit_isolation_forest(np.load(sub_path), seed=cfg.seed, trees=o.iforest_trees)
     stats["shared_seconds"] = time.time() - t0
 
-    states_ref, forest_ref = ray.put(states[first:]), ray.put(forest)
+    states_ref, forest_ref = ray.put(states), ray.put(forest)
     t_actors = time.time()
     actors = [Scorer.remote(cfg_dict, traj, states_ref, forest_ref, cpus, first) for _ in range(n_actors)]
     # inflight: object ref -> (shard url, actor) for a scoring task, (None, actor) for a readiness probe (ping) of
@@ -248,10 +284,10 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     done_samples, t1, first_ready = 0, None, None
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
 
-    def failed_attempt(url: str, err: str) -> None:
+    def failed_attempt(url: str, err: str, retry: bool = True) -> None:
         n = stats["failed_attempts"][url] = stats["failed_attempts"].get(url, 0) + 1
         metrics["attempts_failed"].inc()
-        if n <= cfg.ray.max_retries:
+        if retry and n <= cfg.ray.max_retries:
             log.warning("shard %s failed (attempt %d), retrying: %s", url, n, err[:300])
             queue.append(url)
         else:
@@ -303,7 +339,10 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                 # the task raised, or its actor died with it (Ray restarts the actor), or the result was lost with
                 # its node: either way the actor takes new work only once it answers a ping
                 inflight[actor.ping.remote()] = (None, actor)
-                failed_attempt(url, str(e))
+                if isinstance(e, ShardChangedError):  # deterministic: the same on every retry and every node
+                    failed_attempt(url, str(e.cause), retry=False)
+                else:
+                    failed_attempt(url, str(e))
                 continue
             idle.append(actor)
             try:

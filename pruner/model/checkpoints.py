@@ -40,6 +40,10 @@ class CheckpointInfo:
     lr: float  # learning rate of the last update before the checkpoint ("in effect at step t")
     lr_mean: Optional[float]  # mean LR over the updates (previous checkpoint's step, step]; None if unknown
 
+    def record(self) -> dict:
+        """The checkpoint as an entry of a trajectory file (and of a job's trajectory.json)."""
+        return {"path": self.path, "step": self.step, "lr": self.lr, "lr_mean": self.lr_mean}
+
 
 @dataclass(frozen=True)
 class Trajectory:
