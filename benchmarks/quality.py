@@ -53,6 +53,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -138,6 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--hvp-eps", type=float, default=1e-2)
     p.add_argument("--self-rank", type=int, default=4)
     p.add_argument("--loss", default="bank", choices=["bank", "in_batch"], help="per-sample loss of the scores")
+    p.add_argument("--diffin-form", default="taylor", choices=["taylor", "exact_increment"],
+                   help="scores.diffin.form of the scoring job (default taylor: the form the recorded table and the "
+                        "deletion check's parameter update (d) measure; with exact_increment run --no-deletion)")
     p.add_argument("--ablations", default="", help="comma list of rescoring ablations for Diff-In detection: "
                    "in_batch_loss, fd_eps_1e-3, fd_eps_1e-1, hvp_eps_1e-3, last_checkpoint (on a subsample)")
     p.add_argument("--ablation-samples", type=int, default=1500)
@@ -156,6 +160,9 @@ def parse_args(argv=None):
     unknown = set(a.policy_list) - set(POLICY_METHODS)
     if unknown:
         p.error(f"--policies: unknown {sorted(unknown)} (choose from {list(POLICY_METHODS)})")
+    if a.diffin_form != "taylor" and not a.no_deletion:
+        p.error("--diffin-form exact_increment needs --no-deletion: the deletion check's parameter update "
+                "(quality_lib.diffin_parameter_update) is the taylor form's")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
@@ -168,8 +175,13 @@ RESULT_SETTINGS = ("data_dir", "train_shards", "test_shards", "pool_size", "targ
 
 
 def settings_hash(a) -> str:
-    return hashlib.sha256(json.dumps({k: getattr(a, k) for k in RESULT_SETTINGS}, sort_keys=True,
-                                     default=str).encode()).hexdigest()[:12]
+    """The work directory's key. The Diff-In form enters it only when it is not taylor, so the work directories of
+    runs from before the option keep their key; another form gets its own directory (its scores, and the coreset,
+    deletion and ablation runs named after Diff-In methods, differ)."""
+    settings = {k: getattr(a, k) for k in RESULT_SETTINGS}
+    if a.diffin_form != "taylor":
+        settings["diffin_form"] = a.diffin_form
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,8 +194,7 @@ def job_config(a, seed: int, seed_dir: Path, traj: Path, pool_dir: Path, target_
         "trajectory": {"file": str(traj)},
         "features": {"k": a.k, "bank_size": a.bank_size, "batch_size": 64, "save": False, "loss": a.loss},
         "scores": {"methods": ["diffin", "tracin", "oga", "baselines"],
-                   # the taylor form: the one the recorded quality table and the deletion check (d) measure
-                   "diffin": {"form": "taylor", "targets": ["target", "train", "self"], "fd_eps": a.fd_eps,
+                   "diffin": {"form": a.diffin_form, "targets": ["target", "train", "self"], "fd_eps": a.fd_eps,
                               "hvp_eps": a.hvp_eps,
                               "reference_batch_size": a.reference_batch_size, "self_rank": a.self_rank},
                    "oga": {"iforest_sample": min(2000, a.pool_size)}},
@@ -351,6 +362,10 @@ class Runner:
             res = json.loads(res_p.read_text())
             if res.get("keys") == want["keys"] and (res.get("evaluate") or not evaluate):
                 return res
+            if run_dir is None and res.get("keys") != want["keys"]:
+                # a run of another key set under this name (e.g. the scores changed): its weights were deleted after
+                # evaluation, so retrain from scratch rather than reuse its trajectory
+                shutil.rmtree(rd)
         t0 = time.time()
         if not (rd / "trajectory.json").exists():
             samples = [self.pool_by_key[k] for k in keys]
@@ -967,6 +982,7 @@ def main(argv=None) -> int:
         ql.write_json(work / f"seed-{seed}" / "result.json", per_seed[-1])
     config = {k: getattr(a, k) for k in RESULT_SETTINGS} | {
         "keep_fractions": a.keep_list, "coreset_methods": a.coreset_list, "no_ray": a.no_ray, "threads": a.threads,
+        "diffin_form": a.diffin_form,
         "balanced_methods": a.balanced_list, "balanced_keep": a.balanced_keep_list,
         "policies": a.policy_list, "policy_scores": a.policy_score_list, "policy_clusters": a.policy_clusters,
         "dedup_threshold": a.dedup_threshold, "dedup_space": a.dedup_space,

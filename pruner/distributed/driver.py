@@ -234,6 +234,8 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     if lost:
         raise ValueError(f"{len(lost)} stored feature file(s) of the job being extended are missing, e.g. {lost[0]} "
                          f"(fix: restore them, or run a full job with the longer trajectory)")
+    # the reused states' a_t field is the prior job's (its m was that job's checkpoint count); scores are weighted by
+    # checkpoint_weights of this job's trajectory (trajectory.json), and eta, which explain reads, does not depend on m
     for i in range(first):
         if not layout.shared(i).exists():
             link_or_copy(prior.shared(i), layout.shared(i))
