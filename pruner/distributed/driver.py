@@ -48,6 +48,7 @@ from pruner.io.layout import JobLayout
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
+from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest
 from pruner.scorer import ShardChangedError, checkpoint_weights
 
@@ -202,6 +203,15 @@ def _check_shared_inputs(layout: JobLayout, prior: JobLayout | None, picked: dic
         write_json_atomic(path, picked)
 
 
+def _prior_components(prior: JobLayout | None, url: str, first: int):
+    """The uids and stored components of checkpoints 0..first-1 of a shard of the job being extended (None without
+    one), read by the driver and shipped to the actor, so the actors need no shared filesystem for outputs."""
+    if prior is None:
+        return None
+    path = prior.scores(url)
+    return pq.read_table(path, columns=["uid", *component_columns(pq.read_schema(path).names, first)])
+
+
 def _metrics() -> dict:
     return {"attempts_failed": Counter("pruner_shard_attempts_failed",
                                        description="shard scoring attempts that failed (retried or not)"),
@@ -312,8 +322,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
             log.info("%d of %d scoring actors ready after %.1fs", len(idle), len(actors), t1 - t_actors)
         while t1 is not None and queue and idle:
             actor, url = idle.pop(), queue.popleft()
-            prior_table = pq.read_table(prior.scores(url)) if prior else None  # from the driver: no shared fs
-            inflight[actor.score_shard.remote(url, prior_table)] = (url, actor)
+            inflight[actor.score_shard.remote(url, _prior_components(prior, url, first))] = (url, actor)
         if not inflight:  # every actor is dead for good: report the rest instead of waiting forever
             while queue:
                 url = queue.popleft()

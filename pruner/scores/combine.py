@@ -94,12 +94,19 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
     return out
 
 
+def component_columns(names: Sequence[str], m: int) -> list[str]:
+    """The ``c<i>_<component>`` column names of checkpoints 0..m-1 among ``names`` (the naming of :func:`combine`)."""
+    def checkpoint(name: str) -> int:
+        head = name.partition("_")[0]
+        return int(head[1:]) if head[:1] == "c" and head[1:].isdigit() else m
+    return [c for c in names if checkpoint(c) < m]
+
+
 def split_components(columns: Mapping[str, np.ndarray], m: int) -> list[dict[str, np.ndarray]]:
     """The per-checkpoint components of checkpoints 0..m-1 from their ``c<i>_<component>`` columns (the inverse of
     the naming in :func:`combine`): a list of m {component: [n]} dicts, as :func:`combine` takes them."""
     comps: list[dict[str, np.ndarray]] = [{} for _ in range(m)]
-    for c, arr in columns.items():
+    for c in component_columns(list(columns), m):
         head, _, name = c.partition("_")
-        if head[:1] == "c" and head[1:].isdigit() and int(head[1:]) < m:
-            comps[int(head[1:])][name] = np.asarray(arr)
+        comps[int(head[1:])][name] = np.asarray(columns[c])
     return comps
