@@ -192,8 +192,7 @@ def _check_shared_inputs(layout: JobLayout, prior: JobLayout | None, picked: dic
     ``shared/inputs.json``; when extending ``prior``, refuse if they differ from the ones its checkpoints used (the
     pool grew in a way that changes the hash picks, or the target set changed): the reused components and the new
     checkpoint's would then be against different targets. Jobs without the record are not checked."""
-    path = layout.shared_dir / "inputs.json"
-    before = prior.shared_dir / "inputs.json" if prior else None
+    path, before = layout.shared_inputs, prior.shared_inputs if prior else None
     if before is not None and before.exists() and json.loads(before.read_text()) != picked:
         changed = sorted(k for k, v in json.loads(before.read_text()).items() if picked.get(k) != v)
         raise ValueError(f"the {', '.join(changed)} samples picked now differ from those {prior.root} used (the lake "

@@ -2,8 +2,9 @@
 
     <output_dir>/<job name>-<job id>/
         config.yaml                 the resolved config that produced this directory
-        trajectory.json             checkpoints used (path, step, lr, lr weight, a_t, b_t)
+        trajectory.json             checkpoints used (path, step, lr, file sha256, lr weight, a_t, b_t)
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
+        shared/inputs.json          sha256 of the uids of the hash-picked bank, reference and target samples
         shards/<shard id>.parquet   per-shard scores (one row per accepted sample)
         shards/<shard id>.c<i>.npy  optional fp16 projected gradients [n, k] at checkpoint i, row-aligned
         shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (re-targeting the taylor form)
@@ -62,6 +63,10 @@ class JobLayout:
 
     def shared(self, checkpoint: int) -> Path:
         return self.shared_dir / f"ckpt-{checkpoint}.pt"
+
+    @property
+    def shared_inputs(self) -> Path:
+        return self.shared_dir / "inputs.json"
 
     @property
     def ranking(self) -> Path:
