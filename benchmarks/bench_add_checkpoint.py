@@ -25,86 +25,72 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_service import CIFAR_TRAIN, job_config, trajectory  # noqa: E402  (also sets Ray's environment)
+# bench_service also sets Ray's environment variables
+from bench_service import add_cluster_args, bench_cluster, job_config, merge_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "rescore.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--per-shard", type=int, default=250, help="samples read per shard")
-    ap.add_argument("--repeats", type=int, default=3)
+    add_cluster_args(ap)
     ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
-    ap.add_argument("--workdir", help="kept between invocations (trajectory cache); default: a temporary folder")
-    ap.add_argument("--no-write", action="store_true", help="print only, do not update the results file")
     args = ap.parse_args(argv)
 
     import logging
 
     import numpy as np
     import pyarrow.parquet as pq
-    import ray
 
     from pruner.config import load_config
-    from pruner.io.atomic import write_json_atomic
     from pruner.jobs.prune import run
+    from pruner.model.checkpoints import load_trajectory, save_trajectory
     from pruner.rescore import add_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_addck-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    shards = sorted(str(p) for p in CIFAR_TRAIN.glob("*.tar.gz"))[:args.shards]
-    if len(shards) < args.shards:
-        raise SystemExit(f"need {args.shards} shards in {CIFAR_TRAIN}, found {len(shards)}")
-    traj_file = trajectory(workdir)
-    traj = json.loads(traj_file.read_text())
-    for c in traj["checkpoints"]:
-        c["path"] = str(traj_file.parent / c["path"])
-    short = workdir / "first-two.json"
-    short.write_text(json.dumps(dict(traj, checkpoints=traj["checkpoints"][:2])))
-    last = traj["checkpoints"][2]
 
-    def job(out: Path, trajectory_file: Path):
-        cfg = load_config(data=job_config(out, trajectory_file, shards, args.per_shard, args.actors))
-        t0 = time.time()
-        status, summary = run(cfg)
-        if status:
-            raise SystemExit(f"job failed: {summary}")
-        return Path(cfg.output_dir) / summary["job"], time.time() - t0
+    def timed(call) -> tuple[Path, dict]:
+        """Run ``call`` (returning a finished job directory); (that directory, its timing record)."""
+        load0, t0 = os.getloadavg()[0], time.time()
+        job_dir = call()
+        wall = time.time() - t0
+        st = json.loads((job_dir / "summary.json").read_text())["run"]
+        return job_dir, {"wall_seconds": wall, "score_seconds": st["score_seconds"],
+                         "loadavg_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
-    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must stay < 108 characters
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=ray_tmp, configure_logging=False,
-             log_to_driver=False)
     runs: dict[str, list[dict]] = {"full": [], "extension": []}
-    try:
-        prior, _ = job(workdir / "jobs" / "prior", short)
+    with bench_cluster(args, "bench_addck-") as (workdir, shards, traj_file):
+        traj = load_trajectory(file=str(traj_file))
+        short = save_trajectory(replace(traj, checkpoints=traj.checkpoints[:2]), workdir / "first-two.json")
+        last = traj.checkpoints[2]
+
+        def job(out: Path, trajectory_file: Path) -> Path:
+            cfg = load_config(data=job_config(out, trajectory_file, shards, args.per_shard, args.actors))
+            status, summary = run(cfg)
+            if status:
+                raise SystemExit(f"job failed: {summary}")
+            return Path(cfg.output_dir) / summary["job"]
+
+        prior = job(workdir / "jobs" / "prior", short)
         for rep in range(args.repeats):
             out = workdir / "jobs" / f"full-r{rep}"
             shutil.rmtree(out, ignore_errors=True)
-            load0 = os.getloadavg()[0]
-            full_dir, wall = job(out, traj_file)
-            st = json.loads((full_dir / "summary.json").read_text())["run"]
-            runs["full"].append({"wall_seconds": wall, "score_seconds": st["score_seconds"],
-                                 "loadavg_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]})
-            for p in (workdir / "jobs" / "prior").iterdir():  # the extension's job directory, from the last repeat
+            full_dir, rec = timed(lambda: job(out, traj_file))
+            runs["full"].append(rec)
+            for p in prior.parent.iterdir():  # the extension's job directory, from the last repeat
                 if p.is_dir() and p != prior:
                     shutil.rmtree(p)
-            load0, t0 = os.getloadavg()[0], time.time()
-            ext = add_checkpoint(prior, last["path"], step=last["step"], lr=last["lr"], lr_mean=last["lr_mean"])
-            wall = time.time() - t0
-            st = json.loads((ext / "summary.json").read_text())["run"]
-            runs["extension"].append({"wall_seconds": wall, "score_seconds": st["score_seconds"],
-                                      "loadavg_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]})
+            ext, rec = timed(lambda: add_checkpoint(prior, last.path, step=last.step, lr=last.lr,
+                                                    lr_mean=last.lr_mean))
+            runs["extension"].append(rec)
             a, b = (pq.read_table(d / "ranking.parquet").to_pandas().set_index("uid").sort_index()
                     for d in (ext, full_dir))
             for c in ("diffin_target", "tracin_target", "tracin_self", "oga_iforest"):
@@ -112,18 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"repeat": rep, "full": runs["full"][-1], "extension": runs["extension"][-1]}),
                   flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_seconds", "score_seconds")}
            for k, v in runs.items()}
     details = {
         "what": "pruner rescore --add-checkpoint (3rd checkpoint onto a 2-checkpoint job) vs a full job over the 3 "
                 "checkpoints, same data, alternating; wall = the whole call, score_seconds = the scoring phase",
-        "command": "cd /work/main && .venv/bin/python benchmarks/bench_add_checkpoint.py " + " ".join(argv or sys.argv[1:]),
+        "command": "cd /work/main && .venv/bin/python benchmarks/bench_add_checkpoint.py "
+                   + " ".join(argv or sys.argv[1:]),
         "data": f"{args.shards} shards of shared/data/cifar10/train x {args.per_shard} samples",
         "model": "pruner-micro, k=128, methods diffin+tracin+oga+baselines",
         "actors": args.actors, "ray_num_cpus": args.num_cpus, "repeats": args.repeats, "runs": runs,
@@ -135,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(details, indent=2))
     if not args.no_write:
-        current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        current["add_checkpoint"] = details
-        write_json_atomic(RESULTS, current)
-        print(f"merged into {RESULTS}")
+        merge_results(RESULTS, {"add_checkpoint": details})
     return 0
 
 

@@ -28,6 +28,7 @@ Results are merged into ``benchmarks/results/service.json`` (read-modify-write, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -121,27 +122,23 @@ def job_config(out: Path, traj: Path, shards: list[str], per_shard: int, actors:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cluster_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a benchmark run by :func:`bench_cluster` (also benchmarks/bench_add_checkpoint.py)."""
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--per-shard", type=int, default=250, help="samples read per shard")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--workdir", help="kept between invocations (trajectory cache); default: a temporary folder")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update the results file")
-    args = ap.parse_args(argv)
 
-    import logging
 
+@contextlib.contextmanager
+def bench_cluster(args: argparse.Namespace, prefix: str):
+    """Yields (work directory, the first ``args.shards`` CIFAR-10 train shards, the cached proxy trajectory file)
+    with a private local Ray instance of ``args.num_cpus`` CPUs started; Ray is shut down and the temporary
+    folders removed (the work directory unless ``--workdir`` named it) however the block ends."""
     import ray
-
-    from pruner.config import load_config
-    from pruner.distributed.driver import prepare
-    from pruner.jobs.prune import run
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pruner").setLevel(logging.INFO)
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_service-"))
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=prefix))
     workdir.mkdir(parents=True, exist_ok=True)
     shards = sorted(str(p) for p in CIFAR_TRAIN.glob("*.tar.gz"))[:args.shards]
     if len(shards) < args.shards:
@@ -150,9 +147,38 @@ def main(argv: list[str] | None = None) -> int:
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must stay < 108 characters
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=ray_tmp, configure_logging=False,
              log_to_driver=False)
+    try:
+        yield workdir, shards, traj
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def merge_results(path: Path, updates: dict) -> None:
+    """Set ``updates``' keys in the results file ``path`` (read-modify-write, atomic), leaving its other keys."""
+    current = json.loads(path.read_text()) if path.exists() else {}
+    write_json_atomic(path, {**current, **updates})
+    print(f"merged into {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cluster_args(ap)
+    args = ap.parse_args(argv)
+
+    import logging
+
+    from pruner.config import load_config
+    from pruner.distributed.driver import prepare
+    from pruner.jobs.prune import run
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pruner").setLevel(logging.INFO)
     runs: dict[int, list[dict]] = {1: [], 2: []}
     shared_cache = None
-    try:
+    with bench_cluster(args, "bench_service-") as (workdir, shards, traj):
         for rep in range(args.repeats):
             for actors in (1, 2):
                 out = workdir / "jobs" / f"a{actors}-r{rep}"
@@ -179,11 +205,6 @@ def main(argv: list[str] | None = None) -> int:
                 runs[actors].append(rec)
                 print(json.dumps({"actors": actors, "repeat": rep, **rec}), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     med = {a: statistics.median(r["score_seconds"] for r in runs[a]) for a in runs}
     samples = runs[1][0]["samples"]
@@ -218,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(details, indent=2))
     if not args.no_write:
-        current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        current["scaling_efficiency_1_to_2"] = details["efficiency"]
-        current["scaling_1_to_2"] = details
-        write_json_atomic(RESULTS, current)
-        print(f"merged into {RESULTS}")
+        merge_results(RESULTS, {"scaling_efficiency_1_to_2": details["efficiency"], "scaling_1_to_2": details})
     return 0
 
 

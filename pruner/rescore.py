@@ -45,7 +45,7 @@ from pruner.io.atomic import atomic_path
 from pruner.io.layout import JobLayout
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import load_features
-from pruner.model.checkpoints import load_trajectory
+from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
 from pruner.select.reduce import finalize
@@ -216,24 +216,21 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
     trajectory. Resumable like any job: re-running the same command finishes an interrupted extension."""
     from dataclasses import replace
 
-    from pruner.io.atomic import write_json_atomic
     from pruner.jobs.prune import run
 
     cfg, layout = load_job(job_dir)
     old = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
-    done = [{k: c[k] for k in ("path", "step", "lr", "lr_mean")}  # what the job scored, as it recorded it
-            for c in json.loads(layout.trajectory.read_text())["checkpoints"]]
+    done = tuple(CheckpointInfo(c["path"], c["step"], c["lr"], c["lr_mean"])  # what the job scored, as it recorded it
+                 for c in json.loads(layout.trajectory.read_text())["checkpoints"])
     info = load_trajectory(checkpoints=[checkpoint]).checkpoints[0]
     info = replace(info, step=step if step is not None else info.step, lr=lr if lr is not None else info.lr,
                    lr_mean=lr_mean if lr_mean is not None else info.lr_mean)
-    if info.step <= done[-1]["step"]:
+    if info.step <= done[-1].step:
         raise ValueError(f"checkpoint {checkpoint} (step {info.step}) must come after the job's last checkpoint "
-                         f"(step {done[-1]['step']}) (fix: pass --step)")
-    entries = done + [info.record()]
-    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:12]
-    traj_file = Path(cfg.output_dir) / "trajectories" / f"{cfg.name}-{digest}.json"
-    write_json_atomic(traj_file, {"arch": old.arch or cfg.model.arch, "config_file": old.config_file,
-                                  "pool_size": old.pool_size, "checkpoints": entries})
+                         f"(step {done[-1].step}) (fix: pass --step)")
+    longer = replace(old, checkpoints=done + (info,), arch=old.arch or cfg.model.arch)
+    digest = hashlib.sha256(json.dumps([c.record() for c in longer.checkpoints]).encode()).hexdigest()[:12]
+    traj_file = save_trajectory(longer, Path(cfg.output_dir) / "trajectories" / f"{cfg.name}-{digest}.json")
     cfg2 = cfg.model_copy(update={"trajectory": cfg.trajectory.model_copy(update={"file": str(traj_file),
                                                                                  "checkpoints": []})})
     status, summary = run(cfg2, prior=layout)

@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from pruner.io.layout import JobLayout
 from pruner.io.shards import DEMO_DIR, demo_pool_shards
 from pruner.io.store import load_features, save_features
 from pruner.jobs.prune import run
+from pruner.model.checkpoints import load_trajectory, save_trajectory
 from pruner.rescore import _projected_dot, add_checkpoint, retarget
 
 METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga_iforest", "baseline_loss")
@@ -40,19 +42,20 @@ def _job_dir(cfg_dict) -> Path:
     return max(dirs, key=lambda p: p.stat().st_mtime)
 
 
+def _first_two(tmp_path: Path, trajectory: Path):
+    """(a trajectory file of the first two checkpoints of ``trajectory``, its third checkpoint)."""
+    traj = load_trajectory(file=str(trajectory))
+    short = save_trajectory(replace(traj, checkpoints=traj.checkpoints[:2]), tmp_path / "short.json")
+    return short, traj.checkpoints[2]
+
+
 def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
-    traj = json.loads(micro_trajectory.read_text())
-    first = dict(traj, checkpoints=traj["checkpoints"][:2])
-    for c in first["checkpoints"]:
-        c["path"] = str(micro_trajectory.parent / c["path"])
-    short = tmp_path / "short.json"
-    short.write_text(json.dumps(first))
+    short, last = _first_two(tmp_path, micro_trajectory)
     cfg = small_job_config(tmp_path / "a", short)
     run(load_config(data=cfg))
     job = _job_dir(cfg)
-    last = traj["checkpoints"][2]
-    args = (job, str(micro_trajectory.parent / last["path"]))
-    kw = dict(step=last["step"], lr=last["lr"], lr_mean=last["lr_mean"])
+    args = (job, last.path)
+    kw = dict(step=last.step, lr=last.lr, lr_mean=last.lr_mean)
     new = add_checkpoint(*args, **kw)
     summary = json.loads((new / "summary.json").read_text())
     assert summary["run"]["checkpoints_reused"] == 2 and summary["run"]["extends"] == str(job)
@@ -96,12 +99,7 @@ def _drop_last_sample(shard: Path) -> None:
 def test_extension_refuses_changed_inputs(tmp_path, micro_trajectory):
     """add_checkpoint refuses, naming the cause: a shard the job did not score, a target set that changed (other
     hash-picked samples), and a shard that lost a sample (given up at once, not retried)."""
-    traj = json.loads(micro_trajectory.read_text())
-    for c in traj["checkpoints"]:
-        c["path"] = str(micro_trajectory.parent / c["path"])
-    short = tmp_path / "short.json"
-    short.write_text(json.dumps(dict(traj, checkpoints=traj["checkpoints"][:2])))
-    last = traj["checkpoints"][2]
+    short, last = _first_two(tmp_path, micro_trajectory)
     lake, target = tmp_path / "lake", tmp_path / "target"
     lake.mkdir()
     shards = demo_pool_shards()
@@ -117,7 +115,7 @@ def test_extension_refuses_changed_inputs(tmp_path, micro_trajectory):
     job = _job_dir(cfg)
 
     def extend():
-        return add_checkpoint(job, last["path"], step=last["step"], lr=last["lr"], lr_mean=last["lr_mean"])
+        return add_checkpoint(job, last.path, step=last.step, lr=last.lr, lr_mean=last.lr_mean)
 
     shutil.copy(shards[2], lake)
     with pytest.raises(ValueError, match="were not scored by the job being extended"):
@@ -141,7 +139,6 @@ def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_
     whose config is another, or whose checkpoints (records, file digests) are not the first ones of the new
     trajectory, are refused by name."""
     from pruner.distributed.driver import reused_checkpoints
-    from pruner.model.checkpoints import load_trajectory
     from pruner.scorer import Scorer, ShardChangedError
     from pruner.io.shards import RejectLog, iter_shard
 
@@ -229,7 +226,6 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
     # exact against its definition: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i
     layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))
     traj = json.loads(full_layout.trajectory.read_text())["checkpoints"]
-    from pruner.model.checkpoints import load_trajectory
     from pruner.scorer import Scorer
     sc = Scorer(load_config(data=full), load_trajectory(file=str(micro_trajectory)), device="cpu")
     url = demo_pool_shards()[0]

@@ -23,13 +23,14 @@ fix.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from pruner.io.atomic import write_json_atomic
 from pruner.model.clip import create_clip, linearize_clip, load_open_clip_state
 
 
@@ -146,6 +147,14 @@ def _from_checkpoints(paths: list[str]) -> Trajectory:
         raise ValueError("trajectory.checkpoints is empty (fix: list at least one checkpoint file)")
     _check_increasing(infos, "trajectory.checkpoints")
     return Trajectory(checkpoints=tuple(infos))
+
+
+def save_trajectory(traj: Trajectory, file: Union[str, Path]) -> Path:
+    """Write ``traj`` as a trajectory file (absolute checkpoint paths; the fields it has) that :func:`load_trajectory`
+    reads back as ``traj``, atomically. Returns the path."""
+    meta = {k: v for k, v in asdict(traj).items() if k != "checkpoints" and v is not None}
+    write_json_atomic(file, {**meta, "checkpoints": [c.record() for c in traj.checkpoints]})
+    return Path(file)
 
 
 def load_trajectory(file: Optional[str] = None, checkpoints: Optional[list[str]] = None) -> Trajectory:
