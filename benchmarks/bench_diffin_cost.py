@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     if args.precision == "fp32":
         scorers["taylor_forward"] = CheckpointScorer(engine, shared, targets=both, fd_scheme="forward", **taylor)
     tracin_dir = engine.directions([shared.vectors["v_target"]])
-    loss_fn = scorers["diffin_alone"].loss_fn
+    loss_fn = scorers["diffin_alone"].loss_fn()
 
     fns = {"train_step": train,
            "train_step_trimmed": common.make_train_step(model, images, tokens, device, args.precision, trim_text=True)}

@@ -155,11 +155,12 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     target = expand_shard_specs(list(target_specs), cfg.data.allow_pipe)
     _, target_samples, reference = pick_shared_inputs(cfg, pool, target, bank=False)
-    target_batches = scorer.batches(target_samples)
+    target_batches = list(scorer.uid_batches(target_samples))
     ref_batches = [scorer.tensors(r) for r in reference]
     out = []
     for i, (engine, shared) in enumerate(zip(scorer.engines, states)):
-        v, _ = target_gradients(engine, target_batches, (shared.bank_img, shared.bank_txt), shared.scale)
+        v, _ = target_gradients(engine, [(x, t) for x, t, _ in target_batches], (shared.bank_img, shared.bank_txt),
+                                shared.scale, [shared.own_rows(u) for _, _, u in target_batches])
         u = reference_hvp(engine, ref_batches, shared.scale, v, cfg.scores.diffin.hvp_eps)
         proj = engine.projector
         out.append({"Pv": proj.project_weights(v).float(), "Pu": proj.project_weights(u).float(),

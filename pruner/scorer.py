@@ -159,8 +159,15 @@ class Scorer:
         return images, self.tokenizer([s.caption for s in samples])
 
     def batches(self, samples: Sequence[Sample], batch_size: Optional[int] = None):
+        """[(images, tokens)] per batch of ``features.batch_size`` samples."""
+        return [(i, t) for i, t, _ in self.uid_batches(samples, batch_size)]
+
+    def uid_batches(self, samples: Sequence[Sample], batch_size: Optional[int] = None):
+        """Lazily, (images, tokens, uids [B]) per batch of ``features.batch_size`` samples."""
         bs = batch_size or self.cfg.features.batch_size
-        return [self.tensors(samples[i:i + bs]) for i in range(0, len(samples), bs)]
+        for i in range(0, len(samples), bs):
+            part = samples[i:i + bs]
+            yield *self.tensors(part), [s.uid for s in part]
 
     # -- shared quantities (one worker per checkpoint) ------------------------------------------------------
     def compute_shared(self, i: int, bank: Sequence[Sample], target: Sequence[Sample],
@@ -171,7 +178,8 @@ class Scorer:
         if not self.first <= i < len(self.weights):
             raise IndexError(f"checkpoint {i}: this scorer loads checkpoints {self.first}..{len(self.weights) - 1}")
         return compute_shared(self.engines[i - self.first], index=i, step=step, eta=eta, a_t=a_t,
-                              bank_batches=self.batches(bank), target_batches=self.batches(target),
+                              bank_batches=self.batches(bank), bank_uids=[s.uid for s in bank],
+                              target_batches=self.batches(target), target_uids=[s.uid for s in target],
                               reference_batches=[self.tensors(r) for r in reference], targets=targets,
                               hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed)
 
@@ -188,7 +196,7 @@ class Scorer:
 
     def last_checkpoint_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Projected gradients [n, k] at the last checkpoint (the OGA forest's training rows)."""
-        return np.concatenate([self.scorers[-1](i, t)[1] for i, t in self.batches(samples)])
+        return np.concatenate([self.scorers[-1](i, t, uids)[1] for i, t, uids in self.uid_batches(samples)])
 
     # -- scoring --------------------------------------------------------------------------------------------
     def score_components(self, samples: Sequence[Sample], project_hzg: bool = False):
@@ -205,9 +213,9 @@ class Scorer:
         comps: list[dict[str, list]] = [{} for _ in range(m)]
         feats: list[list[np.ndarray]] = [[] for _ in range(m)]
         hzgs: list[list[np.ndarray]] = [[] for _ in range(m)]
-        for images, tokens in self.batches(samples):
+        for images, tokens, uids in self.uid_batches(samples):
             for i, sc in enumerate(self.scorers):
-                comp, f, h = sc.compute(images, tokens, project_hzg=project_hzg)
+                comp, f, h = sc.compute(images, tokens, uids, project_hzg=project_hzg)
                 for k, v in comp.items():
                     comps[i].setdefault(k, []).append(v)
                 if f is not None:

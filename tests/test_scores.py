@@ -768,3 +768,32 @@ def test_hash_unit():
     out = combine([{"sq_norm": np.ones(3), "l1_feat": np.ones(3), "loss": np.ones(3), "clip_score": np.ones(3)}],
                   [1.0], [1.0], ["a", "b", "c"], seed=7)
     assert np.array_equal(out["baseline_random"], hash_unit(["a", "b", "c"], "random-7"))
+
+
+# -- a bank member's own pair is not its negative -----------------------------------------------------------------
+def test_bank_member_own_pair_is_masked(trained_setting):
+    """The bank is drawn from the pool, so some scored pairs are bank members. Scoring such a pair with its uid must
+    equal scoring it alone against the bank without its row (brute force: the row deleted), for the loss, every dot
+    component and the features; and must differ from the unmasked loss, where its own pair is its hardest
+    negative. Tolerance: rtol 1e-6 (fp32 backward; the masked and the deleted column sum in a different order)."""
+    st = trained_setting
+    sh = st.shared(["target", "train"])
+    members = [0, 5, 17]  # bank rows 0, 5, 17 = the first bank batch's pairs 0, 5, 17
+    images, tokens = st.bank_batches[0]
+    images, tokens = images[members], tokens[members]
+    sh.bank_uids = tuple(f"b{j}" for j in range(sh.bank_img.shape[0]))
+    masked, f_masked, _ = CheckpointScorer(st.engine, sh).compute(images, tokens, [f"b{j}" for j in members])
+    parts = []
+    for i, j in enumerate(members):  # each pair alone, against the bank without its own row
+        keep = [r for r in range(sh.bank_img.shape[0]) if r != j]
+        without = dataclasses.replace(sh, bank_img=sh.bank_img[keep], bank_txt=sh.bank_txt[keep], bank_uids=())
+        parts.append(CheckpointScorer(st.engine, without).compute(images[i:i + 1], tokens[i:i + 1]))
+    deleted = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    f_deleted = np.concatenate([p[1] for p in parts])
+    unmasked, _, _ = CheckpointScorer(st.engine, sh).compute(images, tokens, ["not-in-bank"] * len(members))
+    for name in ("loss", "tracin_target", "tracin_train", "t1_target", "t1_train", "sq_norm"):
+        np.testing.assert_allclose(masked[name], deleted[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(f_masked, f_deleted, rtol=1e-5, atol=1e-6 * np.abs(f_deleted).max())
+    assert np.all(unmasked["loss"] > masked["loss"] + 1e-3)  # the own pair in the softmax only adds to the loss
+    own = sh.own_rows(["b5", "x", "b0"])
+    assert own.tolist() == [5, -1, 0]

@@ -39,6 +39,8 @@ baselines only) there is no FD pass and the base pass at theta_t is the only one
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 
@@ -91,29 +93,38 @@ class CheckpointScorer:
         self.names = self.base_names + [n for n in self.t2_names if n not in self.base_names]
         self.dirs = engine.directions([vec[n] for n in self.names]) if self.names else None
         self.g_norm = norm(vec["G"])
-        if loss == "bank":
-            self.loss_fn = lambda i, t: bank_loss(i, t, shared.bank_img, shared.bank_txt, shared.scale)
-        else:
-            self.loss_fn = lambda i, t: in_batch_detached_loss(i, t, shared.scale)
+        self.loss = loss
 
-    def _fd_pass(self, images, tokens, step: float, features: bool) -> PerSampleResult:
+    def loss_fn(self, uids: Optional[Sequence[str]] = None):
+        """The per-sample loss of a batch of pairs with these uids (None: no pair is a bank member): against the
+        bank with each member's own row left out, or the in-batch variant."""
+        sh = self.shared
+        if self.loss == "bank":
+            own = None if uids is None else sh.own_rows(uids)
+            return lambda i, t: bank_loss(i, t, sh.bank_img, sh.bank_txt, sh.scale, own)
+        return lambda i, t: in_batch_detached_loss(i, t, sh.scale)
+
+    def _fd_pass(self, images, tokens, loss_fn, step: float, features: bool) -> PerSampleResult:
         """One finite-difference pass at theta_t + step * G^, always in fp32; features left unreduced."""
         eng = self.engine
         saved, eng.precision = eng.precision, "fp32"
         try:
             with perturbed(eng.params(), self.shared.vectors["G"], step):
-                return eng.run(images, tokens, self.loss_fn, directions=self.dirs, features=features,
+                return eng.run(images, tokens, loss_fn, directions=self.dirs, features=features,
                                norms=self.norms, reduce=False)
         finally:
             eng.precision = saved
 
-    def __call__(self, images: torch.Tensor, tokens: torch.Tensor, features: bool = True):
+    def __call__(self, images: torch.Tensor, tokens: torch.Tensor, uids: Optional[Sequence[str]] = None,
+                 features: bool = True):
         """Returns ({component: float64 array [B]}, features [B, k] float32 array or None)."""
-        arrays, feats, _ = self.compute(images, tokens, project_hzg=False)
+        arrays, feats, _ = self.compute(images, tokens, uids, project_hzg=False)
         return arrays, (feats if features else None)
 
-    def compute(self, images: torch.Tensor, tokens: torch.Tensor, project_hzg: bool = False):
+    def compute(self, images: torch.Tensor, tokens: torch.Tensor, uids: Optional[Sequence[str]] = None,
+                project_hzg: bool = False):
         """Returns (components {name: float64 [B]}, P g_z [B, k] float32 or None, P H_z G_B [B, k] float32 or None).
+        ``uids`` [B]: the pairs' uids (a bank member's own bank row is masked in its loss; None: no pair is one).
 
         Without ``features`` (set at construction) there is no P g_z and no l1_feat component, without ``norms`` no
         sq_norm (and no t2_self: the "self" target turns norms on).
@@ -127,16 +138,17 @@ class CheckpointScorer:
         eps = self.fd_eps
         fd = bool(self.t2_names) or ("self" in self.targets and self.form == "taylor") or project_hzg
         features = self.features or project_hzg
+        loss_fn = self.loss_fn(uids)
         if fd and self.fd_scheme == "central" and self.base_pass == "midpoint":
-            plus = self._fd_pass(images, tokens, eps, features)
-            minus = self._fd_pass(images, tokens, -eps, features)
+            plus = self._fd_pass(images, tokens, loss_fn, eps, features)
+            minus = self._fd_pass(images, tokens, loss_fn, -eps, features)
             r = midpoint(plus, minus)
         else:
-            r = self.engine.run(images, tokens, self.loss_fn, directions=self.dirs, features=features,
+            r = self.engine.run(images, tokens, loss_fn, directions=self.dirs, features=features,
                                 norms=self.norms, reduce=False)
             if fd:
-                plus = self._fd_pass(images, tokens, eps, project_hzg)
-                minus = self._fd_pass(images, tokens, -eps, project_hzg) if self.fd_scheme == "central" else r
+                plus = self._fd_pass(images, tokens, loss_fn, eps, project_hzg)
+                minus = self._fd_pass(images, tokens, loss_fn, -eps, project_hzg) if self.fd_scheme == "central" else r
         # every pass leaves its features as the stage-1 sketch, which is linear in the gradient: the midpoint and the
         # difference are formed there and reduced to k dims once each, not once per pass
         feats = self.engine.projector.reduce(r.features) if self.features else None

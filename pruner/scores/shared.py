@@ -15,9 +15,10 @@ Notation (shared/methods.md §1): theta_t the checkpoint, V the target set, B th
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -39,21 +40,35 @@ class CheckpointShared:
     scale: float  # exp(logit_scale)
     bank_img: torch.Tensor  # [K, e]
     bank_txt: torch.Tensor  # [K, e]
+    bank_uids: tuple[str, ...] = ()  # [K]: whose pair each bank row is (a member's own row is masked in its loss);
+    # () for an anonymous bank that holds none of the scored pairs
     vectors: dict[str, ParamVector] = field(default_factory=dict)  # v_target, v_pred, G, u_target, u_train, q0..
     eigvals: list[float] = field(default_factory=list)
 
     def to_state(self) -> dict:
         return {"index": self.index, "step": self.step, "eta": self.eta, "a_t": self.a_t, "scale": self.scale,
-                "bank_img": self.bank_img.cpu(), "bank_txt": self.bank_txt.cpu(),
+                "bank_img": self.bank_img.cpu(), "bank_txt": self.bank_txt.cpu(), "bank_uids": list(self.bank_uids),
                 "vectors": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.vectors.items()},
                 "eigvals": list(self.eigvals)}
 
     @classmethod
     def from_state(cls, s: dict, device="cpu") -> "CheckpointShared":
+        if "bank_uids" not in s:
+            raise ValueError("shared quantities written by an older pruner (no bank uids, so a bank member's own pair "
+                             "stayed among its negatives) (fix: run the job again in a new output_dir)")
         return cls(index=int(s["index"]), step=int(s["step"]), eta=float(s["eta"]), a_t=float(s["a_t"]),
                    scale=float(s["scale"]), bank_img=s["bank_img"].to(device), bank_txt=s["bank_txt"].to(device),
+                   bank_uids=tuple(s["bank_uids"]),
                    vectors={k: {n: t.to(device) for n, t in v.items()} for k, v in s["vectors"].items()},
                    eigvals=[float(x) for x in s["eigvals"]])
+
+    @functools.cached_property
+    def _bank_row(self) -> dict[str, int]:
+        return {u: j for j, u in enumerate(self.bank_uids)}
+
+    def own_rows(self, uids: Sequence[str]) -> torch.Tensor:
+        """[B] int64: each uid's bank row, -1 for a pair that is not a bank member (``bank_loss``'s ``own``)."""
+        return torch.tensor([self._bank_row.get(u, -1) for u in uids], dtype=torch.int64)
 
 
 def diffin_coefficient(step: int, eta: float, pool_size: int, m: int) -> float:
@@ -86,15 +101,16 @@ def _accumulate(total: Optional[ParamVector], g: ParamVector, w: float) -> Param
 
 
 def target_gradients(engine: PerSampleGradients, batches: list[Batch], bank: tuple[torch.Tensor, torch.Tensor],
-                     scale: float) -> tuple[ParamVector, ParamVector]:
+                     scale: float, own: Optional[list[torch.Tensor]] = None) -> tuple[ParamVector, ParamVector]:
     """(v_target, v_pred) over the target batches: gradients of the mean bank loss and of minus the mean
-    pair similarity s<x,y>."""
+    pair similarity s<x,y>. ``own``: per batch, the bank rows of its pairs ([B] int64, -1 for none; a target
+    drawn from the pool may hold bank members)."""
     params, dev = engine.params(), engine.device
     n = sum(b[0].shape[0] for b in batches)
     v = vp = None
-    for images, tokens in batches:
+    for j, (images, tokens) in enumerate(batches):
         img, txt = encode_pairs(engine.model, images.to(dev), tokens.to(dev))
-        loss = bank_loss(img, txt, bank[0], bank[1], scale).sum() / n
+        loss = bank_loss(img, txt, bank[0], bank[1], scale, None if own is None else own[j]).sum() / n
         sim = -(scale * (img.double() * txt.double()).sum(-1)).sum() / n
         v = _accumulate(v, _grad(params, loss, retain_graph=True), 1.0)
         vp = _accumulate(vp, _grad(params, sim), 1.0)
@@ -154,18 +170,22 @@ def top_eigenpairs(engine: PerSampleGradients, batches: list[Batch], scale: floa
 
 def compute_shared(engine: PerSampleGradients, *, index: int, step: int, eta: float, a_t: float,
                    bank_batches: list[Batch], target_batches: list[Batch], reference_batches: list[Batch],
-                   targets: Iterable[str], hvp_eps: float, self_rank: int, seed: int = 0) -> CheckpointShared:
+                   targets: Iterable[str], hvp_eps: float, self_rank: int, seed: int = 0,
+                   bank_uids: Sequence[str] = (), target_uids: Optional[Sequence[str]] = None) -> CheckpointShared:
     """All shared quantities of one checkpoint. ``targets`` is a subset of {"target", "self", "train"}; the
-    target gradients are computed whenever target batches are given (TracIn uses them too)."""
+    target gradients are computed whenever target batches are given (TracIn uses them too). ``bank_uids`` and
+    ``target_uids``: the uids of the bank and target pairs in batch order (defaults: an anonymous bank)."""
     targets = set(targets)
     scale = logit_scale_of(engine.model)
     bank = embed_bank(engine.model, bank_batches)
     shared = CheckpointShared(index=index, step=step, eta=eta, a_t=a_t, scale=scale, bank_img=bank[0],
-                              bank_txt=bank[1])
+                              bank_txt=bank[1], bank_uids=tuple(bank_uids))
     vec = shared.vectors
     vec["G"] = reference_gradient(engine, reference_batches, scale)
     if target_batches:
-        vec["v_target"], vec["v_pred"] = target_gradients(engine, target_batches, bank, scale)
+        own = None if target_uids is None else \
+            list(shared.own_rows(target_uids).split([b[0].shape[0] for b in target_batches]))
+        vec["v_target"], vec["v_pred"] = target_gradients(engine, target_batches, bank, scale, own)
     if "target" in targets:
         vec["u_target"] = reference_hvp(engine, reference_batches, scale, vec["v_target"], hvp_eps)
     if "train" in targets:
