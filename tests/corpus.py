@@ -66,6 +66,19 @@ def tar_bytes(samples) -> bytes:
     return buf.getvalue()
 
 
+def tar_bytes_latin1(samples) -> bytes:
+    """Like :func:`tar_bytes`, but member names are written in latin-1 (not UTF-8 where they hold non-ASCII)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tf:
+        for key, members in samples:
+            for ext, content in members.items():
+                data = _encode(content)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def write_shard(path, samples, gz: bool | None = None) -> Path:
     """Write ``samples`` as a tar shard at ``path``; gzip-compressed when ``gz`` (default: when the name ends
     in .gz or .tgz). Returns the path."""
@@ -119,6 +132,8 @@ def make_bad_corpus(directory) -> dict[str, str]:
           mx-003 latin-1 caption, mx-004 no txt, mx-005 no image, mx-006 invalid json, mx-007 ok without json,
           mx-000 again -> keep mx-000, mx-007; 1 each of undecodable_image, empty_caption, non_utf8_caption,
           missing_caption, missing_image, bad_json, duplicate_key
+      non_utf8_name (non_utf8_name.tar): nn-000 ok; "café-001" with latin-1 member names; nn-002 ok
+          -> keep nn-000, nn-002; 1 non_utf8_name (key recorded as caf\\xe9-001)
       pipe: ``pipe:cat <pipe_source.tar>``, a good shard made by ``make_good_shard(..., prefix="p")``
           -> keep p-000..p-003 when pipes are allowed
     """
@@ -157,5 +172,7 @@ def make_bad_corpus(directory) -> dict[str, str]:
         variant(ok("mx-003"), txt="café".encode("latin-1")), variant(ok("mx-004"), txt=None),
         variant(ok("mx-005"), jpg=None), variant(ok("mx-006"), json=b"{not json"),
         ok("mx-007", with_json=False), ok("mx-000", caption="second copy")])
+    out["non_utf8_name"] = d / "non_utf8_name.tar"
+    out["non_utf8_name"].write_bytes(tar_bytes_latin1([ok("nn-000"), ok("café-001"), ok("nn-002")]))
     out["pipe"] = f"pipe:cat {shlex.quote(str(make_good_shard(d / 'pipe_source.tar', prefix='p')))}"
     return {k: str(v) for k, v in out.items()}

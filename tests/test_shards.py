@@ -119,6 +119,7 @@ EXPECTED = {  # case: (keys kept in order, reject counts)
     "missing_txt": (["mt-000"], {"missing_caption": 1}),
     "missing_image": (["mi-000"], {"missing_image": 1}),
     "bad_json": (["bj-000"], {"bad_json": 2}),
+    "non_utf8_name": (["nn-000", "nn-002"], {"non_utf8_name": 1}),
     "mixed": (["mx-000", "mx-007"], {r: 1 for r in ("undecodable_image", "empty_caption", "non_utf8_caption",
                                                     "missing_caption", "missing_image", "bad_json",
                                                     "duplicate_key")}),
@@ -149,6 +150,15 @@ def test_reject_details_name_member_and_fix(corpus):
     assert "mx-006.json" in by_key["mx-006"]["detail"]
     assert "mx-000.jpg" in by_key["mx-000"]["detail"] and "first occurrence is kept" in by_key["mx-000"]["detail"]
     assert all(corpus["mixed"] in r["detail"] and "fix:" in r["detail"] for r in rejects.records)
+
+
+def test_non_utf8_name_is_recorded_readably(corpus, tmp_path):
+    """The rejected key and detail are valid UTF-8 (a Parquet rejects file holds them), naming the member."""
+    _, rejects = read_shard(corpus["non_utf8_name"])
+    (rec,) = rejects.records
+    assert rec["key"] == "caf\\xe9-001" and "caf\\xe9-001.jpg" in rec["detail"] and "fix:" in rec["detail"]
+    rejects.write(tmp_path / "rejects.parquet")
+    assert RejectLog.read(tmp_path / "rejects.parquet").records == rejects.records
 
 
 def test_truncated_and_unreadable_details(corpus, tmp_path):

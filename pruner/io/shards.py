@@ -49,6 +49,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "bad_json",           # .json is not a valid JSON object
     "undecodable_image",  # Pillow cannot open and load the image
     "duplicate_key",      # the key already appeared earlier in this shard (the first occurrence is kept)
+    "non_utf8_name",      # the member names are not valid UTF-8 (key recorded with \\x escapes)
 )
 
 
@@ -225,9 +226,17 @@ def _groups(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tuple[str, byt
         yield key, parts
 
 
+def printable(name: str) -> str:
+    """A tar member name as valid UTF-8 text: bytes that are not UTF-8 (``tarfile`` keeps them as surrogate escapes,
+    which Parquet and JSON cannot hold) become \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _make_sample(url: str, key: str, parts: dict) -> Sample | tuple[str, str]:
     """The Sample for one complete group, or (reason, detail) for the first check it fails (cheap checks first)."""
-    where = f"sample {key!r} in {url} (members: {', '.join(n for n, _ in parts.values())})"
+    where = f"sample {printable(key)!r} in {url} (members: {', '.join(printable(n) for n, _ in parts.values())})"
+    if printable(key) != key:
+        return "non_utf8_name", f"{where}: the member names are not valid UTF-8 (fix: rename them in UTF-8)"
     ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
     if ext is None:
         return "missing_image", f"{where} has no .jpg/.jpeg/.png/.webp image (fix: add it or drop the sample)"
@@ -250,6 +259,9 @@ def _make_sample(url: str, key: str, parts: dict) -> Sample | tuple[str, str]:
         if not isinstance(meta, dict):
             return "bad_json", (f"{json_name} in {url}: JSON is a {type(meta).__name__}, not an object "
                                 f"(fix: write a JSON object)")
+        if isinstance(meta.get("uid"), str) and printable(meta["uid"]) != meta["uid"]:
+            return "bad_json", (f"{json_name} in {url}: its uid holds a lone surrogate escape, not valid Unicode "
+                                f"(fix: write the uid as valid UTF-8)")
     img_name, raw = parts[ext]
     try:
         with Image.open(io.BytesIO(raw)) as im:
@@ -294,13 +306,14 @@ def iter_shard(url: str, rejects: RejectLog, allow_pipe: bool = False,
                 n_read += 1
                 if key in seen:
                     first = next(iter(parts.values()))[0]
-                    rejects.add(url, key, "duplicate_key", f"{first} in {url}: key {key!r} already appeared earlier "
+                    rejects.add(url, printable(key), "duplicate_key", f"{printable(first)} in {url}: key "
+                                f"{printable(key)!r} already appeared earlier "
                                 f"in this shard; the first occurrence is kept (fix: give every sample a unique key)")
                     continue
                 seen.add(key)
                 sample = _make_sample(url, key, parts)
                 if isinstance(sample, tuple):
-                    rejects.add(url, key, *sample)
+                    rejects.add(url, printable(key), *sample)
                     continue
                 yield sample
                 n_yielded += 1
