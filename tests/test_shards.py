@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from corpus import image_bytes, make_bad_corpus, make_good_shard, sample, write_shard
 
-from pruner.io.shards import (DEMO_DIR, REJECT_REASONS, RejectLog, demo_pool_shards, demo_target_shards,
-                              expand_shard_specs, iter_shard, read_shard)
+from pruner.io.shards import (DEMO_DIR, REJECT_REASONS, RejectLog, check_shard_names, demo_pool_shards,
+                              demo_target_shards, expand_shard_specs, iter_shard, read_shard)
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
 
@@ -79,7 +79,7 @@ def test_read_tar_and_tgz(tmp_path, name):
     assert s0.url == path and s0.caption == "a photo of g-000" and s0.image.mode == "RGB"
     assert s0.image.size == (16, 16) and s0.meta == {"source": "g-000", "uid": "g-uid-000"}
     assert s0.uid == "g-uid-000"                       # from json["uid"]
-    assert s1.uid == f"{name}/g-001"                   # no uid in json: <shard basename>/<key>
+    assert s1.uid == f"{tmp_path.name}/{name}/g-001"   # no uid in json: <parent folder>/<shard file>/<key>
 
 
 def test_file_url_pipe_and_max_samples(tmp_path):
@@ -175,7 +175,21 @@ def test_duplicates_keep_first_and_missing_json_uid(corpus):
     samples = read_shard(corpus["duplicate_key"])[0]
     assert "second copy" not in {s.caption for s in samples}
     mj = read_shard(corpus["missing_json"])[0][1]
-    assert mj.meta == {} and mj.uid == "missing_json.tar/mj-001"
+    assert mj.meta == {} and mj.uid == f"{Path(corpus['missing_json']).parent.name}/missing_json.tar/mj-001"
+
+
+def test_same_named_shards_in_two_folders(tmp_path):
+    """Partitioned lakes repeat shard file names across folders: the parent folder keeps fallback uids apart, and a
+    pool whose shards share folder and file name is refused, naming both."""
+    a = make_good_shard(tmp_path / "2024" / "00000.tar", prefix="g")
+    b = make_good_shard(tmp_path / "2025" / "00000.tar", prefix="g")
+    ua, ub = (read_shard(str(p))[0][1].uid for p in (a, b))
+    assert (ua, ub) == ("2024/00000.tar/g-001", "2025/00000.tar/g-001")
+    check_shard_names(expand_shard_specs([str(tmp_path / "*" / "*.tar")]))
+    c = make_good_shard(tmp_path / "x" / "2024" / "00000.tar", prefix="g")
+    with pytest.raises(ValueError, match=f"{a}.*{c}|{c}.*{a}") as e:
+        check_shard_names(expand_shard_specs([str(tmp_path / "*" / "*.tar"), str(tmp_path / "x" / "*" / "*.tar")]))
+    assert "fix:" in str(e.value)
 
 
 def test_pipe_refused_by_default_allowed_when_set(corpus):
@@ -183,7 +197,7 @@ def test_pipe_refused_by_default_allowed_when_set(corpus):
         read_shard(corpus["pipe"])
     samples, rejects = read_shard(corpus["pipe"], allow_pipe=True)
     assert [s.key for s in samples] == ["p-000", "p-001", "p-002", "p-003"] and len(rejects) == 0
-    assert samples[0].uid == "p-uid-000" and samples[1].uid == "pipe_source.tar/p-001"
+    assert samples[0].uid == "p-uid-000" and samples[1].uid.endswith("/pipe_source.tar/p-001")
     _, rejects = read_shard("pipe:cat /nonexistent/shard.tar", allow_pipe=True)
     assert rejects.counts() == {"unreadable_shard": 1}
 
@@ -231,7 +245,7 @@ def test_demo_shards():
     assert Counter(s.meta["label"] for s in samples) == {c: 20 for c in range(10)}
     assert {s.meta["split"] for s in samples} == {"test"}
     s = samples[0]
-    assert s.image.size == (32, 32) and s.uid == f"demo-target-000000.tar.gz/{s.key}"
+    assert s.image.size == (32, 32) and s.uid == f"target/demo-target-000000.tar.gz/{s.key}"
     names = json.loads((DEMO_DIR / "classnames.json").read_text())["classnames"]
     assert s.meta["classname"] == names[s.meta["label"]]
 

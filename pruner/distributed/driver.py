@@ -45,7 +45,7 @@ from pruner.config import JobConfig, load_job_config
 from pruner.distributed.actors import remote_classes
 from pruner.io.atomic import atomic_path, link_or_copy, write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
-from pruner.io.shards import expand_shard_specs
+from pruner.io.shards import check_shard_names, expand_shard_specs
 from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.combine import component_columns
@@ -145,6 +145,7 @@ def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects,
 
 def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory]:
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    check_shard_names(pool)
     target = expand_shard_specs(cfg.target.shards, cfg.data.allow_pipe) if cfg.target.shards else []
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     digests = [_file_digest(ck.path) for ck in traj.checkpoints]

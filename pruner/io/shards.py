@@ -59,7 +59,7 @@ class Sample:
 
     url: str             # shard URL/path as listed
     key: str             # webdataset __key__
-    uid: str             # json["uid"] when present, else f"{shard basename}/{key}"
+    uid: str             # json["uid"] when present, else f"{shard_name(url)}/{key}"
     image: Image.Image   # decoded, RGB
     caption: str         # stripped, non-empty, valid UTF-8
     meta: dict           # parsed json member, {} if there is none
@@ -104,6 +104,29 @@ class RejectLog:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def shard_name(url: str) -> str:
+    """``<parent folder>/<file name>`` of a shard path or URL: the prefix of the uid of a sample whose json has no
+    ``uid``. Sample identity is (shard, key); the parent folder is part of the name because lakes are often
+    partitioned into folders of identically named shards (``2024/00000.tar``, ``2025/00000.tar``), and only that
+    folder, not the whole path, so that uids, and the bank and scores picked by hashing them, do not change when
+    the lake moves. :func:`check_shard_names` refuses a pool in which two shards share this name."""
+    parent, base = posixpath.split(url.rstrip("/"))
+    return posixpath.join(posixpath.basename(parent), base)
+
+
+def check_shard_names(urls: list[str]) -> None:
+    """Raise ValueError naming both shards if two shards of a pool share :func:`shard_name`, so their samples without
+    a json uid would share uids."""
+    seen: dict[str, str] = {}
+    for url in urls:
+        other = seen.setdefault(shard_name(url), url)
+        if other != url:
+            raise ValueError(f"shards {other} and {url} are both named {shard_name(url)!r} (parent folder/file name), "
+                             f"so their samples without a json \"uid\" would get the same uids <name>/<key> "
+                             f"(fix: rename one of the folders or shards, or give every sample a json uid and list "
+                             f"them under different folder names)")
 
 
 def _check_pipe(spec: str, allow_pipe: bool) -> None:
@@ -272,7 +295,7 @@ def _make_sample(url: str, key: str, parts: dict) -> Sample | tuple[str, str]:
                                      f"(fix: re-encode the image or drop the sample)")
     uid = meta.get("uid")
     if not (isinstance(uid, (str, int)) and not isinstance(uid, bool) and str(uid)):
-        uid = f"{posixpath.basename(url.rstrip('/'))}/{key}"
+        uid = f"{shard_name(url)}/{key}"
     return Sample(url=url, key=key, uid=str(uid), image=image, caption=caption, meta=meta)
 
 
