@@ -44,11 +44,21 @@ class CheckpointWeights(NamedTuple):
 
 def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[CheckpointWeights]:
     """The weights of every checkpoint. eta is the mean learning rate over the interval the checkpoint stands
-    for (TracIn's definition; methods §6) unless lr_weighting = at_checkpoint or the mean is unknown.
+    for (TracIn's definition; methods §6) unless lr_weighting = at_checkpoint or the mean is unknown. Raises
+    ValueError for the exact_increment form over checkpoints without a recorded step (see pruner.model.checkpoints).
     N for a_t and b_t: trajectory.pool_size from the config, else the trajectory file's, else 1 (a global
     constant: rankings do not depend on it)."""
     n = cfg.trajectory.pool_size or traj.pool_size or 1
     m = len(traj.checkpoints)
+    if "diffin" in cfg.scores.methods and cfg.scores.diffin.form == "exact_increment":
+        for ck in traj.checkpoints:
+            if ck.step_from != "step":
+                raise ValueError(f"checkpoint {ck.path} records no optimiser step (step {ck.step} is "
+                                 f"{'its epoch' if ck.step_from == 'epoch' else 'a default'}), but Diff-In's "
+                                 f"exact_increment form weighs its second-order term by the step t against its "
+                                 f"first-order term (fix: list the checkpoints in a trajectory file with their "
+                                 f"global steps and LRs, or set scores.diffin.form: taylor, where a common scale of "
+                                 f"t cancels)")
     out = []
     for ck in traj.checkpoints:
         eta = float(ck.lr_mean if (cfg.scores.diffin.lr_weighting == "interval_mean" and ck.lr_mean) else ck.lr)

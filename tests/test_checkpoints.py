@@ -33,6 +33,7 @@ def test_open_clip_checkpoints_load_with_step_lr_and_weights(tmp_path, micro, pr
     b = save_open_clip(tmp_path / "epoch_2.pt", micro, epoch=2, lr=1e-4, step=250, prefix=prefix)
     traj = load_trajectory(checkpoints=[a, b])
     assert traj.checkpoints == (CheckpointInfo(a, 1, 3e-4, None), CheckpointInfo(b, 250, 1e-4, None))
+    assert [c.step_from for c in traj.checkpoints] == ["epoch", "step"]
     assert traj.arch is None and traj.lr_schedule is None
 
     sd = load_state_dict(b)
@@ -125,3 +126,23 @@ def test_pickled_objects_are_refused(tmp_path, micro):
     torch.save({"epoch": 1, "state_dict": micro.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "o.pt")
     with pytest.raises(ValueError, match=r"o\.pt cannot be read as a weights-only torch file"):
         load_state_dict(str(tmp_path / "o.pt"))
+
+
+def test_exact_increment_refuses_epoch_steps(tmp_path, micro):
+    """Diff-In's default form weighs its second-order term by t * eta against the first-order one, so an epoch count
+    (or a bare state dict's default step 1) in place of the global step would bias it; the taylor form and TracIn
+    only scale by it and accept such checkpoints."""
+    from pruner.config import JobConfig
+    from pruner.scorer import checkpoint_weights
+    a = save_open_clip(tmp_path / "epoch_1.pt", micro, epoch=1, lr=3e-4)
+    b = save_open_clip(tmp_path / "epoch_2.pt", micro, epoch=2, lr=1e-4, step=250)
+    traj = load_trajectory(checkpoints=[a, b])
+    base = {"data": {"shards": [str(tmp_path)]}, "target": {"shards": [str(tmp_path)]}}
+    cfg = JobConfig.model_validate({**base, "trajectory": {"checkpoints": [a, b]}})
+    with pytest.raises(ValueError, match=r"epoch_1\.pt records no optimiser step.*its epoch.*fix:"):
+        checkpoint_weights(cfg, traj)
+    taylor = cfg.model_copy(update={"scores": cfg.scores.model_copy(update={"diffin": cfg.scores.diffin.model_copy(
+        update={"form": "taylor"})})})
+    assert [w.step for w in checkpoint_weights(taylor, traj)] == [1, 250]
+    assert len(checkpoint_weights(JobConfig.model_validate({**base, "trajectory": {"checkpoints": [b]}}),
+                                  load_trajectory(checkpoints=[b]))) == 1

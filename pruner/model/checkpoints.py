@@ -11,10 +11,12 @@ Two sources (``TrajectoryConfig``):
   ...}``, state dict keys with or without the DDP ``module.`` prefix). ``lr`` is read from the optimiser's
   ``param_groups[0]["lr"]``, i.e. the learning rate of the last update before the checkpoint; ``step`` is the
   checkpoint's ``step`` key (written by ``pruner train-proxy``), else its ``epoch``. Epochs measure training time
-  only up to a global factor (steps per epoch), and a_t ∝ t·η_t² is then off by that same factor for every
-  checkpoint, which leaves rankings unchanged. ``lr_mean`` is unknown (None) for such lists. A list holding a
-  single file may also name a bare state dict: with one checkpoint its weight is a global constant, so a missing
-  step/lr defaults to 1 / 1.0.
+  only up to a global factor (steps per epoch): Diff-In's taylor form (a_t ∝ t·η_t² for every term) and TracIn are
+  then off by that factor for every checkpoint, which leaves rankings unchanged; the exact_increment form is not
+  (its second-order term weighs t·η against the first-order one), so it refuses such checkpoints
+  (``pruner.scorer.checkpoint_weights``). ``lr_mean`` is unknown (None) for such lists. A list holding a single
+  file may also name a bare state dict: a missing step/lr then defaults to 1 / 1.0 (``step_from`` "default"),
+  a global constant for the same methods.
 
 Every file is read with ``torch.load(path, map_location="cpu", weights_only=True)`` (plus ``mmap=True`` when only
 step/lr are needed): checkpoints may come from elsewhere and must never execute code. Errors name the file and the
@@ -23,7 +25,7 @@ fix.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -40,6 +42,7 @@ class CheckpointInfo:
     step: int  # global optimiser step t (updates applied before this checkpoint)
     lr: float  # learning rate of the last update before the checkpoint ("in effect at step t")
     lr_mean: Optional[float]  # mean LR over the updates (previous checkpoint's step, step]; None if unknown
+    step_from: str = field(default="step", compare=False)  # "step", "epoch" (OpenCLIP's, no step key), "default"
 
     def record(self) -> dict:
         """The checkpoint as an entry of a trajectory file (and of a job's trajectory.json)."""
@@ -134,6 +137,7 @@ def _from_checkpoints(paths: list[str]) -> Trajectory:
         _state_dict_of(obj, path)
         meta = obj if "state_dict" in obj else {}
         step = meta.get("step", meta.get("epoch"))
+        step_from = "step" if "step" in meta else "epoch" if step is not None else "default"
         groups = (meta.get("optimizer") or {}).get("param_groups") or [{}]
         lr = groups[0].get("lr")
         if step is None or lr is None:
@@ -141,8 +145,8 @@ def _from_checkpoints(paths: list[str]) -> Trajectory:
                 raise ValueError(f"checkpoint {path} records no {'step/epoch' if step is None else 'optimizer LR'}, "
                                  f"so its weight in the trajectory is unknown (fix: use OpenCLIP training "
                                  f"checkpoints, or write a trajectory file listing path/step/lr for these files)")
-            step, lr = 1 if step is None else step, 1.0 if lr is None else lr
-        infos.append(CheckpointInfo(path=path, step=int(step), lr=float(lr), lr_mean=None))
+            step, lr, step_from = 1 if step is None else step, 1.0 if lr is None else lr, "default"
+        infos.append(CheckpointInfo(path=path, step=int(step), lr=float(lr), lr_mean=None, step_from=step_from))
     if not infos:
         raise ValueError("trajectory.checkpoints is empty (fix: list at least one checkpoint file)")
     _check_increasing(infos, "trajectory.checkpoints")
