@@ -12,6 +12,7 @@ tracin_target           sum_t eta_t <g_t(z), v_t>                               
 tracin_pred             sum_t eta_t <g_t(z), -grad s<x,y>(V)> (prediction-score variant)    methods §2.1
 tracin_self             -sum_t eta_t ||g_t(z)||^2                                            methods §2.1
 oga_l2, oga_l1          -||g||_2 (exact), -||P g||_1 (projected) at the last checkpoint      methods §3
+                        (||P g||_1 estimates sqrt(2k/pi) ||g||_2, not OGA's raw-gradient L1 norm)
 oga_iforest             Isolation Forest normality of P g at the last checkpoint             methods §3
 baseline_loss           -l_z at the last checkpoint
 baseline_clip_score     cos(x_z, y_z) at the last checkpoint
