@@ -209,18 +209,10 @@ def job_config(a, seed: int, seed_dir: Path, traj: Path, pool_dir: Path, target_
 
 def job_inputs(cfg):
     """The bank, reference batches and target samples exactly as the prune job's SharedComputer picks them."""
-    from pruner.io.shards import RejectLog, expand_shard_specs, iter_shard
-    from pruner.scorer import hash_pick, iter_pool
+    from pruner.io.shards import expand_shard_specs
+    from pruner.scorer import pick_shared_inputs
     pool = expand_shard_specs(cfg.data.shards)
-    d = cfg.scores.diffin
-    bank = hash_pick(iter_pool(pool), cfg.features.bank_size, "bank")
-    refs = hash_pick(iter_pool(pool), d.reference_batches * d.reference_batch_size, "reference")
-    reference = [refs[i::d.reference_batches] for i in range(d.reference_batches)]
-    target, rejects = [], RejectLog()
-    for url in expand_shard_specs(cfg.target.shards):
-        for s in iter_shard(url, rejects):
-            if len(target) < cfg.target.max_samples:
-                target.append(s)
+    bank, target, reference = pick_shared_inputs(cfg, pool, expand_shard_specs(cfg.target.shards))
     return pool, bank, reference, target
 
 

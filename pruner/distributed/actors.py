@@ -21,7 +21,7 @@ from ray.util.metrics import Counter
 from pruner.config import JobConfig
 from pruner.io.shards import RejectLog, iter_shard
 from pruner.model.checkpoints import Trajectory
-from pruner.scorer import Scorer, hash_pick, iter_pool
+from pruner.scorer import Scorer, hash_pick, iter_pool, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared
 
 log = logging.getLogger("pruner.actor")
@@ -42,18 +42,7 @@ class SharedComputer:
                  first: int = 0):
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)  # checkpoints first.. (see Scorer)
-        allow = self.cfg.data.allow_pipe
-        d = self.cfg.scores.diffin
-        self.bank = hash_pick(iter_pool(pool_urls, allow), self.cfg.features.bank_size, "bank")
-        refs = hash_pick(iter_pool(pool_urls, allow), d.reference_batches * d.reference_batch_size, "reference")
-        self.reference = [refs[i::d.reference_batches] for i in range(d.reference_batches)]
-        self.target = []
-        rejects = RejectLog()
-        for url in sorted(target_urls):
-            for s in iter_shard(url, rejects, allow_pipe=allow):
-                if len(self.target) >= self.cfg.target.max_samples:
-                    break
-                self.target.append(s)
+        self.bank, self.target, self.reference = pick_shared_inputs(self.cfg, pool_urls, target_urls)
         self.pool_urls = pool_urls
         log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
                  len(self.reference[0]) if self.reference else 0, len(self.target))

@@ -19,19 +19,6 @@ def norm(a: ParamVector) -> float:
     return dot(a, a) ** 0.5
 
 
-def axpy(alpha: float, x: ParamVector, y: ParamVector) -> ParamVector:
-    """alpha * x + y, as a new vector."""
-    return {n: alpha * x[n] + y[n] for n in x}
-
-
-def scale(alpha: float, x: ParamVector) -> ParamVector:
-    return {n: alpha * t for n, t in x.items()}
-
-
-def to_device(x: ParamVector, device) -> ParamVector:
-    return {n: t.to(device) for n, t in x.items()}
-
-
 @contextlib.contextmanager
 def perturbed(params: dict[str, torch.nn.Parameter], direction: ParamVector, step: float) -> Iterator[None]:
     """Temporarily set theta <- theta + step * direction/||direction|| (L2 norm of the change = |step|).

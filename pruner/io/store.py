@@ -1,12 +1,10 @@
-"""Feature store: per shard and checkpoint, projected gradients as a memory-mappable fp16 ``.npy`` [n, k],
-row-aligned with a Parquet index (uid, key, shard_url, row). Both written atomically."""
+"""Feature store: per shard and checkpoint, projected gradients as a memory-mappable fp16 ``.npy`` [n, k], written
+atomically. Row i is row i of the shard's score table (uid, key, shard_url, row, scores), which is their index."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pruner.io.atomic import atomic_path
 
@@ -26,11 +24,3 @@ def load_features(path: str | Path, mmap: bool = True, copy_on_write: bool = Fal
     copied and the file never written: what ``torch.from_numpy`` needs without a warning)."""
     return np.load(path, mmap_mode=("c" if copy_on_write else "r") if mmap else None, allow_pickle=False)
 
-
-def save_index(path: str | Path, uids: list[str], keys: list[str], shard_url: str) -> None:
-    """The row index of a shard's feature files: row i of every ``.c<j>.npy`` is sample (uid[i], key[i])."""
-    table = pa.table({"uid": pa.array(uids, pa.string()), "key": pa.array(keys, pa.string()),
-                      "shard_url": pa.array([shard_url] * len(uids), pa.string()),
-                      "row": pa.array(np.arange(len(uids), dtype=np.int32))})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
