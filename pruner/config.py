@@ -14,6 +14,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pruner.scores.combine import METHOD_COLUMNS, score_columns
+
 
 class ConfigError(ValueError):
     """The job config is invalid; the message names each offending key path and the fix."""
@@ -215,14 +217,21 @@ class JobConfig(_Section):
         if "diffin" in self.scores.methods and "target" in self.scores.diffin.targets and not self.target.shards:
             raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
                              "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
-        score, methods = self.select.score, self.scores.methods
-        method = {"diffin": "diffin", "tracin": "tracin", "oga": "oga", "baseline": "baselines"}.get(score.split("_")[0])
-        if method is not None and method not in methods:
-            raise ValueError(f"select.score {score!r} is a {method} score but scores.methods is {methods} "
-                             f"(fix: add {method} to scores.methods or rank by another score)")
-        if method == "diffin" and score.removeprefix("diffin_") not in self.scores.diffin.targets:
-            raise ValueError(f"select.score {score!r} needs the target {score.removeprefix('diffin_')!r} in "
-                             f"scores.diffin.targets {self.scores.diffin.targets} (fix: add it)")
+        score, methods, targets = self.select.score, self.scores.methods, self.scores.diffin.targets
+        columns = score_columns(methods, targets, bool(self.target.shards))
+        if score not in columns:
+            method = next((m for m, cols in METHOD_COLUMNS.items() if score in cols), None)
+            if method is None:
+                why, fix = "is not a score column", ""
+            elif method not in methods:
+                why, fix = f"is a {method} score but scores.methods is {methods}", f"add {method} to scores.methods"
+            elif method == "diffin" and score.removeprefix("diffin_") not in targets:
+                why, fix = f"needs the target {score.removeprefix('diffin_')!r} in scores.diffin.targets {targets}", \
+                    "add it"
+            else:
+                why, fix = "is formed from the target set but target.shards is empty", "set target.shards"
+            raise ValueError(f"select.score {score!r} {why} (fix: {fix + ', or ' if fix else ''}set select.score to "
+                             f"one of the columns the configured methods produce: {columns})")
         if self.features.save_hzg and self.scores.diffin.form != "taylor":
             raise ValueError("features.save_hzg stores P H_z G_B, a term of scores.diffin.form 'taylor' only "
                              "(fix: drop save_hzg: the exact_increment form re-targets from the stored features "

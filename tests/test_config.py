@@ -1,12 +1,14 @@
 """Job config validation: errors name the key path and the fix; overrides; path resolution; fingerprints."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 
 from pruner.cli import main as cli_main
 from pruner.config import ConfigError, load_config, load_job_config
 from pruner.io.shards import DEMO_DIR
+from pruner.scores.combine import METHOD_COLUMNS, score_columns
 
 
 def _base(tmp_path) -> dict:
@@ -73,17 +75,51 @@ def test_two_selection_criteria_rejected(tmp_path):
     (["select.policy=cluster_balanced", "features.save=false"], "features.save is false (fix: set features.save"),
     (["select.dedup_threshold=0.99", "features.save=false"], "features.save is false"),
     (["select.dedup_keys=1"], "select.dedup_keys: unknown key"),
-    # select.score must be a column of a configured method and target
+    # select.score must be a column the configured methods produce; the error lists those
     (["scores.methods=[diffin]", "select.score=tracin_target"],
      "select.score 'tracin_target' is a tracin score but scores.methods is ['diffin'] (fix: add tracin"),
     (["scores.methods=[tracin, oga]"], "select.score 'diffin_train' is a diffin score"),
     (["select.score=oga_l2", "scores.methods=[diffin, baselines]"], "is a oga score"),
-    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it)"),
+    (["select.score=baseline_clip_score", "scores.methods=[diffin, tracin]"],
+     "is a baselines score but scores.methods is ['diffin', 'tracin'] (fix: add baselines to scores.methods, or "
+     "set select.score to one of the columns the configured methods produce: ['diffin_train', 'tracin_self']"),
+    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it, or"),
+    (["select.score=tracin_targt"], "select.score 'tracin_targt' is not a score column (fix: set select.score to one "
+     "of the columns the configured methods produce: ['diffin_train', 'tracin_self', 'oga_l2', 'oga_l1', "
+     "'oga_iforest', 'baseline_loss', 'baseline_clip_score', 'baseline_random'])"),
+    (["select.score=clip_score"], "select.score 'clip_score' is not a score column"),
+    (["select.score=c0_loss"], "select.score 'c0_loss' is not a score column"),
+    (["select.score=tracin_pred"], "'tracin_pred' is formed from the target set but target.shards is empty "
+     "(fix: set target.shards, or"),
 ])
 def test_select_config_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, _base(tmp_path)), overrides)
     assert fragment in str(e.value)
+
+
+def test_score_choices_are_the_columns_a_job_writes(tmp_path):
+    """select.score accepts exactly the method columns the scorer writes (pruner.scorer.combine_columns on the
+    components of a job with every method and Diff-In target), so no name the reduce step would not find passes."""
+    from pruner.scorer import CheckpointWeights, combine_columns
+    from pruner.scores.oga import fit_isolation_forest
+    d = _base(tmp_path)
+    d["target"] = {"shards": [str(DEMO_DIR / "target")]}
+    d["scores"]["diffin"]["targets"] = ["target", "train", "self"]
+    path = _write(tmp_path, d)
+    cfg = load_config(path)
+    rng = np.random.default_rng(0)
+    names = ("loss", "clip_score", "sq_norm", "l1_feat", "tracin_target", "tracin_pred", "tracin_train", "t1_target",
+             "t1_train", "t1_self")  # CheckpointScorer.compute's, exact_increment form
+    comps = [{n: rng.random(4) for n in names}]
+    features = rng.normal(size=(4, 8)).astype(np.float32)
+    cols = combine_columns(cfg, [CheckpointWeights(10, 1e-3, -1e-6, 1e-3)], fit_isolation_forest(features, trees=5),
+                           comps, features, list("abcd"))
+    written = sorted(c for c in cols if not c.startswith("c0_"))
+    assert written == sorted(score_columns(cfg.scores.methods, cfg.scores.diffin.targets, True)) == \
+        sorted(c for columns in METHOD_COLUMNS.values() for c in columns)
+    for column in written:
+        assert load_config(path, [f"select.score={column}"]).select.score == column
 
 
 def test_policy_config_accepted(tmp_path):
