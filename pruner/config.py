@@ -308,13 +308,21 @@ def _resolve_paths(d: dict, base: Path) -> None:
 
 
 def _check_paths_exist(cfg: JobConfig) -> list[str]:
+    """The local files a job reads, found as the job finds them: the trajectory file and every checkpoint it
+    names (no weights are read), the listed checkpoints, the local shards."""
+    from pruner.model.checkpoints import existing_checkpoint, load_trajectory
+
     problems = []
-    if cfg.trajectory.file and not Path(cfg.trajectory.file).exists():
-        problems.append(f"  trajectory.file: {cfg.trajectory.file} does not exist (fix: run `pruner "
-                        f"train-proxy` or point to an existing trajectory.json)")
+    if cfg.trajectory.file:
+        try:
+            load_trajectory(file=cfg.trajectory.file)
+        except (OSError, ValueError) as e:
+            problems.append(f"  trajectory.file: {e}")
     for i, c in enumerate(cfg.trajectory.checkpoints):
-        if "://" not in c and not Path(c).exists():
-            problems.append(f"  trajectory.checkpoints.{i}: {c} does not exist")
+        try:
+            existing_checkpoint(c)
+        except FileNotFoundError as e:
+            problems.append(f"  trajectory.checkpoints.{i}: {e}")
     if cfg.model.config_file and not Path(cfg.model.config_file).exists():
         problems.append(f"  model.config_file: {cfg.model.config_file} does not exist")
     for section in ("data", "target"):

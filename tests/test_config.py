@@ -1,8 +1,13 @@
 """Job config validation: errors name the key path and the fix; overrides; path resolution; fingerprints."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pruner.cli import main as cli_main
@@ -11,9 +16,19 @@ from pruner.io.shards import DEMO_DIR
 from pruner.scores.combine import METHOD_COLUMNS, score_columns
 
 
+def _trajectory(folder, *names: str):
+    """A trajectory file as train-proxy writes it (checkpoint paths relative to it), with each checkpoint beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        torch.save({"step": 10 * (i + 1), "state_dict": {"w": torch.zeros(2)}}, folder / name)
+    traj = folder / "trajectory.json"
+    traj.write_text(json.dumps({"checkpoints": [{"path": n, "step": 10 * (i + 1), "lr": 1e-3}
+                                                for i, n in enumerate(names)]}))
+    return traj
+
+
 def _base(tmp_path) -> dict:
-    traj = tmp_path / "trajectory.json"
-    traj.write_text("{}")
+    traj = _trajectory(tmp_path, "ckpt-10.pt")
     return {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": str(traj)},
             "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
 
@@ -151,6 +166,54 @@ def test_missing_paths_reported(tmp_path):
     assert "data.shards.0" in msg and "trajectory.file" in msg and "train-proxy" in msg
 
 
+def test_trajectory_checkpoints_must_exist(tmp_path):
+    """The checkpoints of a trajectory file are found as the job finds them, relative to that file (here not the
+    config's folder), and a missing one is reported under trajectory.file, as is a malformed file; a missing listed
+    checkpoint is reported under its index."""
+    traj = _trajectory(tmp_path / "proxy", "ckpt-10.pt", "ckpt-20.pt").resolve()
+    d = _base(tmp_path)
+    d["trajectory"]["file"] = str(traj)
+    path = _write(tmp_path, d)
+    assert load_config(path).trajectory.file == str(traj)
+    (traj.parent / "ckpt-20.pt").unlink()
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert (f"  trajectory.file: trajectory file {traj} names checkpoint {traj.parent / 'ckpt-20.pt'}, which does "
+            f"not exist (fix: keep the checkpoints beside the file") in str(e.value)
+    traj.write_text("{}")
+    with pytest.raises(ConfigError, match=r"trajectory.file: trajectory file .* is malformed \(KeyError"):
+        load_config(path)
+    listed = [str(traj.parent / "ckpt-10.pt"), str(traj.parent / "ckpt-20.pt")]
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["trajectory.file=null", f"trajectory.checkpoints={json.dumps(listed)}"])
+    assert f"  trajectory.checkpoints.1: checkpoint {listed[1]} does not exist (fix:" in str(e.value)
+    assert "trajectory.checkpoints.0" not in str(e.value)
+
+
+def test_validation_reads_no_weights(tmp_path):
+    """validate-config finds the checkpoints without loading them: it does not even import torch."""
+    path = _write(tmp_path, _base(tmp_path))
+    code = (f"import sys; from pruner.cli import main; assert main(['validate-config', {path!r}]) == 0; "
+            f"assert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_prune_stops_at_validation(tmp_path, capsys):
+    """The audit's config (a select.score typo; a trajectory file naming a missing checkpoint): `pruner prune`
+    stops before any Ray or model work with exit status 2 and the problem, as for other config errors."""
+    traj = tmp_path / "trajectory.json"
+    traj.write_text(json.dumps({"checkpoints": [{"path": "missing-ckpt.pt", "step": 10, "lr": 0.001}]}))
+    path = _write(tmp_path, {"data": {"shards": [str(DEMO_DIR / "pool")]},
+                             "target": {"shards": [str(DEMO_DIR / "target")]}, "trajectory": {"file": str(traj)},
+                             "select": {"score": "tracin_targt"}})
+    assert cli_main(["prune", "--config", path]) == 2
+    assert "select.score 'tracin_targt' is not a score column" in capsys.readouterr().err
+    assert cli_main(["prune", "--config", path, "--set", "select.score=tracin_target"]) == 2
+    assert (f"trajectory.file: trajectory file {traj.resolve()} names checkpoint "
+            f"{traj.resolve().parent / 'missing-ckpt.pt'}, which does not exist") in capsys.readouterr().err
+
+
 def test_pipe_refused_unless_allowed(tmp_path):
     d = _base(tmp_path)
     d["data"]["shards"] = ["pipe:cat /etc/hostname"]
@@ -169,8 +232,7 @@ def test_target_required_for_target_influence(tmp_path):
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):
     sub = tmp_path / "cfg"
-    sub.mkdir()
-    (sub / "trajectory.json").write_text("{}")
+    _trajectory(sub, "ckpt-10.pt")
     d = {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": "trajectory.json"},
          "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
     cfg = load_config(_write(sub, d))
