@@ -309,7 +309,9 @@ def _resolve_paths(d: dict, base: Path) -> None:
 
 def _check_paths_exist(cfg: JobConfig) -> list[str]:
     """The local files a job reads, found as the job finds them: the trajectory file and every checkpoint it
-    names (no weights are read), the listed checkpoints, the local shards."""
+    names (no weights are read), the listed checkpoints, the local shard specs (expanded: each must match a
+    shard). fsspec URLs are left for the job, so validation needs no network."""
+    from pruner.io.shards import expand_shard_specs
     from pruner.model.checkpoints import existing_checkpoint, load_trajectory
 
     problems = []
@@ -330,9 +332,11 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
             if s.startswith("pipe:") and not cfg.data.allow_pipe:
                 problems.append(f"  {section}.shards.{i}: pipe: URLs execute shell commands and are refused "
                                 f"(fix: set data.allow_pipe: true if you trust this config)")
-            elif "://" not in s and not s.startswith("pipe:") and not any(ch in s for ch in "*?[{"):
-                if not Path(s).exists():
-                    problems.append(f"  {section}.shards.{i}: {s} does not exist")
+            elif "://" not in s and not s.startswith("pipe:"):
+                try:
+                    expand_shard_specs([s])
+                except ValueError as e:
+                    problems.append(f"  {section}.shards.{i}: {e}")
     return problems
 
 

@@ -199,6 +199,28 @@ def test_validation_reads_no_weights(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
+def test_local_shard_specs_must_match_shards(tmp_path):
+    """Local directories, globs and brace patterns are expanded as the job expands them, and each must match a
+    shard, also under a pattern over a missing folder; fsspec URLs are left to the job, so no network is needed."""
+    pool = DEMO_DIR / "pool"
+    (tmp_path / "empty").mkdir()
+    bad = [str(tmp_path / "missing" / "shard-{0..3}.tar"), str(tmp_path / "missing" / "*.tar"), str(pool / "*.tar"),
+           str(tmp_path / "empty")]
+    d = _base(tmp_path)
+    d["data"]["shards"] = [str(pool / "demo-pool-{000000..000001}.tar.gz"), str(pool / "*.tar.gz"),
+                           "s3://no-such-bucket/shard-{0..3}.tar"]
+    d["target"] = {"shards": bad}
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, d))
+    assert str(e.value).splitlines()[1:] == [
+        f"  target.shards.0: shard spec {bad[0]!r}: {tmp_path / 'missing' / 'shard-0.tar'} does not exist "
+        f"(fix: check the path or brace range)"] + [
+        f"  target.shards.{i}: shard spec {bad[i]!r} matches no .tar/.tar.gz/.tgz shard (fix: check the directory, "
+        f"glob or brace pattern)" for i in (1, 2, 3)]
+    del d["target"]
+    assert load_config(_write(tmp_path, d)).data.shards == d["data"]["shards"]
+
+
 def test_prune_stops_at_validation(tmp_path, capsys):
     """The audit's config (a select.score typo; a trajectory file naming a missing checkpoint): `pruner prune`
     stops before any Ray or model work with exit status 2 and the problem, as for other config errors."""
