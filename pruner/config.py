@@ -14,6 +14,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pruner.scores.combine import METHOD_COLUMNS, score_columns
+
 
 class ConfigError(ValueError):
     """The job config is invalid; the message names each offending key path and the fix."""
@@ -215,14 +217,21 @@ class JobConfig(_Section):
         if "diffin" in self.scores.methods and "target" in self.scores.diffin.targets and not self.target.shards:
             raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
                              "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
-        score, methods = self.select.score, self.scores.methods
-        method = {"diffin": "diffin", "tracin": "tracin", "oga": "oga", "baseline": "baselines"}.get(score.split("_")[0])
-        if method is not None and method not in methods:
-            raise ValueError(f"select.score {score!r} is a {method} score but scores.methods is {methods} "
-                             f"(fix: add {method} to scores.methods or rank by another score)")
-        if method == "diffin" and score.removeprefix("diffin_") not in self.scores.diffin.targets:
-            raise ValueError(f"select.score {score!r} needs the target {score.removeprefix('diffin_')!r} in "
-                             f"scores.diffin.targets {self.scores.diffin.targets} (fix: add it)")
+        score, methods, targets = self.select.score, self.scores.methods, self.scores.diffin.targets
+        columns = score_columns(methods, targets, bool(self.target.shards))
+        if score not in columns:
+            method = next((m for m, cols in METHOD_COLUMNS.items() if score in cols), None)
+            if method is None:
+                why, fix = "is not a score column", ""
+            elif method not in methods:
+                why, fix = f"is a {method} score but scores.methods is {methods}", f"add {method} to scores.methods"
+            elif method == "diffin" and score.removeprefix("diffin_") not in targets:
+                why, fix = f"needs the target {score.removeprefix('diffin_')!r} in scores.diffin.targets {targets}", \
+                    "add it"
+            else:
+                why, fix = "is formed from the target set but target.shards is empty", "set target.shards"
+            raise ValueError(f"select.score {score!r} {why} (fix: {fix + ', or ' if fix else ''}set select.score to "
+                             f"one of the columns the configured methods produce: {columns})")
         if self.features.save_hzg and self.scores.diffin.form != "taylor":
             raise ValueError("features.save_hzg stores P H_z G_B, a term of scores.diffin.form 'taylor' only "
                              "(fix: drop save_hzg: the exact_increment form re-targets from the stored features "
@@ -299,13 +308,23 @@ def _resolve_paths(d: dict, base: Path) -> None:
 
 
 def _check_paths_exist(cfg: JobConfig) -> list[str]:
+    """The local files a job reads, found as the job finds them: the trajectory file and every checkpoint it
+    names (no weights are read), the listed checkpoints, the local shard specs (expanded: each must match a
+    shard). fsspec URLs are left for the job, so validation needs no network."""
+    from pruner.io.shards import expand_shard_specs
+    from pruner.model.checkpoints import existing_checkpoint, load_trajectory
+
     problems = []
-    if cfg.trajectory.file and not Path(cfg.trajectory.file).exists():
-        problems.append(f"  trajectory.file: {cfg.trajectory.file} does not exist (fix: run `pruner "
-                        f"train-proxy` or point to an existing trajectory.json)")
+    if cfg.trajectory.file:
+        try:
+            load_trajectory(file=cfg.trajectory.file)
+        except (OSError, ValueError) as e:
+            problems.append(f"  trajectory.file: {e}")
     for i, c in enumerate(cfg.trajectory.checkpoints):
-        if "://" not in c and not Path(c).exists():
-            problems.append(f"  trajectory.checkpoints.{i}: {c} does not exist")
+        try:
+            existing_checkpoint(c)
+        except FileNotFoundError as e:
+            problems.append(f"  trajectory.checkpoints.{i}: {e}")
     if cfg.model.config_file and not Path(cfg.model.config_file).exists():
         problems.append(f"  model.config_file: {cfg.model.config_file} does not exist")
     for section in ("data", "target"):
@@ -313,9 +332,11 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
             if s.startswith("pipe:") and not cfg.data.allow_pipe:
                 problems.append(f"  {section}.shards.{i}: pipe: URLs execute shell commands and are refused "
                                 f"(fix: set data.allow_pipe: true if you trust this config)")
-            elif "://" not in s and not s.startswith("pipe:") and not any(ch in s for ch in "*?[{"):
-                if not Path(s).exists():
-                    problems.append(f"  {section}.shards.{i}: {s} does not exist")
+            elif "://" not in s and not s.startswith("pipe:"):
+                try:
+                    expand_shard_specs([s])
+                except ValueError as e:
+                    problems.append(f"  {section}.shards.{i}: {e}")
     return problems
 
 

@@ -1,17 +1,34 @@
 """Job config validation: errors name the key path and the fix; overrides; path resolution; fingerprints."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from pruner.cli import main as cli_main
 from pruner.config import ConfigError, load_config, load_job_config
 from pruner.io.shards import DEMO_DIR
+from pruner.scores.combine import METHOD_COLUMNS, score_columns
+
+
+def _trajectory(folder, *names: str):
+    """A trajectory file as train-proxy writes it (checkpoint paths relative to it), with each checkpoint beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        torch.save({"step": 10 * (i + 1), "state_dict": {"w": torch.zeros(2)}}, folder / name)
+    traj = folder / "trajectory.json"
+    traj.write_text(json.dumps({"checkpoints": [{"path": n, "step": 10 * (i + 1), "lr": 1e-3}
+                                                for i, n in enumerate(names)]}))
+    return traj
 
 
 def _base(tmp_path) -> dict:
-    traj = tmp_path / "trajectory.json"
-    traj.write_text("{}")
+    traj = _trajectory(tmp_path, "ckpt-10.pt")
     return {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": str(traj)},
             "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
 
@@ -73,17 +90,51 @@ def test_two_selection_criteria_rejected(tmp_path):
     (["select.policy=cluster_balanced", "features.save=false"], "features.save is false (fix: set features.save"),
     (["select.dedup_threshold=0.99", "features.save=false"], "features.save is false"),
     (["select.dedup_keys=1"], "select.dedup_keys: unknown key"),
-    # select.score must be a column of a configured method and target
+    # select.score must be a column the configured methods produce; the error lists those
     (["scores.methods=[diffin]", "select.score=tracin_target"],
      "select.score 'tracin_target' is a tracin score but scores.methods is ['diffin'] (fix: add tracin"),
     (["scores.methods=[tracin, oga]"], "select.score 'diffin_train' is a diffin score"),
     (["select.score=oga_l2", "scores.methods=[diffin, baselines]"], "is a oga score"),
-    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it)"),
+    (["select.score=baseline_clip_score", "scores.methods=[diffin, tracin]"],
+     "is a baselines score but scores.methods is ['diffin', 'tracin'] (fix: add baselines to scores.methods, or "
+     "set select.score to one of the columns the configured methods produce: ['diffin_train', 'tracin_self']"),
+    (["select.score=diffin_self"], "needs the target 'self' in scores.diffin.targets ['train'] (fix: add it, or"),
+    (["select.score=tracin_targt"], "select.score 'tracin_targt' is not a score column (fix: set select.score to one "
+     "of the columns the configured methods produce: ['diffin_train', 'tracin_self', 'oga_l2', 'oga_l1', "
+     "'oga_iforest', 'baseline_loss', 'baseline_clip_score', 'baseline_random'])"),
+    (["select.score=clip_score"], "select.score 'clip_score' is not a score column"),
+    (["select.score=c0_loss"], "select.score 'c0_loss' is not a score column"),
+    (["select.score=tracin_pred"], "'tracin_pred' is formed from the target set but target.shards is empty "
+     "(fix: set target.shards, or"),
 ])
 def test_select_config_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, _base(tmp_path)), overrides)
     assert fragment in str(e.value)
+
+
+def test_score_choices_are_the_columns_a_job_writes(tmp_path):
+    """select.score accepts exactly the method columns the scorer writes (pruner.scorer.combine_columns on the
+    components of a job with every method and Diff-In target), so no name the reduce step would not find passes."""
+    from pruner.scorer import CheckpointWeights, combine_columns
+    from pruner.scores.oga import fit_isolation_forest
+    d = _base(tmp_path)
+    d["target"] = {"shards": [str(DEMO_DIR / "target")]}
+    d["scores"]["diffin"]["targets"] = ["target", "train", "self"]
+    path = _write(tmp_path, d)
+    cfg = load_config(path)
+    rng = np.random.default_rng(0)
+    names = ("loss", "clip_score", "sq_norm", "l1_feat", "tracin_target", "tracin_pred", "tracin_train", "t1_target",
+             "t1_train", "t1_self")  # CheckpointScorer.compute's, exact_increment form
+    comps = [{n: rng.random(4) for n in names}]
+    features = rng.normal(size=(4, 8)).astype(np.float32)
+    cols = combine_columns(cfg, [CheckpointWeights(10, 1e-3, -1e-6, 1e-3)], fit_isolation_forest(features, trees=5),
+                           comps, features, list("abcd"))
+    written = sorted(c for c in cols if not c.startswith("c0_"))
+    assert written == sorted(score_columns(cfg.scores.methods, cfg.scores.diffin.targets, True)) == \
+        sorted(c for columns in METHOD_COLUMNS.values() for c in columns)
+    for column in written:
+        assert load_config(path, [f"select.score={column}"]).select.score == column
 
 
 def test_policy_config_accepted(tmp_path):
@@ -115,6 +166,76 @@ def test_missing_paths_reported(tmp_path):
     assert "data.shards.0" in msg and "trajectory.file" in msg and "train-proxy" in msg
 
 
+def test_trajectory_checkpoints_must_exist(tmp_path):
+    """The checkpoints of a trajectory file are found as the job finds them, relative to that file (here not the
+    config's folder), and a missing one is reported under trajectory.file, as is a malformed file; a missing listed
+    checkpoint is reported under its index."""
+    traj = _trajectory(tmp_path / "proxy", "ckpt-10.pt", "ckpt-20.pt").resolve()
+    d = _base(tmp_path)
+    d["trajectory"]["file"] = str(traj)
+    path = _write(tmp_path, d)
+    assert load_config(path).trajectory.file == str(traj)
+    (traj.parent / "ckpt-20.pt").unlink()
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert (f"  trajectory.file: trajectory file {traj} names checkpoint {traj.parent / 'ckpt-20.pt'}, which does "
+            f"not exist (fix: keep the checkpoints beside the file") in str(e.value)
+    traj.write_text("{}")
+    with pytest.raises(ConfigError, match=r"trajectory.file: trajectory file .* is malformed \(KeyError"):
+        load_config(path)
+    listed = [str(traj.parent / "ckpt-10.pt"), str(traj.parent / "ckpt-20.pt")]
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["trajectory.file=null", f"trajectory.checkpoints={json.dumps(listed)}"])
+    assert f"  trajectory.checkpoints.1: checkpoint {listed[1]} does not exist (fix:" in str(e.value)
+    assert "trajectory.checkpoints.0" not in str(e.value)
+
+
+def test_validation_reads_no_weights(tmp_path):
+    """validate-config finds the checkpoints without loading them: it does not even import torch."""
+    path = _write(tmp_path, _base(tmp_path))
+    code = (f"import sys; from pruner.cli import main; assert main(['validate-config', {path!r}]) == 0; "
+            f"assert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_local_shard_specs_must_match_shards(tmp_path):
+    """Local directories, globs and brace patterns are expanded as the job expands them, and each must match a
+    shard, also under a pattern over a missing folder; fsspec URLs are left to the job, so no network is needed."""
+    pool = DEMO_DIR / "pool"
+    (tmp_path / "empty").mkdir()
+    bad = [str(tmp_path / "missing" / "shard-{0..3}.tar"), str(tmp_path / "missing" / "*.tar"), str(pool / "*.tar"),
+           str(tmp_path / "empty")]
+    d = _base(tmp_path)
+    d["data"]["shards"] = [str(pool / "demo-pool-{000000..000001}.tar.gz"), str(pool / "*.tar.gz"),
+                           "s3://no-such-bucket/shard-{0..3}.tar"]
+    d["target"] = {"shards": bad}
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, d))
+    assert str(e.value).splitlines()[1:] == [
+        f"  target.shards.0: shard spec {bad[0]!r}: {tmp_path / 'missing' / 'shard-0.tar'} does not exist "
+        f"(fix: check the path or brace range)"] + [
+        f"  target.shards.{i}: shard spec {bad[i]!r} matches no .tar/.tar.gz/.tgz shard (fix: check the directory, "
+        f"glob or brace pattern)" for i in (1, 2, 3)]
+    del d["target"]
+    assert load_config(_write(tmp_path, d)).data.shards == d["data"]["shards"]
+
+
+def test_prune_stops_at_validation(tmp_path, capsys):
+    """The audit's config (a select.score typo; a trajectory file naming a missing checkpoint): `pruner prune`
+    stops before any Ray or model work with exit status 2 and the problem, as for other config errors."""
+    traj = tmp_path / "trajectory.json"
+    traj.write_text(json.dumps({"checkpoints": [{"path": "missing-ckpt.pt", "step": 10, "lr": 0.001}]}))
+    path = _write(tmp_path, {"data": {"shards": [str(DEMO_DIR / "pool")]},
+                             "target": {"shards": [str(DEMO_DIR / "target")]}, "trajectory": {"file": str(traj)},
+                             "select": {"score": "tracin_targt"}})
+    assert cli_main(["prune", "--config", path]) == 2
+    assert "select.score 'tracin_targt' is not a score column" in capsys.readouterr().err
+    assert cli_main(["prune", "--config", path, "--set", "select.score=tracin_target"]) == 2
+    assert (f"trajectory.file: trajectory file {traj.resolve()} names checkpoint "
+            f"{traj.resolve().parent / 'missing-ckpt.pt'}, which does not exist") in capsys.readouterr().err
+
+
 def test_pipe_refused_unless_allowed(tmp_path):
     d = _base(tmp_path)
     d["data"]["shards"] = ["pipe:cat /etc/hostname"]
@@ -133,8 +254,7 @@ def test_target_required_for_target_influence(tmp_path):
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):
     sub = tmp_path / "cfg"
-    sub.mkdir()
-    (sub / "trajectory.json").write_text("{}")
+    _trajectory(sub, "ckpt-10.pt")
     d = {"data": {"shards": [str(DEMO_DIR / "pool")]}, "trajectory": {"file": "trajectory.json"},
          "scores": {"diffin": {"targets": ["train"]}}, "select": {"score": "diffin_train"}}
     cfg = load_config(_write(sub, d))

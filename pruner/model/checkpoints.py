@@ -20,20 +20,21 @@ Two sources (``TrajectoryConfig``):
 
 Every file is read with ``torch.load(path, map_location="cpu", weights_only=True)`` (plus ``mmap=True`` when only
 step/lr are needed): checkpoints may come from elsewhere and must never execute code. Errors name the file and the
-fix.
+fix. torch and open_clip are imported only where weights are read, so that reading a trajectory file (config
+validation: pruner.config) stays cheap.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Optional, Union
 
 from pruner.io.atomic import write_json_atomic
-from pruner.model.clip import create_clip, linearize_clip, load_open_clip_state
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,18 @@ class Trajectory:
     lr_schedule: Optional[tuple[float, ...]] = None  # lr_schedule[i] = LR of update i + 1 (train-proxy only)
 
 
-def _torch_load(path: Union[str, Path], mmap: bool = False):
+def existing_checkpoint(path: Union[str, Path]) -> Path:
+    """``path`` as the loaders read it; raises FileNotFoundError naming it and the fix unless it is a file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (fix: check trajectory.checkpoints / the paths "
                                 f"in the trajectory file, which are relative to that file)")
+    return path
+
+
+def _torch_load(path: Union[str, Path], mmap: bool = False):
+    import torch
+    path = existing_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle errors, truncated files, non-torch files
@@ -75,6 +83,7 @@ def _torch_load(path: Union[str, Path], mmap: bool = False):
 
 
 def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
+    import torch
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"checkpoint {path} holds neither an OpenCLIP training checkpoint (a dict with "
@@ -90,7 +99,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     or a bare state dict file. Raises if any floating tensor holds NaN/Inf, naming the tensor."""
     sd = _state_dict_of(_torch_load(path), path)
     for name, t in sd.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not t.isfinite().all():
             raise ValueError(f"checkpoint {path}: tensor {name!r} contains NaN/Inf values (fix: training diverged "
                              f"before this checkpoint; drop it from the trajectory or retrain with a lower LR)")
     return sd
@@ -172,6 +181,9 @@ def load_scoring_model(ckpt: Union[CheckpointInfo, str], arch: str, config_file:
                        device: Union[str, torch.device] = "cpu") -> nn.Module:
     """The linearised open_clip model (see :func:`pruner.model.clip.linearize_clip`) with the checkpoint's weights,
     in eval mode, float32, on ``device`` ("auto": CUDA when available)."""
+    import torch
+
+    from pruner.model.clip import create_clip, linearize_clip, load_open_clip_state
     path = ckpt.path if isinstance(ckpt, CheckpointInfo) else str(ckpt)
     sd = load_state_dict(path)
     model, _, _ = create_clip(arch, config_file)

@@ -52,6 +52,27 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+#: The score columns of each method of ``scores.methods``: the table above, what :func:`combine` writes (and
+#: pruner.scorer.combine_columns, oga_iforest). :func:`score_columns` picks those a job produces.
+METHOD_COLUMNS: dict[str, tuple[str, ...]] = {
+    "diffin": ("diffin_target", "diffin_train", "diffin_self"),
+    "tracin": ("tracin_target", "tracin_pred", "tracin_self"),
+    "oga": ("oga_l2", "oga_l1", "oga_iforest"),
+    "baselines": ("baseline_loss", "baseline_clip_score", "baseline_random"),
+}
+#: The columns whose direction is a gradient over the target set (v_target, v_pred: pruner.scores.shared), formed
+#: only when the job has target samples.
+TARGET_SET_COLUMNS = ("diffin_target", "tracin_target", "tracin_pred")
+
+
+def score_columns(methods: Sequence[str], diffin_targets: Sequence[str], has_target: bool) -> list[str]:
+    """The score columns a job with these ``scores.methods``, ``scores.diffin.targets`` and (non-)empty
+    ``target.shards`` produces, i.e. what ``select.score`` can rank by: :data:`METHOD_COLUMNS` of each method,
+    Diff-In's for its targets only, none of :data:`TARGET_SET_COLUMNS` without a target set."""
+    return [c for m in methods for c in METHOD_COLUMNS[m]
+            if (m != "diffin" or c.removeprefix("diffin_") in diffin_targets)
+            and (has_target or c not in TARGET_SET_COLUMNS)]
+
 
 def hash_unit(values: Sequence[str], salt: str) -> np.ndarray:
     """Deterministic uniform [0, 1) per string, from sha1(salt + value)."""
