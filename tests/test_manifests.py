@@ -12,12 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
+from corpus import sample, variant, write_shard
 from PIL import Image
 
+from pruner.config import load_config
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import (UID_DTYPE, MaterializeError, kept_keys_filter, load_uid_npy, materialize,
                                  uid_to_u128, verify_materialized, write_manifests)
+from pruner.io.shards import read_shard
+from pruner.select.policies import select_policy
 from pruner.select.rank import select, shard_score_files
+from pruner.select.reduce import finalize
 
 PER_SHARD = 12
 
@@ -188,3 +194,51 @@ def test_materialize_separates_equal_keys_from_different_shards(job, tmp_path):
     assert res == {"shards": 3, "samples": 3, "bytes": res["bytes"]}  # same key back to back: new shard each time
     got = [s["txt"] for s in wds.WebDataset(sorted(map(str, (tmp_path / "out").glob("*.tar"))), shardshuffle=False)]
     assert got == [b"caption 0 3", b"caption 1 3", b"caption 2 3"]
+
+
+def _scored_job(root) -> tuple[JobLayout, list[str]]:
+    """A job directory as the scoring step leaves it, on a pool of 3 real shards read by pruner's reader: a.tar
+    (4 samples, 2 classes), b.tar (3 samples, all rejected for an empty caption, so an empty score file that names
+    no URL) and c.tar (2 samples). Score files hold uid, key, shard_url, row and a score; config.yaml the pool."""
+    pool = [str(write_shard(root / "pool" / "a.tar", [variant(sample(f"a-{i}"), json={"classname": "xy"[i % 2]})
+                                                      for i in range(4)])),
+            str(write_shard(root / "pool" / "b.tar", [sample(f"b-{i}", caption=" ") for i in range(3)])),
+            str(write_shard(root / "pool" / "c.tar", [variant(sample(f"c-{i}"), json={"classname": "x"})
+                                                      for i in range(2)]))]
+    layout = JobLayout(root / "job")
+    layout.shards_dir.mkdir(parents=True)
+    for url in pool:
+        samples, rejects = read_shard(url)
+        t = pa.table({"uid": pa.array([x.uid for x in samples], pa.string()),
+                      "key": pa.array([x.key for x in samples], pa.string()),
+                      "shard_url": pa.array([url] * len(samples), pa.string()),
+                      "row": pa.array(range(len(samples)), pa.int32())})
+        if samples:  # the scorer writes no score column for a shard without samples
+            t = t.append_column("diffin_target", pa.array([float(i) for i in range(len(samples))]))
+        pq.write_table(t, layout.scores(url))
+        rejects.write(layout.rejects(url))
+    cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
+                            "trajectory": {"checkpoints": ["c.pt"]}}, check_paths=False)
+    layout.config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return layout, pool
+
+
+@pytest.mark.parametrize("select_cfg", [{"keep_fraction": 0.5}, {"keep_fraction": 0.5, "policy": "class_balanced"}])
+def test_manifest_lists_every_pool_shard(tmp_path, select_cfg):
+    """A shard whose samples were all rejected is in the manifest with no key (whichever policy selects), so the
+    webdataset filter streams the whole original pool."""
+    layout, pool = _scored_job(tmp_path)
+    cfg = load_config(layout.config, [f"select.{k}={v}" for k, v in select_cfg.items()], check_paths=False)
+    summary = finalize(cfg, layout, pool, {})
+    manifest = json.loads((layout.keep_dir / "manifest.json").read_text())
+    assert sorted(manifest) == sorted(pool) and manifest[pool[1]] == []
+    assert summary["manifests"]["n_shards"] == 3 and summary["counts"]["rejected"] == 3
+    kept = sorted(k for keys in manifest.values() for k in keys)
+    assert len(kept) == summary["counts"]["kept"] == 3
+    ds = wds.WebDataset(pool, shardshuffle=False).select(kept_keys_filter(layout.keep_dir / "manifest.json"))
+    assert sorted(s["__key__"] for s in ds) == kept
+    assert materialize(layout.keep_dir / "manifest.json", tmp_path / "out")["samples"] == 3
+    if cfg.select.uses_policy:  # the same set written by the policy outside the job (pool from config.yaml)
+        alone = select_policy(layout.root, "class_balanced", keep_fraction=0.5, keep_dir=tmp_path / "alone")
+        assert json.loads((tmp_path / "alone" / "manifest.json").read_text()) == manifest
+        assert alone["manifests"]["n_shards"] == 3

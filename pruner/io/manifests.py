@@ -3,8 +3,10 @@ and a materialized pruned WebDataset. No torch/ray/webdataset import (webdataset
 
 Files (``JobLayout.keep_dir``), all written atomically (temporary name, then rename) by :func:`write_manifests`:
 
-* ``manifest.json``: ``{shard URL: sorted kept keys}``, one entry per shard with at least one scored sample (an
-  empty list when none is kept). URLs are the ``shard_url`` column, i.e. spelled as the scoring reader saw them.
+* ``manifest.json``: ``{shard URL: sorted kept keys}``, one entry per shard of the pool (an empty list when none is
+  kept, also for a shard without any scored sample, e.g. one whose samples were all rejected), so that
+  :func:`kept_keys_filter` accepts every shard of the pool. URLs are the ``shard_url`` column, i.e. spelled as the
+  scoring reader saw them, then the pool's other shards as given.
 * ``uids.npy``: DataComp subset file, a 1-D numpy array of dtype ``np.dtype("u8,u8")`` (fields ``f0``, ``f1``),
   sorted ascending and unique, as ``resharder.py`` of mlfoundations/datacomp loads it (``load_subset`` asserts
   that dtype; lookups use ``np.searchsorted``). A 32-hex-digit uid ``h`` is ``(int(h[:16], 16), int(h[16:32], 16))``.
@@ -77,10 +79,12 @@ def _fallback_path(npy_path: Path) -> Path:
     return npy_path.with_suffix(".fallback.parquet")
 
 
-def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path) -> dict:
+def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path,
+                    pool: Iterable[str] = ()) -> dict:
     """Write manifest.json, uids.npy (+ uids.fallback.parquet) and keep.parquet under ``keep_dir`` from the score
     files the selection was made on. Each file is written atomically, and none is replaced unless all four were
-    written (they are renamed into place together at the end).
+    written (they are renamed into place together at the end). ``pool``: the job's shard URLs; those no score
+    file holds a sample of (a score file without rows names no URL) are listed in the manifest with no key.
 
     Each score file must hold one shard (one ``shard_url``), each shard in one file. Memory: one score file +
     16 bytes per kept sample (the uid array) + the fallback uid strings. Returns
@@ -98,6 +102,11 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
         manifest = stack.enter_context(open(tmp["manifest.json"], "w"))
         table = stack.enter_context(pq.ParquetWriter(tmp["keep.parquet"], KEEP_SCHEMA))
         manifest.write("{")
+
+        def entry(url: str, keys: list[str]) -> None:
+            manifest.write(f"{',' if urls else ''}\n{json.dumps(url)}: {json.dumps(keys)}")
+            urls.add(url)
+
         for f in sorted(Path(f) for f in shard_files):
             t = pq.read_table(f, columns=["uid", "key", "shard_url", selection.score])
             found = pc.unique(t["shard_url"]).to_pylist()
@@ -108,12 +117,13 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
                 continue
             kept = t.filter(pa.array(selection.is_kept(t[selection.score].to_numpy(), t["uid"])))
             table.write_table(kept.select(KEEP_SCHEMA.names).cast(KEEP_SCHEMA))
-            keys = sorted(kept["key"].to_pylist())
-            manifest.write(f"{',' if urls else ''}\n{json.dumps(found[0])}: {json.dumps(keys)}")
-            urls.add(found[0])
+            entry(found[0], sorted(kept["key"].to_pylist()))
             v, canonical = uid_to_u128(kept["uid"])
             values.append(v)
             fallback += list(zip(kept["uid"].filter(pa.array(~canonical)).to_pylist(), u128_to_hex(v[~canonical])))
+        for url in pool:
+            if url not in urls:
+                entry(url, [])
         manifest.write("\n}\n")
         uids = np.sort(np.concatenate(values)) if values else np.zeros(0, UID_DTYPE)
         if len(uids) != selection.n_keep:
