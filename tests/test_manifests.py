@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
-from corpus import sample, variant, write_shard
+from corpus import make_bad_corpus, sample, variant, write_shard
 from PIL import Image
 
 from pruner.config import load_config
@@ -185,6 +186,24 @@ def test_materialize_fails_loudly_on_bad_sources(job, tmp_path):
     manifest.write_text(json.dumps({url: ["000001", "999999"]}))
     with pytest.raises(MaterializeError, match="999999"):
         materialize(manifest, tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["truncated_tar", "truncated_tgz"])
+def test_materialize_stops_at_the_last_kept_sample(tmp_path, case):
+    """A shard cut inside t-002 (which the reader accepts up to t-001) is copied when only samples before the cut
+    are kept; a kept sample at or after the cut is a MaterializeError naming the shard and the missing keys."""
+    url = str(make_bad_corpus(tmp_path / "bad")[case])
+    accepted, rejects = read_shard(url)
+    assert [s.key for s in accepted] == ["t-000", "t-001"] and rejects.counts() == {"truncated_tar": 1}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({url: ["t-000", "t-001"]}))
+    assert materialize(manifest, tmp_path / "out")["samples"] == 2
+    back, rejects = read_shard(str(tmp_path / "out" / "pruned-000000.tar"))
+    assert [(s.key, s.caption) for s in back] == [(s.key, s.caption) for s in accepted] and not len(rejects)
+    for wanted, missing in ((["t-001", "t-003"], "t-003"), (["t-000", "t-002"], "t-002")):
+        manifest.write_text(json.dumps({url: wanted}))
+        with pytest.raises(MaterializeError, match=rf"{re.escape(url)}.*1 kept keys not read.*'{missing}'"):
+            materialize(manifest, tmp_path / "out2")
 
 
 def test_materialize_separates_equal_keys_from_different_shards(job, tmp_path):

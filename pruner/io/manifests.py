@@ -218,8 +218,9 @@ def _samples(tf: tarfile.TarFile, want=None) -> Iterator[tuple[str, list]]:
 
 
 def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
-    """The kept samples of every shard with kept keys, in manifest then tar order; raises MaterializeError
-    naming a shard that cannot be read or lacks kept keys."""
+    """The kept samples of every shard with kept keys, in manifest then tar order. A shard is read only up to its
+    last kept sample, so one the reader accepted as truncated after it is copied. Raises MaterializeError naming a
+    shard that cannot be read (or is cut) before all its kept keys were found, and the keys missing."""
     for url, keys in manifest.items():
         if not keys:
             continue
@@ -229,8 +230,13 @@ def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
                 for key, members in _samples(tf, want):
                     found.add(key)
                     yield key, members
+                    if found == want:
+                        break
         except _READ_ERRORS as e:
-            raise MaterializeError(f"cannot read shard {url} listed in the manifest ({type(e).__name__}: {e})") from e
+            missing = sorted(want - found)
+            raise MaterializeError(f"cannot read shard {url} listed in the manifest ({type(e).__name__}: {e}); "
+                                   f"{len(missing)} kept keys not read, e.g. {missing[:5]} (fix: re-download or "
+                                   f"re-create the shard)") from e
         if found != want:
             missing = sorted(want - found)
             raise MaterializeError(f"shard {url}: {len(missing)} kept keys not found, e.g. {missing[:5]}")
@@ -246,8 +252,9 @@ def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shar
     """Copy the kept samples' tar members (names, headers and bytes unchanged) into ``out_dir/pruned-000000.tar``,
     ... in manifest order, then check the result with :func:`verify_materialized`.
 
-    Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``);
-    only kept members are held in memory, one sample at a time. A new output shard starts after
+    Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``)
+    up to their last kept sample (a source truncated after it, which the reader accepts, is fine); only kept
+    members are held in memory, one sample at a time. A new output shard starts after
     ``samples_per_shard`` samples, before a sample that would take it past ``max_shard_bytes`` (a single larger
     sample gets its own shard), or when the next sample has the same key as the previous one (samples from
     different shards may share a key; webdataset would merge them). Each shard is written under a temporary name
