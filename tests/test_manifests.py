@@ -261,3 +261,20 @@ def test_manifest_lists_every_pool_shard(tmp_path, select_cfg):
         alone = select_policy(layout.root, "class_balanced", keep_fraction=0.5, keep_dir=tmp_path / "alone")
         assert json.loads((tmp_path / "alone" / "manifest.json").read_text()) == manifest
         assert alone["manifests"]["n_shards"] == 3
+
+
+def test_materialize_never_repeats_a_key_in_an_output_shard(job, tmp_path):
+    """Key 000000 of shard a, then 000001 of a, then 000000 of b: not back to back, yet b's 000000 must go to a new
+    output shard, or pruner's reader would reject it as a duplicate key."""
+    a, b = job["urls"][:2]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({a: ["000000", "000001"], b: ["000000"]}))
+    res = materialize(manifest, tmp_path / "out", samples_per_shard=10)
+    assert res["shards"] == 2 and res["samples"] == 3
+    captions = []
+    for shard in sorted((tmp_path / "out").glob("pruned-*.tar")):
+        samples, rejects = read_shard(str(shard))
+        assert not len(rejects), rejects.records
+        captions += [(s.key, s.caption) for s in samples]
+    assert captions == [("000000", "caption 0 0"), ("000001", "caption 0 1"), ("000000", "caption 1 0")]
+    assert verify_materialized(manifest, tmp_path / "out") == {"shards": 2, "samples": 3}

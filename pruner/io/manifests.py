@@ -254,13 +254,14 @@ def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shar
 
     Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``)
     up to their last kept sample (a source truncated after it, which the reader accepts, is fine); only kept
-    members are held in memory, one sample at a time. A new output shard starts after
-    ``samples_per_shard`` samples, before a sample that would take it past ``max_shard_bytes`` (a single larger
-    sample gets its own shard), or when the next sample has the same key as the previous one (samples from
-    different shards may share a key; webdataset would merge them). Each shard is written under a temporary name
-    and renamed; ``pruned-*.tar`` left from an earlier run beyond the new count are removed. Returns
-    ``{"shards", "samples", "bytes"}``. Raises MaterializeError naming an unreadable source shard, kept keys
-    missing from it, or an output that differs from the manifest.
+    members are held in memory, one sample at a time. A new output shard starts after ``samples_per_shard``
+    samples, before a sample that would take it past ``max_shard_bytes`` (a single larger sample gets its own
+    shard), or before a sample whose key is already in the current output shard (samples from different source
+    shards may share a key; webdataset would merge adjacent ones, pruner's reader rejects a repeat as
+    ``duplicate_key``). Each shard is written under a temporary name and renamed; ``pruned-*.tar`` left from an
+    earlier run beyond the new count are removed. Returns ``{"shards", "samples", "bytes"}``. Raises
+    MaterializeError naming an unreadable source shard, kept keys missing from it, or an output that differs from
+    the manifest.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
@@ -272,15 +273,16 @@ def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shar
     while pending is not None:
         with atomic_path(out_dir / f"pruned-{n_shards:06d}.tar") as tmp:
             with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w") as tar:
-                count, last = 0, None
-                while pending is not None and count < samples_per_shard and pending[0] != last and (
-                        max_shard_bytes is None or count == 0 or fh.tell() + _tar_bytes(pending[1]) <= max_shard_bytes):
+                written: set[str] = set()  # keys in this output shard
+                while pending is not None and len(written) < samples_per_shard and pending[0] not in written and (
+                        max_shard_bytes is None or not written
+                        or fh.tell() + _tar_bytes(pending[1]) <= max_shard_bytes):
                     for info, data in pending[1]:
                         tar.addfile(info, io.BytesIO(data))
-                    last, count = pending[0], count + 1
+                    written.add(pending[0])
                     pending = next(samples, None)
             n_bytes += tmp.stat().st_size
-        n_shards, n_samples = n_shards + 1, n_samples + count
+        n_shards, n_samples = n_shards + 1, n_samples + len(written)
     for p in out_dir.glob("pruned-*.tar"):
         if re.fullmatch(r"pruned-\d+\.tar", p.name) and int(p.name[7:-4]) >= n_shards:
             p.unlink()
