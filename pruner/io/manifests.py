@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import io
 import json
-import posixpath
 import re
 import tarfile
 import zlib
@@ -36,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pruner.io.atomic import atomic_path
+from pruner.io.shards import tar_samples
 from pruner.select.rank import Selection
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
@@ -184,37 +184,19 @@ def kept_keys_filter(manifest_path: str | Path) -> KeptKeys:
     return KeptKeys(_load_manifest(manifest_path))
 
 
-def _split_name(name: str) -> tuple[str | None, str]:
-    """Webdataset (key, lower-cased extension) of a member name, as pruner.io.shards groups samples."""
-    d, base = posixpath.split(name)
-    if "." not in base:
-        return None, ""
-    stem, ext = base.split(".", 1)
-    return (posixpath.join(d, stem) if d else stem), ext.lower()
-
-
 def _samples(tf: tarfile.TarFile, want=None) -> Iterator[tuple[str, list]]:
-    """(key, [(TarInfo, bytes)]) per sample = run of consecutive regular members with one key and no repeated
-    extension, streaming. With ``want``, only the first occurrence of each key in ``want`` (the one the reader
-    scored), and only those members' bytes are read."""
-    key, group, exts, take, taken = None, [], set(), False, set()
-    for m in tf:
-        k, ext = _split_name(m.name) if m.isfile() else (None, "")
-        if k is None:
-            continue
-        if k != key or ext in exts:
-            if take:
-                yield key, group
-            key, group, exts = k, [], set()
-            take = want is None or (k in want and k not in taken)
-            if take:
-                taken.add(k)
-        exts.add(ext)
-        if take:
-            group.append((m, tf.extractfile(m).read()))
-        tf.members = []  # stream mode would keep every TarInfo
-    if take:
-        yield key, group
+    """(key, [(TarInfo, bytes)]) per sample, grouped as pruner.io.shards reads them (:func:`tar_samples`),
+    streaming. With ``want``, only the first occurrence of each key in ``want`` (the one the reader scored), and
+    only those members' bytes are read."""
+    taken: set[str] = set()
+
+    def take(key: str, ext: str = "") -> bool:
+        return want is None or (key in want and key not in taken)
+
+    for key, parts in tar_samples(tf, take):
+        if take(key):
+            taken.add(key)
+            yield key, list(parts.values())
 
 
 def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
