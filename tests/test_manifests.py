@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -12,12 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
+from corpus import make_bad_corpus, sample, variant, write_shard
 from PIL import Image
 
+from pruner.config import load_config
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import (UID_DTYPE, MaterializeError, kept_keys_filter, load_uid_npy, materialize,
                                  uid_to_u128, verify_materialized, write_manifests)
+from pruner.io.shards import read_shard
+from pruner.select.policies import select_policy
 from pruner.select.rank import select, shard_score_files
+from pruner.select.reduce import finalize
 
 PER_SHARD = 12
 
@@ -181,6 +188,24 @@ def test_materialize_fails_loudly_on_bad_sources(job, tmp_path):
         materialize(manifest, tmp_path / "out")
 
 
+@pytest.mark.parametrize("case", ["truncated_tar", "truncated_tgz"])
+def test_materialize_stops_at_the_last_kept_sample(tmp_path, case):
+    """A shard cut inside t-002 (which the reader accepts up to t-001) is copied when only samples before the cut
+    are kept; a kept sample at or after the cut is a MaterializeError naming the shard and the missing keys."""
+    url = str(make_bad_corpus(tmp_path / "bad")[case])
+    accepted, rejects = read_shard(url)
+    assert [s.key for s in accepted] == ["t-000", "t-001"] and rejects.counts() == {"truncated_tar": 1}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({url: ["t-000", "t-001"]}))
+    assert materialize(manifest, tmp_path / "out")["samples"] == 2
+    back, rejects = read_shard(str(tmp_path / "out" / "pruned-000000.tar"))
+    assert [(s.key, s.caption) for s in back] == [(s.key, s.caption) for s in accepted] and not len(rejects)
+    for wanted, missing in ((["t-001", "t-003"], "t-003"), (["t-000", "t-002"], "t-002")):
+        manifest.write_text(json.dumps({url: wanted}))
+        with pytest.raises(MaterializeError, match=rf"{re.escape(url)}.*1 kept keys not read.*'{missing}'"):
+            materialize(manifest, tmp_path / "out2")
+
+
 def test_materialize_separates_equal_keys_from_different_shards(job, tmp_path):
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({url: ["000003"] for url in job["urls"]}))
@@ -188,3 +213,68 @@ def test_materialize_separates_equal_keys_from_different_shards(job, tmp_path):
     assert res == {"shards": 3, "samples": 3, "bytes": res["bytes"]}  # same key back to back: new shard each time
     got = [s["txt"] for s in wds.WebDataset(sorted(map(str, (tmp_path / "out").glob("*.tar"))), shardshuffle=False)]
     assert got == [b"caption 0 3", b"caption 1 3", b"caption 2 3"]
+
+
+def _scored_job(root) -> tuple[JobLayout, list[str]]:
+    """A job directory as the scoring step leaves it, on a pool of 3 real shards read by pruner's reader: a.tar
+    (4 samples, 2 classes), b.tar (3 samples, all rejected for an empty caption, so an empty score file that names
+    no URL) and c.tar (2 samples). Score files hold uid, key, shard_url, row and a score; config.yaml the pool."""
+    pool = [str(write_shard(root / "pool" / "a.tar", [variant(sample(f"a-{i}"), json={"classname": "xy"[i % 2]})
+                                                      for i in range(4)])),
+            str(write_shard(root / "pool" / "b.tar", [sample(f"b-{i}", caption=" ") for i in range(3)])),
+            str(write_shard(root / "pool" / "c.tar", [variant(sample(f"c-{i}"), json={"classname": "x"})
+                                                      for i in range(2)]))]
+    layout = JobLayout(root / "job")
+    layout.shards_dir.mkdir(parents=True)
+    for url in pool:
+        samples, rejects = read_shard(url)
+        t = pa.table({"uid": pa.array([x.uid for x in samples], pa.string()),
+                      "key": pa.array([x.key for x in samples], pa.string()),
+                      "shard_url": pa.array([url] * len(samples), pa.string()),
+                      "row": pa.array(range(len(samples)), pa.int32())})
+        if samples:  # the scorer writes no score column for a shard without samples
+            t = t.append_column("diffin_target", pa.array([float(i) for i in range(len(samples))]))
+        pq.write_table(t, layout.scores(url))
+        rejects.write(layout.rejects(url))
+    cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
+                            "trajectory": {"checkpoints": ["c.pt"]}}, check_paths=False)
+    layout.config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return layout, pool
+
+
+@pytest.mark.parametrize("select_cfg", [{"keep_fraction": 0.5}, {"keep_fraction": 0.5, "policy": "class_balanced"}])
+def test_manifest_lists_every_pool_shard(tmp_path, select_cfg):
+    """A shard whose samples were all rejected is in the manifest with no key (whichever policy selects), so the
+    webdataset filter streams the whole original pool."""
+    layout, pool = _scored_job(tmp_path)
+    cfg = load_config(layout.config, [f"select.{k}={v}" for k, v in select_cfg.items()], check_paths=False)
+    summary = finalize(cfg, layout, pool, {})
+    manifest = json.loads((layout.keep_dir / "manifest.json").read_text())
+    assert sorted(manifest) == sorted(pool) and manifest[pool[1]] == []
+    assert summary["manifests"]["n_shards"] == 3 and summary["counts"]["rejected"] == 3
+    kept = sorted(k for keys in manifest.values() for k in keys)
+    assert len(kept) == summary["counts"]["kept"] == 3
+    ds = wds.WebDataset(pool, shardshuffle=False).select(kept_keys_filter(layout.keep_dir / "manifest.json"))
+    assert sorted(s["__key__"] for s in ds) == kept
+    assert materialize(layout.keep_dir / "manifest.json", tmp_path / "out")["samples"] == 3
+    if cfg.select.uses_policy:  # the same set written by the policy outside the job (pool from config.yaml)
+        alone = select_policy(layout.root, "class_balanced", keep_fraction=0.5, keep_dir=tmp_path / "alone")
+        assert json.loads((tmp_path / "alone" / "manifest.json").read_text()) == manifest
+        assert alone["manifests"]["n_shards"] == 3
+
+
+def test_materialize_never_repeats_a_key_in_an_output_shard(job, tmp_path):
+    """Key 000000 of shard a, then 000001 of a, then 000000 of b: not back to back, yet b's 000000 must go to a new
+    output shard, or pruner's reader would reject it as a duplicate key."""
+    a, b = job["urls"][:2]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({a: ["000000", "000001"], b: ["000000"]}))
+    res = materialize(manifest, tmp_path / "out", samples_per_shard=10)
+    assert res["shards"] == 2 and res["samples"] == 3
+    captions = []
+    for shard in sorted((tmp_path / "out").glob("pruned-*.tar")):
+        samples, rejects = read_shard(str(shard))
+        assert not len(rejects), rejects.records
+        captions += [(s.key, s.caption) for s in samples]
+    assert captions == [("000000", "caption 0 0"), ("000001", "caption 0 1"), ("000000", "caption 1 0")]
+    assert verify_materialized(manifest, tmp_path / "out") == {"shards": 2, "samples": 3}

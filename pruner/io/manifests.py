@@ -3,8 +3,10 @@ and a materialized pruned WebDataset. No torch/ray/webdataset import (webdataset
 
 Files (``JobLayout.keep_dir``), all written atomically (temporary name, then rename) by :func:`write_manifests`:
 
-* ``manifest.json``: ``{shard URL: sorted kept keys}``, one entry per shard with at least one scored sample (an
-  empty list when none is kept). URLs are the ``shard_url`` column, i.e. spelled as the scoring reader saw them.
+* ``manifest.json``: ``{shard URL: sorted kept keys}``, one entry per shard of the pool (an empty list when none is
+  kept, also for a shard without any scored sample, e.g. one whose samples were all rejected), so that
+  :func:`kept_keys_filter` accepts every shard of the pool. URLs are the ``shard_url`` column, i.e. spelled as the
+  scoring reader saw them, then the pool's other shards as given.
 * ``uids.npy``: DataComp subset file, a 1-D numpy array of dtype ``np.dtype("u8,u8")`` (fields ``f0``, ``f1``),
   sorted ascending and unique, as ``resharder.py`` of mlfoundations/datacomp loads it (``load_subset`` asserts
   that dtype; lookups use ``np.searchsorted``). A 32-hex-digit uid ``h`` is ``(int(h[:16], 16), int(h[16:32], 16))``.
@@ -19,7 +21,6 @@ import contextlib
 import hashlib
 import io
 import json
-import posixpath
 import re
 import tarfile
 import zlib
@@ -34,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pruner.io.atomic import atomic_path
+from pruner.io.shards import tar_samples
 from pruner.select.rank import Selection
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
@@ -77,10 +79,12 @@ def _fallback_path(npy_path: Path) -> Path:
     return npy_path.with_suffix(".fallback.parquet")
 
 
-def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path) -> dict:
+def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path,
+                    pool: Iterable[str] = ()) -> dict:
     """Write manifest.json, uids.npy (+ uids.fallback.parquet) and keep.parquet under ``keep_dir`` from the score
     files the selection was made on. Each file is written atomically, and none is replaced unless all four were
-    written (they are renamed into place together at the end).
+    written (they are renamed into place together at the end). ``pool``: the job's shard URLs; those no score
+    file holds a sample of (a score file without rows names no URL) are listed in the manifest with no key.
 
     Each score file must hold one shard (one ``shard_url``), each shard in one file. Memory: one score file +
     16 bytes per kept sample (the uid array) + the fallback uid strings. Returns
@@ -98,6 +102,11 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
         manifest = stack.enter_context(open(tmp["manifest.json"], "w"))
         table = stack.enter_context(pq.ParquetWriter(tmp["keep.parquet"], KEEP_SCHEMA))
         manifest.write("{")
+
+        def entry(url: str, keys: list[str]) -> None:
+            manifest.write(f"{',' if urls else ''}\n{json.dumps(url)}: {json.dumps(keys)}")
+            urls.add(url)
+
         for f in sorted(Path(f) for f in shard_files):
             t = pq.read_table(f, columns=["uid", "key", "shard_url", selection.score])
             found = pc.unique(t["shard_url"]).to_pylist()
@@ -108,12 +117,13 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
                 continue
             kept = t.filter(pa.array(selection.is_kept(t[selection.score].to_numpy(), t["uid"])))
             table.write_table(kept.select(KEEP_SCHEMA.names).cast(KEEP_SCHEMA))
-            keys = sorted(kept["key"].to_pylist())
-            manifest.write(f"{',' if urls else ''}\n{json.dumps(found[0])}: {json.dumps(keys)}")
-            urls.add(found[0])
+            entry(found[0], sorted(kept["key"].to_pylist()))
             v, canonical = uid_to_u128(kept["uid"])
             values.append(v)
             fallback += list(zip(kept["uid"].filter(pa.array(~canonical)).to_pylist(), u128_to_hex(v[~canonical])))
+        for url in pool:
+            if url not in urls:
+                entry(url, [])
         manifest.write("\n}\n")
         uids = np.sort(np.concatenate(values)) if values else np.zeros(0, UID_DTYPE)
         if len(uids) != selection.n_keep:
@@ -174,42 +184,25 @@ def kept_keys_filter(manifest_path: str | Path) -> KeptKeys:
     return KeptKeys(_load_manifest(manifest_path))
 
 
-def _split_name(name: str) -> tuple[str | None, str]:
-    """Webdataset (key, lower-cased extension) of a member name, as pruner.io.shards groups samples."""
-    d, base = posixpath.split(name)
-    if "." not in base:
-        return None, ""
-    stem, ext = base.split(".", 1)
-    return (posixpath.join(d, stem) if d else stem), ext.lower()
-
-
 def _samples(tf: tarfile.TarFile, want=None) -> Iterator[tuple[str, list]]:
-    """(key, [(TarInfo, bytes)]) per sample = run of consecutive regular members with one key and no repeated
-    extension, streaming. With ``want``, only the first occurrence of each key in ``want`` (the one the reader
-    scored), and only those members' bytes are read."""
-    key, group, exts, take, taken = None, [], set(), False, set()
-    for m in tf:
-        k, ext = _split_name(m.name) if m.isfile() else (None, "")
-        if k is None:
-            continue
-        if k != key or ext in exts:
-            if take:
-                yield key, group
-            key, group, exts = k, [], set()
-            take = want is None or (k in want and k not in taken)
-            if take:
-                taken.add(k)
-        exts.add(ext)
-        if take:
-            group.append((m, tf.extractfile(m).read()))
-        tf.members = []  # stream mode would keep every TarInfo
-    if take:
-        yield key, group
+    """(key, [(TarInfo, bytes)]) per sample, grouped as pruner.io.shards reads them (:func:`tar_samples`),
+    streaming. With ``want``, only the first occurrence of each key in ``want`` (the one the reader scored), and
+    only those members' bytes are read."""
+    taken: set[str] = set()
+
+    def take(key: str, ext: str = "") -> bool:
+        return want is None or (key in want and key not in taken)
+
+    for key, parts in tar_samples(tf, take):
+        if take(key):
+            taken.add(key)
+            yield key, list(parts.values())
 
 
 def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
-    """The kept samples of every shard with kept keys, in manifest then tar order; raises MaterializeError
-    naming a shard that cannot be read or lacks kept keys."""
+    """The kept samples of every shard with kept keys, in manifest then tar order. A shard is read only up to its
+    last kept sample, so one the reader accepted as truncated after it is copied. Raises MaterializeError naming a
+    shard that cannot be read (or is cut) before all its kept keys were found, and the keys missing."""
     for url, keys in manifest.items():
         if not keys:
             continue
@@ -219,8 +212,13 @@ def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
                 for key, members in _samples(tf, want):
                     found.add(key)
                     yield key, members
+                    if found == want:
+                        break
         except _READ_ERRORS as e:
-            raise MaterializeError(f"cannot read shard {url} listed in the manifest ({type(e).__name__}: {e})") from e
+            missing = sorted(want - found)
+            raise MaterializeError(f"cannot read shard {url} listed in the manifest ({type(e).__name__}: {e}); "
+                                   f"{len(missing)} kept keys not read, e.g. {missing[:5]} (fix: re-download or "
+                                   f"re-create the shard)") from e
         if found != want:
             missing = sorted(want - found)
             raise MaterializeError(f"shard {url}: {len(missing)} kept keys not found, e.g. {missing[:5]}")
@@ -236,14 +234,16 @@ def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shar
     """Copy the kept samples' tar members (names, headers and bytes unchanged) into ``out_dir/pruned-000000.tar``,
     ... in manifest order, then check the result with :func:`verify_materialized`.
 
-    Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``);
-    only kept members are held in memory, one sample at a time. A new output shard starts after
-    ``samples_per_shard`` samples, before a sample that would take it past ``max_shard_bytes`` (a single larger
-    sample gets its own shard), or when the next sample has the same key as the previous one (samples from
-    different shards may share a key; webdataset would merge them). Each shard is written under a temporary name
-    and renamed; ``pruned-*.tar`` left from an earlier run beyond the new count are removed. Returns
-    ``{"shards", "samples", "bytes"}``. Raises MaterializeError naming an unreadable source shard, kept keys
-    missing from it, or an output that differs from the manifest.
+    Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``)
+    up to their last kept sample (a source truncated after it, which the reader accepts, is fine); only kept
+    members are held in memory, one sample at a time. A new output shard starts after ``samples_per_shard``
+    samples, before a sample that would take it past ``max_shard_bytes`` (a single larger sample gets its own
+    shard), or before a sample whose key is already in the current output shard (samples from different source
+    shards may share a key; webdataset would merge adjacent ones, pruner's reader rejects a repeat as
+    ``duplicate_key``). Each shard is written under a temporary name and renamed; ``pruned-*.tar`` left from an
+    earlier run beyond the new count are removed. Returns ``{"shards", "samples", "bytes"}``. Raises
+    MaterializeError naming an unreadable source shard, kept keys missing from it, or an output that differs from
+    the manifest.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
@@ -255,15 +255,16 @@ def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shar
     while pending is not None:
         with atomic_path(out_dir / f"pruned-{n_shards:06d}.tar") as tmp:
             with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w") as tar:
-                count, last = 0, None
-                while pending is not None and count < samples_per_shard and pending[0] != last and (
-                        max_shard_bytes is None or count == 0 or fh.tell() + _tar_bytes(pending[1]) <= max_shard_bytes):
+                written: set[str] = set()  # keys in this output shard
+                while pending is not None and len(written) < samples_per_shard and pending[0] not in written and (
+                        max_shard_bytes is None or not written
+                        or fh.tell() + _tar_bytes(pending[1]) <= max_shard_bytes):
                     for info, data in pending[1]:
                         tar.addfile(info, io.BytesIO(data))
-                    last, count = pending[0], count + 1
+                    written.add(pending[0])
                     pending = next(samples, None)
             n_bytes += tmp.stat().st_size
-        n_shards, n_samples = n_shards + 1, n_samples + count
+        n_shards, n_samples = n_shards + 1, n_samples + len(written)
     for p in out_dir.glob("pruned-*.tar"):
         if re.fullmatch(r"pruned-\d+\.tar", p.name) and int(p.name[7:-4]) >= n_shards:
             p.unlink()

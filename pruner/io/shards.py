@@ -23,7 +23,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -225,28 +225,45 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
-def _groups(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tuple[str, bytes | None]]]]:
-    """Yield (key, {extension: (member name, bytes)}) per run of consecutive members sharing a key.
-
-    A repeated extension starts a new run (same key twice in a row). Bytes are read only for the extensions the
-    reader uses (None otherwise). Raises :class:`_Corrupt` (with the key of the run being assembled, which is
-    dropped because it may be incomplete) when the archive is truncated or corrupt.
-    """
+def tar_samples(tf: tarfile.TarFile, read: Callable[[str, str], bool]
+                ) -> Iterator[tuple[str, dict[str, tuple[tarfile.TarInfo, bytes | None]]]]:
+    """Yield (key, {extension: (member, bytes or None)}) per sample of a tar opened in stream mode (``r|*``): a run
+    of consecutive regular members sharing a key (module docstring); a repeated extension starts a new run (same key
+    twice in a row). ``read(key, extension)`` is asked for each member, after the run before it was yielded, and
+    says whether to read its bytes. Keeps no TarInfo beyond the current run. Errors of the archive or byte stream
+    (tarfile.ReadError, EOFError, zlib.error, OSError) propagate."""
     key, parts = None, {}
-    try:
-        for m in tf:
-            k, ext = _split_name(m.name) if m.isfile() else (None, "")
-            if k is None:
-                continue
-            if parts and (k != key or ext in parts):
-                yield key, parts
-                parts = {}
-            key = k
-            parts[ext] = (m.name, tf.extractfile(m).read() if ext in _USED_EXTENSIONS else None)
-    except Exception as e:  # tarfile.ReadError, EOFError, zlib/OSError from the byte stream
-        raise _Corrupt(key, e) from e
+    for m in tf:
+        tf.members = []  # stream mode would keep every TarInfo
+        k, ext = _split_name(m.name) if m.isfile() else (None, "")
+        if k is None:
+            continue
+        if parts and (k != key or ext in parts):
+            yield key, parts
+            parts = {}
+        key = k
+        parts[ext] = (m, tf.extractfile(m).read() if read(k, ext) else None)
     if parts:
         yield key, parts
+
+
+def _groups(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tuple[str, bytes | None]]]]:
+    """Yield (key, {extension: (member name, bytes | None)}) per sample (:func:`tar_samples`). Bytes are read only
+    for the extensions the reader uses (None otherwise). Raises :class:`_Corrupt` (with the key of the run being
+    assembled, which is dropped because it may be incomplete) when the archive is truncated or corrupt.
+    """
+    assembling = None  # key of the last member seen, i.e. of the run not yet yielded
+
+    def read(key: str, ext: str) -> bool:
+        nonlocal assembling
+        assembling = key
+        return ext in _USED_EXTENSIONS
+
+    try:
+        for key, parts in tar_samples(tf, read):
+            yield key, {ext: (m.name, data) for ext, (m, data) in parts.items()}
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib/OSError from the byte stream
+        raise _Corrupt(assembling, e) from e
 
 
 def printable(name: str) -> str:

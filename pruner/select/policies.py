@@ -41,9 +41,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pruner.config import load_job_config
 from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
+from pruner.io.shards import expand_shard_specs
 from pruner.select.rank import NAN_KEY, Selection, _keep_size, _check_files, order_key, shard_score_files
 
 POLICIES = ("top_k", "cluster_balanced", "class_balanced")
@@ -158,10 +160,12 @@ def greedy_dedup(vectors, order: np.ndarray, threshold: float, stop_after: Optio
 
 # -- the keep-set adapter for write_manifests ------------------------------------------------------------------
 
-def write_keep_set(score_files: Sequence[Path], keep: np.ndarray, keep_dir: str | Path) -> dict:
+def write_keep_set(score_files: Sequence[Path], keep: np.ndarray, keep_dir: str | Path,
+                   pool: Sequence[str] = ()) -> dict:
     """Write an arbitrary keep set (bool [n] over the samples of ``score_files``, sorted, in row order) with
-    :func:`write_manifests`. Adapter: one temporary file per shard holding uid, key, shard_url and a 0/1 column, and
-    the threshold Selection ``column >= 1``. Temporary files live beside ``keep_dir`` and are removed afterwards."""
+    :func:`write_manifests` (``pool``: shard URLs to list even without a scored sample). Adapter: one temporary
+    file per shard holding uid, key, shard_url and a 0/1 column, and the threshold Selection ``column >= 1``.
+    Temporary files live beside ``keep_dir`` and are removed afterwards."""
     files = sorted(Path(f) for f in score_files)
     keep_dir = Path(keep_dir)
     keep_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -179,12 +183,20 @@ def write_keep_set(score_files: Sequence[Path], keep: np.ndarray, keep_dir: str 
             raise ValueError(f"keep mask has {len(keep)} entries, the score files {off} rows")
         n_keep = int(keep.sum())
         sel = Selection(KEEP_COLUMN, 1.0 if n_keep else float("nan"), None, off, n_keep, 0)
-        return write_manifests(staged, sel, keep_dir)
+        return write_manifests(staged, sel, keep_dir, pool)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- policies on a job directory -------------------------------------------------------------------------------
+
+def job_pool(job_dir: str | Path) -> list[str]:
+    """The shard URLs of a job directory: those its ``config.yaml`` (``data.shards``) expands to that have a score
+    file, i.e. the pool as the job scored it (an empty score file names no URL)."""
+    layout = JobLayout(Path(job_dir))
+    data = load_job_config(layout.config).data
+    return [u for u in expand_shard_specs(data.shards, data.allow_pipe) if layout.scores(u).exists()]
+
 
 def _score_columns(files: Sequence[Path], score: str) -> tuple[pa.Array, np.ndarray]:
     """(uid [n] string, order key [n] uint64) over the files, in id order."""
@@ -267,11 +279,13 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
                   dedup_threshold: Optional[float] = None, dedup_space: str = "gradient",
                   n_clusters: int = 100, label_key: str = "classname", seed: int = 0,
                   keep_dir: Optional[str | Path] = None, write: bool = True,
-                  score_files: Optional[list[Path]] = None) -> dict:
+                  score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None) -> dict:
     """Apply a policy to a finished job (module docstring) and, with ``write``, write its keep set into
     ``keep_dir`` (default ``<job>/keep``) with policy.json. Returns the policy summary (``"keep"``: bool [n] in id
-    order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, when the
-    caller has already listed them (the reduce step); by default listed here from ``<job>/shards``."""
+    order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, and
+    ``pool``: its shard URLs (all listed in the manifest), when the caller has already listed them (the reduce
+    step); by default listed here from ``<job>/shards`` and, for ``pool``, from the job's ``config.yaml``
+    (:func:`job_pool`)."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: one of {POLICIES}")
     if (keep_fraction is None) == (keep_count is None):
@@ -348,17 +362,17 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     }
     if write:
         keep_dir = Path(keep_dir) if keep_dir is not None else JobLayout(root).keep_dir
-        summary["manifests"] = write_keep_set(files, keep, keep_dir)
+        summary["manifests"] = write_keep_set(files, keep, keep_dir, job_pool(root) if pool is None else pool)
         write_json_atomic(keep_dir / "policy.json", summary)
     summary["keep"] = keep
     return summary
 
 
 def apply_select_config(job_dir: str | Path, cfg, seed: int = 0, keep_dir: Optional[str | Path] = None,
-                        score_files: Optional[list[Path]] = None) -> dict:
+                        score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None) -> dict:
     """:func:`select_policy` driven by a :class:`pruner.config.SelectConfig` ``cfg`` (the job's reduce step)."""
     if cfg.threshold is not None:  # the config refuses it with a policy or dedup; plain top-k has no business here
         raise ValueError("select.threshold cannot be combined with a balanced policy or dedup (fix: keep_fraction)")
     return select_policy(job_dir, cfg.policy, cfg.score, keep_fraction=cfg.keep_fraction, keep_count=cfg.keep_count,
                          dedup_threshold=cfg.dedup_threshold, dedup_space=cfg.dedup_space, n_clusters=cfg.n_clusters,
-                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir, score_files=score_files)
+                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir, score_files=score_files, pool=pool)

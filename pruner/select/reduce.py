@@ -58,7 +58,8 @@ def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
 
 
 def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict) -> dict:
-    """Rank, select, write ranking/manifests/summary. Requires every shard of the pool to be scored.
+    """Rank, select, write ranking/manifests/summary. Requires every shard of the pool to be scored; the manifest
+    lists every shard of the pool, those without a scored sample with no key.
 
     ``select.policy: top_k`` without dedup: the exact global top-k (:func:`select`), ``summary["selection"]`` its
     cut-off. Otherwise the keep set is :func:`apply_select_config`'s (it writes the manifests and
@@ -73,7 +74,7 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     s = cfg.select
     policy = None
     if s.uses_policy:
-        policy, n_total, n_keep = _apply_policy(cfg, layout, files, nonempty)
+        policy, n_total, n_keep = _apply_policy(cfg, layout, pool, files, nonempty)
         write_ranking(sorted(nonempty), s.score, layout.ranking, policy.pop("keep"))
         manifests = policy.pop("manifests")
         selection = None
@@ -81,7 +82,7 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
         sel = select(nonempty, s.score, keep_fraction=s.keep_fraction, keep_count=s.keep_count,
                      threshold=s.threshold)
         write_ranking(nonempty, s.score, layout.ranking, sel)
-        manifests = write_manifests(nonempty, sel, layout.keep_dir)
+        manifests = write_manifests(nonempty, sel, layout.keep_dir, pool)
         selection, n_total, n_keep = sel.as_dict(), sel.n_total, sel.n_keep
     rejects = RejectLog()
     for u in pool:
@@ -104,7 +105,7 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     return summary
 
 
-def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path],
+def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
                   nonempty: list[Path]) -> tuple[dict, int, int]:
     """(policy summary with its bool [n] "keep" in sorted score-file order, n_total, n_keep). Policies read the
     whole job directory (score files, stored features, clusters), so it must hold exactly the pool's shards
@@ -115,7 +116,7 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool_files: list[Path],
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
                            f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
-    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty)
+    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty, pool=pool)
     return policy, policy["n_total"], policy["n_keep"]
 
 
