@@ -243,9 +243,11 @@ class JobConfig(_Section):
         return self
 
     def fingerprint(self) -> str:
-        """Stable hash of everything that changes results (not output_dir, ray settings, or job name)."""
+        """Stable hash of everything that changes the scores: not output_dir, ray settings, the job name, or
+        ``select`` (the selection is re-derived from the stored score tables, so a job re-run with other select
+        settings reuses its job directory and only re-selects)."""
         d = self.model_dump(mode="json")
-        for k in ("output_dir", "ray", "name"):
+        for k in ("output_dir", "ray", "name", "select"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -264,7 +264,8 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
 def test_fingerprint_ignores_operational_keys(tmp_path):
     path = _write(tmp_path, _base(tmp_path))
     a = load_config(path)
-    b = load_config(path, ["ray.num_actors=1", "output_dir=/elsewhere", "name=other"])
+    b = load_config(path, ["ray.num_actors=1", "output_dir=/elsewhere", "name=other", "select.keep_fraction=0.3",
+                           "select.policy=class_balanced"])  # select is re-derived from the stored scores
     c = load_config(path, ["features.k=512"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 

@@ -572,12 +572,51 @@ def test_config_change_new_directory_same_config_nothing_recomputed(reference, m
     assert status == 0 and summary["counts"]["samples"] == N_SHARDS * PER_SHARD
     assert mtimes(root) == before  # nothing written, let alone recomputed
 
-    for override in ("ray.num_actors=1", "ray.max_retries=5", "ray.cpus_per_actor=2"):  # not part of the results
+    # not part of the scores: ray settings, and select (re-derived from the stored scores: see the next test)
+    for override in ("ray.num_actors=1", "ray.max_retries=5", "ray.cpus_per_actor=2", "select.keep_fraction=0.3",
+                     "select.score=tracin_target", "select.policy=class_balanced"):
         assert prepare(load_config(reference.cfg_path, [override]))[0].root == root
     changed = {}
-    for override in ("select.keep_fraction=0.3", "features.k=64", "seed=1", "scores.diffin.fd_eps=0.02"):
+    for override in ("features.k=64", "seed=1", "scores.diffin.fd_eps=0.02", "target.max_samples=32"):
         new_root = prepare(load_config(reference.cfg_path, [override]))[0].root
         assert new_root != root and new_root.parent == root.parent
         assert not list(new_root.glob("shards/*.parquet"))  # a fresh job: nothing reused
         changed[override] = new_root.name
     assert len(set(changed.values())) == len(changed)
+
+
+def test_select_change_reselects_without_scoring(connected, reference, micro_trajectory, pool, tmp_path, capsys):
+    """A re-run with only select.* changed reuses the job directory, scores nothing and re-selects from the stored
+    score tables; config.yaml and summary.json hold the settings applied. Back to the first settings, the ranking and
+    keep set are the reference's again (a policy's keep/policy.json is not left behind)."""
+    from pruner.jobs.prune import run
+    cfg_path = write_config(tmp_path, micro_trajectory, [pool])  # the reference's config, in another output_dir
+    root = job_dir(cfg_path)
+    assert root.name == reference.root.name
+    shutil.copytree(reference.root, root, dirs_exist_ok=True)
+    scored = {k: v for k, v in mtimes(root).items() if k.startswith(("shards/", "shared/"))}
+
+    status, summary = run(load_config(cfg_path, ["select.keep_fraction=0.3"]))
+    assert status == 0 and "every shard is already scored" in capsys.readouterr().out
+    assert summary["select"]["keep_fraction"] == 0.3 and summary["counts"]["kept"] == 96  # floor(0.3 x 320)
+    assert yaml.safe_load((root / "config.yaml").read_text())["select"]["keep_fraction"] == 0.3
+    ranking = pq.read_table(root / "ranking.parquet")
+    assert sum(ranking["kept"].to_pylist()) == 96 and len(load_uid_npy(root / "keep" / "uids.npy")) == 96
+    ref = pq.read_table(reference.root / "ranking.parquet")
+    assert ranking.drop(["kept"]).equals(ref.drop(["kept"]))  # the same scores and order, another cut
+    before = mtimes(root)
+    status, _ = run(load_config(cfg_path, ["select.keep_fraction=0.3"]))
+    assert status == 0 and "job already complete, nothing recomputed" in capsys.readouterr().out
+    assert mtimes(root) == before
+
+    status, summary = run(load_config(cfg_path, ["select.policy=class_balanced"]))
+    assert status == 0 and summary["policy"]["policy"] == "class_balanced" and summary["counts"]["kept"] == 160
+    assert (root / "keep" / "policy.json").exists()
+    status, summary = run(load_config(cfg_path))
+    assert status == 0 and not (root / "keep" / "policy.json").exists()
+    assert_same_ranking(root, reference.root)
+    for name in ("manifest.json", "uids.npy"):
+        assert (root / "keep" / name).read_bytes() == (reference.root / "keep" / name).read_bytes()
+    assert yaml.safe_load((root / "config.yaml").read_text())["select"] == summary["select"] == \
+        load_config(reference.cfg_path).select.model_dump(mode="json")
+    assert {k: v for k, v in mtimes(root).items() if k in scored} == scored  # nothing was scored again

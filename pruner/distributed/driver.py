@@ -65,10 +65,11 @@ def _file_digest(path: str) -> str:
 
 
 def job_id(cfg: JobConfig, target: list[str], traj: Trajectory, digests: list[str]) -> str:
-    """16 hex digits from the config fingerprint (which holds the pool's shard *specs*), the target shard list
-    and the checkpoint file contents (``digests``, sha256 per checkpoint). The expanded pool list is deliberately
-    left out: when a folder or glob of the lake gains shards, re-running the same config reuses the job directory
-    and scores only the new shards (incremental re-scoring; see pruner.rescore)."""
+    """16 hex digits from the config fingerprint (which holds the pool's shard *specs*, and not ``select``), the
+    target shard list and the checkpoint file contents (``digests``, sha256 per checkpoint). The expanded pool list
+    is deliberately left out: when a folder or glob of the lake gains shards, re-running the same config reuses the
+    job directory and scores only the new shards (incremental re-scoring; see pruner.rescore). So are the select
+    settings: a re-run with other ones reuses the directory and only re-selects (pruner.jobs.prune.run)."""
     h = hashlib.sha256()
     h.update(cfg.fingerprint().encode())
     h.update(json.dumps(target).encode())
@@ -143,6 +144,13 @@ def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects,
         pq.write_table(table, tmp)
 
 
+def write_job_config(layout: JobLayout, cfg: JobConfig) -> None:
+    """``config.yaml``: the resolved config. Written when the job directory is created, and again by the reduce
+    step of every run, so its select settings are the ones the ranking and keep set were made with (they are not
+    part of the job id)."""
+    write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+
+
 def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory]:
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     check_shard_names(pool)
@@ -152,7 +160,7 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj, digests)}")
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     if not layout.config.exists():
-        write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        write_job_config(layout, cfg)
     if not layout.trajectory.exists():  # the audit record of the per-checkpoint weights behind every score
         write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
             {**ck.record(), "sha256": digest, "eta": w.eta, "a_t": w.a_t, "b_t": w.b_t}

@@ -4,7 +4,9 @@ Also used by ``pruner prune``. Exit status: 0 on success, 1 if any shard failed 
 lists them; nothing is selected from a partial pool), 2 for an invalid config.
 
 Idempotent: re-running a finished job (every shard scored and summary.json written, which the reduce step does
-last) starts no Ray instance and recomputes nothing; it prints the existing summary's counts.
+last) starts no Ray instance and recomputes nothing; it prints the existing summary's counts. Re-running it with
+other ``select`` settings (not part of the job id) scores nothing either: it only re-selects from the stored score
+tables, and config.yaml and summary.json then hold the new settings.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pruner.io.layout import JobLayout
 def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
     """Score, then reduce. Returns (exit status, summary-or-stats). ``prior``: a finished job this one extends by
     later checkpoints (pruner.distributed.driver.score_all)."""
-    from pruner.distributed.driver import prepare, score_all
+    from pruner.distributed.driver import prepare, score_all, write_job_config
     from pruner.io.atomic import write_json_atomic
     from pruner.select.reduce import finalize
 
@@ -30,14 +32,20 @@ def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
     summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
     if (stats["shards_skipped"] == stats["shards_total"] and layout.ranking.exists()
             and summary.get("counts", {}).get("shards") == len(pool)):
-        c = summary["counts"]
-        print(f"pruner: job already complete, nothing recomputed: kept {c['kept']} of {c['samples']} samples; "
-              f"summary: {layout.summary}", flush=True)
-        return 0, summary
+        if summary.get("select") == cfg.select.model_dump(mode="json"):
+            c = summary["counts"]
+            print(f"pruner: job already complete, nothing recomputed: kept {c['kept']} of {c['samples']} samples; "
+                  f"summary: {layout.summary}", flush=True)
+            return 0, summary
+        print("pruner: every shard is already scored; selecting again with this run's select settings", flush=True)
     if stats["shards_failed"]:
         write_json_atomic(layout.root / "failed.json", stats)
         print(f"pruner: {len(stats['shards_failed'])} shard(s) failed: {sorted(stats['shards_failed'])}", flush=True)
         return 1, stats
+    # summary.json (written last) is absent while config.yaml, the ranking and keep/ are rewritten, so a run killed
+    # in between is never taken for a finished one with the other select settings
+    layout.summary.unlink(missing_ok=True)
+    write_job_config(layout, cfg)
     summary = finalize(cfg, layout, pool, stats)
     (layout.root / "failed.json").unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
     c = summary["counts"]

@@ -64,7 +64,8 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     ``select.policy: top_k`` without dedup: the exact global top-k (:func:`select`), ``summary["selection"]`` its
     cut-off. Otherwise the keep set is :func:`apply_select_config`'s (it writes the manifests and
     ``keep/policy.json``), the ranking's ``kept`` column is that set, ``summary["selection"]`` is None and
-    ``summary["policy"]`` holds the policy summary (per-group counts, dedup counts)."""
+    ``summary["policy"]`` holds the policy summary (per-group counts, dedup counts). ``summary["select"]``: the
+    select settings applied (a job re-run with other ones re-selects: pruner.jobs.prune.run)."""
     t0 = time.time()
     files = [layout.scores(u) for u in pool]
     missing = [str(f) for f in files if not f.exists()]
@@ -83,13 +84,14 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
                      threshold=s.threshold)
         write_ranking(nonempty, s.score, layout.ranking, sel)
         manifests = write_manifests(nonempty, sel, layout.keep_dir, pool)
+        (layout.keep_dir / "policy.json").unlink(missing_ok=True)  # left by an earlier selection with a policy
         selection, n_total, n_keep = sel.as_dict(), sel.n_total, sel.n_keep
     rejects = RejectLog()
     for u in pool:
         if layout.rejects(u).exists():
             rejects.merge(RejectLog.read(layout.rejects(u)))
     summary = {
-        "job": layout.root.name, "score": s.score, "selection": selection,
+        "job": layout.root.name, "select": s.model_dump(mode="json"), "score": s.score, "selection": selection,
         "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
                    "dropped": n_total - n_keep, "rejected": len(rejects)},
         "rejects_by_reason": rejects.counts(),
