@@ -18,9 +18,11 @@ from PIL import Image, ImageStat
 from scipy.stats import spearmanr
 
 from pruner.config import load_config
+from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards
 from pruner.report.html import _cards, build_report, main, read_extremes, read_sample, spearman
-from tests.conftest import small_job_config
+from pruner.select.reduce import finalize
+from tests.conftest import copy_job, small_job_config
 
 TOP = 6
 BAD = {"bad-nocaption": {"jpg": None, "json": b"{}"},                 # missing_caption
@@ -64,6 +66,21 @@ def finished_job(tmp_path_factory, trajectory: Path) -> Path:
     status, summary = run(load_config(data=cfg))
     assert status == 0
     root = Path(cfg["output_dir"]) / summary["job"]
+    record.write_text(str(root))
+    return root
+
+
+def policy_job(tmp_path_factory, trajectory: Path) -> Path:
+    """A copy of :func:`finished_job` reduced again with ``select.policy: class_balanced`` (summary.json
+    ``selection`` null, the keep set the policy's), built once per test session (also used by
+    tests/test_notebook.py)."""
+    base = tmp_path_factory.getbasetemp() / "policy-job"
+    record = base / "job_dir.txt"
+    if record.exists():
+        return Path(record.read_text())
+    root, cfg, shards = copy_job(finished_job(tmp_path_factory, trajectory), base, ["select.policy=class_balanced"])
+    summary = finalize(cfg, JobLayout(root), shards, {})
+    assert summary["selection"] is None and summary["policy"]["policy"] == "class_balanced"
     record.write_text(str(root))
     return root
 
@@ -132,14 +149,34 @@ def test_rejects_by_reason(report, job):
         assert f'<td class="l">{reason}</td><td>1</td>' in section and f'<td class="l">{key}</td>' in section
 
 
-def test_keep_drop_per_class(report, job):
-    _, doc = report
+def per_class_counts(job: Path) -> dict[str, list[int]]:
+    """{classname: [kept, dropped]} of a job from its ranking's ``kept`` column and the tars' json members
+    (also used by tests/test_notebook.py)."""
     t = pq.read_table(job / "ranking.parquet", columns=["shard_url", "key", "kept"]).to_pylist()
     names = _classnames({r["shard_url"] for r in t})
     expected = {}
     for r in t:
         expected.setdefault(names[(r["shard_url"], r["key"])], [0, 0])[0 if r["kept"] else 1] += 1
     assert len(expected) == 10
+    return expected
+
+
+def test_keep_drop_per_class(report, job):
+    _, doc = report
+    for name, (kept, dropped) in per_class_counts(job).items():
+        assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
+
+
+def test_keep_drop_per_class_of_a_policy_job(tmp_path_factory, micro_trajectory, tmp_path):
+    """A policy job (summary.json ``selection`` null): the split is the policy's keep set, not a top-k cut."""
+    job = policy_job(tmp_path_factory, micro_trajectory)
+    doc = build_report(job, tmp_path / "report.html", top=1).read_text()
+    assert "policy=class_balanced" in doc
+    expected = per_class_counts(job)
+    keep = set(pq.read_table(job / "keep" / "keep.parquet", columns=["uid"])["uid"].to_pylist())
+    assert sum(k for k, _ in expected.values()) == len(keep)
+    # class_balanced keeps half of every class (keep_fraction 0.5, largest remainders), unlike this job's top-k
+    assert all(abs(k - (k + d) / 2) <= 1 for k, d in expected.values())
     for name, (kept, dropped) in expected.items():
         assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
 

@@ -144,6 +144,12 @@ def _kept_by_key(layout: JobLayout, selection: Optional[Selection], score_file: 
     return url, dict(zip(t.column("key").to_pylist(), kept))
 
 
+def job_selection(summary: dict) -> Optional[Selection]:
+    """The job's top-k :class:`Selection` from its summary.json, or None for a policy job (``selection`` is null
+    there; its keep set is ``keep/keep.parquet``): what :func:`class_split` takes."""
+    return Selection(**summary["selection"]) if summary["selection"] else None
+
+
 def _policy_facts(summary: dict) -> dict:
     """The "selection" facts of a policy job: summary["policy"] without the per-group counts and unset fields."""
     return {k: v for k, v in summary["policy"].items() if k != "groups" and v is not None}
@@ -287,8 +293,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
     attach_images(head + tail)
-    selection = Selection(**summary["selection"]) if summary["selection"] else None  # None: a policy job
-    classes = class_split(layout, selection, class_shards)
+    classes = class_split(layout, job_selection(summary), class_shards)
     rejects = read_rejects(layout, 20)
 
     run = summary.get("run", {})
