@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 from pruner.config import load_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards
-from pruner.report.html import _cards, build_report, main, read_extremes, read_sample, spearman
+from pruner.report.html import _cards, attach_images, build_report, main, read_extremes, read_sample, spearman
 from pruner.select.reduce import finalize
 from tests.conftest import copy_job, small_job_config
 
@@ -140,6 +140,33 @@ def test_most_helpful_and_harmful_pairs_with_images(report, job):
     assert [r["key"] for r in best] == re.findall(r'alt="([^"]+)"', helpful)
     assert [r["key"] for r in worst] == re.findall(r'alt="([^"]+)"', harmful)
     assert f"rank {best[0]['rank']} ·" in helpful and f"rank {worst[0]['rank']} ·" in harmful
+
+
+def test_images_of_overlapping_lists_and_a_key_in_two_shards(job, tmp_path):
+    """Rows are matched by (shard URL, key): the same sample in both lists gets its image in each, a key that two
+    shards hold gets each shard's own sample, a pipe: URL is not run."""
+    pool = demo_pool_shards()[0]
+    with tarfile.open(pool, "r:gz") as tf:
+        names = [m.name for m in tf.getmembers()]
+        key, other = names[0].split(".")[0], names[-1].split(".")[0]
+        caption = tf.extractfile(f"{key}.txt").read().decode().strip()
+        twin = {ext: tf.extractfile(f"{other}.{ext}").read() for ext in ("jpg", "txt")}
+    copy = tmp_path / "twin.tar"  # `key` again, with another sample's image and caption
+    with tarfile.open(copy, "w") as out:
+        for ext, data in twin.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    rows = [{"shard_url": u, "key": key} for u in (pool, str(copy), pool, str(copy), f"pipe:cat {copy}")]
+    attach_images(rows, convert=lambda im: im.tobytes())
+    assert [r["caption"] for r in rows[:4]] == [caption, twin["txt"].decode().strip()] * 2
+    assert rows[0]["image"] == rows[2]["image"] != rows[1]["image"] == rows[3]["image"]
+    assert rows[4]["image"] is None and "pipe:" in rows[4]["note"]
+    # the report: more rows shown than half the ranking, so the helpful and harmful lists overlap
+    n = pq.read_metadata(job / "ranking.parquet").num_rows
+    top = n // 2 + 10
+    doc = build_report(job, tmp_path / "report.html", top=top).read_text()
+    assert doc.count('src="data:image/jpeg;base64,') == 2 * top and "not found in its shard" not in doc
 
 
 def test_rejects_by_reason(report, job):
