@@ -54,6 +54,19 @@ def small_job_config(tmp: Path, trajectory: Path, **overrides) -> dict:
     return cfg
 
 
+def copy_job(job_root: Path, dest: Path, overrides: list[str]):
+    """(a copy ``dest/<job name>`` of a finished job's directory without its keep set, explain results and clusters,
+    its config with ``overrides``, the pool's shard URLs): for re-running the reduce step with other settings."""
+    import shutil
+
+    from pruner.config import load_config
+    from pruner.io.shards import expand_shard_specs
+    root = dest / job_root.name
+    shutil.copytree(job_root, root, ignore=shutil.ignore_patterns("keep*", "explain", "clusters.*"))
+    cfg = load_config(root / "config.yaml", overrides, check_paths=False)
+    return root, cfg, expand_shard_specs(cfg.data.shards)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _private_ray_per_module():
     """Jobs run in-process start a private local Ray and keep it for the rest of the process (pruner.distributed.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pruner.report.html import build_report
 from pruner.select.policies import balanced_quotas, greedy_dedup, rank_order, select_policy
 from pruner.select.rank import order_key
 from pruner.select.reduce import finalize
-from tests.conftest import small_job_config
+from tests.conftest import copy_job, small_job_config
 
 N_DUPS = 3
 
@@ -363,20 +362,11 @@ def test_dedup_removes_planted_duplicates(job, pool):
     assert not any(a in kept and b in kept for a, b in pairs)
 
 
-def _job_copy(job_root: Path, tmp_path: Path, overrides: list[str]):
-    """(a copy of the module's job directory, its config with ``overrides``, the pool's shard URLs)."""
-    from pruner.io.shards import expand_shard_specs
-    root = tmp_path / job_root.name
-    shutil.copytree(job_root, root, ignore=shutil.ignore_patterns("keep*", "explain", "clusters.*"))
-    cfg = load_config(root / "config.yaml", overrides, check_paths=False)
-    return root, cfg, expand_shard_specs(cfg.data.shards)
-
-
 @pytest.mark.parametrize("policy,extra", [("cluster_balanced", ["select.n_clusters=4"]),
                                           ("class_balanced", ["select.dedup_threshold=0.9999"])])
 def test_finalize_with_a_policy(job, pool, tmp_path, policy, extra):
     """The job's reduce step with select.policy: manifests, ranking `kept` and summary counts are the policy's."""
-    root, cfg, shards = _job_copy(job[0], tmp_path, [f"select.policy={policy}", "select.keep_fraction=0.4"] + extra)
+    root, cfg, shards = copy_job(job[0], tmp_path, [f"select.policy={policy}", "select.keep_fraction=0.4"] + extra)
     summary = finalize(cfg, JobLayout(root), shards, {})
     ref = select_policy(root, policy, "diffin_target", keep_fraction=0.4, n_clusters=4, seed=cfg.seed,
                         dedup_threshold=cfg.select.dedup_threshold, write=False)
@@ -408,7 +398,7 @@ def test_finalize_with_a_policy(job, pool, tmp_path, policy, extra):
 
 def test_finalize_top_k_unchanged(job, tmp_path):
     """Plain top-k (no policy, no dedup) reproduces the job's own reduce outputs byte for byte."""
-    root, cfg, shards = _job_copy(job[0], tmp_path, [])
+    root, cfg, shards = copy_job(job[0], tmp_path, [])
     summary = finalize(cfg, JobLayout(root), shards, {})
     assert summary["selection"]["n_keep"] == summary["counts"]["kept"] and "policy" not in summary
     for name in ("ranking.parquet", "keep/keep.parquet", "keep/manifest.json", "keep/uids.npy"):

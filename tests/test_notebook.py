@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.test_report import finished_job
+from tests.test_report import finished_job, per_class_counts, policy_job
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_job.ipynb"
 
@@ -61,3 +61,18 @@ def test_default_job_is_the_newest_under_runs_demo_jobs(job, tmp_path, monkeypat
     execute(nb, tmp_path)
     text = "".join(o.get("text", "") for o in outputs(nb))
     assert f"job: {job.resolve()}" in text
+
+
+def test_notebook_runs_on_a_policy_job(tmp_path_factory, micro_trajectory, tmp_path, monkeypatch):
+    """A job reduced with select.policy (summary.json ``selection`` null): every cell runs and the per-class table
+    is the policy's keep set."""
+    job = policy_job(tmp_path_factory, micro_trajectory)
+    monkeypatch.setenv("PRUNER_JOB_DIR", str(job))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    execute(nb, tmp_path)
+    outs = outputs(nb)
+    assert not [o for o in outs if o.output_type == "error"]
+    assert "(class_balanced): kept" in "".join(o.get("text", "") for o in outs if o.output_type == "stream")
+    table = nb.cells[-1].outputs[-1]["data"]["text/plain"].splitlines()  # the per-class DataFrame
+    shown = {line.split()[0]: [int(line.split()[1]), int(line.split()[2])] for line in table[1:]}
+    assert shown == per_class_counts(job)

@@ -18,9 +18,11 @@ from PIL import Image, ImageStat
 from scipy.stats import spearmanr
 
 from pruner.config import load_config
+from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards
-from pruner.report.html import _cards, build_report, main, read_extremes, read_sample, spearman
-from tests.conftest import small_job_config
+from pruner.report.html import _cards, attach_images, build_report, main, read_extremes, read_sample, spearman
+from pruner.select.reduce import finalize
+from tests.conftest import copy_job, small_job_config
 
 TOP = 6
 BAD = {"bad-nocaption": {"jpg": None, "json": b"{}"},                 # missing_caption
@@ -64,6 +66,21 @@ def finished_job(tmp_path_factory, trajectory: Path) -> Path:
     status, summary = run(load_config(data=cfg))
     assert status == 0
     root = Path(cfg["output_dir"]) / summary["job"]
+    record.write_text(str(root))
+    return root
+
+
+def policy_job(tmp_path_factory, trajectory: Path) -> Path:
+    """A copy of :func:`finished_job` reduced again with ``select.policy: class_balanced`` (summary.json
+    ``selection`` null, the keep set the policy's), built once per test session (also used by
+    tests/test_notebook.py)."""
+    base = tmp_path_factory.getbasetemp() / "policy-job"
+    record = base / "job_dir.txt"
+    if record.exists():
+        return Path(record.read_text())
+    root, cfg, shards = copy_job(finished_job(tmp_path_factory, trajectory), base, ["select.policy=class_balanced"])
+    summary = finalize(cfg, JobLayout(root), shards, {})
+    assert summary["selection"] is None and summary["policy"]["policy"] == "class_balanced"
     record.write_text(str(root))
     return root
 
@@ -125,6 +142,33 @@ def test_most_helpful_and_harmful_pairs_with_images(report, job):
     assert f"rank {best[0]['rank']} ·" in helpful and f"rank {worst[0]['rank']} ·" in harmful
 
 
+def test_images_of_overlapping_lists_and_a_key_in_two_shards(job, tmp_path):
+    """Rows are matched by (shard URL, key): the same sample in both lists gets its image in each, a key that two
+    shards hold gets each shard's own sample, a pipe: URL is not run."""
+    pool = demo_pool_shards()[0]
+    with tarfile.open(pool, "r:gz") as tf:
+        names = [m.name for m in tf.getmembers()]
+        key, other = names[0].split(".")[0], names[-1].split(".")[0]
+        caption = tf.extractfile(f"{key}.txt").read().decode().strip()
+        twin = {ext: tf.extractfile(f"{other}.{ext}").read() for ext in ("jpg", "txt")}
+    copy = tmp_path / "twin.tar"  # `key` again, with another sample's image and caption
+    with tarfile.open(copy, "w") as out:
+        for ext, data in twin.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    rows = [{"shard_url": u, "key": key} for u in (pool, str(copy), pool, str(copy), f"pipe:cat {copy}")]
+    attach_images(rows, convert=lambda im: im.tobytes())
+    assert [r["caption"] for r in rows[:4]] == [caption, twin["txt"].decode().strip()] * 2
+    assert rows[0]["image"] == rows[2]["image"] != rows[1]["image"] == rows[3]["image"]
+    assert rows[4]["image"] is None and "pipe:" in rows[4]["note"]
+    # the report: more rows shown than half the ranking, so the helpful and harmful lists overlap
+    n = pq.read_metadata(job / "ranking.parquet").num_rows
+    top = n // 2 + 10
+    doc = build_report(job, tmp_path / "report.html", top=top).read_text()
+    assert doc.count('src="data:image/jpeg;base64,') == 2 * top and "not found in its shard" not in doc
+
+
 def test_rejects_by_reason(report, job):
     _, doc = report
     section = doc.split("<h2>Rejected samples</h2>")[1]
@@ -132,14 +176,34 @@ def test_rejects_by_reason(report, job):
         assert f'<td class="l">{reason}</td><td>1</td>' in section and f'<td class="l">{key}</td>' in section
 
 
-def test_keep_drop_per_class(report, job):
-    _, doc = report
+def per_class_counts(job: Path) -> dict[str, list[int]]:
+    """{classname: [kept, dropped]} of a job from its ranking's ``kept`` column and the tars' json members
+    (also used by tests/test_notebook.py)."""
     t = pq.read_table(job / "ranking.parquet", columns=["shard_url", "key", "kept"]).to_pylist()
     names = _classnames({r["shard_url"] for r in t})
     expected = {}
     for r in t:
         expected.setdefault(names[(r["shard_url"], r["key"])], [0, 0])[0 if r["kept"] else 1] += 1
     assert len(expected) == 10
+    return expected
+
+
+def test_keep_drop_per_class(report, job):
+    _, doc = report
+    for name, (kept, dropped) in per_class_counts(job).items():
+        assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
+
+
+def test_keep_drop_per_class_of_a_policy_job(tmp_path_factory, micro_trajectory, tmp_path):
+    """A policy job (summary.json ``selection`` null): the split is the policy's keep set, not a top-k cut."""
+    job = policy_job(tmp_path_factory, micro_trajectory)
+    doc = build_report(job, tmp_path / "report.html", top=1).read_text()
+    assert "policy=class_balanced" in doc
+    expected = per_class_counts(job)
+    keep = set(pq.read_table(job / "keep" / "keep.parquet", columns=["uid"])["uid"].to_pylist())
+    assert sum(k for k, _ in expected.values()) == len(keep)
+    # class_balanced keeps half of every class (keep_fraction 0.5, largest remainders), unlike this job's top-k
+    assert all(abs(k - (k + d) / 2) <= 1 for k, d in expected.values())
     for name, (kept, dropped) in expected.items():
         assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
 

@@ -10,7 +10,8 @@ Memory is bounded independently of the pool size: the ranking (sorted by rank) i
 only the columns needed; the most helpful/harmful pairs come from its first/last row groups; histograms and
 correlations use a subsample of at most ``max_rows`` rows spread over at most ``max_groups`` evenly spaced row
 groups (exact when the ranking fits); the per-class split reads at most ``class_shards`` evenly spaced shards.
-Images are read back from the shards by key (``pruner.io.shards.iter_shard``; ``pipe:`` URLs are not run).
+Images are read back from the shards by (shard URL, key) (``pruner.io.shards.iter_shard``; ``pipe:`` URLs are
+not run).
 Untrusted text (captions, keys, reject details) is HTML-escaped.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,11 +49,17 @@ th{background:#f2f4f7}td.l,th.l{text-align:left}.note{color:#5b6570;font-size:12
 KEPT_COLOR, DROPPED_COLOR = "#3b8f5a", "#c8553d"
 
 
-def _thumb_uri(image) -> str:
+def thumbnail(image, size: int = 256):
+    """A copy of a PIL image scaled down to fit ``size`` x ``size`` (never up)."""
     im = image.copy()
-    im.thumbnail((256, 256))
+    im.thumbnail((size, size))
+    return im
+
+
+def thumb_uri(image) -> str:
+    """:func:`thumbnail` as a base64 JPEG data URI."""
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=90)
+    thumbnail(image).save(buf, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -106,25 +113,29 @@ def read_extremes(pf: pq.ParquetFile, columns: list[str], score: str, n: int) ->
     return head, tail
 
 
-def attach_images(rows: list[dict]) -> None:
-    """Add ``image`` (data URI or None), ``caption`` and ``note`` (why there is no image) to each row, reading
-    each shard once and only up to the last wanted key."""
-    by_shard = defaultdict(list)
+def attach_images(rows: list[dict], convert: Callable = thumb_uri) -> None:
+    """Add ``image`` (``convert(PIL image)``, default a thumbnail data URI; None when absent), ``caption`` and
+    ``note`` (why there is no image) to each row, reading each shard once and only up to the last wanted key.
+    Rows are matched by (shard_url, key); several rows may name the same sample (the most helpful and most harmful
+    lists overlap when the pool holds fewer than twice the rows shown), each gets it."""
+    by_shard: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         r.update(image=None, caption="", note="not found in its shard")
-        by_shard[r["shard_url"]].append(r)
-    for url, wanted in by_shard.items():
-        want, log = {r["key"]: r for r in wanted}, RejectLog()
+        by_shard[r["shard_url"]][r["key"]].append(r)
+    for url, want in by_shard.items():
+        log = RejectLog()
         if url.startswith("pipe:"):
             note = "not read: the report does not run pipe: commands"
         else:
             for s in iter_shard(url, log):
                 if s.key in want:
-                    want.pop(s.key).update(image=_thumb_uri(s.image), caption=s.caption, note="")
+                    image = convert(s.image)
+                    for r in want.pop(s.key):
+                        r.update(image=image, caption=s.caption, note="")
                     if not want:
                         break
             note = "shard unreadable" if "unreadable_shard" in log.counts() else "not found in its shard"
-        for r in want.values():
+        for r in (r for same in want.values() for r in same):
             r["note"] = note
 
 
@@ -142,6 +153,12 @@ def _kept_by_key(layout: JobLayout, selection: Optional[Selection], score_file: 
                                  filters=[("shard_url", "==", url)])["key"].to_pylist())
         kept = [k in keys for k in t.column("key").to_pylist()]
     return url, dict(zip(t.column("key").to_pylist(), kept))
+
+
+def job_selection(summary: dict) -> Optional[Selection]:
+    """The job's top-k :class:`Selection` from its summary.json, or None for a policy job (``selection`` is null
+    there; its keep set is ``keep/keep.parquet``): what :func:`class_split` takes."""
+    return Selection(**summary["selection"]) if summary["selection"] else None
 
 
 def _policy_facts(summary: dict) -> dict:
@@ -287,8 +304,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
     attach_images(head + tail)
-    selection = Selection(**summary["selection"]) if summary["selection"] else None  # None: a policy job
-    classes = class_split(layout, selection, class_shards)
+    classes = class_split(layout, job_selection(summary), class_shards)
     rejects = read_rejects(layout, 20)
 
     run = summary.get("run", {})
