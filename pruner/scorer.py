@@ -103,6 +103,12 @@ def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Se
     return bank_samples, target, reference
 
 
+def pick_oga_subsample(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]:
+    """The samples the OGA Isolation Forest is fitted on: hash-selected among the first ``scores.oga.iforest_sample``
+    samples of the pool in sorted shard order."""
+    return hash_pick(iter_pool(pool_urls, cfg.data.allow_pipe), cfg.scores.oga.iforest_sample, "oga", oversample=1)
+
+
 def combine_columns(cfg: JobConfig, weights: Sequence[CheckpointWeights], forest,
                     comps: list[dict[str, np.ndarray]], features_last: np.ndarray,
                     uids: Sequence[str]) -> dict[str, np.ndarray]:

@@ -620,3 +620,21 @@ def test_select_change_reselects_without_scoring(connected, reference, micro_tra
     assert yaml.safe_load((root / "config.yaml").read_text())["select"] == summary["select"] == \
         load_config(reference.cfg_path).select.model_dump(mode="json")
     assert {k: v for k, v in mtimes(root).items() if k in scored} == scored  # nothing was scored again
+
+
+def test_shard_sorting_first_is_refused(reference, pool, capsys):
+    """A shard that lands in the lake sorting before the scored ones changes the hash-picked bank, reference and OGA
+    samples (the pool's first samples in sorted order): though every shared quantity is on disk, the re-run
+    refuses, naming the shard and the fix (no traceback, exit status 1), and changes nothing."""
+    from pruner.jobs.prune import main
+    before = mtimes(reference.root)
+    extra = pool / "aaa-000000.tar"
+    shutil.copy(pool / "pool-000000.tar", extra)  # the same pairs under other uids (the shard file names them)
+    try:
+        assert main(["--config", str(reference.cfg_path)]) == 1
+    finally:
+        extra.unlink()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(extra) in err and "fix: run a full job" in err
+    assert "bank, oga, reference samples picked now differ" in err and "shared/inputs.json" in err
+    assert mtimes(reference.root) == before

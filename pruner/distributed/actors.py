@@ -9,8 +9,6 @@ pool. Bad samples inside a readable shard stay rejects.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -21,7 +19,7 @@ from ray.util.metrics import Counter
 from pruner.config import JobConfig
 from pruner.io.shards import RejectLog, iter_shard
 from pruner.model.checkpoints import Trajectory
-from pruner.scorer import Scorer, hash_pick, iter_pool, pick_shared_inputs
+from pruner.scorer import Scorer, pick_oga_subsample, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared
 
 log = logging.getLogger("pruner.actor")
@@ -50,11 +48,6 @@ class SharedComputer:
     def ping(self) -> int:
         return os.getpid()
 
-    def input_digests(self) -> dict[str, str]:
-        """sha256 of the uids of the bank, reference and target samples, in the order they are used."""
-        uids = {"bank": self.bank, "reference": [s for batch in self.reference for s in batch], "target": self.target}
-        return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in uids.items()}
-
     def compute(self, i: int) -> dict:
         t0 = time.time()
         shared = self.scorer.compute_shared(i, self.bank, self.target, self.reference)
@@ -65,9 +58,7 @@ class SharedComputer:
         """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``states``: the
         shared quantities of checkpoints ``first``.."""
         self.scorer.set_shared([CheckpointShared.from_state(s) for s in states])
-        sub = hash_pick(iter_pool(self.pool_urls, self.cfg.data.allow_pipe), self.cfg.scores.oga.iforest_sample,
-                        "oga", oversample=1)
-        return self.scorer.last_checkpoint_features(sub)
+        return self.scorer.last_checkpoint_features(pick_oga_subsample(self.cfg, self.pool_urls))
 
 
 class ShardUnreadableError(OSError):

@@ -4,8 +4,9 @@ with retries and resume, writes every result atomically, then hands over to the 
 Resume and idempotency: the job directory is keyed by a job id derived from the config fingerprint (with the
 pool's shard specs), the target shards and the checkpoint contents. A shard is done when its score Parquet exists (written last, atomically),
 so a re-run after a crash at any point skips finished shards, rescores unfinished ones from scratch, and
-never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed. When every
-shard is already scored, no Ray instance is started at all.
+never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed; every run first
+checks that the samples they were computed from are still the ones the pool and target set give
+(:func:`check_shared_inputs`). When every shard is already scored, no Ray instance is started at all.
 
 Failures: a shard attempt fails when its task raises (including an unreadable shard, see
 :class:`~pruner.distributed.actors.ShardScorer`) or its actor dies mid-shard (crash, OOM kill, node loss). The
@@ -50,7 +51,7 @@ from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest
-from pruner.scorer import ShardChangedError, checkpoint_weights
+from pruner.scorer import ShardChangedError, checkpoint_weights, pick_oga_subsample, pick_shared_inputs
 
 log = logging.getLogger("pruner.driver")
 ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
@@ -105,6 +106,10 @@ def actor_plan(cfg: JobConfig) -> tuple[int, int]:
 
 class PlacementError(RuntimeError):
     """No node offered the resources an actor asks for within ray.placement_timeout_s."""
+
+
+class JobRefusedError(ValueError):
+    """The job directory cannot be resumed as asked; the message names the cause and the fix."""
 
 
 def placement_guard(cfg: JobConfig, gpus_per_actor: int):
@@ -174,7 +179,7 @@ def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayou
     never depend on the others. ``prior`` must have the same config but for the trajectory, and its checkpoints
     (path, step, learning rates, file contents) must be the first ones of ``layout``'s, fewer than all of them.
     Jobs from before the contents were recorded (no ``sha256`` in their trajectory.json) are matched without them.
-    The samples the shared quantities are computed from are checked later (:func:`_check_shared_inputs`)."""
+    The samples the shared quantities are computed from are checked by :func:`check_shared_inputs`."""
     if prior is None:
         return 0
     prior_cfg = load_job_config(prior.config)
@@ -196,19 +201,57 @@ def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayou
     return len(done)
 
 
-def _check_shared_inputs(layout: JobLayout, prior: JobLayout | None, picked: dict) -> None:
-    """Record the digests of the bank, reference and target samples the shared quantities are computed from in
-    ``shared/inputs.json``; when extending ``prior``, refuse if they differ from the ones its checkpoints used (the
-    pool grew in a way that changes the hash picks, or the target set changed): the reused components and the new
-    checkpoint's would then be against different targets. Jobs without the record are not checked."""
-    path, before = layout.shared_inputs, prior.shared_inputs if prior else None
-    if before is not None and before.exists() and json.loads(before.read_text()) != picked:
-        changed = sorted(k for k, v in json.loads(before.read_text()).items() if picked.get(k) != v)
+def shared_input_digests(cfg: JobConfig, pool: list[str], target: list[str]) -> dict[str, str]:
+    """sha256 of the uids of the hash-picked samples behind a job's shared quantities, in the order they are used:
+    ``bank``, ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's
+    subsample). Reads those samples (the first ones of the pool in sorted shard order, and of the target set);
+    loads no model."""
+    bank, target_samples, reference = pick_shared_inputs(cfg, pool, target)
+    picked = {"bank": bank, "reference": [s for batch in reference for s in batch], "target": target_samples}
+    if "oga" in cfg.scores.methods:
+        picked["oga"] = pick_oga_subsample(cfg, pool)
+    return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in picked.items()}
+
+
+def _changed_inputs(record: Path, picked: dict[str, str]) -> list[str]:
+    """The names of the digests in ``record`` (a ``shared/inputs.json``) that differ from ``picked``; a record
+    written before a digest was recorded (``oga``) is compared on the ones it has, a missing record not at all."""
+    if not record.exists():
+        return []
+    before = json.loads(record.read_text())
+    return sorted(k for k in before.keys() & picked.keys() if before[k] != picked[k])
+
+
+def check_shared_inputs(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str],
+                        prior: JobLayout | None, pending: list[str]) -> dict[str, str]:
+    """The digests of the samples the shared quantities come from (:func:`shared_input_digests`), checked on every
+    run against the job's record ``shared/inputs.json`` and, when extending ``prior``, against that job's record.
+
+    A difference means the pool's first shards in sorted order (where the bank, reference and OGA samples are
+    picked) or the target samples are not the ones the job's shared quantities, scores and forest were computed
+    from: a shard that sorts first was added, or one of the first shards or a target shard changed. Resuming would
+    give other scores than a full run, so the job is refused (:class:`JobRefusedError`), naming the new or changed
+    shards (``pending``) that sort before scored ones, and the fix."""
+    picked = shared_input_digests(cfg, pool, target)
+    changed = _changed_inputs(layout.shared_inputs, picked)
+    if changed:
+        waiting = set(pending)
+        scored = [u for u in pool if u not in waiting]
+        early = [u for u in pending if scored and u < scored[-1]]
+        cause = (f"shard(s) not scored yet sort before ones the job scored: {', '.join(early[:3])}"
+                 f"{' ...' if len(early) > 3 else ''}" if early else
+                 "one of the first shards of the pool in sorted order, or a target shard, changed")
+        raise JobRefusedError(
+            f"the {', '.join(changed)} samples picked now differ from those the shared quantities of {layout.root} "
+            f"were computed from ({layout.shared_inputs}): {cause}. Its scores would not be those of a full run "
+            f"(fix: run a full job: set output_dir to a new folder, or move {layout.root} away; to grow a lake "
+            f"incrementally, give new shards names that sort after the existing ones)")
+    changed = _changed_inputs(prior.shared_inputs, picked) if prior is not None else []
+    if changed:
         raise ValueError(f"the {', '.join(changed)} samples picked now differ from those {prior.root} used (the lake "
                          f"or the target set changed since it ran), so its scores cannot be extended (fix: run a full "
                          f"job with the longer trajectory)")
-    if not path.exists():
-        write_json_atomic(path, picked)
+    return picked
 
 
 def _prior_components(prior: JobLayout | None, url: str, first: int):
@@ -236,6 +279,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     shard's scores combine its stored components with the new ones, as a full run would."""
     pending = [u for u in pool if not layout.scores(u).exists()]
     m, first = len(traj.checkpoints), reused_checkpoints(prior, cfg, layout)
+    picked = check_shared_inputs(cfg, layout, pool, target, prior, pending)
     stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
              "failed_attempts": {}, "actors": 0, "gpus": 0, "checkpoints_reused": first, "job": layout.root.name,
              **({"extends": str(prior.root)} if prior else {})}
@@ -276,7 +320,8 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
         comp = Shared.remote(cfg_dict, traj, pool, target, cpus, first)
         try:  # killed however this ends: a pending resource request would otherwise stay queued
             wait_placed([comp.ping.remote()], "the shared-quantity actor")
-            _check_shared_inputs(layout, prior, ray.get(comp.input_digests.remote()))
+            if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
+                write_json_atomic(layout.shared_inputs, picked)
             for j, s in enumerate(states):
                 if s is None:
                     states[j] = ray.get(comp.compute.remote(first + j))

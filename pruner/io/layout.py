@@ -4,7 +4,7 @@
         config.yaml                 the resolved config that produced this directory
         trajectory.json             checkpoints used (path, step, lr, file sha256, lr weight, a_t, b_t)
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
-        shared/inputs.json          sha256 of the uids of the hash-picked bank, reference and target samples
+        shared/inputs.json          sha256 of the uids of the hash-picked bank, reference, target, OGA samples
         shards/<shard id>.parquet   per-shard scores (one row per accepted sample)
         shards/<shard id>.c<i>.npy  optional fp16 projected gradients [n, k] at checkpoint i, row-aligned
         shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (re-targeting the taylor form)

@@ -1,7 +1,8 @@
 """Entry point of a prune job: ``ray job submit --working-dir . -- python -m pruner.jobs.prune --config job.yaml``.
 
 Also used by ``pruner prune``. Exit status: 0 on success, 1 if any shard failed after its retries (the summary
-lists them; nothing is selected from a partial pool), 2 for an invalid config.
+lists them; nothing is selected from a partial pool) or the job directory cannot be resumed as asked (the message
+names the cause and the fix), 2 for an invalid config.
 
 Idempotent: re-running a finished job (every shard scored and summary.json written, which the reduce step does
 last) starts no Ray instance and recomputes nothing; it prints the existing summary's counts. Re-running it with
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    from pruner.distributed.driver import PlacementError
+    from pruner.distributed.driver import JobRefusedError, PlacementError
     try:
         status, _ = run(cfg)
-    except PlacementError as e:
+    except (JobRefusedError, PlacementError) as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1
     return status
