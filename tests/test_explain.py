@@ -19,7 +19,7 @@ from pruner.explain.index import PoolIndex, choose_params, fill_index, new_index
 from pruner.explain.pool import PoolFeatures, read_text_members
 from pruner.explain.query import QueryEncoder, explain, main as explain_main
 from pruner.io.layout import JobLayout
-from pruner.io.shards import demo_pool_shards, demo_target_shards
+from pruner.io.shards import demo_pool_shards, demo_target_shards, shard_name
 from pruner.report.html import build_report
 from pruner.select.policies import balanced_quotas, greedy_dedup, rank_order, select_policy
 from pruner.select.rank import order_key
@@ -63,8 +63,7 @@ def job(tmp_path_factory, micro_trajectory):
     status, summary = run(load_config(data=cfg))
     assert status == 0
     root = Path(cfg["output_dir"]) / summary["job"]
-    base = Path(pool_shards[0]).name
-    pairs = [(f"{base}/{k}", f"{extra.name}/dup-{k}") for k in keys]
+    pairs = [(f"{shard_name(pool_shards[0])}/{k}", f"{shard_name(str(extra))}/dup-{k}") for k in keys]
     return root, pairs
 
 

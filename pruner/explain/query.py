@@ -90,9 +90,9 @@ class QueryEncoder:
     def blocks(self, samples: Sequence[Sample], batch_size: Optional[int] = None) -> list[np.ndarray]:
         """Per checkpoint, float32 [n, k] projected gradients of ``samples`` (the stored features' definition)."""
         out: list[list[np.ndarray]] = [[] for _ in self.scorer.engines]
-        for images, tokens in self.scorer.batches(samples, batch_size):
+        for images, tokens, uids in self.scorer.uid_batches(samples, batch_size):
             for i, (eng, sc) in enumerate(zip(self.scorer.engines, self.scorer.scorers)):
-                r = eng.run(images, tokens, sc.loss_fn, features=True, norms=False)
+                r = eng.run(images, tokens, sc.loss_fn(uids), features=True, norms=False)
                 out[i].append(r.features.detach().cpu().numpy().astype(np.float32))
         return [np.concatenate(o) if o else np.zeros((0, self.k), np.float32) for o in out]
 
