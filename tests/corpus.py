@@ -53,23 +53,11 @@ def _encode(content) -> bytes:
     return content.encode() if isinstance(content, str) else json.dumps(content).encode()
 
 
-def tar_bytes(samples) -> bytes:
-    """An uncompressed tar (USTAR, mtime 0) holding the samples' members in order."""
+def tar_bytes(samples, encoding: str = "utf-8") -> bytes:
+    """An uncompressed tar (USTAR, mtime 0) holding the samples' members in order; member names written in
+    ``encoding`` (latin-1 gives names that are not UTF-8 where they hold non-ASCII)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, members in samples:
-            for ext, content in members.items():
-                data = _encode(content)
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def tar_bytes_latin1(samples) -> bytes:
-    """Like :func:`tar_bytes`, but member names are written in latin-1 (not UTF-8 where they hold non-ASCII)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding=encoding) as tf:
         for key, members in samples:
             for ext, content in members.items():
                 data = _encode(content)
@@ -173,6 +161,6 @@ def make_bad_corpus(directory) -> dict[str, str]:
         variant(ok("mx-005"), jpg=None), variant(ok("mx-006"), json=b"{not json"),
         ok("mx-007", with_json=False), ok("mx-000", caption="second copy")])
     out["non_utf8_name"] = d / "non_utf8_name.tar"
-    out["non_utf8_name"].write_bytes(tar_bytes_latin1([ok("nn-000"), ok("café-001"), ok("nn-002")]))
+    out["non_utf8_name"].write_bytes(tar_bytes([ok("nn-000"), ok("café-001"), ok("nn-002")], encoding="latin-1"))
     out["pipe"] = f"pipe:cat {shlex.quote(str(make_good_shard(d / 'pipe_source.tar', prefix='p')))}"
     return {k: str(v) for k, v in out.items()}
