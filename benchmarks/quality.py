@@ -218,14 +218,14 @@ def job_inputs(cfg):
 
 def score_in_process(cfg, traj, device, subset_uids=None):
     """What the Ray job computes, in one process: shared quantities, OGA forest, every score column."""
-    from pruner.scorer import Scorer, hash_pick, iter_pool
+    from pruner.scorer import Scorer, iter_pool, pick_oga_subsample
     from pruner.scores.oga import fit_isolation_forest
     pool, bank, reference, target = job_inputs(cfg)
     scorer = Scorer(cfg, traj, device=device)
     shared = [scorer.compute_shared(i, bank, target, reference) for i in range(len(traj.checkpoints))]
     scorer.set_shared(shared)
     if "oga" in cfg.scores.methods:
-        sub = hash_pick(iter_pool(pool), cfg.scores.oga.iforest_sample, "oga", oversample=1)
+        sub = pick_oga_subsample(cfg, pool)
         scorer.forest = fit_isolation_forest(scorer.last_checkpoint_features(sub), seed=cfg.seed,
                                              trees=cfg.scores.oga.iforest_trees)
     samples = [s for s in iter_pool(pool) if subset_uids is None or s.uid in subset_uids]
