@@ -1,11 +1,12 @@
 """The one definition of a job's output directory and of shard identities.
 
     <output_dir>/<job name>-<job id>/
-        config.yaml                 the resolved config that produced this directory
+        config.yaml                 the resolved config that produced this directory (select: the last applied)
         trajectory.json             checkpoints used (path, step, lr, file sha256, lr weight, a_t, b_t)
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
         shared/inputs.json          sha256 of the uids of the hash-picked bank, reference, target, OGA samples
-        shards/<shard id>.parquet   per-shard scores (one row per accepted sample)
+        shards/<shard id>.parquet   per-shard scores (one row per accepted sample); its Parquet metadata records
+                                    the identity of the shard file it was scored from (:func:`shard_identities`)
         shards/<shard id>.c<i>.npy  optional fp16 projected gradients [n, k] at checkpoint i, row-aligned
         shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (re-targeting the taylor form)
         shards/<shard id>.rejects.parquet   samples the reader skipped, with reasons
@@ -16,9 +17,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import fsspec
+import pyarrow.parquet as pq
+
+#: the score file's Parquet metadata key holding the identity of the shard it was scored from
+IDENTITY_KEY = b"pruner.shard_identity"
+#: the fields of fsspec's file info that tell one version of a shard file from another: size and modification time
+#: (local and network filesystems), ETag / LastModified / VersionId (S3, HTTP), generation / md5Hash / crc32c (GCS),
+#: etag / last_modified (Azure)
+IDENTITY_FIELDS = ("size", "mtime", "ETag", "LastModified", "VersionId", "generation", "md5Hash", "crc32c", "etag",
+                   "last_modified")
 
 
 def shard_id(url: str) -> str:
@@ -30,6 +44,34 @@ def shard_id(url: str) -> str:
             break
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:80]
     return f"{safe}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+
+
+def shard_identities(urls: Sequence[str]) -> dict[str, str | None]:
+    """Each shard's identity: the :data:`IDENTITY_FIELDS` of its fsspec file info, as JSON. A shard re-written
+    since (re-downloaded, repaired) has another one. Shards are listed a folder at a time (one listing call per
+    folder on an object store, not one per shard). None for ``pipe:`` URLs and vanished files (not compared)."""
+    out: dict[str, str | None] = {}
+    folders: dict[tuple, list[tuple[str, str]]] = {}
+    for url in urls:
+        if url.startswith("pipe:"):
+            out[url] = None
+            continue
+        fs, path = fsspec.core.url_to_fs(url)
+        folders.setdefault((fs, path.rsplit("/", 1)[0]), []).append((url, path))
+    for (fs, folder), members in folders.items():
+        fs.invalidate_cache(folder)  # a listing cached earlier in this process would show the old versions
+        try:
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(folder, detail=True)}
+        except (OSError, NotImplementedError, ValueError):  # a filesystem that cannot list (plain HTTP)
+            listing = {}
+        for url, path in members:
+            try:
+                info = listing.get(path) or fs.info(path)
+            except FileNotFoundError:
+                out[url] = None
+                continue
+            out[url] = json.dumps({k: info[k] for k in IDENTITY_FIELDS if k in info}, sort_keys=True, default=str)
+    return out
 
 
 @dataclass(frozen=True)
@@ -50,6 +92,21 @@ class JobLayout:
 
     def scores(self, url: str) -> Path:
         return self.shards_dir / f"{shard_id(url)}.parquet"
+
+    def scored_identity(self, url: str) -> str | None:
+        """The identity (:func:`shard_identities`) of the shard file its score file was scored from; None if that
+        was not recorded (scored before identities were, or a ``pipe:`` URL)."""
+        value = (pq.read_schema(self.scores(url)).metadata or {}).get(IDENTITY_KEY)
+        return value.decode() if value is not None else None
+
+    def stale_shards(self, pool: Sequence[str], identities: dict[str, str | None]) -> tuple[list[str], list[str]]:
+        """(the shards of ``pool`` without a score file, those whose score file records another identity than the
+        shard now has, per ``identities``); a shard without an identity on either side counts as unchanged."""
+        unscored = [u for u in pool if not self.scores(u).exists()]
+        done = set(pool) - set(unscored)
+        changed = [u for u in pool if u in done and identities[u] is not None
+                   and self.scored_identity(u) not in (None, identities[u])]
+        return unscored, changed
 
     def rejects(self, url: str) -> Path:
         return self.shards_dir / f"{shard_id(url)}.rejects.parquet"

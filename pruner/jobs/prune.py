@@ -50,8 +50,10 @@ def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
     summary = finalize(cfg, layout, pool, stats)
     (layout.root / "failed.json").unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
     c = summary["counts"]
+    n = stats["shards_changed"]
+    changed = f"; {n} shard(s) scored again because they changed" if n else ""
     print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']} "
-          f"({c['rejected']} rejected by the reader); summary: {layout.summary}", flush=True)
+          f"({c['rejected']} rejected by the reader{changed}); summary: {layout.summary}", flush=True)
     return 0, summary
 
 
