@@ -20,6 +20,8 @@ Three cases, each meant to give what a full re-run would give:
   which needs ``features.save_hzg``) are matrix-vector products over the memory-mapped fp16 features. These are
   random-projection estimates of the exact dots a full re-run computes:
   unbiased, with error shrinking as 1/sqrt(k); the test reports their rank agreement with a full re-run.
+  Every shard of the pool must be scored as it is now (the lake may have grown since the job ran): otherwise
+  re-targeting is refused before any gradient pass, naming the shards.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from tqdm import tqdm
 
 from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path
-from pruner.io.layout import JobLayout
+from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import load_features
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
@@ -175,11 +177,18 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
                          f"features, which a re-targeted job does not have (not supported yet; fix: select.policy "
                          f"class_balanced or top_k with dedup_space embedding, or re-run the job with the new "
                          f"target)")
+    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    missing, changed = layout.stale_shards(pool, shard_identities(pool))
+    problems = [f"{len(urls)} shard(s) {what}: {', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}"
+                for urls, what in ((missing, "were never scored by the job (the lake grew since it ran)"),
+                                   (changed, "changed since the job scored them")) if urls]
+    if problems:  # refused before any gradient pass or output: re-targeting reads every shard's stored features
+        raise ValueError(f"{job_dir}: cannot re-target, {'; '.join(problems)} (fix: re-run the job first, "
+                         f"`pruner prune --config {layout.config}`, so it scores them; then re-target)")
     tag = hashlib.sha256(json.dumps(sorted(target_specs)).encode()).hexdigest()[:12]
     new = JobLayout(layout.root / f"retarget-{tag}")
     new.shards_dir.mkdir(parents=True, exist_ok=True)
     projs = target_projections(cfg, layout, target_specs, device)
-    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
     diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
