@@ -220,23 +220,27 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
                             target={"shards": [str(tb)], "max_samples": 64})
     run(load_config(data=full))
     a, b = _by_uid(new), _by_uid(_job_dir(full))
-    for c in ("tracin_target", "diffin_target"):
+    for c in ("tracin_target", "diffin_target", "tracin_pred"):
         rho = spearmanr(a[c].values, b[c].values).correlation
         print(f"{c}: Spearman(retarget, full re-run) = {rho:.3f}")
         assert rho >= 0.8, (c, rho)
-    # exact against its definition: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i
+    # exact against their definitions: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i, for v_target
+    # (tracin_target) and v_pred (tracin_pred, the prediction-score variant: of the new target too)
     layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))
     traj = json.loads(full_layout.trajectory.read_text())["checkpoints"]
     from pruner.scorer import Scorer
     sc = Scorer(load_config(data=full), load_trajectory(file=str(micro_trajectory)), device="cpu")
     url = demo_pool_shards()[0]
-    want = np.zeros(250)
-    for i, c in enumerate(traj):
-        v = torch.load(full_layout.shared(i), weights_only=True)["vectors"]["v_target"]
-        pv = sc.engines[i].projector.project_weights(v).double().numpy()
-        want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
-    got = pq.read_table(JobLayout(new).scores(url))["tracin_target"].to_numpy()
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+    got = pq.read_table(JobLayout(new).scores(url))
+    assert not [c for c in got.column_names if c.startswith("c") and c.endswith(("_target", "_pred"))]
+    for column, vector in (("tracin_target", "v_target"), ("tracin_pred", "v_pred")):
+        want = np.zeros(250)
+        for i, c in enumerate(traj):
+            v = torch.load(full_layout.shared(i), weights_only=True)["vectors"][vector]
+            pv = sc.engines[i].projector.project_weights(v).double().numpy()
+            want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
+        np.testing.assert_allclose(got[column].to_numpy(), want, rtol=2e-3, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=column)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
