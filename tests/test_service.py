@@ -678,3 +678,27 @@ def test_repaired_shard_is_scored_again(connected, pool_uids, micro_trajectory, 
     status, _ = run(load_config(fresh_path))
     assert status == 0
     assert_same_ranking(root, fresh)
+
+
+def test_second_driver_on_a_job_is_refused(head, reference, pool, pool_uids, micro_trajectory, tmp_path, capsys):
+    """Two drivers on one job directory (a scheduled run starting while the previous run's Ray job still runs): the
+    second is refused at once, naming the lock file and the fix (exit status 1, no traceback); the first completes
+    with the reference ranking, and once it has exited the lock is free again."""
+    from pruner.jobs.prune import main
+    cfg_path = write_config(tmp_path, micro_trajectory, [pool])
+    root = job_dir(cfg_path)
+    seed_shared(root, reference.root)
+    log = tmp_path / "first.log"
+    with driver_process(cfg_path, head.address, log) as first:
+        wait_until(some_shards_done(root, driver_log=log), JOB_TIMEOUT, "the first driver scoring")
+        assert main(["--config", str(cfg_path)]) == 1
+        err = capsys.readouterr().err
+        assert first.poll() is None  # the lock was held by a running driver, not left behind
+        rc = first.wait(timeout=JOB_TIMEOUT)
+    assert rc == 0, log.read_text(errors="replace")[-4000:]
+    assert f"holds the lock {root / 'job.lock'}" in err and "Fix: wait for it to finish" in err
+    assert "Traceback" not in err
+    assert_complete(root, pool_uids)
+    assert_same_ranking(root, reference.root)
+    assert main(["--config", str(cfg_path)]) == 0
+    assert "job already complete, nothing recomputed" in capsys.readouterr().out

@@ -13,18 +13,25 @@
         ranking.parquet             every sample, all scores and its rank
         keep/                       manifests: manifest.json, uids.npy, keep.parquet
         summary.json
+        job.lock                    held (flock) by the process writing the directory, shared by those reading it
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import fsspec
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 #: the score file's Parquet metadata key holding the identity of the shard it was scored from
 IDENTITY_KEY = b"pruner.shard_identity"
@@ -44,6 +51,10 @@ def shard_id(url: str) -> str:
             break
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:80]
     return f"{safe}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+
+
+class JobLockedError(RuntimeError):
+    """Another process holds the job directory's lock (:meth:`JobLayout.locked`)."""
 
 
 def shard_identities(urls: Sequence[str]) -> dict[str, str | None]:
@@ -136,6 +147,33 @@ class JobLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "job.lock"
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool = True) -> Iterator[None]:
+        """Hold the job directory's lock file while the block runs: exclusively to write the directory (a prune
+        job's driver), shared to read it (the job an extension builds on). ``flock`` on ``job.lock``, released
+        when the block ends or the process dies however it dies (the file stays and is never written), and held
+        across nodes on NFS. Raises :class:`JobLockedError` naming the file and the fix when another process holds
+        it in a conflicting mode; on a filesystem without locks it warns and goes on unlocked."""
+        with open(self.lock, "a") as fh:  # created if missing; appending nothing leaves it (and its mtime) alone
+            try:
+                fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JobLockedError(
+                    f"another pruner process is using the job directory {self.root}: it holds the lock {self.lock} "
+                    f"(e.g. an earlier scheduled run whose `ray job submit` client was stopped while the Ray job "
+                    f"kept running). Fix: wait for it to finish, or stop it (`ray job list`, `ray job stop <id>`), "
+                    f"then re-run") from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.warning("cannot lock %s (%s): another run on this job directory at the same time is not "
+                            "prevented", self.lock, e)
+            yield
 
     @property
     def trajectory(self) -> Path:
