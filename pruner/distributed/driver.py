@@ -243,7 +243,7 @@ def check_shared_inputs(cfg: JobConfig, layout: JobLayout, pool: list[str], targ
         waiting = set(pending)
         scored = [u for u in pool if u not in waiting]
         early = [u for u in pending if scored and u < scored[-1]]
-        cause = (f"shard(s) not scored yet sort before ones the job scored: {', '.join(early[:3])}"
+        cause = (f"new or changed shard(s) sort before ones the job scored: {', '.join(early[:3])}"
                  f"{' ...' if len(early) > 3 else ''}" if early else
                  "one of the first shards of the pool in sorted order, or a target shard, changed")
         raise JobRefusedError(
