@@ -15,11 +15,16 @@ Three cases, each meant to give what a full re-run would give:
   into the new job directory (copied across filesystems).
 * **New target set** (:func:`retarget`): from the stored projected features, without per-sample gradient
   passes. The new target gradient v' and u' = H_B v' are computed once per checkpoint and projected with the
-  job's matrices; then TracIn ~ sum_t eta_t <P g_z, P v'> and Diff-In ~ sum_t b_t <P g_z, P v'> +
+  job's matrices; then TracIn ~ sum_t eta_t <P g_z, P v'> (and its prediction-score variant tracin_pred with
+  P v'_pred, v_pred = -grad of the new target pairs' similarity) and Diff-In ~ sum_t b_t <P g_z, P v'> +
   a_t <P g_z, P u'> (form exact_increment) or sum_t a_t (<P g_z, P u'> + <P H_z G_B, P v'>) (form taylor,
   which needs ``features.save_hzg``) are matrix-vector products over the memory-mapped fp16 features. These are
   random-projection estimates of the exact dots a full re-run computes:
   unbiased, with error shrinking as 1/sqrt(k); the test reports their rank agreement with a full re-run.
+  The per-checkpoint components of the old target (``c<i>_tracin_target``, ``c<i>_t1_target``,
+  ``c<i>_tracin_pred``, ...) are dropped, not re-estimated.
+  Every shard of the pool must be scored as it is now (the lake may have grown since the job ran): otherwise
+  re-targeting is refused before any gradient pass, naming the shards.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from tqdm import tqdm
 
 from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path
-from pruner.io.layout import JobLayout
+from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import load_features
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
@@ -50,7 +55,11 @@ from pruner.scorer import Scorer, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
 from pruner.select.reduce import finalize
 
-RETARGET_COLUMNS = ("diffin_target", "tracin_target")
+
+def _of_target(column: str) -> bool:
+    """Whether a score column depends on the target set: ``diffin_target``, ``tracin_target``, ``tracin_pred`` (its
+    prediction-score variant, from v_pred of the same target samples) and their ``c<i>_`` components."""
+    return column.endswith(("_target", "_pred"))
 
 
 def load_job(job_dir: str | Path) -> tuple[JobConfig, JobLayout]:
@@ -127,27 +136,32 @@ def _dot_cuda(feats: torch.Tensor, vectors: torch.Tensor, chunk: int = 1 << 16) 
 
 
 def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict],
-                   diffin_form: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One shard's new-target scores from its stored features: (tracin [n], diffin [n] or None) float64.
+                   diffin_form: str | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One shard's new-target scores from its stored features: (tracin_target [n], diffin_target [n] or None,
+    tracin_pred [n] or None) float64.
 
-    Per checkpoint one pass over P g_z ([n, k] fp16) with [P v', P u'] (P v' alone when ``diffin_form`` is None)
-    and, in the taylor form, one pass over P H_z G_B with P v'; ``projs`` as :func:`target_projections` returns
-    them."""
-    tracin, diffin = np.zeros(n), np.zeros(n)
+    Per checkpoint one pass over P g_z ([n, k] fp16) with P v', P u' (when ``diffin_form`` is given) and P v'_pred
+    (when ``projs`` has it) and, in the taylor form, one pass over P H_z G_B with P v'; ``projs`` as
+    :func:`target_projections` returns them."""
+    pred = all("Pp" in p for p in projs)
+    tracin, diffin, tracin_pred = np.zeros(n), np.zeros(n), np.zeros(n)
     for i, p in enumerate(projs):
-        d = _projected_dot(layout.features(url, i), torch.stack([p["Pv"], p["Pu"]] if diffin_form else [p["Pv"]], 1))
+        vectors = [p["Pv"]] + ([p["Pu"]] if diffin_form else []) + ([p["Pp"]] if pred else [])
+        d = _projected_dot(layout.features(url, i), torch.stack(vectors, 1))
         tracin += p["eta"] * d[:, 0]
         if diffin_form == "exact_increment":
             diffin += p["b_t"] * d[:, 0] + p["a_t"] * d[:, 1]
         elif diffin_form == "taylor":
             diffin += p["a_t"] * (d[:, 1] + _projected_dot(layout.hzg(url, i), p["Pv"][:, None])[:, 0])
-    return tracin, diffin if diffin_form else None
+        if pred:
+            tracin_pred += p["eta"] * d[:, -1]
+    return tracin, diffin if diffin_form else None, tracin_pred if pred else None
 
 
 def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence[str],
-                       device: str = "auto") -> list[dict]:
-    """Per checkpoint: {"Pv": [k], "Pu": [k], "eta", "a_t", "b_t"} for a new target set (one pass over the
-    target)."""
+                       device: str = "auto", pred: bool = False) -> list[dict]:
+    """Per checkpoint: {"Pv": [k], "Pu": [k], "eta", "a_t", "b_t"} and, with ``pred``, "Pp" (P v_pred, the
+    prediction-score target of tracin_pred) for a new target set (one pass over the target)."""
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     scorer = Scorer(cfg, traj, device=device)
     states = [CheckpointShared.from_state(torch.load(layout.shared(i), map_location="cpu", weights_only=True),
@@ -159,11 +173,13 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     ref_batches = [scorer.tensors(r) for r in reference]
     out = []
     for i, (engine, shared) in enumerate(zip(scorer.engines, states)):
-        v, _ = target_gradients(engine, [(x, t) for x, t, _ in target_batches], (shared.bank_img, shared.bank_txt),
-                                shared.scale, [shared.own_rows(u) for _, _, u in target_batches])
+        v, v_pred = target_gradients(engine, [(x, t) for x, t, _ in target_batches],
+                                     (shared.bank_img, shared.bank_txt), shared.scale,
+                                     [shared.own_rows(u) for _, _, u in target_batches])
         u = reference_hvp(engine, ref_batches, shared.scale, v, cfg.scores.diffin.hvp_eps)
         proj = engine.projector
         out.append({"Pv": proj.project_weights(v).float(), "Pu": proj.project_weights(u).float(),
+                    **({"Pp": proj.project_weights(v_pred).float()} if pred else {}),
                     "eta": scorer.weights[i].eta, "a_t": scorer.weights[i].a_t, "b_t": scorer.weights[i].b_t})
     return out
 
@@ -176,22 +192,31 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
                          f"features, which a re-targeted job does not have (not supported yet; fix: select.policy "
                          f"class_balanced or top_k with dedup_space embedding, or re-run the job with the new "
                          f"target)")
+    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    missing, changed = layout.stale_shards(pool, shard_identities(pool))
+    problems = [f"{len(urls)} shard(s) {what}: {', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}"
+                for urls, what in ((missing, "were never scored by the job (the lake grew since it ran)"),
+                                   (changed, "changed since the job scored them")) if urls]
+    if problems:  # refused before any gradient pass or output: re-targeting reads every shard's stored features
+        raise ValueError(f"{job_dir}: cannot re-target, {'; '.join(problems)} (fix: re-run the job first, "
+                         f"`pruner prune --config {layout.config}`, so it scores them; then re-target)")
     tag = hashlib.sha256(json.dumps(sorted(target_specs)).encode()).hexdigest()[:12]
     new = JobLayout(layout.root / f"retarget-{tag}")
     new.shards_dir.mkdir(parents=True, exist_ok=True)
-    projs = target_projections(cfg, layout, target_specs, device)
-    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    projs = target_projections(cfg, layout, target_specs, device, pred="tracin" in cfg.scores.methods)
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
     diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
     for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
         table = pq.read_table(layout.scores(url))
-        tracin, diffin = retarget_shard(layout, url, table.num_rows, projs, diffin_form)
-        keep = [c for c in table.column_names if not c.endswith("_target") and c not in RETARGET_COLUMNS]
-        cols = {c: table[c] for c in keep}
+        tracin, diffin, tracin_pred = retarget_shard(layout, url, table.num_rows, projs, diffin_form)
+        # the old target's columns go: the method scores are recomputed below, their c<i>_ components are not
+        cols = {c: table[c] for c in table.column_names if not _of_target(c)}
         cols["tracin_target"] = pa.array(tracin)
         if diffin_form:
             cols["diffin_target"] = pa.array(diffin)
+        if tracin_pred is not None:
+            cols["tracin_pred"] = pa.array(tracin_pred)
         with atomic_path(new.scores(url)) as tmp:
             pq.write_table(pa.table(cols), tmp)
         if layout.rejects(url).exists() and not new.rejects(url).exists():

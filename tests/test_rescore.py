@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import shutil
 from dataclasses import replace
@@ -26,7 +27,7 @@ from pruner.io.shards import DEMO_DIR, demo_pool_shards
 from pruner.io.store import load_features, save_features
 from pruner.jobs.prune import run
 from pruner.model.checkpoints import load_trajectory, save_trajectory
-from pruner.rescore import _projected_dot, add_checkpoint, retarget
+from pruner.rescore import _projected_dot, add_checkpoint, main, retarget
 
 METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga_iforest", "baseline_loss")
 
@@ -219,23 +220,27 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
                             target={"shards": [str(tb)], "max_samples": 64})
     run(load_config(data=full))
     a, b = _by_uid(new), _by_uid(_job_dir(full))
-    for c in ("tracin_target", "diffin_target"):
+    for c in ("tracin_target", "diffin_target", "tracin_pred"):
         rho = spearmanr(a[c].values, b[c].values).correlation
         print(f"{c}: Spearman(retarget, full re-run) = {rho:.3f}")
         assert rho >= 0.8, (c, rho)
-    # exact against its definition: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i
+    # exact against their definitions: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i, for v_target
+    # (tracin_target) and v_pred (tracin_pred, the prediction-score variant: of the new target too)
     layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))
     traj = json.loads(full_layout.trajectory.read_text())["checkpoints"]
     from pruner.scorer import Scorer
     sc = Scorer(load_config(data=full), load_trajectory(file=str(micro_trajectory)), device="cpu")
     url = demo_pool_shards()[0]
-    want = np.zeros(250)
-    for i, c in enumerate(traj):
-        v = torch.load(full_layout.shared(i), weights_only=True)["vectors"]["v_target"]
-        pv = sc.engines[i].projector.project_weights(v).double().numpy()
-        want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
-    got = pq.read_table(JobLayout(new).scores(url))["tracin_target"].to_numpy()
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+    got = pq.read_table(JobLayout(new).scores(url))
+    assert not [c for c in got.column_names if c.startswith("c") and c.endswith(("_target", "_pred"))]
+    for column, vector in (("tracin_target", "v_target"), ("tracin_pred", "v_pred")):
+        want = np.zeros(250)
+        for i, c in enumerate(traj):
+            v = torch.load(full_layout.shared(i), weights_only=True)["vectors"][vector]
+            pv = sc.engines[i].projector.project_weights(v).double().numpy()
+            want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
+        np.testing.assert_allclose(got[column].to_numpy(), want, rtol=2e-3, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=column)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -273,3 +278,32 @@ def test_retarget_refuses_feature_policies_up_front(tmp_path, micro_trajectory):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="cluster_balanced.*not supported yet; fix"):
         retarget(tmp_path, [str(tmp_path / "new-target")])
+
+
+def test_retarget_refuses_unscored_or_changed_shards_up_front(tmp_path, micro_trajectory, capsys):
+    """Re-targeting reads every pool shard's stored features: after the lake grew, or a scored shard changed, it
+    refuses before any gradient pass, naming the shards and the fix (re-run the job), and writes nothing."""
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    shards = demo_pool_shards()
+    scored = Path(shutil.copy(shards[0], lake))
+    cfg = small_job_config(tmp_path, micro_trajectory, data={"shards": [str(lake)]},
+                           features={"k": 128, "layer_k": 8, "bank_size": 32, "batch_size": 50})
+    status, _ = run(load_config(data=cfg))
+    job = _job_dir(cfg)
+    assert status == 0
+    before = sorted(p for p in job.rglob("*"))
+    target = str(DEMO_DIR / "target")
+
+    added = Path(shutil.copy(shards[1], lake))
+    assert main([str(job), "--target", target]) == 1
+    err = capsys.readouterr().err
+    assert f"1 shard(s) were never scored by the job (the lake grew since it ran): {added}" in err
+    assert f"fix: re-run the job first, `pruner prune --config {job / 'config.yaml'}`" in err
+    added.unlink()
+    st = scored.stat()
+    os.utime(scored, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # re-written since it was scored
+    assert main([str(job), "--target", target]) == 1
+    err = capsys.readouterr().err
+    assert f"1 shard(s) changed since the job scored them: {scored}" in err and "Traceback" not in err
+    assert sorted(p for p in job.rglob("*")) == before  # no retarget directory, partial or not

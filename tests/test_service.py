@@ -638,3 +638,67 @@ def test_shard_sorting_first_is_refused(reference, pool, capsys):
     assert "Traceback" not in err and str(extra) in err and "fix: run a full job" in err
     assert "bank, oga, reference samples picked now differ" in err and "shared/inputs.json" in err
     assert mtimes(reference.root) == before
+
+
+def test_repaired_shard_is_scored_again(connected, pool_uids, micro_trajectory, tmp_path):
+    """A shard cut off when first scored (its later samples lost: one truncated_tar reject, whose fix says to
+    re-download it) and restored afterwards is scored again by the next run, which then equals a fresh run over the
+    lake. The bank (4 x 16), reference (4 x 32) and OGA (100) samples all come from the first four shards here, so
+    repairing the last one leaves them unchanged."""
+    from pruner.jobs.prune import run
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    for url in pool_uids:
+        shutil.copy(url, lake)
+    lake_uids = {str(lake / Path(url).name): uids for url, uids in pool_uids.items()}  # uids name the file, not dir
+    feats = {"k": 128, "layer_k": 8, "bank_size": 16, "batch_size": 50}
+    cfg_path = write_config(tmp_path, micro_trajectory, [lake], features=feats)
+    root = job_dir(cfg_path)
+    victim = lake / f"pool-{N_SHARDS - 1:06d}.tar"
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:len(whole) // 2])
+    status, summary = run(load_config(cfg_path))
+    assert status == 0 and summary["rejects_by_reason"] == {"truncated_tar": 1}
+    assert 0 < summary["counts"]["samples"] < N_SHARDS * PER_SHARD
+
+    victim.write_bytes(whole)
+    status, summary = run(load_config(cfg_path))
+    assert status == 0
+    assert summary["run"]["shards_changed"] == 1 and summary["run"]["shards_skipped"] == N_SHARDS - 1
+    assert summary["run"]["samples_scored_this_run"] == PER_SHARD
+    assert_complete(root, lake_uids)  # every restored sample scored once, no reject left
+    before = mtimes(root)
+    status, _ = run(load_config(cfg_path))
+    assert status == 0 and mtimes(root) == before  # now unchanged: nothing scored again
+
+    (tmp_path / "fresh").mkdir()
+    fresh_path = write_config(tmp_path / "fresh", micro_trajectory, [lake], features=feats)
+    fresh = job_dir(fresh_path)
+    seed_shared(fresh, root)  # the same shared quantities (checked against shared/inputs.json by the run)
+    status, _ = run(load_config(fresh_path))
+    assert status == 0
+    assert_same_ranking(root, fresh)
+
+
+def test_second_driver_on_a_job_is_refused(head, reference, pool, pool_uids, micro_trajectory, tmp_path, capsys):
+    """Two drivers on one job directory (a scheduled run starting while the previous run's Ray job still runs): the
+    second is refused at once, naming the lock file and the fix (exit status 1, no traceback); the first completes
+    with the reference ranking, and once it has exited the lock is free again."""
+    from pruner.jobs.prune import main
+    cfg_path = write_config(tmp_path, micro_trajectory, [pool])
+    root = job_dir(cfg_path)
+    seed_shared(root, reference.root)
+    log = tmp_path / "first.log"
+    with driver_process(cfg_path, head.address, log) as first:
+        wait_until(some_shards_done(root, driver_log=log), JOB_TIMEOUT, "the first driver scoring")
+        assert main(["--config", str(cfg_path)]) == 1
+        err = capsys.readouterr().err
+        assert first.poll() is None  # the lock was held by a running driver, not left behind
+        rc = first.wait(timeout=JOB_TIMEOUT)
+    assert rc == 0, log.read_text(errors="replace")[-4000:]
+    assert f"holds the lock {root / 'job.lock'}" in err and "Fix: wait for it to finish" in err
+    assert "Traceback" not in err
+    assert_complete(root, pool_uids)
+    assert_same_ranking(root, reference.root)
+    assert main(["--config", str(cfg_path)]) == 0
+    assert "job already complete, nothing recomputed" in capsys.readouterr().out

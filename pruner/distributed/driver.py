@@ -2,11 +2,13 @@
 with retries and resume, writes every result atomically, then hands over to the reduce step.
 
 Resume and idempotency: the job directory is keyed by a job id derived from the config fingerprint (with the
-pool's shard specs), the target shards and the checkpoint contents. A shard is done when its score Parquet exists (written last, atomically),
-so a re-run after a crash at any point skips finished shards, rescores unfinished ones from scratch, and
-never writes a sample twice. Shared quantities are saved too and reloaded instead of recomputed; every run first
-checks that the samples they were computed from are still the ones the pool and target set give
-(:func:`check_shared_inputs`). When every shard is already scored, no Ray instance is started at all.
+pool's shard specs), the target shards and the checkpoint contents. A shard is done when its score Parquet exists
+(written last, atomically) and records the identity the shard file still has (size and modification time, or the
+object store's ETag: a shard repaired since is scored again), so a re-run after a crash at any point skips
+finished shards, rescores unfinished ones from scratch, and never writes a sample twice. Shared quantities are
+saved too and reloaded instead of recomputed; every run first checks that the samples they were computed from are
+still the ones the pool and target set give (:func:`check_shared_inputs`). When every shard is already scored, no
+Ray instance is started at all.
 
 Failures: a shard attempt fails when its task raises (including an unreadable shard, see
 :class:`~pruner.distributed.actors.ShardScorer`) or its actor dies mid-shard (crash, OOM kill, node loss). The
@@ -45,7 +47,7 @@ from tqdm import tqdm
 from pruner.config import JobConfig, load_job_config
 from pruner.distributed.actors import remote_classes
 from pruner.io.atomic import atomic_path, link_or_copy, write_bytes_atomic, write_json_atomic
-from pruner.io.layout import JobLayout
+from pruner.io.layout import IDENTITY_KEY, JobLayout, shard_identities
 from pruner.io.shards import check_shard_names, expand_shard_specs
 from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
@@ -131,10 +133,12 @@ def _save_shared(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects, prior: JobLayout | None = None,
-                        first: int = 0) -> None:
-    """Features and rejects first, the score table last: its existence marks the shard as done. ``feats`` and
-    ``hzg`` are of checkpoints ``first``..; those of the earlier ones are linked from the extended job ``prior``."""
+def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects, identity: str | None,
+                        prior: JobLayout | None = None, first: int = 0) -> None:
+    """Features and rejects first, the score table last: its existence marks the shard as done, and its metadata
+    records ``identity``, the shard file's when it was scored. Each file replaces the one of an earlier scoring of
+    the shard atomically. ``feats`` and ``hzg`` are of checkpoints ``first``..; those of the earlier ones are linked
+    from the extended job ``prior``."""
     for i in range(first):
         for src, dst in ((prior.features(url, i), layout.features(url, i)), (prior.hzg(url, i), layout.hzg(url, i))):
             if src.exists():
@@ -145,6 +149,8 @@ def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects,
         save_features(layout.hzg(url, first + i), f)
     with atomic_path(layout.rejects(url)) as tmp:
         pq.write_table(rejects, tmp)
+    if identity is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), IDENTITY_KEY: identity.encode()})
     with atomic_path(layout.scores(url)) as tmp:
         pq.write_table(table, tmp)
 
@@ -238,7 +244,7 @@ def check_shared_inputs(cfg: JobConfig, layout: JobLayout, pool: list[str], targ
         waiting = set(pending)
         scored = [u for u in pool if u not in waiting]
         early = [u for u in pending if scored and u < scored[-1]]
-        cause = (f"shard(s) not scored yet sort before ones the job scored: {', '.join(early[:3])}"
+        cause = (f"new or changed shard(s) sort before ones the job scored: {', '.join(early[:3])}"
                  f"{' ...' if len(early) > 3 else ''}" if early else
                  "one of the first shards of the pool in sorted order, or a target shard, changed")
         raise JobRefusedError(
@@ -272,17 +278,25 @@ def _metrics() -> dict:
 
 def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj: Trajectory,
               prior: JobLayout | None = None) -> dict:
-    """Score every pending shard. Returns run statistics (failed shards included).
+    """Score every pending shard: those without a score file, and those whose file changed since they were scored
+    (another size, modification time or ETag: a repaired shard), whose outputs are replaced. Returns run statistics
+    (failed shards included; ``shards_changed``: the shards scored again because they changed).
 
     ``prior``: a finished job of the same config whose trajectory is a prefix of ``traj`` (see
     :func:`reused_checkpoints`): only the later checkpoints are loaded and computed, on the same actors, and each
     shard's scores combine its stored components with the new ones, as a full run would."""
-    pending = [u for u in pool if not layout.scores(u).exists()]
+    identities = shard_identities(pool)  # before any shard is read: a shard re-written meanwhile is scored again
+    missing, changed = layout.stale_shards(pool, identities)
+    if changed:
+        log.warning("%d shard(s) changed since they were scored (size, modification time or ETag differ), scoring "
+                    "them again: %s", len(changed), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+    stale = set(missing) | set(changed)
+    pending = [u for u in pool if u in stale]
     m, first = len(traj.checkpoints), reused_checkpoints(prior, cfg, layout)
     picked = check_shared_inputs(cfg, layout, pool, target, prior, pending)
-    stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_failed": {},
-             "failed_attempts": {}, "actors": 0, "gpus": 0, "checkpoints_reused": first, "job": layout.root.name,
-             **({"extends": str(prior.root)} if prior else {})}
+    stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_changed": len(changed),
+             "shards_failed": {}, "failed_attempts": {}, "actors": 0, "gpus": 0, "checkpoints_reused": first,
+             "job": layout.root.name, **({"extends": str(prior.root)} if prior else {})}
     if not pending:
         log.info("all %d shards already scored in %s", len(pool), layout.root)
         return stats
@@ -410,7 +424,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                 continue
             idle.append(actor)
             try:
-                _write_shard_result(layout, url, table, feats, hzg, rejects, prior, first)
+                _write_shard_result(layout, url, table, feats, hzg, rejects, identities[url], prior, first)
             except ValueError as e:  # e.g. features that overflow float16: deterministic, fails every retry
                 failed_attempt(url, f"{type(e).__name__}: {e}")
                 continue

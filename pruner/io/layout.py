@@ -1,24 +1,45 @@
 """The one definition of a job's output directory and of shard identities.
 
     <output_dir>/<job name>-<job id>/
-        config.yaml                 the resolved config that produced this directory
+        config.yaml                 the resolved config that produced this directory (select: the last applied)
         trajectory.json             checkpoints used (path, step, lr, file sha256, lr weight, a_t, b_t)
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
         shared/inputs.json          sha256 of the uids of the hash-picked bank, reference, target, OGA samples
-        shards/<shard id>.parquet   per-shard scores (one row per accepted sample)
+        shards/<shard id>.parquet   per-shard scores (one row per accepted sample); its Parquet metadata records
+                                    the identity of the shard file it was scored from (:func:`shard_identities`)
         shards/<shard id>.c<i>.npy  optional fp16 projected gradients [n, k] at checkpoint i, row-aligned
         shards/<shard id>.c<i>.hzg.npy  optional fp16 projected H_z G_B [n, k] (re-targeting the taylor form)
         shards/<shard id>.rejects.parquet   samples the reader skipped, with reasons
         ranking.parquet             every sample, all scores and its rank
         keep/                       manifests: manifest.json, uids.npy, keep.parquet
         summary.json
+        job.lock                    held (flock) by the process writing the directory, shared by those reading it
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import json
+import logging
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
+
+import fsspec
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+#: the score file's Parquet metadata key holding the identity of the shard it was scored from
+IDENTITY_KEY = b"pruner.shard_identity"
+#: the fields of fsspec's file info that tell one version of a shard file from another: size and modification time
+#: (local and network filesystems), ETag / LastModified / VersionId (S3, HTTP), generation / md5Hash / crc32c (GCS),
+#: etag / last_modified (Azure)
+IDENTITY_FIELDS = ("size", "mtime", "ETag", "LastModified", "VersionId", "generation", "md5Hash", "crc32c", "etag",
+                   "last_modified")
 
 
 def shard_id(url: str) -> str:
@@ -30,6 +51,38 @@ def shard_id(url: str) -> str:
             break
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:80]
     return f"{safe}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+
+
+class JobLockedError(RuntimeError):
+    """Another process holds the job directory's lock (:meth:`JobLayout.locked`)."""
+
+
+def shard_identities(urls: Sequence[str]) -> dict[str, str | None]:
+    """Each shard's identity: the :data:`IDENTITY_FIELDS` of its fsspec file info, as JSON. A shard re-written
+    since (re-downloaded, repaired) has another one. Shards are listed a folder at a time (one listing call per
+    folder on an object store, not one per shard). None for ``pipe:`` URLs and vanished files (not compared)."""
+    out: dict[str, str | None] = {}
+    folders: dict[tuple, list[tuple[str, str]]] = {}
+    for url in urls:
+        if url.startswith("pipe:"):
+            out[url] = None
+            continue
+        fs, path = fsspec.core.url_to_fs(url)
+        folders.setdefault((fs, path.rsplit("/", 1)[0]), []).append((url, path))
+    for (fs, folder), members in folders.items():
+        fs.invalidate_cache(folder)  # a listing cached earlier in this process would show the old versions
+        try:
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(folder, detail=True)}
+        except (OSError, NotImplementedError, ValueError):  # a filesystem that cannot list (plain HTTP)
+            listing = {}
+        for url, path in members:
+            try:
+                info = listing.get(path) or fs.info(path)
+            except FileNotFoundError:
+                out[url] = None
+                continue
+            out[url] = json.dumps({k: info[k] for k in IDENTITY_FIELDS if k in info}, sort_keys=True, default=str)
+    return out
 
 
 @dataclass(frozen=True)
@@ -50,6 +103,21 @@ class JobLayout:
 
     def scores(self, url: str) -> Path:
         return self.shards_dir / f"{shard_id(url)}.parquet"
+
+    def scored_identity(self, url: str) -> str | None:
+        """The identity (:func:`shard_identities`) of the shard file its score file was scored from; None if that
+        was not recorded (scored before identities were, or a ``pipe:`` URL)."""
+        value = (pq.read_schema(self.scores(url)).metadata or {}).get(IDENTITY_KEY)
+        return value.decode() if value is not None else None
+
+    def stale_shards(self, pool: Sequence[str], identities: dict[str, str | None]) -> tuple[list[str], list[str]]:
+        """(the shards of ``pool`` without a score file, those whose score file records another identity than the
+        shard now has, per ``identities``); a shard without an identity on either side counts as unchanged."""
+        unscored = [u for u in pool if not self.scores(u).exists()]
+        done = set(pool) - set(unscored)
+        changed = [u for u in pool if u in done and identities[u] is not None
+                   and self.scored_identity(u) not in (None, identities[u])]
+        return unscored, changed
 
     def rejects(self, url: str) -> Path:
         return self.shards_dir / f"{shard_id(url)}.rejects.parquet"
@@ -79,6 +147,33 @@ class JobLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "job.lock"
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool = True) -> Iterator[None]:
+        """Hold the job directory's lock file while the block runs: exclusively to write the directory (a prune
+        job's driver), shared to read it (the job an extension builds on). ``flock`` on ``job.lock``, released
+        when the block ends or the process dies however it dies (the file stays and is never written), and held
+        across nodes on NFS. Raises :class:`JobLockedError` naming the file and the fix when another process holds
+        it in a conflicting mode; on a filesystem without locks it warns and goes on unlocked."""
+        with open(self.lock, "a") as fh:  # created if missing; appending nothing leaves it (and its mtime) alone
+            try:
+                fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JobLockedError(
+                    f"another pruner process is using the job directory {self.root}: it holds the lock {self.lock} "
+                    f"(e.g. an earlier scheduled run whose `ray job submit` client was stopped while the Ray job "
+                    f"kept running). Fix: wait for it to finish, or stop it (`ray job list`, `ray job stop <id>`), "
+                    f"then re-run") from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.warning("cannot lock %s (%s): another run on this job directory at the same time is not "
+                            "prevented", self.lock, e)
+            yield
 
     @property
     def trajectory(self) -> Path:

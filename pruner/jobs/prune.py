@@ -1,8 +1,8 @@
 """Entry point of a prune job: ``ray job submit --working-dir . -- python -m pruner.jobs.prune --config job.yaml``.
 
 Also used by ``pruner prune``. Exit status: 0 on success, 1 if any shard failed after its retries (the summary
-lists them; nothing is selected from a partial pool) or the job directory cannot be resumed as asked (the message
-names the cause and the fix), 2 for an invalid config.
+lists them; nothing is selected from a partial pool), the job directory cannot be resumed as asked, or another
+driver is running on it (the message names the cause and the fix), 2 for an invalid config.
 
 Idempotent: re-running a finished job (every shard scored and summary.json written, which the reduce step does
 last) starts no Ray instance and recomputes nothing; it prints the existing summary's counts. Re-running it with
@@ -12,23 +12,33 @@ tables, and config.yaml and summary.json then hold the new settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 
 from pruner.config import ConfigError, JobConfig, load_config
-from pruner.io.layout import JobLayout
+from pruner.io.layout import JobLayout, JobLockedError
 
 
 def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
     """Score, then reduce. Returns (exit status, summary-or-stats). ``prior``: a finished job this one extends by
-    later checkpoints (pruner.distributed.driver.score_all)."""
-    from pruner.distributed.driver import prepare, score_all, write_job_config
-    from pruner.io.atomic import write_json_atomic
-    from pruner.select.reduce import finalize
+    later checkpoints (pruner.distributed.driver.score_all). The job directory's lock is held for the whole run
+    (``prior``'s shared), so a second driver on it is refused (:class:`pruner.io.layout.JobLockedError`)."""
+    from pruner.distributed.driver import prepare
 
     layout, pool, target, traj = prepare(cfg)
     print(f"pruner: job directory {layout.root}", flush=True)
+    with layout.locked(), prior.locked(exclusive=False) if prior is not None else contextlib.nullcontext():
+        return _run_locked(cfg, layout, pool, target, traj, prior)
+
+
+def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj,
+                prior: JobLayout | None) -> tuple[int, dict]:
+    from pruner.distributed.driver import score_all, write_job_config
+    from pruner.io.atomic import write_json_atomic
+    from pruner.select.reduce import finalize
+
     stats = score_all(cfg, layout, pool, target, traj, prior)
     summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
     if (stats["shards_skipped"] == stats["shards_total"] and layout.ranking.exists()
@@ -50,8 +60,10 @@ def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
     summary = finalize(cfg, layout, pool, stats)
     (layout.root / "failed.json").unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
     c = summary["counts"]
+    n = stats["shards_changed"]
+    changed = f"; {n} shard(s) scored again because they changed" if n else ""
     print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']} "
-          f"({c['rejected']} rejected by the reader); summary: {layout.summary}", flush=True)
+          f"({c['rejected']} rejected by the reader{changed}); summary: {layout.summary}", flush=True)
     return 0, summary
 
 
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from pruner.distributed.driver import JobRefusedError, PlacementError
     try:
         status, _ = run(cfg)
-    except (JobRefusedError, PlacementError) as e:
+    except (JobLockedError, JobRefusedError, PlacementError) as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1
     return status
