@@ -12,6 +12,8 @@
         ranking.parquet             every sample, all scores and its rank
         keep/                       manifests: manifest.json, uids.npy, keep.parquet
         summary.json
+        explain/results/<query id>.json   the latest `pruner explain` result per query (shown by `pruner report`)
+        clusters.parquet, clusters.json   `pruner cluster`: each sample's gradient cluster; per-cluster summaries
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ def shard_id(url: str) -> str:
             break
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:80]
     return f"{safe}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+
+
+CLUSTERS_PARQUET = "clusters.parquet"
+CLUSTERS_JSON = "clusters.json"
 
 
 @dataclass(frozen=True)
@@ -83,3 +89,13 @@ class JobLayout:
     @property
     def trajectory(self) -> Path:
         return self.root / "trajectory.json"
+
+    @property
+    def explain_results(self) -> Path:
+        """The folder of saved ``pruner explain`` results, one ``<query id>.json`` per query."""
+        return self.root / "explain" / "results"
+
+    @property
+    def clusters_summary(self) -> Path:
+        """``pruner cluster``'s per-cluster summaries (:mod:`pruner.explain.cluster`)."""
+        return self.root / CLUSTERS_JSON
