@@ -308,6 +308,8 @@ def test_untrusted_text_is_escaped():
 
 def test_default_output_and_missing_job(job, tmp_path, capsys):
     assert build_report(job, top=1) == job / "report.html" and (job / "report.html").stat().st_size > 0
+    err = capsys.readouterr().err  # progress on stderr over the shards read
+    assert "images: 100%" in err and re.search(r"per-class split: 100%\|[^|]*\| 3/3 ", err), err
     assert main([str(tmp_path)]) == 2 and "summary.json does not exist" in capsys.readouterr().err
 
 

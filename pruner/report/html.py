@@ -16,7 +16,8 @@ groups (exact when the ranking fits); the per-class split reads at most ``class_
 at most the ``max_explain`` newest explain results and the 100 largest clusters are shown.
 Images are read back from the shards by (shard URL, key) (``pruner.io.shards.iter_shard``; ``pipe:`` URLs are
 not run).
-Untrusted text (captions, keys, reject details) is HTML-escaped.
+Untrusted text (captions, keys, reject details) is HTML-escaped. Reading images and the per-class split show
+progress bars (shards) on stderr.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
 from pruner.io.atomic import write_bytes_atomic
 from pruner.io.layout import JobLayout
@@ -128,7 +130,7 @@ def attach_images(rows: list[dict], convert: Callable = thumb_uri) -> None:
     for r in rows:
         r.update(image=None, caption="", note="not found in its shard")
         by_shard[r["shard_url"]][r["key"]].append(r)
-    for url, want in by_shard.items():
+    for url, want in tqdm(by_shard.items(), desc="images", unit="shard", dynamic_ncols=True):
         log = RejectLog()
         if url.startswith("pipe:"):
             note = "not read: the report does not run pipe: commands"
@@ -180,7 +182,7 @@ def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: i
     pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
         if files else []
     counts = defaultdict(lambda: [0, 0])
-    for f in pick:
+    for f in tqdm(pick, desc="per-class split", unit="shard", dynamic_ncols=True):
         url, kept = _kept_by_key(layout, selection, f)
         if not url or url.startswith("pipe:"):  # the report does not run commands
             continue
