@@ -405,12 +405,17 @@ def test_finalize_top_k_unchanged(job, tmp_path):
     assert not (root / "keep" / "policy.json").exists()
 
 
-def test_cli_main(job, tmp_path):
+def test_cli_main(job, tmp_path, capsys):
     from pruner.explain.cluster import main as cluster_main
     root, pairs = job
     out = tmp_path / "cli.json"
-    assert explain_main([str(root), "--uid", pairs[0][0], "-k", "4", "--out", str(out), "--no-captions"]) == 0
+    assert explain_main([str(root), "--uid", pairs[0][0], "-k", "4", "--out", str(out), "--no-captions",
+                         "--rebuild-index"]) == 0
     r = json.loads(out.read_text())
     assert len(r["proponents"]) == 4 and out.with_suffix(".csv").exists()
+    assert json.loads(Path(r["saved"]).read_text()) == r and Path(r["saved"]).parent == root / "explain" / "results"
+    err = capsys.readouterr().err  # progress on stderr: the index build over every sample
+    assert "faiss flat index: 100%" in err and f"{2 * 250 + N_DUPS}/{2 * 250 + N_DUPS}" in err
     assert explain_main([str(root), "--uid", "no-such-uid"]) == 2
     assert cluster_main([str(root), "--clusters", "4", "--no-shards"]) == 0
+    assert "assign clusters: 100%" in capsys.readouterr().err

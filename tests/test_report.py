@@ -2,6 +2,8 @@
 against the job's own files read independently, then rendered in headless Chromium."""
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 import re
@@ -18,9 +20,11 @@ from PIL import Image, ImageStat
 from scipy.stats import spearmanr
 
 from pruner.config import load_config
+from pruner.explain.cluster import main as cluster_main
+from pruner.explain.query import main as explain_main
 from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards
-from pruner.report.html import _cards, attach_images, build_report, main, read_extremes, read_sample, spearman
+from pruner.report.html import _cards, _fmt, attach_images, build_report, main, read_extremes, read_sample, spearman
 from pruner.select.reduce import finalize
 from tests.conftest import copy_job, small_job_config
 
@@ -97,6 +101,37 @@ def report(job, tmp_path_factory) -> tuple[Path, str]:
     return out, out.read_text()
 
 
+@pytest.fixture(scope="module")
+def explained(job, tmp_path_factory) -> tuple[Path, Path]:
+    """(a copy of the job after `pruner explain` of a pair and of a pool sample (twice) and `pruner cluster`, its
+    report written with --top TOP)."""
+    tmp = tmp_path_factory.mktemp("explained")
+    root, _, _ = copy_job(job, tmp, [])
+    with tarfile.open(demo_pool_shards()[1], "r:gz") as tf:  # a pair from the pool, as a user's file
+        key = tf.getmembers()[0].name.split(".")[0]
+        (tmp / "query.jpg").write_bytes(tf.extractfile(f"{key}.jpg").read())
+        caption = tf.extractfile(f"{key}.txt").read().decode()
+    assert explain_main([str(root), "--image", str(tmp / "query.jpg"), "--caption", caption, "-k", "3",
+                         "--device", "cpu"]) == 0
+    uid = pq.read_table(root / "ranking.parquet", columns=["uid"])["uid"][7].as_py()
+    for _ in range(2):  # the same query again replaces its saved result
+        assert explain_main([str(root), "--uid", uid, "-k", str(TOP + 2), "--out", str(tmp / "uid.json")]) == 0
+    assert cluster_main([str(root), "--clusters", "3", "--typical", "2"]) == 0
+    out = tmp / "report.html"
+    assert main([str(root), "--out", str(out), "--top", str(TOP)]) == 0
+    return root, out
+
+
+def _caption(url: str, key: str) -> str:
+    with tarfile.open(url) as tf:
+        return tf.extractfile(f"{key}.txt").read().decode().strip()
+
+
+def _data_uri_image(uri: str) -> Image.Image:
+    assert uri.startswith("data:image/jpeg;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+
+
 def _classnames(urls) -> dict[tuple[str, str], str]:
     """{(shard url, key): classname} read straight from the tars' .json members."""
     out = {}
@@ -112,6 +147,7 @@ def _classnames(urls) -> dict[tuple[str, str], str]:
 
 def test_self_contained(report):
     _, doc = report
+    assert "No saved result" in doc and "No <code>clusters.json</code>" in doc  # no pruner explain / cluster run
     assert doc.startswith("<!DOCTYPE html>") and doc.rstrip().endswith("</html>")
     assert "<script" not in doc and "<link" not in doc and "url(" not in doc
     assert all(src.startswith("data:image/") for src in re.findall(r'src="([^"]*)"', doc))
@@ -167,6 +203,37 @@ def test_images_of_overlapping_lists_and_a_key_in_two_shards(job, tmp_path):
     top = n // 2 + 10
     doc = build_report(job, tmp_path / "report.html", top=top).read_text()
     assert doc.count('src="data:image/jpeg;base64,') == 2 * top and "not found in its shard" not in doc
+
+
+def test_explain_results_and_clusters_in_the_report(explained, tmp_path):
+    root, out = explained
+    doc = out.read_text()
+    saved = sorted((root / "explain" / "results").glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    assert [p.name.split("-")[0] for p in saved] == ["pool_sample", "pair"]  # one file per query, newest first
+    results = [json.loads(p.read_text()) for p in saved]
+    assert results[0] == json.loads((out.parent / "uid.json").read_text())  # --out holds the same result
+    section = doc.split("<h2>Explained queries")[1].split("<h2>Gradient clusters")[0]
+    assert f"Pool sample {results[0]['query']['uid']}" in section
+    assert f"Pair: {html.escape(results[1]['query']['caption'])}" in section
+    cards = re.findall(r'<div class="card">(?:<img alt="[^"]*" src="([^"]*)">|<div class="note">[^<]*</div>)'
+                       r'<div class="cap">([^<]*)</div><div class="s">(.*?)</div></div>', section)
+    expected = []  # per query, newest first: the query's card, then its first TOP proponents and opponents
+    for r in results:
+        q = r["query"]
+        expected.append((q["caption"] if q["type"] == "pair" else _caption(q["shard_url"], q["key"]), "query"))
+        expected += [(h["caption"], f'rank {h["rank"]} · TracIn {_fmt(h["score"])}<br>{h["uid"]}')
+                     for h in r["proponents"][:TOP] + r["opponents"][:TOP]]
+    assert [(html.unescape(c), info) for _, c, info in cards] == expected
+    assert len(results[0]["proponents"]) == TOP + 2 and len(cards) == 1 + 2 * TOP + 1 + 2 * 3
+    images = [_data_uri_image(src) for src, _, _ in cards]  # every card has a decodable thumbnail
+    query = np.asarray(Image.open(root.parent / "query.jpg").convert("RGB"), float)
+    assert np.abs(np.asarray(images[1 + 2 * TOP], float) - query).mean() < 8  # the pair's own image
+    clusters = json.loads((root / "clusters.json").read_text())
+    table = doc.split("<h2>Gradient clusters")[1].split("<h2>Rejected samples")[0]
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td>", table)
+    assert sorted((int(c), int(n)) for c, n in rows) == sorted((c["cluster"], c["size"]) for c in clusters["clusters"])
+    assert sum(int(n) for _, n in rows) == pq.read_metadata(root / "ranking.parquet").num_rows
+    assert all(html.escape(t["caption"]) in table for c in clusters["clusters"] for t in c["typical"])
 
 
 def test_rejects_by_reason(report, job):
@@ -241,6 +308,8 @@ def test_untrusted_text_is_escaped():
 
 def test_default_output_and_missing_job(job, tmp_path, capsys):
     assert build_report(job, top=1) == job / "report.html" and (job / "report.html").stat().st_size > 0
+    err = capsys.readouterr().err  # progress on stderr over the shards read
+    assert "images: 100%" in err and re.search(r"per-class split: 100%\|[^|]*\| 3/3 ", err), err
     assert main([str(tmp_path)]) == 2 and "summary.json does not exist" in capsys.readouterr().err
 
 
@@ -248,8 +317,8 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install -y chromium)")
-def test_renders_in_headless_chromium(report, tmp_path):
-    out, _ = report
+def test_renders_in_headless_chromium(explained, tmp_path):
+    _, out = explained
     shot = tmp_path / "shot.png"
     proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",

@@ -4,7 +4,8 @@ Each sample is embedded as ``concat_i sqrt(eta_i) P g_i(z) / ||P g_i(z)||``, sca
 view of :mod:`pruner.explain.pool`): per-checkpoint normalisation keeps high-norm (outlier) gradients from dominating,
 the learning-rate weights keep TracIn's checkpoint weighting. ``faiss.Kmeans(spherical=True)`` is trained on a
 seeded sample (at most 256 points per centroid, ``train_size`` in all) and every sample is then assigned to its
-nearest centroid by cosine, streaming the features in batches.
+nearest centroid by cosine, streaming the features in batches. Progress bars on stderr: the assignment (samples)
+and the pass over the shards for labels and captions (shards).
 
 Writes, atomically, into the job directory:
 
@@ -30,14 +31,14 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from pruner.explain.index import _want_gpu, num_gpus, train_sample_ids
 from pruner.explain.pool import PoolFeatures, sample_labels
 from pruner.io.atomic import atomic_path, write_json_atomic
+from pruner.io.layout import CLUSTERS_JSON, CLUSTERS_PARQUET
 from pruner.select.reduce import method_columns
 
-CLUSTERS_PARQUET = "clusters.parquet"
-CLUSTERS_JSON = "clusters.json"
 CLUSTER_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string()),
                             ("row", pa.int32()), ("cluster", pa.int32()), ("cosine", pa.float32()),
                             ("label", pa.string())])
@@ -57,10 +58,12 @@ def assign(pool: PoolFeatures, centroids: np.ndarray, batch_rows: int = 65536) -
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     cluster = np.zeros(pool.n, np.int32)
     cosine = np.zeros(pool.n, np.float32)
-    for start, x in pool.batches(batch_rows, weighting="unit"):
-        d, i = index.search(x, 1)
-        cluster[start:start + len(x)] = i[:, 0]
-        cosine[start:start + len(x)] = d[:, 0]
+    with tqdm(total=pool.n, desc="assign clusters", unit="sample", dynamic_ncols=True) as bar:
+        for start, x in pool.batches(batch_rows, weighting="unit"):
+            d, i = index.search(x, 1)
+            cluster[start:start + len(x)] = i[:, 0]
+            cosine[start:start + len(x)] = d[:, 0]
+            bar.update(len(x))
     return cluster, cosine
 
 

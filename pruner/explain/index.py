@@ -24,7 +24,7 @@ GPU: when ``faiss.get_num_gpus() > 0`` (a faiss-gpu build and a visible GPU), IV
 GPU 0 and copied back to the CPU to be saved; searches run on all GPUs (the index sharded across them). faiss-cpu
 reports 0 GPUs and everything runs on the CPU.
 
-Indexes are cached in ``<job>/explain/index-<kind>.faiss`` with ``index-<kind>.json`` (parameters and a
+Building shows a progress bar (samples added) on stderr. Indexes are cached in ``<job>/explain/index-<kind>.faiss`` with ``index-<kind>.json`` (parameters and a
 fingerprint of the feature files); a cached index is reused only if the fingerprint and parameters match.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Optional
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from pruner.explain.pool import PoolFeatures
 from pruner.io.atomic import atomic_path, write_json_atomic
@@ -207,9 +208,16 @@ class PoolIndex:
                 meta["params"]["nprobe"] = p.nprobe
                 return cls(pool, index, p, {**meta, "loaded": True}, use_gpu)
         t0, timings = time.time(), {}
-        index = fill_index(new_index(pool.dim, p), p,
-                           lambda: pool.gather(train_sample_ids(pool.n, p.train_size, p.seed)),
-                           (x for _, x in pool.batches(batch_rows)), use_gpu, timings)
+        bar = tqdm(total=pool.n, desc=f"faiss {p.kind} index", unit="sample", dynamic_ncols=True)
+
+        def batches():  # one shard's features at a time (at most batch_rows rows)
+            for _, x in pool.batches(batch_rows):
+                yield x
+                bar.update(len(x))
+        with bar:
+            index = fill_index(new_index(pool.dim, p), p,
+                               lambda: pool.gather(train_sample_ids(pool.n, p.train_size, p.seed)), batches(),
+                               use_gpu, timings)
         meta = {"params": p.as_dict(), "fingerprint": fp, "n": pool.n, "dim": pool.dim, "etas": pool.etas,
                 "build_seconds": time.time() - t0, **timings, "faiss": faiss.__version__, "gpus": num_gpus()}
         if save:

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from pruner.io.layout import JobLayout
 from pruner.io.store import load_features
@@ -245,14 +246,14 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
                   caption_ids: Iterable[int] = ()) -> tuple[pa.Array, dict[int, Optional[str]]]:
     """(labels, captions): ``str(meta[label_key])`` from each sample's json member, for every sample of
     ``score_files`` in id order (null where absent; all null without ``label_key``), and the captions of the
-    samples ``caption_ids``. One streaming pass per shard over text members only; memory: one shard's texts plus
-    the label column."""
+    samples ``caption_ids``. One streaming pass per shard over text members only (a progress bar on stderr);
+    memory: one shard's texts plus the label column."""
     want = set(int(i) for i in caption_ids)
     categories: dict[str, int] = {}
     codes: list[np.ndarray] = []
     captions: dict[int, Optional[str]] = {}
     offset = 0
-    for f in score_files:
+    for f in tqdm(score_files, desc="read labels", unit="shard", dynamic_ncols=True):
         t = pq.read_table(f, columns=["key", "shard_url"])
         keys, urls = t["key"].to_pylist(), t["shard_url"].to_pylist()
         texts = {url: read_text_members(url) for url in set(urls)}

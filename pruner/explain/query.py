@@ -18,16 +18,20 @@ vector ``concat_i sqrt(eta_i) P g_i(q)`` is searched by maximum inner product
   target gradient, and it needs no parameter-sized vector (no extra memory beyond one batch). Explaining a mean
   ranks the pool exactly as ``tracin_target`` would for that target set.
 
-Output: a dict (and with ``out``, a JSON file plus a CSV beside it) listing per hit: role, rank, uid, key,
-shard_url, row, score, caption (read from the shard; ``captions=False`` skips that).
+Output: a dict listing per hit: role, rank, uid, key, shard_url, row, score, caption (read from the shard;
+``captions=False`` skips that). It is saved atomically as ``<job>/explain/results/<query id>.json``
+(:func:`query_id`: the same query again replaces its file), which ``pruner report`` shows with thumbnails; with
+``out`` also as a JSON file plus a CSV beside it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -203,6 +207,19 @@ def find_uid(pool: PoolFeatures, uid: str) -> int:
     return int(hits[0])
 
 
+def query_id(query: dict) -> str:
+    """A file-name-safe id of a query: its type and a digest of what defines it (a pair: the image file's bytes
+    and the caption; a pool sample: its uid; a target: its shard specs and sample count)."""
+    if query["type"] == "job_target":
+        return "job_target"
+    h = hashlib.sha256()
+    if query["type"] == "pair":
+        h.update(Path(query["image"]).read_bytes())
+    h.update(json.dumps({k: query[k] for k in ("caption", "uid", "shards", "samples") if k in query},
+                        sort_keys=True).encode())
+    return f"{query['type']}-{h.hexdigest()[:16]}"
+
+
 def _hits(role: str, index: PoolIndex, scores: np.ndarray, ids: np.ndarray, captions: bool) -> list[dict]:
     keep = ids >= 0
     recs = index.pool.records(ids[keep])
@@ -218,7 +235,8 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
             device: str = "auto", rebuild_index: bool = False, out: Optional[str | Path] = None,
             encoder: Optional[QueryEncoder] = None, index: Optional[PoolIndex] = None) -> dict:
     """Top-k proponents and opponents of one query (exactly one of: image + caption, uid, target, job_target).
-    Returns the result dict; with ``out`` also writes it as JSON (``out``) and CSV (``out`` with .csv)."""
+    Returns the result dict, saved as ``result["saved"]`` (``<job>/explain/results/<query id>.json``); with
+    ``out`` also written as JSON (``out``) and CSV (``out`` with .csv)."""
     modes = [image is not None or caption is not None, uid is not None, bool(target), job_target]
     if sum(modes) != 1 or (modes[0] and (image is None or caption is None)):
         raise ValueError("give exactly one query: image and caption, uid, target shards, or job_target")
@@ -229,10 +247,11 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
     if modes[0]:
         sample = pair_sample(image, caption)
         q = encoder.vectors([sample])
-        query = {"type": "pair", "image": str(image), "caption": sample.caption}
+        query = {"type": "pair", "image": str(Path(image).resolve()), "caption": sample.caption}
     elif modes[1]:
-        q = index.pool.gather([find_uid(index.pool, uid)])
-        query = {"type": "pool_sample", "uid": uid}
+        i = find_uid(index.pool, uid)
+        q = index.pool.gather([i])
+        query = {"type": "pool_sample", **index.pool.records([i], ("uid", "key", "shard_url"))[0]}
     elif modes[2]:
         blocks, n = encoder.target_blocks(target, max_target_samples, encoder.cfg.data.allow_pipe)
         q = weight_blocks(blocks, encoder.etas, "tracin")
@@ -243,8 +262,10 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         query = {"type": "job_target", "vector": "projected v_target of shared/ckpt-<i>.pt (the job's target set)"}
     pro_s, pro_i = index.search(q, k, rerank)
     opp_s, opp_i = index.search(-q, k, rerank)
+    query["id"] = query_id(query)
     result = {
         "job": str(Path(job_dir)), "query": query, "k": int(k),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "score": "TracIn(z, q) = sum_i eta_i <P g_i(q), P g_i(z)> over the stored projected gradients",
         "etas": index.pool.etas, "query_norm": float(np.linalg.norm(q)),
         "index": {"kind": index.params.kind, **index.params.as_dict(), "n": index.pool.n, "dim": index.pool.dim,
@@ -252,6 +273,8 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         "proponents": _hits("proponent", index, pro_s[0], pro_i[0], captions),
         "opponents": _hits("opponent", index, -opp_s[0], opp_i[0], captions),
     }
+    result["saved"] = str(JobLayout(Path(job_dir)).explain_results / f"{query['id']}.json")
+    write_json_atomic(result["saved"], result)
     if out is not None:
         write_result(result, out)
     return result
@@ -310,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pruner explain: wrote {args.out} and {Path(args.out).with_suffix('.csv')}")
     else:
         print(json.dumps(result, indent=2, default=str))
+    print(f"pruner explain: saved {result['saved']} (`pruner report {args.job}` shows it)", file=sys.stderr)
     return 0
 
 

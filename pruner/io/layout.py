@@ -14,6 +14,8 @@
         keep/                       manifests: manifest.json, uids.npy, keep.parquet
         summary.json
         job.lock                    held (flock) by the process writing the directory, shared by those reading it
+        explain/results/<query id>.json   the latest `pruner explain` result per query (shown by `pruner report`)
+        clusters.parquet, clusters.json   `pruner cluster`: each sample's gradient cluster; per-cluster summaries
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ def shard_id(url: str) -> str:
             break
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:80]
     return f"{safe}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+
+
+CLUSTERS_PARQUET = "clusters.parquet"
+CLUSTERS_JSON = "clusters.json"
 
 
 class JobLockedError(RuntimeError):
@@ -178,3 +184,13 @@ class JobLayout:
     @property
     def trajectory(self) -> Path:
         return self.root / "trajectory.json"
+
+    @property
+    def explain_results(self) -> Path:
+        """The folder of saved ``pruner explain`` results, one ``<query id>.json`` per query."""
+        return self.root / "explain" / "results"
+
+    @property
+    def clusters_summary(self) -> Path:
+        """``pruner cluster``'s per-cluster summaries (:mod:`pruner.explain.cluster`)."""
+        return self.root / CLUSTERS_JSON

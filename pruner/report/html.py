@@ -4,15 +4,20 @@ One file, no external resources: inline CSS, plots as inline SVG (no plotting li
 JPEG data URIs. Sections: the job's counts and selection; the keep/drop split (and per class when the shards'
 ``.json`` metadata has ``classname``); score histograms per method, kept and dropped stacked; agreement between
 methods (Spearman rank correlation); the most helpful and most harmful pairs by the job's selection score
-(``summary.json: score``) with image, caption and score; rejected samples by reason with examples.
+(``summary.json: score``) with image, caption and score; the results ``pruner explain`` saved in the job
+(``explain/results/``: each query with its TracIn proponents and opponents, image, caption and score) and the
+gradient clusters ``pruner cluster`` wrote (``clusters.json``: size, labels, mean score, typical captions);
+rejected samples by reason with examples.
 
 Memory is bounded independently of the pool size: the ranking (sorted by rank) is read a row group at a time,
 only the columns needed; the most helpful/harmful pairs come from its first/last row groups; histograms and
 correlations use a subsample of at most ``max_rows`` rows spread over at most ``max_groups`` evenly spaced row
-groups (exact when the ranking fits); the per-class split reads at most ``class_shards`` evenly spaced shards.
+groups (exact when the ranking fits); the per-class split reads at most ``class_shards`` evenly spaced shards;
+at most the ``max_explain`` newest explain results and the 100 largest clusters are shown.
 Images are read back from the shards by (shard URL, key) (``pruner.io.shards.iter_shard``; ``pipe:`` URLs are
 not run).
-Untrusted text (captions, keys, reject details) is HTML-escaped.
+Untrusted text (captions, keys, reject details) is HTML-escaped. Reading images and the per-class split show
+progress bars (shards) on stderr.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
 from pruner.io.atomic import write_bytes_atomic
 from pruner.io.layout import JobLayout
@@ -44,7 +51,7 @@ th{background:#f2f4f7}td.l,th.l{text-align:left}.note{color:#5b6570;font-size:12
 .card img{width:158px;height:158px;object-fit:contain;image-rendering:pixelated;background:#f2f4f7}
 .card .cap{font-size:12px;margin:4px 0;overflow-wrap:anywhere}.card .s{font:11px monospace;color:#5b6570}
 .wide{overflow-x:auto}.corr td,.corr th{font-size:12px;padding:2px 5px}svg.hist{border:1px solid #eef0f3}
-.kept{color:#1f7a3a}.dropped{color:#b3261e}
+.kept{color:#1f7a3a}.dropped{color:#b3261e}.top{align-items:flex-start}
 """
 KEPT_COLOR, DROPPED_COLOR = "#3b8f5a", "#c8553d"
 
@@ -67,10 +74,11 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4g}"
 
 
-def _table(header: list[str] | None, rows: list[list], left: int = 1) -> str:
-    """An HTML table (no header row when ``header`` is None); the first ``left`` columns are left-aligned; cells
-    are escaped."""
-    cls = lambda i: ' class="l"' if i < left else ""  # noqa: E731
+def _table(header: list[str] | None, rows: list[list], left: int | set[int] = 1) -> str:
+    """An HTML table (no header row when ``header`` is None); the first ``left`` columns (or the columns in the set
+    ``left``) are left-aligned; cells are escaped."""
+    lefts = set(range(left)) if isinstance(left, int) else left
+    cls = lambda i: ' class="l"' if i in lefts else ""  # noqa: E731
     head = "<tr>" + "".join(f"<th{cls(i)}>{html.escape(str(h))}</th>" for i, h in enumerate(header)) + "</tr>" \
         if header else ""
     body = "".join("<tr>" + "".join(f"<td{cls(i)}>{html.escape(str(c))}</td>" for i, c in enumerate(r)) + "</tr>"
@@ -122,7 +130,7 @@ def attach_images(rows: list[dict], convert: Callable = thumb_uri) -> None:
     for r in rows:
         r.update(image=None, caption="", note="not found in its shard")
         by_shard[r["shard_url"]][r["key"]].append(r)
-    for url, want in by_shard.items():
+    for url, want in tqdm(by_shard.items(), desc="images", unit="shard", dynamic_ncols=True):
         log = RejectLog()
         if url.startswith("pipe:"):
             note = "not read: the report does not run pipe: commands"
@@ -174,7 +182,7 @@ def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: i
     pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
         if files else []
     counts = defaultdict(lambda: [0, 0])
-    for f in pick:
+    for f in tqdm(pick, desc="per-class split", unit="shard", dynamic_ncols=True):
         url, kept = _kept_by_key(layout, selection, f)
         if not url or url.startswith("pipe:"):  # the report does not run commands
             continue
@@ -183,6 +191,37 @@ def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: i
             if s.key in kept and isinstance(name, str):
                 counts[name][0 if kept[s.key] else 1] += 1
     return dict(sorted(counts.items())), len(pick), len(files)
+
+
+def read_explain_results(layout: JobLayout, limit: int) -> tuple[list[dict], int]:
+    """(the newest ``limit`` results saved by ``pruner explain`` in ``explain/results/``, newest first; how many
+    are saved)."""
+    paths = list(layout.explain_results.glob("*.json")) if layout.explain_results.is_dir() else []
+    newest = sorted(paths, key=lambda p: (-p.stat().st_mtime_ns, p.name))[:limit]
+    return [json.loads(p.read_text()) for p in newest], len(paths)
+
+
+def explain_cards(results: list[dict], top: int) -> list[dict]:
+    """Give each saved explain result ``query_row`` (a card for the query: ``image`` a data URI or None with a
+    ``note``, ``caption``) and ``shown`` (copies of its first ``top`` proponents, then its first ``top``
+    opponents). A query pair's image is read from its file if still there. Returns the rows whose images are to
+    be read from the shards (:func:`attach_images`): the shown hits and pool-sample queries."""
+    rows = []
+    for r in results:
+        q = r["query"]
+        r["shown"] = [dict(h) for h in r["proponents"][:top] + r["opponents"][:top]]
+        r["query_row"] = {"image": None, "caption": q.get("caption") or "", "note": ""}
+        rows += r["shown"]
+        if q["type"] == "pool_sample":
+            r["query_row"].update(shard_url=q["shard_url"], key=q["key"])
+            rows.append(r["query_row"])
+        elif q["type"] == "pair":
+            try:
+                with Image.open(q["image"]) as im:
+                    r["query_row"]["image"] = thumb_uri(im.convert("RGB"))
+            except OSError:
+                r["query_row"]["note"] = f"query image {q['image']} is no longer readable"
+    return rows
 
 
 def read_rejects(layout: JobLayout, limit: int) -> list[dict]:
@@ -255,16 +294,73 @@ def _corr_table(corr: np.ndarray, methods: list[str]) -> str:
     return f'<div class="wide"><table class="corr"><tr><th></th>{head}</tr>{body}</table></div>'
 
 
+def _card(r: dict, info: str) -> str:
+    """One card: the row's image (or the note why there is none), its caption and ``info`` (HTML, escaped)."""
+    img = f'<img alt="{html.escape(r.get("key", "query"))}" src="{r["image"]}">' if r["image"] else \
+        f'<div class="note">{html.escape(r["note"])}</div>'
+    return f'<div class="card">{img}<div class="cap">{html.escape(r["caption"])}</div><div class="s">{info}</div></div>'
+
+
 def _cards(rows: list[dict], score: str) -> str:
     out = []
     for r in rows:
-        img = f'<img alt="{html.escape(r["key"])}" src="{r["image"]}">' if r["image"] else \
-            f'<div class="note">{html.escape(r["note"])}</div>'
         state = "kept" if r["kept"] else "dropped"
-        out.append(f'<div class="card">{img}<div class="cap">{html.escape(r["caption"])}</div>'
-                   f'<div class="s">rank {r["rank"]} · <span class="{state}">{state}</span><br>'
-                   f'{html.escape(score)} {_fmt(r[score])}<br>{html.escape(r["key"])}</div></div>')
+        out.append(_card(r, f'rank {r["rank"]} · <span class="{state}">{state}</span><br>'
+                            f'{html.escape(score)} {_fmt(r[score])}<br>{html.escape(r["key"])}'))
     return '<div class="grid">' + "".join(out) + "</div>"
+
+
+def _hit_cards(hits: list[dict]) -> str:
+    return '<div class="grid">' + "".join(
+        _card(h, f'rank {h["rank"]} · TracIn {_fmt(h["score"])}<br>{html.escape(h["uid"])}') for h in hits) + "</div>"
+
+
+def _query_title(q: dict) -> str:
+    if q["type"] == "pair":
+        return f"Pair: {q['caption']}"
+    if q["type"] == "pool_sample":
+        return f"Pool sample {q['uid']}"
+    if q["type"] == "target":
+        return f"Target set {', '.join(q['shards'])} ({q['samples']} samples)"
+    return "The job's target set"
+
+
+def _explain_section(results: list[dict], n_saved: int, top: int) -> str:
+    if not results:
+        return ('<p class="note">No saved result: <code>pruner explain &lt;job dir&gt; ...</code> saves one per query '
+                'in <code>explain/results/</code>.</p>')
+    src = f"all {n_saved}" if len(results) == n_saved else f"the newest {len(results)} of {n_saved}"
+    parts = [f'<p class="note">TracIn(z, q) = Σ<sub>i</sub> η<sub>i</sub> ⟨P g<sub>i</sub>(q), P g<sub>i</sub>(z)⟩ '
+             f'over the stored projected gradients: proponents (highest) and opponents (lowest) of {src} saved '
+             f'queries (<code>explain/results/</code>), at most {top} of each.</p>']
+    for r in results:
+        q = r["query"]
+        facts = [["query id", q["id"]], ["explained", r.get("created", "–")], ["k", r["k"]],
+                 ["index", r["index"]["kind"]]]
+        n_pro = min(top, len(r["proponents"]))
+        parts.append(f'<h3>{html.escape(_query_title(q))}</h3><div class="grid top">{_card(r["query_row"], "query")}'
+                     f'{_table(None, facts, left=2)}</div><h4>Proponents</h4>{_hit_cards(r["shown"][:n_pro])}'
+                     f'<h4>Opponents</h4>{_hit_cards(r["shown"][n_pro:])}')
+    return "".join(parts)
+
+
+def _clusters_section(c: Optional[dict], n_samples: int, score: str, limit: int = 100) -> str:
+    if c is None:
+        return ('<p class="note">No <code>clusters.json</code>: <code>pruner cluster &lt;job dir&gt;</code> writes '
+                'one.</p>')
+    stale = "" if c["n_samples"] == n_samples else \
+        f' <b>Clustered when the job held {c["n_samples"]:,} samples (now {n_samples:,}): re-run pruner cluster.</b>'
+    biggest = sorted(c["clusters"], key=lambda x: (-x["size"], x["cluster"]))[:limit]
+    shown = "every cluster" if len(biggest) == len(c["clusters"]) else f"the {len(biggest)} largest clusters"
+    rows = [[x["cluster"], x["size"], f'{x["size"] / max(c["n_samples"], 1):.1%}', _fmt(x["mean_cosine"]),
+             _fmt(x["mean_scores"].get(score)),
+             ", ".join(f"{k} {v:.0%}" for k, v in sorted(x.get("label_share", {}).items(), key=lambda kv: -kv[1])[:3]),
+             " · ".join(t["caption"] for t in x["typical"] if t["caption"])] for x in biggest]
+    return (f'<p class="note">{c["n_clusters"]} clusters of {c["n_samples"]:,} samples by spherical k-means in '
+            f'gradient space (<code>pruner cluster</code>, seed {c["seed"]}, objective {_fmt(c["objective"])}); '
+            f'{shown}, largest first; typical = closest to the centroid.{stale}</p>'
+            + _table(["cluster", "size", "share", "mean cosine", f"mean {score}", "labels", "typical captions"], rows,
+                     left={5, 6}))
 
 
 def _class_section(counts: dict, read: int, total: int) -> str:
@@ -289,7 +385,7 @@ def _class_section(counts: dict, read: int, total: int) -> str:
 
 
 def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 12, max_rows: int = 200_000,
-                 max_groups: int = 64, class_shards: int = 16) -> Path:
+                 max_groups: int = 64, class_shards: int = 16, max_explain: int = 20) -> Path:
     """Write the report of the finished job in ``job_dir`` to ``out`` (default ``<job dir>/report.html``)
     atomically; returns its path. Raises FileNotFoundError when the job has no summary.json/ranking.parquet."""
     layout = JobLayout(Path(job_dir))
@@ -303,8 +399,10 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     sample = read_sample(pf, methods + ["kept"], max_rows, max_groups)
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
-    attach_images(head + tail)
+    explained, n_explained = read_explain_results(layout, max_explain)
+    attach_images(head + tail + explain_cards(explained, top))  # each shard read once
     classes = class_split(layout, job_selection(summary), class_shards)
+    clusters = json.loads(layout.clusters_summary.read_text()) if layout.clusters_summary.exists() else None
     rejects = read_rejects(layout, 20)
 
     run = summary.get("run", {})
@@ -342,6 +440,8 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
 {_corr_table(spearman(sample, methods), methods)}
 <h2>Most helpful pairs (highest {html.escape(score)})</h2>{_cards(head, score)}
 <h2>Most harmful pairs (lowest {html.escape(score)})</h2>{_cards(tail, score)}
+<h2>Explained queries (pruner explain)</h2>{_explain_section(explained, n_explained, top)}
+<h2>Gradient clusters (pruner cluster)</h2>{_clusters_section(clusters, n, score)}
 <h2>Rejected samples</h2>{reject_html}
 """
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>pruner report: '
@@ -353,10 +453,12 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pruner report", description="Write a self-contained HTML report of a "
-                                 "finished job (scores, method agreement, top/bottom pairs, rejects, keep/drop).")
+                                 "finished job (scores, method agreement, top/bottom pairs, saved explain results, "
+                                 "gradient clusters, rejects, keep/drop).")
     ap.add_argument("job_dir", help="the job directory (<output_dir>/<name>-<job id>)")
     ap.add_argument("--out", help="output file (default: <job dir>/report.html)")
-    ap.add_argument("--top", type=int, default=12, help="pairs shown as most helpful and as most harmful")
+    ap.add_argument("--top", type=int, default=12, help="pairs shown as most helpful and as most harmful, and "
+                    "proponents and opponents shown per explained query")
     args = ap.parse_args(argv)
     try:
         out = build_report(args.job_dir, args.out, top=args.top)
