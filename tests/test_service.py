@@ -650,7 +650,8 @@ def test_repaired_shard_is_scored_again(connected, pool_uids, micro_trajectory, 
     lake.mkdir()
     for url in pool_uids:
         shutil.copy(url, lake)
-    lake_uids = {str(lake / Path(url).name): uids for url, uids in pool_uids.items()}  # uids name the file, not dir
+    lake_uids = {str(lake / Path(url).name): [f"lake/{u.split('/', 1)[1]}" for u in uids]  # <folder>/<file>/<key>
+                 for url, uids in pool_uids.items()}
     feats = {"k": 128, "layer_k": 8, "bank_size": 16, "batch_size": 50}
     cfg_path = write_config(tmp_path, micro_trajectory, [lake], features=feats)
     root = job_dir(cfg_path)
