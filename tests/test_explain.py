@@ -10,6 +10,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from corpus import make_bad_corpus, sample, variant, write_shard
@@ -17,7 +18,7 @@ from corpus import make_bad_corpus, sample, variant, write_shard
 from pruner.config import load_config
 from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET, cluster_pool
 from pruner.explain.index import PoolIndex, choose_params, fill_index, new_index
-from pruner.explain.pool import PoolFeatures, read_text_members
+from pruner.explain.pool import PoolFeatures, read_text_members, sample_labels
 from pruner.explain.query import QueryEncoder, explain, main as explain_main
 from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards, demo_target_shards, shard_name
@@ -286,6 +287,15 @@ def test_read_text_members_stops_after_wanted_keys(bad):
     with pytest.raises(tarfile.ReadError):  # reading on reaches the cut
         read_text_members(url)
     assert set(read_text_members(url, ["t-001", "t-000"])) == {"t-000", "t-001"}
+
+
+@pytest.mark.parametrize("case", ["truncated_tar", "truncated_tgz"])
+def test_sample_labels_of_a_truncated_shard(bad, tmp_path, case):
+    """A job keeps the samples completed before a shard's cut (t-000, t-001); their labels and captions read."""
+    f = tmp_path / "scores.parquet"
+    pq.write_table(pa.table({"key": ["t-000", "t-001"], "shard_url": [str(bad[case])] * 2}), f)
+    labels, captions = sample_labels([f], "source", [1])
+    assert labels.to_pylist() == ["t-000", "t-001"] and captions == {1: "a photo of t-001"}
 
 
 def _check_group_counts(job_root, summary, groups_by_uid, fraction):

@@ -229,12 +229,17 @@ def _meta(raw: Optional[bytes]) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def _read_texts(keys: Sequence[str], urls: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """``{url: read_text_members(url, its keys)}`` for samples given as parallel lists of keys and shard URLs."""
+    by_url: dict[str, set[str]] = {}
+    for key, url in zip(keys, urls):
+        by_url.setdefault(url, set()).add(key)
+    return {url: read_text_members(url, wanted) for url, wanted in by_url.items()}
+
+
 def read_captions(records: Sequence[dict]) -> list[Optional[str]]:
     """Captions of samples given as records with ``shard_url`` and ``key`` (one pass per distinct shard)."""
-    by_url: dict[str, set[str]] = {}
-    for r in records:
-        by_url.setdefault(r["shard_url"], set()).add(r["key"])
-    found = {url: read_text_members(url, keys) for url, keys in by_url.items()}
+    found = _read_texts([r["key"] for r in records], [r["shard_url"] for r in records])
     return [(found[r["shard_url"]].get(r["key"]) or {}).get("caption") for r in records]
 
 
@@ -242,8 +247,9 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
                   caption_ids: Iterable[int] = ()) -> tuple[pa.Array, dict[int, Optional[str]]]:
     """(labels, captions): ``str(meta[label_key])`` from each sample's json member, for every sample of
     ``score_files`` in id order (null where absent; all null without ``label_key``), and the captions of the
-    samples ``caption_ids``. One streaming pass per shard over text members only (a progress bar on stderr);
-    memory: one shard's texts plus the label column."""
+    samples ``caption_ids``. One streaming pass per shard over text members only, up to its last scored sample (so
+    a shard the job read up to a cut is read no further; a progress bar on stderr); memory: one shard's texts plus
+    the label column."""
     want = set(int(i) for i in caption_ids)
     categories: dict[str, int] = {}
     codes: list[np.ndarray] = []
@@ -252,7 +258,7 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
     for f in tqdm(score_files, desc="read labels", unit="shard", dynamic_ncols=True):
         t = pq.read_table(f, columns=["key", "shard_url"])
         keys, urls = t["key"].to_pylist(), t["shard_url"].to_pylist()
-        texts = {url: read_text_members(url) for url in set(urls)}
+        texts = _read_texts(keys, urls)
         c = np.full(len(keys), -1, np.int32)
         for j, (key, url) in enumerate(zip(keys, urls)):
             rec = texts[url].get(key) or {}
