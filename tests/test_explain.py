@@ -10,13 +10,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from corpus import make_bad_corpus, sample, variant, write_shard
 
 from pruner.config import load_config
 from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET, cluster_pool
 from pruner.explain.index import PoolIndex, choose_params, fill_index, new_index
-from pruner.explain.pool import PoolFeatures, read_text_members
+from pruner.explain.pool import PoolFeatures, read_text_members, sample_labels
 from pruner.explain.query import QueryEncoder, explain, main as explain_main
 from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards, demo_target_shards, shard_name
@@ -261,6 +263,39 @@ def test_balanced_quotas():
     assert q.tolist() == [2, 8]
     with pytest.raises(ValueError):
         balanced_quotas([2], [1], 2)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    return make_bad_corpus(tmp_path_factory.mktemp("bad"))
+
+
+def test_read_text_members_first_occurrence_and_unreadable(bad, tmp_path):
+    texts = read_text_members(bad["duplicate_key"])  # dk-001 repeated adjacent, dk-000 repeated at the end
+    assert {k: r["caption"] for k, r in texts.items()} == {k: f"a photo of {k}" for k in ("dk-000", "dk-001",
+                                                                                             "dk-002")}
+    assert read_text_members(bad["duplicate_key"], ["dk-001", "absent"]) == {
+        "dk-001": {"caption": "a photo of dk-001", "meta": {"source": "dk-001"}}}
+    assert read_text_members(bad["non_utf8_caption"])["nu-001"] == {"caption": None, "meta": {"source": "nu-001"}}
+    assert [r["meta"] for r in read_text_members(bad["bad_json"]).values()] == [{"source": "bj-000"}, {}, {}]
+    url = write_shard(tmp_path / "image-only.tar", [sample("a"), variant(sample("b"), txt=None, json=None)])
+    assert list(read_text_members(str(url))) == ["a"]  # no text member: no record
+
+
+def test_read_text_members_stops_after_wanted_keys(bad):
+    url = bad["truncated_tar"]  # t-000..t-003, cut inside t-002.jpg
+    with pytest.raises(tarfile.ReadError):  # reading on reaches the cut
+        read_text_members(url)
+    assert set(read_text_members(url, ["t-001", "t-000"])) == {"t-000", "t-001"}
+
+
+@pytest.mark.parametrize("case", ["truncated_tar", "truncated_tgz"])
+def test_sample_labels_of_a_truncated_shard(bad, tmp_path, case):
+    """A job keeps the samples completed before a shard's cut (t-000, t-001); their labels and captions read."""
+    f = tmp_path / "scores.parquet"
+    pq.write_table(pa.table({"key": ["t-000", "t-001"], "shard_url": [str(bad[case])] * 2}), f)
+    labels, captions = sample_labels([f], "source", [1])
+    assert labels.to_pylist() == ["t-000", "t-001"] and captions == {1: "a photo of t-001"}
 
 
 def _check_group_counts(job_root, summary, groups_by_uid, fraction):

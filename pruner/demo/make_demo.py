@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pruner.io.atomic import write_bytes_atomic
+from pruner.io.shards import tar_samples
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SRC = HERE.parents[1] / ".." / "shared" / "data"
@@ -28,13 +29,12 @@ EXTS = ("jpg", "txt", "json")
 
 
 def load_split(split_dir: Path) -> dict[str, dict[str, bytes]]:
-    """{key: {ext: member bytes}} for every sample in the split's shards."""
+    """{key: {ext: member bytes}} for every sample in the split's shards, grouped by pruner.io.shards.tar_samples."""
     samples: dict[str, dict[str, bytes]] = defaultdict(dict)
     for shard in sorted(split_dir.glob("*.tar.gz")):
-        with tarfile.open(shard, "r:gz") as tf:
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                samples[key][ext] = tf.extractfile(m).read()
+        with tarfile.open(shard, "r|gz") as tf:
+            for key, parts in tar_samples(tf, lambda key, ext: True):
+                samples[key].update({ext: data for ext, (_, data) in parts.items()})
     return samples
 
 

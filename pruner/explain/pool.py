@@ -17,9 +17,7 @@ Everything is read memory-mapped, one shard at a time and at most ``batch_rows``
 """
 from __future__ import annotations
 
-import io
 import json
-import posixpath
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from pruner.io.layout import JobLayout
+from pruner.io.shards import tar_samples
 from pruner.io.store import load_features
 from pruner.select.rank import shard_score_files
 
@@ -188,57 +187,59 @@ def feature_path(score_file: Path, checkpoint: int) -> Path:
 
 # -- captions and metadata straight from the shards ---------------------------------------------------------
 
-def _split_name(name: str) -> tuple[Optional[str], str]:
-    d, base = posixpath.split(name)
-    if "." not in base:
-        return None, ""
-    stem, ext = base.split(".", 1)
-    return posixpath.join(d, stem), ext.lower()
-
-
 def read_text_members(url: str, keys: Optional[Iterable[str]] = None) -> dict[str, dict]:
-    """``{key: {"caption": str | None, "meta": dict}}`` for the samples of one shard (only ``keys`` if given), from
-    the ``.txt`` and ``.json`` members, streaming the tar without decoding images. Keys follow the webdataset
-    convention of :mod:`pruner.io.shards`; a repeated key keeps its first occurrence, as the reader does.
-    Unreadable members give ``None`` / ``{}``. Stops early once every wanted key is complete."""
+    """``{key: {"caption": str | None, "meta": dict}}`` for the samples of one shard that have a ``.txt`` or ``.json``
+    member (only ``keys`` if given), streaming the tar and reading the bytes of those members only. Samples are
+    grouped as :func:`pruner.io.shards.tar_samples` does; a repeated key keeps its first occurrence, as the reader
+    does. Unreadable members give ``None`` / ``{}``. Stops once every wanted key has been read complete."""
     want = None if keys is None else set(keys)
     out: dict[str, dict] = {}
-    done: set[str] = set()
-    cur, exts = None, set()
+    seen: set[str] = set()
+
+    def read(key: str, ext: str) -> bool:
+        return ext in ("txt", "json") and key not in seen and (want is None or key in want)
+
     with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
-        for m in tf:
-            k, ext = _split_name(m.name) if m.isfile() else (None, "")
-            if k is None:
+        for key, parts in tar_samples(tf, read):
+            if key in seen:
                 continue
-            if k != cur or ext in exts:  # a new sample (a repeated extension starts one too)
-                if cur is not None:
-                    done.add(cur)
-                cur, exts = k, set()
-                if want is not None and want <= done:
-                    break
-            exts.add(ext)
-            if k in done or (want is not None and k not in want) or ext not in ("txt", "json"):
-                continue
-            rec = out.setdefault(k, {"caption": None, "meta": {}})
-            raw = tf.extractfile(m).read()
-            try:
-                if ext == "txt":
-                    rec["caption"] = raw.decode("utf-8").strip()
-                else:
-                    meta = json.load(io.BytesIO(raw))
-                    rec["meta"] = meta if isinstance(meta, dict) else {}
-            except (ValueError, RecursionError):
-                pass
-            tf.members = []
+            seen.add(key)
+            texts = {ext: data for ext, (_, data) in parts.items() if data is not None}
+            if texts:
+                out[key] = {"caption": _caption(texts.get("txt")), "meta": _meta(texts.get("json"))}
+            if want is not None and want <= seen:
+                break
     return out
+
+
+def _caption(raw: Optional[bytes]) -> Optional[str]:
+    """The stripped UTF-8 text of a .txt member; None if absent or not UTF-8."""
+    try:
+        return None if raw is None else raw.decode("utf-8").strip()
+    except ValueError:
+        return None
+
+
+def _meta(raw: Optional[bytes]) -> dict:
+    """The JSON object of a .json member; {} if absent, invalid or not an object."""
+    try:
+        meta = {} if raw is None else json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_texts(keys: Sequence[str], urls: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """``{url: read_text_members(url, its keys)}`` for samples given as parallel lists of keys and shard URLs."""
+    by_url: dict[str, set[str]] = {}
+    for key, url in zip(keys, urls):
+        by_url.setdefault(url, set()).add(key)
+    return {url: read_text_members(url, wanted) for url, wanted in by_url.items()}
 
 
 def read_captions(records: Sequence[dict]) -> list[Optional[str]]:
     """Captions of samples given as records with ``shard_url`` and ``key`` (one pass per distinct shard)."""
-    by_url: dict[str, set[str]] = {}
-    for r in records:
-        by_url.setdefault(r["shard_url"], set()).add(r["key"])
-    found = {url: read_text_members(url, keys) for url, keys in by_url.items()}
+    found = _read_texts([r["key"] for r in records], [r["shard_url"] for r in records])
     return [(found[r["shard_url"]].get(r["key"]) or {}).get("caption") for r in records]
 
 
@@ -246,8 +247,9 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
                   caption_ids: Iterable[int] = ()) -> tuple[pa.Array, dict[int, Optional[str]]]:
     """(labels, captions): ``str(meta[label_key])`` from each sample's json member, for every sample of
     ``score_files`` in id order (null where absent; all null without ``label_key``), and the captions of the
-    samples ``caption_ids``. One streaming pass per shard over text members only (a progress bar on stderr);
-    memory: one shard's texts plus the label column."""
+    samples ``caption_ids``. One streaming pass per shard over text members only, up to its last scored sample (so
+    a shard the job read up to a cut is read no further; a progress bar on stderr); memory: one shard's texts plus
+    the label column."""
     want = set(int(i) for i in caption_ids)
     categories: dict[str, int] = {}
     codes: list[np.ndarray] = []
@@ -256,7 +258,7 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
     for f in tqdm(score_files, desc="read labels", unit="shard", dynamic_ncols=True):
         t = pq.read_table(f, columns=["key", "shard_url"])
         keys, urls = t["key"].to_pylist(), t["shard_url"].to_pylist()
-        texts = {url: read_text_members(url) for url in set(urls)}
+        texts = _read_texts(keys, urls)
         c = np.full(len(keys), -1, np.int32)
         for j, (key, url) in enumerate(zip(keys, urls)):
             rec = texts[url].get(key) or {}
