@@ -37,19 +37,27 @@ class CheckpointWeights(NamedTuple):
     """The weights of one checkpoint in the method scores (pruner.scores.combine)."""
 
     step: int  # global training step t
-    eta: float  # learning-rate weight eta_t (TracIn's, and Diff-In's)
-    a_t: float  # Diff-In's second-order coefficient -t eta_t^2 / (N m)
-    b_t: float  # Diff-In's first-order coefficient eta_t / (N m) (form exact_increment only)
+    eta: float  # TracIn's eta_i: the LR summed over the checkpoint's updates (lr * updates)
+    a_t: float  # Diff-In's second-order coefficient -t lr^2 updates / N
+    b_t: float  # Diff-In's first-order coefficient lr updates / N (form exact_increment only)
+    lr: float  # the per-update LR the weights use: the interval's mean LR, or the LR at the checkpoint
+    updates: int  # Delta_t: the updates the checkpoint stands for, (previous checkpoint's step, step]
 
 
 def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[CheckpointWeights]:
-    """The weights of every checkpoint. eta is the mean learning rate over the interval the checkpoint stands
-    for (TracIn's definition; methods §6) unless lr_weighting = at_checkpoint or the mean is unknown. Raises
-    ValueError for the exact_increment form over checkpoints without a recorded step (see pruner.model.checkpoints).
+    """The weights of every checkpoint. Checkpoint t stands for the updates since the previous checkpoint
+    (from step 0 for the first): Delta_t = step_t - step_{t-1}. Every method sums its per-update increment over
+    them (TracIn: sum of the step sizes, Pruthi et al.; Diff-In: methods §1.2, where the official code's 1/m is
+    Delta_t / T for evenly spaced checkpoints), so unevenly spaced checkpoints (train-proxy's random ones) are
+    weighted by the updates they stand for; with even spacing all weights share the factor Delta and rankings
+    equal the per-checkpoint-LR form's. The per-update LR is the interval's mean LR (methods §6) unless
+    lr_weighting = at_checkpoint or the mean is unknown; epoch-numbered checkpoints count epochs as updates.
     N for a_t and b_t: trajectory.pool_size from the config, else the trajectory file's, else 1 (a global
-    constant: rankings do not depend on it)."""
+    constant: rankings do not depend on it). Each checkpoint's weights depend only on it and its predecessor, so
+    appending a checkpoint (``pruner rescore --add-checkpoint``) leaves the earlier ones' unchanged.
+    Raises ValueError for a checkpoint at step 0 (it stands for no update) and for the exact_increment form over
+    checkpoints without a recorded step (see pruner.model.checkpoints)."""
     n = cfg.trajectory.pool_size or traj.pool_size or 1
-    m = len(traj.checkpoints)
     if "diffin" in cfg.scores.methods and cfg.scores.diffin.form == "exact_increment":
         for ck in traj.checkpoints:
             if ck.step_from != "step":
@@ -59,11 +67,18 @@ def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[CheckpointWeigh
                                  f"first-order term (fix: list the checkpoints in a trajectory file with their "
                                  f"global steps and LRs, or set scores.diffin.form: taylor, where a common scale of "
                                  f"t cancels)")
-    out = []
+    out, prev = [], 0
     for ck in traj.checkpoints:
-        eta = float(ck.lr_mean if (cfg.scores.diffin.lr_weighting == "interval_mean" and ck.lr_mean) else ck.lr)
-        out.append(CheckpointWeights(ck.step, eta, diffin_coefficient(ck.step, eta, n, m),
-                                     first_order_coefficient(eta, n, m)))
+        updates = ck.step - prev
+        if updates <= 0:
+            raise ValueError(f"checkpoint {ck.path} is at step {ck.step}: it stands for no optimiser update since "
+                             f"the start of training, so every influence weight of it would be 0 (fix: drop the "
+                             f"initialisation from the trajectory; a checkpoint stands for the updates since the "
+                             f"previous one)")
+        lr = float(ck.lr_mean if (cfg.scores.diffin.lr_weighting == "interval_mean" and ck.lr_mean) else ck.lr)
+        out.append(CheckpointWeights(ck.step, lr * updates, diffin_coefficient(ck.step, lr, updates, n),
+                                     first_order_coefficient(lr, updates, n), lr, updates))
+        prev = ck.step
     return out
 
 
@@ -189,11 +204,11 @@ class Scorer:
     def compute_shared(self, i: int, bank: Sequence[Sample], target: Sequence[Sample],
                        reference: Sequence[Sequence[Sample]]) -> CheckpointShared:
         d = self.cfg.scores.diffin
-        step, eta, a_t, _ = self.weights[i]
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
         if not self.first <= i < len(self.weights):
             raise IndexError(f"checkpoint {i}: this scorer loads checkpoints {self.first}..{len(self.weights) - 1}")
-        return compute_shared(self.engines[i - self.first], index=i, step=step, eta=eta, a_t=a_t,
+        w = self.weights[i]
+        return compute_shared(self.engines[i - self.first], index=i, step=w.step, eta=w.eta, a_t=w.a_t,
                               bank_batches=self.batches(bank), bank_uids=[s.uid for s in bank],
                               target_batches=self.batches(target), target_uids=[s.uid for s in target],
                               reference_batches=[self.tensors(r) for r in reference], targets=targets,

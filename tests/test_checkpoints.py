@@ -146,3 +146,33 @@ def test_exact_increment_refuses_epoch_steps(tmp_path, micro):
     assert [w.step for w in checkpoint_weights(taylor, traj)] == [1, 250]
     assert len(checkpoint_weights(JobConfig.model_validate({**base, "trajectory": {"checkpoints": [b]}}),
                                   load_trajectory(checkpoints=[b]))) == 1
+
+
+def test_checkpoint_weights_sum_over_the_updates_each_checkpoint_stands_for(tmp_path):
+    """A checkpoint stands for the updates since the previous one: TracIn's eta_i is their summed step size (Pruthi
+    et al.), Diff-In's a_t and b_t sum its per-update increments (methods §1.2). Unevenly spaced checkpoints are
+    weighted by their intervals; evenly spaced ones keep the per-checkpoint ratios of the published forms;
+    appending a checkpoint leaves the earlier weights unchanged; a checkpoint at step 0 is refused."""
+    import math
+
+    from pruner.config import JobConfig
+    from pruner.model.checkpoints import Trajectory
+    from pruner.scorer import checkpoint_weights
+    cfg = JobConfig.model_validate({"data": {"shards": [str(tmp_path)]}, "target": {"shards": [str(tmp_path)]},
+                                    "trajectory": {"checkpoints": ["unused.pt"], "pool_size": 100}})
+    uneven = (CheckpointInfo("a", 10, 1e-3, 2e-3), CheckpointInfo("b", 11, 1e-3, 1e-3),
+              CheckpointInfo("c", 40, 1e-4, 5e-4))
+    w = checkpoint_weights(cfg, Trajectory(uneven))
+    assert [x.updates for x in w] == [10, 1, 29]
+    for x, (t, lr, n) in zip(w, [(10, 2e-3, 10), (11, 1e-3, 1), (40, 5e-4, 29)]):  # lr: the interval mean
+        assert math.isclose(x.eta, lr * n) and math.isclose(x.a_t, -t * lr ** 2 * n / 100)
+        assert math.isclose(x.b_t, lr * n / 100) and x.lr == lr
+    assert w[1].eta < w[0].eta / 10  # one update after the previous checkpoint: a small share, not a full one
+    assert checkpoint_weights(cfg, Trajectory(uneven[:2])) == w[:2]
+    even = checkpoint_weights(cfg, Trajectory(tuple(CheckpointInfo(str(t), t, 1.0, lr)
+                                                    for t, lr in [(10, 3e-3), (20, 2e-3), (30, 1e-3)])))
+    for x, (t, lr) in zip(even, [(10, 3e-3), (20, 2e-3), (30, 1e-3)]):  # a common factor (10) on every weight
+        assert math.isclose(x.eta / even[0].eta, lr / 3e-3)
+        assert math.isclose(x.a_t / even[0].a_t, t * lr ** 2 / (10 * 9e-6))
+    with pytest.raises(ValueError, match=r"checkpoint init is at step 0: it stands for no optimiser update.*fix:"):
+        checkpoint_weights(cfg, Trajectory((CheckpointInfo("init", 0, 1e-3, None), uneven[0])))

@@ -128,7 +128,7 @@ def test_score_choices_are_the_columns_a_job_writes(tmp_path):
              "t1_train", "t1_self")  # CheckpointScorer.compute's, exact_increment form
     comps = [{n: rng.random(4) for n in names}]
     features = rng.normal(size=(4, 8)).astype(np.float32)
-    cols = combine_columns(cfg, [CheckpointWeights(10, 1e-3, -1e-6, 1e-3)], fit_isolation_forest(features, trees=5),
+    cols = combine_columns(cfg, [CheckpointWeights(10, 1e-2, -1e-6, 1e-3, 1e-3, 10)], fit_isolation_forest(features, trees=5),
                            comps, features, list("abcd"))
     written = sorted(c for c in cols if not c.startswith("c0_"))
     assert written == sorted(score_columns(cfg.scores.methods, cfg.scores.diffin.targets, True)) == \

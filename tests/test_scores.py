@@ -374,7 +374,7 @@ def test_t1_target_train_are_exact_dots(t2_case):
 
 
 # -- batched Diff-In and TracIn vs direct per-sample evaluation over two checkpoints ------------------------------
-N_POOL, M_CKPT = 1000, 2
+N_POOL, M_CKPT, UPDATES = 1000, 2, 3  # two checkpoints, 3 SGD updates each (two_checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +395,7 @@ def batched_scores(two_checkpoints):
     ckpts, images, tokens = two_checkpoints
     per, etas, a_ts = [], [], []
     for i, (step, eta, st) in enumerate(ckpts):
-        a = diffin_coefficient(step, eta, N_POOL, M_CKPT)
+        a = diffin_coefficient(step, eta, UPDATES, N_POOL)
         sh = st.shared(["target", "train"], index=i, step=step, eta=eta, a_t=a)
         scorer = CheckpointScorer(st.engine, sh, targets=["target", "train"], base_pass="exact", form="taylor")
         parts = [scorer(images[j:j + 8], tokens[j:j + 8])[0] for j in range(0, 20, 8)]
@@ -411,14 +411,14 @@ def batched_exact_increment(two_checkpoints):
     ckpts, images, tokens = two_checkpoints
     per, etas, a_ts, b_ts = [], [], [], []
     for i, (step, eta, st) in enumerate(ckpts):
-        a = diffin_coefficient(step, eta, N_POOL, M_CKPT)
+        a = diffin_coefficient(step, eta, UPDATES, N_POOL)
         sh = st.shared(["target", "train"], index=i, step=step, eta=eta, a_t=a)
         scorer = CheckpointScorer(st.engine, sh, targets=["target", "train"], form="exact_increment")
         parts = [scorer(images[j:j + 8], tokens[j:j + 8])[0] for j in range(0, 20, 8)]
         per.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         etas.append(eta)
         a_ts.append(a)
-        b_ts.append(first_order_coefficient(eta, N_POOL, M_CKPT))
+        b_ts.append(first_order_coefficient(eta, UPDATES, N_POOL))
     return combine(per, etas, a_ts, [f"s{i}" for i in range(20)], b_ts=b_ts), per
 
 
@@ -430,7 +430,7 @@ def direct_scores(two_checkpoints):
                                      "exact_increment_target", "exact_increment_train")}
     per = []
     for step, eta, st in ckpts:
-        a, b_t = -step * eta ** 2 / (N_POOL * M_CKPT), eta / (N_POOL * M_CKPT)
+        a, b_t = -step * eta ** 2 * UPDATES / N_POOL, eta * UPDATES / N_POOL
         comp = {k: np.zeros(20) for k in ("tracin_target", "tracin_pred", "sq_norm", "loss")}
         for b in range(20):
             g = st.sample_grad(images[b], tokens[b])
@@ -586,7 +586,7 @@ def sign_case(micro):
     bank_batches = _batches(*rest, 0, len(SQUARE_COLOURS), len(SQUARE_COLOURS))
     for i, (step, eta, ckpt) in enumerate(ckpts):
         engine = PerSampleGradients(ckpt, k=256)
-        a = diffin_coefficient(step, eta, len(train), len(ckpts))
+        a = diffin_coefficient(step, eta, SIGN_STEPS // 2, len(train))  # each checkpoint stands for S/2 updates
         sh = compute_shared(engine, index=i, step=step, eta=eta, a_t=a, bank_batches=bank_batches,
                             target_batches=_batches(*tgt, 0, len(target), len(target)),
                             reference_batches=_batches(*rest, 200, 64, 32), targets=["target"], hvp_eps=1e-2,
@@ -595,7 +595,7 @@ def sign_case(micro):
         per_exact.append(CheckpointScorer(engine, sh, targets=["target"], form="exact_increment")(*scored)[0])
         etas.append(eta)
         a_ts.append(a)
-        b_ts.append(first_order_coefficient(eta, len(train), len(ckpts)))
+        b_ts.append(first_order_coefficient(eta, SIGN_STEPS // 2, len(train)))
         states.append((ckpt, engine, sh))
     uids = [f"z{i}" for i in range(len(pool))]
     out = combine(per, etas, a_ts, uids)

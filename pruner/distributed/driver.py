@@ -69,15 +69,16 @@ def _file_digest(path: str) -> str:
 
 def job_id(cfg: JobConfig, target: list[str], traj: Trajectory, digests: list[str]) -> str:
     """16 hex digits from the config fingerprint (which holds the pool's shard *specs*, and not ``select``), the
-    target shard list and the checkpoint file contents (``digests``, sha256 per checkpoint). The expanded pool list
+    target shard list, the checkpoint file contents (``digests``, sha256 per checkpoint) and the checkpoint weights
+    (so a change of the weighting rule never mixes differently weighted shards in one directory). The expanded pool list
     is deliberately left out: when a folder or glob of the lake gains shards, re-running the same config reuses the
     job directory and scores only the new shards (incremental re-scoring; see pruner.rescore). So are the select
     settings: a re-run with other ones reuses the directory and only re-selects (pruner.jobs.prune.run)."""
     h = hashlib.sha256()
     h.update(cfg.fingerprint().encode())
     h.update(json.dumps(target).encode())
-    for ck, digest in zip(traj.checkpoints, digests):
-        h.update(json.dumps([ck.step, ck.lr, ck.lr_mean]).encode())
+    for ck, digest, w in zip(traj.checkpoints, digests, checkpoint_weights(cfg, traj)):
+        h.update(json.dumps([ck.step, ck.lr, ck.lr_mean, w.eta, w.a_t, w.b_t]).encode())
         h.update(digest.encode())
     return h.hexdigest()[:16]
 
@@ -174,7 +175,8 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
         write_job_config(layout, cfg)
     if not layout.trajectory.exists():  # the audit record of the per-checkpoint weights behind every score
         write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
-            {**ck.record(), "sha256": digest, "eta": w.eta, "a_t": w.a_t, "b_t": w.b_t}
+            {**ck.record(), "sha256": digest, "updates": w.updates, "eta": w.eta, "a_t": w.a_t,
+             "b_t": w.b_t}
             for ck, digest, w in zip(traj.checkpoints, digests, checkpoint_weights(cfg, traj))]})
     return layout, pool, target, traj
 
@@ -310,8 +312,8 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     if lost:
         raise ValueError(f"{len(lost)} stored feature file(s) of the job being extended are missing, e.g. {lost[0]} "
                          f"(fix: restore them, or run a full job with the longer trajectory)")
-    # the reused states' a_t field is the prior job's (its m was that job's checkpoint count); scores are weighted by
-    # checkpoint_weights of this job's trajectory (trajectory.json), and eta, which explain reads, does not depend on m
+    # a checkpoint's weights depend only on it and its predecessor (checkpoint_weights), so the reused states' eta
+    # and a_t are this job's; scores are weighted by this job's trajectory.json, which explain reads too
     for i in range(first):
         if not layout.shared(i).exists():
             link_or_copy(prior.shared(i), layout.shared(i))

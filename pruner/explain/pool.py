@@ -27,7 +27,6 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
 from pruner.io.layout import JobLayout
@@ -39,16 +38,12 @@ WEIGHTINGS = ("tracin", "unit")
 
 
 def checkpoint_etas(job_dir: str | Path) -> list[float]:
-    """eta_i of every checkpoint of a job, from ``shared/ckpt-<i>.pt`` (i = 0, 1, ... while the file exists)."""
+    """eta_i of every checkpoint of a job, as its ``trajectory.json`` records them (the weights its scores used)."""
     layout = JobLayout(Path(job_dir))
-    etas = []
-    while layout.shared(len(etas)).exists():
-        state = torch.load(layout.shared(len(etas)), map_location="cpu", weights_only=True, mmap=True)
-        etas.append(float(state["eta"]))
-    if not etas:
-        raise FileNotFoundError(f"{layout.shared(0)} does not exist: {layout.root} is not a scored job directory "
+    if not layout.trajectory.exists():
+        raise FileNotFoundError(f"{layout.trajectory} does not exist: {layout.root} is not a scored job directory "
                                 f"(fix: point to <output_dir>/<name>-<id> of a finished `pruner prune`)")
-    return etas
+    return [float(c["eta"]) for c in json.loads(layout.trajectory.read_text())["checkpoints"]]
 
 
 def weight_blocks(blocks: Sequence[np.ndarray], etas: Sequence[float], weighting: str = "tracin") -> np.ndarray:

@@ -2,7 +2,7 @@
 
     <output_dir>/<job name>-<job id>/
         config.yaml                 the resolved config that produced this directory (select: the last applied)
-        trajectory.json             checkpoints used (path, step, lr, file sha256, lr weight, a_t, b_t)
+        trajectory.json             checkpoints used (path, step, lr, lr_mean, file sha256, updates, eta, a_t, b_t)
         shared/ckpt-<i>.pt          per-checkpoint shared vectors (bank, v_t, G_B, u_t), weights_only tensors
         shared/inputs.json          sha256 of the uids of the hash-picked bank, reference, target, OGA samples
         shards/<shard id>.parquet   per-shard scores (one row per accepted sample); its Parquet metadata records

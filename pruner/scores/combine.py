@@ -23,8 +23,9 @@ Sign convention of the influence values: positive = helpful (removing z would ra
 negative = harmful. Per-checkpoint components are kept as ``c<i>_<component>`` columns for audits.
 
 Diff-In's two forms (methods.md §1.2: the removal effect accumulates increments
-delta_{t+1} - delta_t = -eta_t H delta_t + (eta_t / N) g_z(theta_t)), with a_t = -t eta_t^2 / (N m) and
-b_t = eta_t / (N m):
+delta_{t+1} - delta_t = -eta_t H delta_t + (eta_t / N) g_z(theta_t)), summed over the Delta_t updates each checkpoint
+stands for: a_t = -t eta_t^2 Delta_t / N and b_t = eta_t Delta_t / N (pruner.scorer.checkpoint_weights; TracIn's
+eta_i is likewise the LR summed over those updates):
 
 * ``exact_increment`` (default): I(z,V) = sum_t b_t <v_t, g_z(theta_t)> + a_t <v_t, H_B g_z> (T1). The
   first-order increment is evaluated exactly at each checkpoint, where the scorer has g_z anyway; only the

@@ -35,8 +35,8 @@ class CheckpointShared:
 
     index: int
     step: int
-    eta: float  # learning-rate weight of the checkpoint (TracIn eta_i, Diff-In eta_t)
-    a_t: float  # Diff-In coefficient -t * eta^2 / (N * m)
+    eta: float  # TracIn's weight of the checkpoint: the LR summed over the updates it stands for
+    a_t: float  # Diff-In coefficient -t * eta_t^2 * Delta_t / N (pruner.scorer.checkpoint_weights)
     scale: float  # exp(logit_scale)
     bank_img: torch.Tensor  # [K, e]
     bank_txt: torch.Tensor  # [K, e]
@@ -71,15 +71,17 @@ class CheckpointShared:
         return torch.tensor([self._bank_row.get(u, -1) for u in uids], dtype=torch.int64)
 
 
-def diffin_coefficient(step: int, eta: float, pool_size: int, m: int) -> float:
-    """a_t = -t * eta_t^2 / (N * m) (Diff-In's checkpoint form; the official code's normalisation)."""
-    return -step * eta * eta / (pool_size * m)
+def diffin_coefficient(step: int, lr: float, updates: int, pool_size: int) -> float:
+    """a_t = -t * eta_t^2 * Delta_t / N: Diff-In's second-order increment -(t eta_t^2 / N)(...) per update (methods
+    §1.2), summed over the Delta_t updates the checkpoint stands for at their mean LR eta_t (``lr``). With m
+    evenly spaced checkpoints, Delta_t = T/m for all: the official code's -t eta_t^2 / (N m) up to the constant T."""
+    return -step * lr * lr * updates / pool_size
 
 
-def first_order_coefficient(eta: float, pool_size: int, m: int) -> float:
-    """b_t = eta_t / (N * m): the weight of the first-order increment <v_t, g_z(theta_t)> in Diff-In's
-    ``exact_increment`` form (the same normalisation as a_t; pruner.scores.combine)."""
-    return eta / (pool_size * m)
+def first_order_coefficient(lr: float, updates: int, pool_size: int) -> float:
+    """b_t = eta_t * Delta_t / N: the weight of the first-order increment <v_t, g_z(theta_t)> in Diff-In's
+    ``exact_increment`` form, summed over the checkpoint's updates like a_t (pruner.scores.combine)."""
+    return lr * updates / pool_size
 
 
 @torch.no_grad()
