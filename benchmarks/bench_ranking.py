@@ -1,7 +1,12 @@
-"""Benchmark the reduce step: ``select`` (exact top-k) and ``write_ranking`` (external merge sort) on synthetic
-score files, each phase in a FRESH subprocess so its peak RSS (``ru_maxrss``) is its own.
+"""Benchmark the reduce step: ``select`` (exact top-k), ``write_ranking`` (external merge sort) and
+``write_manifests`` (keep manifests, DataComp subset file, keep table) on synthetic score files, each phase in a
+FRESH subprocess so its peak RSS (``ru_maxrss``) is its own.
 
     .venv/bin/python benchmarks/bench_ranking.py --n 10000000 --files 100 --repeats 3
+    .venv/bin/python benchmarks/bench_ranking.py --n 2000000 --files 100 --uids fallback --out ...
+
+``--uids fallback`` gives every sample a ``<folder>/<shard file>/<key>`` uid (a lake without json uids), which
+write_manifests lists in ``uids.fallback.parquet``.
 
 Data: ``--n`` samples in ``--files`` Parquet files shaped like ``<job>/shards/*.parquet``: uid (32 random hex
 digits), key, shard_url, row, and float64 scores; the ranked ``diffin_target`` is rounded to 2 decimals (heavy
@@ -34,8 +39,9 @@ from pruner.io.atomic import write_json_atomic  # noqa: E402  (stdlib only)
 SCORE = "diffin_target"
 
 
-def generate(data_dir: Path, n: int, files: int, seed: int = 0) -> None:
-    """Write ``files`` score files holding ``n`` samples in total."""
+def generate(data_dir: Path, n: int, files: int, uids: str = "hex", seed: int = 0) -> None:
+    """Write ``files`` score files holding ``n`` samples in total; ``uids``: "hex" (32 random hex digits) or
+    "fallback" (the reader's ``<folder>/<shard file>/<key>``)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -50,9 +56,12 @@ def generate(data_dir: Path, n: int, files: int, seed: int = 0) -> None:
         hexed = np.stack([hexdigits[raw >> 4], hexdigits[raw & 15]], axis=2).reshape(-1)  # 32 hex digits per uid
         uid = pa.StringArray.from_buffers(m, pa.py_buffer(np.arange(0, 32 * m + 1, 32, dtype=np.int32)),
                                           pa.py_buffer(hexed))
+        key = pc.utf8_lpad(pc.cast(pa.array(idx - idx[0]), pa.string()), 9, "0")
+        if uids == "fallback":
+            uid = pc.binary_join_element_wise(f"pool/{f:06d}.tar", key, "/")
         score = np.round(rng.normal(size=m), 2)
         score[rng.random(m) < 0.01] = np.nan
-        table = pa.table({"uid": uid, "key": pc.utf8_lpad(pc.cast(pa.array(idx - idx[0]), pa.string()), 9, "0"),
+        table = pa.table({"uid": uid, "key": key,
                           "shard_url": pa.array([f"s3://bucket/pool/{f:06d}.tar"] * m),
                           "row": pa.array(np.arange(m, dtype=np.int32)), SCORE: score,
                           "tracin_target": rng.normal(size=m), "baseline_loss": rng.gamma(2.0, size=m)})
@@ -68,6 +77,7 @@ def _phase(args) -> None:
     import pyarrow.compute  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
+    from pruner.io.manifests import write_manifests
     from pruner.select.rank import Selection, select, write_ranking
 
     data_dir = Path(args.data_dir)
@@ -75,7 +85,7 @@ def _phase(args) -> None:
     t0 = time.perf_counter()
     out = {}
     if args.phase == "generate":
-        generate(data_dir, args.n, args.files)
+        generate(data_dir, args.n, args.files, args.uids)
     elif args.phase == "baseline_io":
         tiny = [data_dir / "tiny" / "0-bench.parquet"]
         write_ranking(tiny, SCORE, data_dir / "tiny" / "out" / "ranking.parquet",
@@ -85,6 +95,9 @@ def _phase(args) -> None:
     elif args.phase == "write_ranking":
         write_ranking(files, SCORE, data_dir / "out" / "ranking.parquet",
                       Selection(**json.loads(args.selection)))
+    elif args.phase == "write_manifests":
+        out["manifests"] = write_manifests(files, Selection(**json.loads(args.selection)), data_dir / "out" / "keep")
+        out["manifests"].pop("paths")
     out["seconds"] = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # includes imports (~0.5 s)
@@ -116,9 +129,11 @@ def main() -> None:
     p.add_argument("--files", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--keep-fraction", type=float, default=0.3)
+    p.add_argument("--uids", choices=["hex", "fallback"], default="hex", help="uid kind of the synthetic samples")
     p.add_argument("--data-dir", help="where the synthetic files go (default: a temporary folder, removed after)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ranking.json"))
-    p.add_argument("--phase", choices=["generate", "baseline", "baseline_io", "select", "write_ranking"],
+    p.add_argument("--phase", choices=["generate", "baseline", "baseline_io", "select", "write_ranking",
+                                            "write_manifests"],
                    help=argparse.SUPPRESS)
     p.add_argument("--selection", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -128,13 +143,14 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bench_ranking-"))
     try:
-        gen_s = _run("generate", data_dir, n=args.n, files=args.files)["seconds"]
+        gen_s = _run("generate", data_dir, n=args.n, files=args.files, uids=args.uids)["seconds"]
         data_mb = sum(f.stat().st_size for f in data_dir.glob("*-bench.parquet")) / 2**20
         baseline = [_run("baseline", data_dir)["peak_rss_mb"] for _ in range(args.repeats)]
         baseline_io = [_run("baseline_io", data_dir)["peak_rss_mb"] for _ in range(args.repeats)]
         sel = [_run("select", data_dir, keep_fraction=args.keep_fraction) for _ in range(args.repeats)]
         selection = json.dumps(sel[0]["selection"])
         wr = [_run("write_ranking", data_dir, selection=selection) for _ in range(args.repeats)]
+        wm = [_run("write_manifests", data_dir, selection=selection) for _ in range(args.repeats)]
         ranking_mb = (data_dir / "out" / "ranking.parquet").stat().st_size / 2**20
     finally:
         if not args.data_dir:
@@ -143,7 +159,8 @@ def main() -> None:
     med = lambda runs, k: round(statistics.median(r[k] for r in runs), 3)  # noqa: E731
     scale = 1e8 / args.n
     result = {
-        "n": args.n, "files": args.files, "keep_fraction": args.keep_fraction, "repeats": args.repeats,
+        "n": args.n, "files": args.files, "uids": args.uids, "keep_fraction": args.keep_fraction,
+        "repeats": args.repeats,
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_ranking.py", *sys.argv[1:]]),
         "input_mb": round(data_mb, 1), "ranking_parquet_mb": round(ranking_mb, 1),
         "generate_seconds": round(gen_s, 1), "selection": sel[0]["selection"],
@@ -151,11 +168,13 @@ def main() -> None:
         "baseline_io_rss_mb": round(statistics.median(baseline_io), 1),  # both phases run on 1000 rows
         "select_seconds": med(sel, "seconds"), "select_peak_rss_mb": med(sel, "peak_rss_mb"),
         "write_ranking_seconds": med(wr, "seconds"), "write_ranking_peak_rss_mb": med(wr, "peak_rss_mb"),
+        "write_manifests_seconds": med(wm, "seconds"), "write_manifests_peak_rss_mb": med(wm, "peak_rss_mb"),
+        "manifests": wm[0]["manifests"],
         "select_cpu_seconds": med(sel, "cpu_seconds"), "write_ranking_cpu_seconds": med(wr, "cpu_seconds"),
         "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "cpu_count": os.cpu_count(),
         "runs": {f"{name}_{k}": [round(r[k], 3) for r in runs]
-                 for name, runs in (("select", sel), ("write_ranking", wr))
+                 for name, runs in (("select", sel), ("write_ranking", wr), ("write_manifests", wm))
                  for k in ("seconds", "cpu_seconds", "peak_rss_mb", "vmhwm_mb")},
     }
     runs_1e8 = round(args.files * scale)
@@ -179,7 +198,22 @@ def main() -> None:
             "output row group, independent of n and of the number of shards: the peak RSS stays as measured. "
             "Disk: input + runs + output, ~3x the input.")}
     write_json_atomic(args.out, result)
+    if args.n == 10_000_000 and args.uids == "hex":
+        record_in_service(result)
     print(json.dumps(result, indent=2))
+
+
+def record_in_service(result: dict, path: Path = ROOT / "benchmarks" / "results" / "service.json") -> None:
+    """The driver's reduce step at 10M scores as issue 6 names it in service.json: seconds = select + write_ranking
+    + write_manifests (run one after the other by the driver), peak RSS = the largest phase's (each phase's own
+    process here; the driver frees one phase's memory before the next)."""
+    service = json.loads(path.read_text()) if path.exists() else {}
+    phases = ("select", "write_ranking", "write_manifests")
+    service.update(ranking_10m_seconds=round(sum(result[f"{p}_seconds"] for p in phases), 1),
+                   ranking_10m_driver_peak_rss_mb=round(max(result[f"{p}_peak_rss_mb"] for p in phases), 1),
+                   ranking_10m_source=f"{result['command']} (benchmarks/results/ranking.json: medians of "
+                                      f"{result['repeats']}, phases {', '.join(phases)})")
+    write_json_atomic(path, service)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pruner.select.rank import Selection
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
 KEEP_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string())])
+FALLBACK_SCHEMA = pa.schema([("uid", pa.string()), ("hex", pa.string())])  # uids.fallback.parquet
 _NIBBLE = np.zeros(256, np.uint64)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _NIBBLE[_c] = _NIBBLE[ord(chr(_c).upper())] = _i
@@ -87,7 +88,8 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
     file holds a sample of (a score file without rows names no URL) are listed in the manifest with no key.
 
     Each score file must hold one shard (one ``shard_url``), each shard in one file. Memory: one score file +
-    16 bytes per kept sample (the uid array) + the fallback uid strings. Returns
+    16 bytes per kept sample (the uid array, sorted at the end) + the pool's shard URLs; the keep table and the
+    fallback uids are streamed to their Parquet files a score file at a time. Returns
     ``{"n_keep", "n_shards", "n_uid_fallback", "paths": {...}}``. Raises ValueError if a file holds several shard
     URLs or a URL is in two files, if two kept uids map to the same 128-bit value, or if the number kept differs
     from ``selection.n_keep``.
@@ -96,11 +98,12 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
     paths = {n: keep_dir / n for n in ("manifest.json", "uids.npy", "keep.parquet")}
     paths["uids.fallback.parquet"] = _fallback_path(paths["uids.npy"])
     urls: set[str] = set()
-    values, fallback = [], []
+    values, n_fallback = [], 0
     with contextlib.ExitStack() as stack:
         tmp = {n: stack.enter_context(atomic_path(p)) for n, p in paths.items()}
         manifest = stack.enter_context(open(tmp["manifest.json"], "w"))
         table = stack.enter_context(pq.ParquetWriter(tmp["keep.parquet"], KEEP_SCHEMA))
+        fallback = stack.enter_context(pq.ParquetWriter(tmp["uids.fallback.parquet"], FALLBACK_SCHEMA))
         manifest.write("{")
 
         def entry(url: str, keys: list[str]) -> None:
@@ -120,7 +123,11 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
             entry(found[0], sorted(kept["key"].to_pylist()))
             v, canonical = uid_to_u128(kept["uid"])
             values.append(v)
-            fallback += list(zip(kept["uid"].filter(pa.array(~canonical)).to_pylist(), u128_to_hex(v[~canonical])))
+            if not canonical.all():
+                fallback.write_table(pa.table({"uid": kept["uid"].filter(pa.array(~canonical)).cast(pa.string()),
+                                               "hex": pa.array(u128_to_hex(v[~canonical]), pa.string())},
+                                              schema=FALLBACK_SCHEMA))
+                n_fallback += int((~canonical).sum())
         for url in pool:
             if url not in urls:
                 entry(url, [])
@@ -135,10 +142,7 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
                              f"(duplicate uids in the pool?)")
         with open(tmp["uids.npy"], "wb") as fh:
             np.save(fh, uids)
-        pq.write_table(pa.table({"uid": pa.array([u for u, _ in fallback], pa.string()),
-                                 "hex": pa.array([h for _, h in fallback], pa.string())}),
-                       tmp["uids.fallback.parquet"])
-    return {"n_keep": len(uids), "n_shards": len(urls), "n_uid_fallback": len(fallback),
+    return {"n_keep": len(uids), "n_shards": len(urls), "n_uid_fallback": n_fallback,
             "paths": {n: str(p) for n, p in paths.items()}}
 
 
