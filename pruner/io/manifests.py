@@ -88,8 +88,8 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
     file holds a sample of (a score file without rows names no URL) are listed in the manifest with no key.
 
     Each score file must hold one shard (one ``shard_url``), each shard in one file. Memory: one score file +
-    16 bytes per kept sample (the uid array, sorted at the end) + the pool's shard URLs; the keep table and the
-    fallback uids are streamed to their Parquet files a score file at a time. Returns
+    16 bytes per kept sample (the uid array; 32 while it is concatenated, then sorted in place) + the pool's shard
+    URLs; the keep table and the fallback uids are streamed to their Parquet files a score file at a time. Returns
     ``{"n_keep", "n_shards", "n_uid_fallback", "paths": {...}}``. Raises ValueError if a file holds several shard
     URLs or a URL is in two files, if two kept uids map to the same 128-bit value, or if the number kept differs
     from ``selection.n_keep``.
@@ -132,7 +132,9 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
             if url not in urls:
                 entry(url, [])
         manifest.write("\n}\n")
-        uids = np.sort(np.concatenate(values)) if values else np.zeros(0, UID_DTYPE)
+        uids = np.concatenate(values) if values else np.zeros(0, UID_DTYPE)
+        values.clear()  # the per-file arrays: one copy of the kept uids remains, sorted in place
+        uids.sort()
         if len(uids) != selection.n_keep:
             raise ValueError(f"kept {len(uids)} samples but the selection keeps {selection.n_keep} "
                              f"(was it computed on other files?)")
