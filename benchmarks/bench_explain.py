@@ -4,7 +4,7 @@ job's feature store, then measure batched search throughput and recall@10 agains
     .venv/bin/python benchmarks/bench_explain.py --n 1000000 --dim 1024 --nlist 1024 --pq-m 64
 
 Data: a fake job directory (in a temporary folder) with ``--shards`` score files and row-aligned fp16
-``shards/<id>.c0.npy`` [n_shard, dim] files and ``shared/ckpt-0.pt`` (eta = 1), so the benchmark runs the real code
+``shards/<id>.c0.npy`` [n_shard, dim] files and ``trajectory.json`` (eta = 1), so the benchmark runs the real code
 paths: :class:`pruner.explain.index.PoolIndex` builds from the memory-mapped features in bounded batches and
 re-scores candidates exactly from them. Vectors imitate projected gradients: a shared mean direction (all samples'
 gradients agree on it), 1,000 clusters in a 64-dim latent subspace mapped to ``dim`` dims, isotropic noise, and
@@ -37,7 +37,6 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
 
 from pruner.explain.index import PoolIndex  # noqa: E402
 from pruner.explain.pool import PoolFeatures  # noqa: E402
@@ -64,8 +63,7 @@ class Generator:
 def make_job(root: Path, gen: Generator, n: int, shards: int, seed: int) -> None:
     """A job directory with n vectors in ``shards`` feature files (fp16) and their score files."""
     (root / "shards").mkdir(parents=True)
-    (root / "shared").mkdir()
-    torch.save({"eta": 1.0}, root / "shared" / "ckpt-0.pt")
+    (root / "trajectory.json").write_text(json.dumps({"checkpoints": [{"eta": 1.0}]}))  # explain reads eta here
     rng = np.random.default_rng(seed + 1)
     for s, idx in enumerate(np.array_split(np.arange(n), shards)):
         m = len(idx)

@@ -633,10 +633,11 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
         selections["random_group_00"] = (perm[:gsize], "cf-group-00")
     deletion = {}
     a_ts = [w[2] for w in weights]
-    # loss-unit normalisations (methods §1.2): the code's a_t keeps 1/m and drops the total step count T, so
-    # T * I(z,V) estimates the loss change; TracIn's sum_t eta_t <g, v> over m checkpoints stands for T/m steps
-    # each, at 1/N of the LR per sample (expected SGD weight), so T/(m N) * TracIn does
-    T, m_ck, n_pool = traj.total_steps or a.steps, len(traj.checkpoints), traj.pool_size or len(keys)
+    # loss units (methods §1.2): a_t and b_t sum each checkpoint's increments over the Delta_t updates it stands for
+    # (pruner.scorer.checkpoint_weights), so I(z,V) already estimates the loss change (the official code's a_t,
+    # with 1/m for Delta_t and no T, is a_t / T for these evenly spaced checkpoints); TracIn's eta_i is the LR summed
+    # over the interval, at 1/N of it per sample (expected SGD weight), so TracIn / N does
+    T, n_pool = traj.total_steps or a.steps, traj.pool_size or len(keys)
     ref_batches = [(torch.stack([ev.preprocess(s.image) for s in r]), ev.tokenizer([s.caption for s in r]))
                    for r in reference]
     theta_T = ql.load_model(traj.checkpoints[-1].path, a.arch, a.device)
@@ -662,15 +663,15 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
             model = ql.load_model(traj.checkpoints[-1].path, a.arch, a.device)
             params = PerSampleGradients(model, k=8, layer_k=2).params()
             upd = {"diagnostics": diag, "target_loss": {}, "target_loss_times_T": {}}
-            ql.apply_update(model, params, U, 1.0)  # theta_T + sum_z I_theta(z), a_t as in the code (no T)
+            ql.apply_update(model, params, U, 1.0 / T)  # theta_T + sum_z I_theta(z) with the official code's a_t
             upd["target_loss"] = ql.target_losses(model, probe, a.device)
-            ql.apply_update(model, params, U, float(T) - 1.0)  # theta_T + T * sum_z I_theta(z) (methods §1.2)
+            ql.apply_update(model, params, U, 1.0 - 1.0 / T)  # theta_T + sum_z I_theta(z), loss units (methods §1.2)
             upd["target_loss_times_T"] = ql.target_losses(model, probe, a.device)
             (seed_dir / "deletion").mkdir(exist_ok=True)
             ql.write_json(p_upd, upd)
         pred = {m: float(np.nansum(cols[m][didx])) for m in INFLUENCE + ["diffin_train"] if m in cols}
-        pred_units = {"diffin_target": pred["diffin_target"] * T,
-                      "tracin_target": pred.get("tracin_target", float("nan")) * T / (m_ck * n_pool)}
+        pred_units = {"diffin_target": pred["diffin_target"],
+                      "tracin_target": pred.get("tracin_target", float("nan")) / n_pool}
         deletion[name] = {
             "n_dropped": int(len(didx)), "swapped_share_of_dropped": float(swapped[didx].mean()),
             "predicted_change": pred, "predicted_change_loss_units": pred_units,
@@ -837,10 +838,11 @@ def markdown(r) -> str:
                  f"{fmt(r['counterfactual_spearman_in_batch'].get(m))}")
     L.append(f"- group effect std {fmt(r['counterfactual_group_effect_std'])} vs retrain-seed noise "
              f"|dL| {fmt(r['counterfactual_seed_noise'])} (bank target loss)")
-    L += ["", "Data deletion (bank target loss; Diff-In sum as the job reports it and x T in loss units; TracIn x "
-          "T/(mN)):", "",
-          "| selection | n dropped | swapped share | pred. dL Diff-In (raw / xT) | pred. dL TracIn | actual dL (retrain) | "
-          "L(theta_T) | L(theta_T + U) | L(theta_T + T U) | L(retrained) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "Data deletion (bank target loss; Diff-In sum as the job reports it, in loss units since its weights count "
+          "each checkpoint's updates; TracIn / N; U/T: the official code's a_t):", "",
+          "| selection | n dropped | swapped share | pred. dL Diff-In (job / loss units) | pred. dL TracIn | actual dL "
+          "(retrain) | L(theta_T) | L(theta_T + U/T) | L(theta_T + U) | L(retrained) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in r["deletion"].items():
         pu = d["predicted_change_loss_units"]["mean"]
         L.append(f"| {name} | {d['n_dropped']['mean']:.0f} | {fmt(d['swapped_share_of_dropped']['mean'], pct=True)} | "

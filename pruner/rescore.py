@@ -171,6 +171,11 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     _, target_samples, reference = pick_shared_inputs(cfg, pool, target, bank=False)
     target_batches = list(scorer.uid_batches(target_samples))
     ref_batches = [scorer.tensors(r) for r in reference]
+    # the weights the job's other columns were combined with, as trajectory.json records them (a job scored before a
+    # change of the weighting rule keeps its own); older records without b_t: the current rule
+    recorded = json.loads(layout.trajectory.read_text())["checkpoints"]
+    weights = [{key: float(r[key]) for key in ("eta", "a_t", "b_t")} if {"eta", "a_t", "b_t"} <= r.keys()
+               else {"eta": w.eta, "a_t": w.a_t, "b_t": w.b_t} for r, w in zip(recorded, scorer.weights)]
     out = []
     for i, (engine, shared) in enumerate(zip(scorer.engines, states)):
         v, v_pred = target_gradients(engine, [(x, t) for x, t, _ in target_batches],
@@ -180,7 +185,7 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
         proj = engine.projector
         out.append({"Pv": proj.project_weights(v).float(), "Pu": proj.project_weights(u).float(),
                     **({"Pp": proj.project_weights(v_pred).float()} if pred else {}),
-                    "eta": scorer.weights[i].eta, "a_t": scorer.weights[i].a_t, "b_t": scorer.weights[i].b_t})
+                    **weights[i]})
     return out
 
 

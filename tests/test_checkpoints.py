@@ -176,3 +176,21 @@ def test_checkpoint_weights_sum_over_the_updates_each_checkpoint_stands_for(tmp_
         assert math.isclose(x.a_t / even[0].a_t, t * lr ** 2 / (10 * 9e-6))
     with pytest.raises(ValueError, match=r"checkpoint init is at step 0: it stands for no optimiser update.*fix:"):
         checkpoint_weights(cfg, Trajectory((CheckpointInfo("init", 0, 1e-3, None), uneven[0])))
+
+
+def test_prune_refuses_a_step_0_checkpoint_with_exit_1(tmp_path, micro_trajectory, capsys):
+    """`pruner prune` over a trajectory that starts at the initialisation exits 1 with the fix, before any job
+    directory exists (no traceback)."""
+    import yaml
+
+    from conftest import small_job_config
+    from pruner.jobs.prune import main
+    doc = json.loads(micro_trajectory.read_text())
+    doc["checkpoints"][0]["step"] = 0
+    doc["checkpoints"] = [{**c, "path": str(micro_trajectory.parent / c["path"])} for c in doc["checkpoints"]]
+    (tmp_path / "trajectory.json").write_text(json.dumps(doc))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(small_job_config(tmp_path, tmp_path / "trajectory.json")))
+    assert main(["--config", str(cfg)]) == 1
+    assert "stands for no optimiser update" in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()

@@ -99,7 +99,8 @@ def _drop_last_sample(shard: Path) -> None:
 
 def test_extension_refuses_changed_inputs(tmp_path, micro_trajectory):
     """add_checkpoint refuses, naming the cause: a shard the job did not score, a target set that changed (other
-    hash-picked samples), and a shard that lost a sample (given up at once, not retried)."""
+    hash-picked samples), and a shard re-written since the job scored it (by its recorded file identity, up front;
+    a shard without an identity, e.g. pipe:, is caught by the actors' uid check, test below)."""
     short, last = _first_two(tmp_path, micro_trajectory)
     lake, target = tmp_path / "lake", tmp_path / "target"
     lake.mkdir()
@@ -128,11 +129,11 @@ def test_extension_refuses_changed_inputs(tmp_path, micro_trajectory):
         extend()
     extra.unlink()
     changed = lake / Path(shards[1]).name
-    _drop_last_sample(changed)
-    with pytest.raises(RuntimeError, match="changed since the job being extended scored it"):
+    _drop_last_sample(changed)  # a new file identity (size, mtime): refused before any actor starts
+    with pytest.raises(ValueError, match=r"1 shard\(s\), e\.g\. .*changed since the job being extended.*"
+                                         r"fix: re-run that job first"):
         extend()
-    failed = json.loads(next((tmp_path / "jobs").glob("*/failed.json")).read_text())
-    assert failed["failed_attempts"] == {str(changed): 1}
+    assert not list((tmp_path / "jobs").glob("*/failed.json"))
 
 
 def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_trajectory):

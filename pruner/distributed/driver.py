@@ -165,9 +165,13 @@ def write_job_config(layout: JobLayout, cfg: JobConfig) -> None:
 
 def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory]:
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
-    check_shard_names(pool)
     target = expand_shard_specs(cfg.target.shards, cfg.data.allow_pipe) if cfg.target.shards else []
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    try:  # inputs no run of this config could score: refused before a directory exists, exit 1 with the fix
+        check_shard_names(pool)
+        checkpoint_weights(cfg, traj)
+    except ValueError as e:
+        raise JobRefusedError(str(e)) from None
     digests = [_file_digest(ck.path) for ck in traj.checkpoints]
     layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj, digests)}")
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
@@ -302,10 +306,14 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     if not pending:
         log.info("all %d shards already scored in %s", len(pool), layout.root)
         return stats
-    unscored = [u for u in pending if prior is not None and not prior.scores(u).exists()]
+    unscored, changed_since = prior.stale_shards(pending, identities) if prior is not None else ([], [])
     if unscored:
         raise ValueError(f"{len(unscored)} shard(s), e.g. {unscored[0]}, were not scored by the job being extended, "
                          f"{prior.root} (fix: finish or re-run that job first, so it scores them, then extend it)")
+    if changed_since:  # its stored components come from the old file: combining them with new ones would mix both
+        raise ValueError(f"{len(changed_since)} shard(s), e.g. {changed_since[0]}, changed since the job being "
+                         f"extended, {prior.root}, scored them (fix: re-run that job first, so it re-scores them, "
+                         f"then extend it)")
     f = cfg.features
     lost = [p for u in pending for i in range(first)
             for p, saved in ((prior.features(u, i), f.save), (prior.hzg(u, i), f.save_hzg)) if saved and not p.exists()]

@@ -43,7 +43,7 @@ from PIL import Image
 
 from pruner.config import load_job_config
 from pruner.explain.index import KINDS, PoolIndex
-from pruner.explain.pool import PoolFeatures, read_captions, weight_blocks
+from pruner.explain.pool import PoolFeatures, checkpoint_etas, read_captions, weight_blocks
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, Sample, expand_shard_specs, iter_shard
@@ -82,7 +82,7 @@ class QueryEncoder:
             raise FileNotFoundError(f"shared quantities {missing} are missing (fix: finish the job first)")
         self.states = [torch.load(self.layout.shared(i), map_location="cpu", weights_only=True, mmap=True)
                        for i in range(m)]
-        self.etas = [float(s["eta"]) for s in self.states]
+        self.etas = checkpoint_etas(self.layout.root)  # the pool's weights (trajectory.json), not the linked states'
         dev = self.scorer.device
         self.scorer.set_shared([CheckpointShared.from_state({**s, "vectors": {"G": s["vectors"]["G"]}}, dev)
                                 for s in self.states])
