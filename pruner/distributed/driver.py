@@ -53,7 +53,8 @@ from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest
-from pruner.scorer import ShardChangedError, checkpoint_weights, pick_oga_subsample, pick_shared_inputs
+from pruner.scorer import (CheckpointWeights, ShardChangedError, checkpoint_weights, pick_oga_subsample,
+                           pick_shared_inputs)
 
 log = logging.getLogger("pruner.driver")
 ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
@@ -67,17 +68,19 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def job_id(cfg: JobConfig, target: list[str], traj: Trajectory, digests: list[str]) -> str:
+def job_id(cfg: JobConfig, target: list[str], traj: Trajectory, digests: list[str],
+           weights: list[CheckpointWeights]) -> str:
     """16 hex digits from the config fingerprint (which holds the pool's shard *specs*, and not ``select``), the
     target shard list, the checkpoint file contents (``digests``, sha256 per checkpoint) and the checkpoint weights
-    (so a change of the weighting rule never mixes differently weighted shards in one directory). The expanded pool list
+    (``checkpoint_weights``; so a change of the weighting rule never mixes differently weighted shards in one
+    directory). The expanded pool list
     is deliberately left out: when a folder or glob of the lake gains shards, re-running the same config reuses the
     job directory and scores only the new shards (incremental re-scoring; see pruner.rescore). So are the select
     settings: a re-run with other ones reuses the directory and only re-selects (pruner.jobs.prune.run)."""
     h = hashlib.sha256()
     h.update(cfg.fingerprint().encode())
     h.update(json.dumps(target).encode())
-    for ck, digest, w in zip(traj.checkpoints, digests, checkpoint_weights(cfg, traj)):
+    for ck, digest, w in zip(traj.checkpoints, digests, weights):
         h.update(json.dumps([ck.step, ck.lr, ck.lr_mean, w.eta, w.a_t, w.b_t]).encode())
         h.update(digest.encode())
     return h.hexdigest()[:16]
@@ -169,11 +172,11 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     try:  # inputs no run of this config could score: refused before a directory exists, exit 1 with the fix
         check_shard_names(pool)
-        checkpoint_weights(cfg, traj)
+        weights = checkpoint_weights(cfg, traj)
     except ValueError as e:
         raise JobRefusedError(str(e)) from None
     digests = [_file_digest(ck.path) for ck in traj.checkpoints]
-    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj, digests)}")
+    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj, digests, weights)}")
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     if not layout.config.exists():
         write_job_config(layout, cfg)
@@ -181,7 +184,7 @@ def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory
         write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
             {**ck.record(), "sha256": digest, "updates": w.updates, "eta": w.eta, "a_t": w.a_t,
              "b_t": w.b_t}
-            for ck, digest, w in zip(traj.checkpoints, digests, checkpoint_weights(cfg, traj))]})
+            for ck, digest, w in zip(traj.checkpoints, digests, weights)]})
     return layout, pool, target, traj
 
 
