@@ -172,10 +172,9 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     target_batches = list(scorer.uid_batches(target_samples))
     ref_batches = [scorer.tensors(r) for r in reference]
     # the weights the job's other columns were combined with, as trajectory.json records them (a job scored before a
-    # change of the weighting rule keeps its own); older records without b_t: the current rule
-    recorded = json.loads(layout.trajectory.read_text())["checkpoints"]
-    weights = [{key: float(r[key]) for key in ("eta", "a_t", "b_t")} if {"eta", "a_t", "b_t"} <= r.keys()
-               else {"eta": w.eta, "a_t": w.a_t, "b_t": w.b_t} for r, w in zip(recorded, scorer.weights)]
+    # change of the weighting rule keeps its own; every job whose shared states load above records b_t)
+    weights = [{key: float(r[key]) for key in ("eta", "a_t", "b_t")}
+               for r in json.loads(layout.trajectory.read_text())["checkpoints"]]
     out = []
     for i, (engine, shared) in enumerate(zip(scorer.engines, states)):
         v, v_pred = target_gradients(engine, [(x, t) for x, t, _ in target_batches],
