@@ -24,8 +24,9 @@ GPU: when ``faiss.get_num_gpus() > 0`` (a faiss-gpu build and a visible GPU), IV
 GPU 0 and copied back to the CPU to be saved; searches run on all GPUs (the index sharded across them). faiss-cpu
 reports 0 GPUs and everything runs on the CPU.
 
-Building shows a progress bar (samples added) on stderr. Indexes are cached in ``<job>/explain/index-<kind>.faiss`` with ``index-<kind>.json`` (parameters and a
-fingerprint of the feature files); a cached index is reused only if the fingerprint and parameters match.
+Building shows a progress bar (samples added) on stderr. Indexes are cached in
+``<job>/explain/index-<kind>.faiss`` with ``index-<kind>.json`` (parameters and a fingerprint of the feature files);
+a cached index is reused only if the fingerprint and parameters match.
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ K reference pairs whose embeddings were computed once per checkpoint and detache
 with unit-norm embeddings and s = exp(logit_scale) of the checkpoint (treated as a constant). The positive
 is part of the softmax denominator. The bank is drawn from the pool being scored, so a bank member meets its own
 pair among the negatives; that column is masked (``own``), otherwise the pair would be its own hardest negative
-(its loss pushed towards log 2 and its gradient distorted) for the K bank members only. Because the bank is detached, d(sum_z l_z)/d(activations of z) depends
-only on z, so one backward of the summed loss gives every per-sample gradient without cross-talk, and a
-sample's loss and gradient do not depend on its batch, shard or worker.
+(its loss pushed towards log 2 and its gradient distorted) for the K bank members only. Because the bank is
+detached, d(sum_z l_z)/d(activations of z) depends only on z, so one backward of the summed loss gives every
+per-sample gradient without cross-talk, and a sample's loss and gradient do not depend on its batch, shard or
+worker.
 
 The similarity / log-sum-exp head runs in float64 (cheap), which keeps finite differences of losses clean.
 """
@@ -30,8 +31,8 @@ def bank_loss(img: torch.Tensor, txt: torch.Tensor, bank_img: torch.Tensor, bank
 
     img, txt: [B, e] unit-norm embeddings of the pairs (any float dtype; promoted to float64).
     bank_img, bank_txt: [K, e] unit-norm, detached. scale: exp(logit_scale), a python float or 0-d tensor.
-    own: [B] int64, the bank row of each pair's own entry or -1 (``CheckpointShared.own_rows``); those negatives are left
-    out. Returns [B] float64 losses (nats).
+    own: [B] int64, the bank row of each pair's own entry or -1 (``CheckpointShared.own_rows``); those negatives
+    are left out. Returns [B] float64 losses (nats).
     """
     img, txt = img.double(), txt.double()
     bank_img, bank_txt = bank_img.detach().double(), bank_txt.detach().double()
@@ -44,7 +45,6 @@ def bank_loss(img: torch.Tensor, txt: torch.Tensor, bank_img: torch.Tensor, bank
     i2t = torch.cat([pos[:, None], neg_i2t], dim=1)  # [B, 1+K]
     t2i = torch.cat([pos[:, None], neg_t2i], dim=1)
     return 0.5 * (torch.logsumexp(i2t, 1) + torch.logsumexp(t2i, 1)) - pos
-
 
 
 def in_batch_detached_loss(img: torch.Tensor, txt: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
