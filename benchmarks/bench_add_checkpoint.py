@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # bench_service also sets Ray's environment variables
-from bench_service import add_cluster_args, bench_cluster, job_config, merge_results  # noqa: E402
+from bench_service import add_cluster_args, bench_cluster, job_config  # noqa: E402
+
+from pruner.io.atomic import update_json_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "rescore.json"
 
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(details, indent=2))
     if not args.no_write:
-        merge_results(RESULTS, {"add_checkpoint": details})
+        update_json_atomic(RESULTS, {"add_checkpoint": details})
+        print(f"merged into {RESULTS}")
     return 0
 
 

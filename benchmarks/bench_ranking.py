@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pruner.io.atomic import write_json_atomic  # noqa: E402  (stdlib only)
+from pruner.io.atomic import update_json_atomic, write_json_atomic  # noqa: E402  (stdlib only)
 
 SCORE = "diffin_target"
 
@@ -207,13 +207,12 @@ def record_in_service(result: dict, path: Path = ROOT / "benchmarks" / "results"
     """The driver's reduce step at 10M scores as issue 6 names it in service.json: seconds = select + write_ranking
     + write_manifests (run one after the other by the driver), peak RSS = the largest phase's (each phase's own
     process here; the driver frees one phase's memory before the next)."""
-    service = json.loads(path.read_text()) if path.exists() else {}
     phases = ("select", "write_ranking", "write_manifests")
-    service.update(ranking_10m_seconds=round(sum(result[f"{p}_seconds"] for p in phases), 1),
-                   ranking_10m_driver_peak_rss_mb=round(max(result[f"{p}_peak_rss_mb"] for p in phases), 1),
-                   ranking_10m_source=f"{result['command']} (benchmarks/results/ranking.json: medians of "
-                                      f"{result['repeats']}, phases {', '.join(phases)})")
-    write_json_atomic(path, service)
+    update_json_atomic(path, {
+        "ranking_10m_seconds": round(sum(result[f"{p}_seconds"] for p in phases), 1),
+        "ranking_10m_driver_peak_rss_mb": round(max(result[f"{p}_peak_rss_mb"] for p in phases), 1),
+        "ranking_10m_source": f"{result['command']} (benchmarks/results/ranking.json: medians of "
+                              f"{result['repeats']}, phases {', '.join(phases)})"})
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ for _k, _v in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_AUTH_MODE", "di
                ("RAY_USAGE_STATS_ENABLED", "0")):
     os.environ.setdefault(_k, _v)
 
-from pruner.io.atomic import write_json_atomic  # noqa: E402
+from pruner.io.atomic import update_json_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "service.json"
 
@@ -156,13 +156,6 @@ def bench_cluster(args: argparse.Namespace, prefix: str):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def merge_results(path: Path, updates: dict) -> None:
-    """Set ``updates``' keys in the results file ``path`` (read-modify-write, atomic), leaving its other keys."""
-    current = json.loads(path.read_text()) if path.exists() else {}
-    write_json_atomic(path, {**current, **updates})
-    print(f"merged into {path}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cluster_args(ap)
@@ -239,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(details, indent=2))
     if not args.no_write:
-        merge_results(RESULTS, {"scaling_efficiency_1_to_2": details["efficiency"], "scaling_1_to_2": details})
+        update_json_atomic(RESULTS, {"scaling_efficiency_1_to_2": details["efficiency"], "scaling_1_to_2": details})
+        print(f"merged into {RESULTS}")
     return 0
 
 

@@ -278,3 +278,14 @@ def test_materialize_never_repeats_a_key_in_an_output_shard(job, tmp_path):
         captions += [(s.key, s.caption) for s in samples]
     assert captions == [("000000", "caption 0 0"), ("000001", "caption 0 1"), ("000000", "caption 1 0")]
     assert verify_materialized(manifest, tmp_path / "out") == {"shards": 2, "samples": 3}
+
+
+def test_update_json_atomic_sets_keys_and_keeps_the_others(tmp_path):
+    """The results-file merge the benchmarks share: a missing file is created, later updates replace only their own
+    keys, and no temporary file is left beside it."""
+    from pruner.io.atomic import update_json_atomic
+    path = tmp_path / "results.json"
+    update_json_atomic(path, {"a": 1, "b": {"x": 2}})
+    update_json_atomic(path, {"b": 3, "c": [4]})
+    assert json.loads(path.read_text()) == {"a": 1, "b": 3, "c": [4]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

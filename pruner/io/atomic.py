@@ -46,6 +46,13 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def update_json_atomic(path: str | os.PathLike, updates: dict) -> None:
+    """Set ``updates``' keys in the JSON object file ``path`` (created if missing), leaving its other keys: a
+    read-modify-write whose write is atomic (results files that several benchmarks fill, each its own keys)."""
+    path = Path(path)
+    write_json_atomic(path, {**(json.loads(path.read_text()) if path.exists() else {}), **updates})
+
+
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Give ``dst`` the content of ``src``, an artefact never modified in place: a hard link when both are on one
     filesystem (no bytes copied, e.g. a job's stored features reused by the job that extends it), else a copy.
