@@ -4,8 +4,9 @@ one checkpoint (per shard fp16 features [rows, k] = P g_z and, for Diff-In, [row
 
 Side by side in one run, for each thread count (torch.set_num_threads, as the CLI process would have it), repeats
 interleaved, page cache warm (one untimed pass first), medians:
-  * diffin+tracin: Diff-In's default exact_increment form with TracIn, P g_z @ [P v', P u'] (one file, 2 KiB read
-    per sample at k=1024): the headline;
+  * diffin+tracin+pred: a job with the default methods, P g_z @ [P v', P u', P v'_pred] (diffin_target in the
+    exact_increment form, tracin_target, tracin_pred; one file, 2 KiB read per sample at k=1024): the headline;
+  * diffin+tracin: the same without tracin_pred, P g_z @ [P v', P u'];
   * diffin(taylor)+tracin: the paper's taylor form, P g_z @ [P v', P u'] and P H_z G_B @ P v' (two files, 4 KiB);
   * tracin only (a job without Diff-In): P g_z @ P v' (one file, 2 KiB per sample);
   * read only: an int64 sum over the same two files, i.e. the memory bandwidth a pass that computes nothing gets
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pruner.io.atomic import write_json_atomic  # noqa: E402
+from pruner.io.atomic import update_json_atomic  # noqa: E402
 from pruner.io.layout import JobLayout  # noqa: E402
 from pruner.io.store import save_features  # noqa: E402
 from pruner.rescore import retarget_shard  # noqa: E402
@@ -42,6 +43,9 @@ def write_shards(layout: JobLayout, urls: list[str], rows: int, k: int) -> None:
     for url in urls:
         for path in (layout.features(url, 0), layout.hzg(url, 0)):
             save_features(path, rng.standard_normal((rows, k), np.float32))
+
+
+HEADLINE = "diffin+tracin+pred"  # the pass a job with the default scores.methods runs
 
 
 def read_only(layout: JobLayout, urls: list[str]) -> None:
@@ -65,11 +69,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     projs = [{"Pv": torch.randn(a.k, generator=g).to(a.device), "Pu": torch.randn(a.k, generator=g).to(a.device),
               "eta": 0.5, "a_t": 0.25, "b_t": 0.125}]
+    with_pred = [{**p, "Pp": torch.randn(a.k, generator=g).to(a.device)} for p in projs]  # tracin_pred's P v'_pred
 
-    def retarget_all(form):
-        return lambda lay: [retarget_shard(lay, u, a.shard_size, projs, form) for u in urls]
+    def retarget_all(form, vectors=projs):
+        return lambda lay: [retarget_shard(lay, u, a.shard_size, vectors, form) for u in urls]
 
-    passes = {"diffin+tracin": (retarget_all("exact_increment"), 1),
+    passes = {"diffin+tracin+pred": (retarget_all("exact_increment", with_pred), 1),
+              "diffin+tracin": (retarget_all("exact_increment"), 1),
               "diffin(taylor)+tracin": (retarget_all("taylor"), 2),
               "tracin only": (retarget_all(None), 1),
               "read only": (lambda lay: read_only(lay, urls), 2)}
@@ -96,16 +102,18 @@ def main() -> None:
                             "bytes_read_per_second": files * n * a.k * 2 / statistics.median(times[name, t]),
                             "seconds": times[name, t]} for t in a.threads}
             for name, (_, files) in passes.items()}
-    best = max(a.threads, key=lambda t: rows["diffin+tracin"][str(t)]["samples_per_second"])
-    result = {"samples_per_second": rows["diffin+tracin"][str(best)]["samples_per_second"], "threads": best,
+    best = max(a.threads, key=lambda t: rows[HEADLINE][str(t)]["samples_per_second"])
+    result = {"samples_per_second": rows[HEADLINE][str(best)]["samples_per_second"], "threads": best,
               "goal_samples_per_second": 5_000_000, "n": n, "shard_size": a.shard_size, "k": a.k,
               "repeats": a.repeats, "device": a.device, "cpu_count": os.cpu_count(),
               "load_average_1min_before_after": load, "passes": rows, "command": "python " + " ".join(sys.argv),
               "note": "one checkpoint (a job with m checkpoints does m such passes per shard); "
-                      "samples_per_second is diffin+tracin in Diff-In's default exact_increment form (features "
-                      "only, 2 KiB per sample at k=1024); diffin(taylor)+tracin also reads hzg (4 KiB); "
+                      f"samples_per_second is {HEADLINE}: what `pruner rescore --target` computes for a job with the "
+                      "default methods (diffin_target in the exact_increment form, tracin_target and tracin_pred: "
+                      "three dots per row of the features, 2 KiB per sample at k=1024); diffin(taylor)+tracin also "
+                      "reads hzg (4 KiB); "
                       "'read only' is an int64 sum over the same files: the memory-bandwidth ceiling here"}
-    write_json_atomic(a.out, result)
+    update_json_atomic(a.out, result)  # bench_add_checkpoint.py's add_checkpoint key stays
     print(f"{'pass':22s}" + "".join(f"{f'{t} thread(s): samples/s, GB/s':>36s}" for t in a.threads))
     for name, row in rows.items():
         print(f"{name:22s}" + "".join(f"{row[str(t)]['samples_per_second']:>24,.0f} "
