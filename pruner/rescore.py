@@ -159,9 +159,10 @@ def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict],
 
 
 def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence[str],
-                       device: str = "auto", pred: bool = False) -> list[dict]:
-    """Per checkpoint: {"Pv": [k], "Pu": [k], "eta", "a_t", "b_t"} and, with ``pred``, "Pp" (P v_pred, the
-    prediction-score target of tracin_pred) for a new target set (one pass over the target)."""
+                       device: str = "auto") -> list[dict]:
+    """Per checkpoint: {"Pv": [k], "Pu": [k], "Pp": [k], "eta", "a_t", "b_t"} for a new target set (one pass over
+    the target); Pp is P v_pred, the prediction-score target of tracin_pred. Like a full run, whatever the job's
+    methods: the scorer forms tracin_target and tracin_pred whenever there is a target set."""
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     scorer = Scorer(cfg, traj, device=device)
     states = [CheckpointShared.from_state(torch.load(layout.shared(i), map_location="cpu", weights_only=True),
@@ -183,7 +184,7 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
         u = reference_hvp(engine, ref_batches, shared.scale, v, cfg.scores.diffin.hvp_eps)
         proj = engine.projector
         out.append({"Pv": proj.project_weights(v).float(), "Pu": proj.project_weights(u).float(),
-                    **({"Pp": proj.project_weights(v_pred).float()} if pred else {}),
+                    "Pp": proj.project_weights(v_pred).float(),
                     **weights[i]})
     return out
 
@@ -207,7 +208,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     tag = hashlib.sha256(json.dumps(sorted(target_specs)).encode()).hexdigest()[:12]
     new = JobLayout(layout.root / f"retarget-{tag}")
     new.shards_dir.mkdir(parents=True, exist_ok=True)
-    projs = target_projections(cfg, layout, target_specs, device, pred="tracin" in cfg.scores.methods)
+    projs = target_projections(cfg, layout, target_specs, device)
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
     diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None

@@ -211,8 +211,11 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
     tb = tmp_path / "target_b"
     write_shard(tb / "b-000000.tar", list(members.items())[::-1])
     feats = {"k": 1024, "layer_k": 16, "bank_size": 128, "batch_size": 50, "save_hzg": form == "taylor"}
+    # the taylor job runs without TracIn: a full run still forms tracin_target and tracin_pred from its target set,
+    # so the re-target must too (it once dropped tracin_pred there)
     scores = {"diffin": {"targets": ["target", "train"], "reference_batch_size": 32, "form": form},
-              "oga": {"iforest_sample": 100, "iforest_trees": 50}}
+              "oga": {"iforest_sample": 100, "iforest_trees": 50},
+              **({"methods": ["diffin", "oga", "baselines"]} if form == "taylor" else {})}
     cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats, scores=scores)
     run(load_config(data=cfg))
     new = retarget(_job_dir(cfg), [str(tb)], device="cpu")
