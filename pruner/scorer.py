@@ -7,6 +7,8 @@ actor, hands it shards, and writes what it returns. Notebooks can use it directl
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 from typing import Iterable, NamedTuple, Optional, Sequence
 
@@ -105,16 +107,15 @@ def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Se
     """(bank samples, target samples, reference batches) of a job: the bank and the reference batches are
     hash-selected among the first 4 x (their size) samples of the pool in sorted shard order (so shards
     appended later, sorting after those samples, do not change them), the target is the first
-    ``target.max_samples`` samples of the sorted target shards."""
+    ``target.max_samples`` samples of the sorted target shards. The pool's head is read once for both picks."""
     allow, d = cfg.data.allow_pipe, cfg.scores.diffin
-    bank_samples = hash_pick(iter_pool(pool_urls, allow), cfg.features.bank_size, "bank") if bank else []
-    refs = hash_pick(iter_pool(pool_urls, allow), d.reference_batches * d.reference_batch_size, "reference")
+    n_bank, n_ref = (cfg.features.bank_size if bank else 0), d.reference_batches * d.reference_batch_size
+    head = list(itertools.islice(iter_pool(pool_urls, allow), 4 * max(n_bank, n_ref)))
+    bank_samples = hash_pick(head, n_bank, "bank") if bank else []
+    refs = hash_pick(head, n_ref, "reference")
+    del head
     reference = [refs[i::d.reference_batches] for i in range(d.reference_batches)]
-    target = []
-    for s in iter_pool(target_urls, allow):
-        if len(target) >= cfg.target.max_samples:
-            break
-        target.append(s)
+    target = list(itertools.islice(iter_pool(target_urls, allow), cfg.target.max_samples))
     return bank_samples, target, reference
 
 
@@ -122,6 +123,17 @@ def pick_oga_subsample(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]
     """The samples the OGA Isolation Forest is fitted on: hash-selected among the first ``scores.oga.iforest_sample``
     samples of the pool in sorted shard order."""
     return hash_pick(iter_pool(pool_urls, cfg.data.allow_pipe), cfg.scores.oga.iforest_sample, "oga", oversample=1)
+
+
+def input_digests(bank: Sequence[Sample], target: Sequence[Sample], reference: Sequence[Sequence[Sample]],
+                  oga: Optional[Sequence[Sample]] = None) -> dict[str, str]:
+    """sha256 of the uids of the samples behind a job's shared quantities, in the order they are used: ``bank``,
+    ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's subsample);
+    what ``shared/inputs.json`` records (pruner.distributed.driver.check_shared_inputs)."""
+    picked = {"bank": bank, "reference": [s for batch in reference for s in batch], "target": target}
+    if oga is not None:
+        picked["oga"] = oga
+    return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in picked.items()}
 
 
 def combine_columns(cfg: JobConfig, weights: Sequence[CheckpointWeights], forest,

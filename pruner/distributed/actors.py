@@ -19,7 +19,7 @@ from ray.util.metrics import Counter
 from pruner.config import JobConfig
 from pruner.io.shards import RejectLog, iter_shard
 from pruner.model.checkpoints import Trajectory
-from pruner.scorer import Scorer, pick_oga_subsample, pick_shared_inputs
+from pruner.scorer import Scorer, input_digests, pick_oga_subsample, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared
 
 log = logging.getLogger("pruner.actor")
@@ -41,12 +41,17 @@ class SharedComputer:
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)  # checkpoints first.. (see Scorer)
         self.bank, self.target, self.reference = pick_shared_inputs(self.cfg, pool_urls, target_urls)
-        self.pool_urls = pool_urls
+        self.oga = pick_oga_subsample(self.cfg, pool_urls) if "oga" in self.cfg.scores.methods else None
         log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
                  len(self.reference[0]) if self.reference else 0, len(self.target))
 
     def ping(self) -> int:
         return os.getpid()
+
+    def input_digests(self) -> dict[str, str]:
+        """What ``shared/inputs.json`` records of the samples picked here (pruner.scorer.input_digests), so the
+        driver need not read and decode them as well on a job's first run."""
+        return input_digests(self.bank, self.target, self.reference, self.oga)
 
     def compute(self, i: int) -> dict:
         t0 = time.time()
@@ -58,7 +63,7 @@ class SharedComputer:
         """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``states``: the
         shared quantities of checkpoints ``first``.."""
         self.scorer.set_shared([CheckpointShared.from_state(s) for s in states])
-        return self.scorer.last_checkpoint_features(pick_oga_subsample(self.cfg, self.pool_urls))
+        return self.scorer.last_checkpoint_features(self.oga)
 
 
 class ShardUnreadableError(OSError):

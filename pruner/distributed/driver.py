@@ -53,8 +53,8 @@ from pruner.io.store import save_features
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest
-from pruner.scorer import (CheckpointWeights, ShardChangedError, checkpoint_weights, pick_oga_subsample,
-                           pick_shared_inputs)
+from pruner.scorer import (CheckpointWeights, ShardChangedError, checkpoint_weights, input_digests,
+                           pick_oga_subsample, pick_shared_inputs)
 
 log = logging.getLogger("pruner.driver")
 ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
@@ -217,15 +217,10 @@ def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayou
 
 
 def shared_input_digests(cfg: JobConfig, pool: list[str], target: list[str]) -> dict[str, str]:
-    """sha256 of the uids of the hash-picked samples behind a job's shared quantities, in the order they are used:
-    ``bank``, ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's
-    subsample). Reads those samples (the first ones of the pool in sorted shard order, and of the target set);
-    loads no model."""
-    bank, target_samples, reference = pick_shared_inputs(cfg, pool, target)
-    picked = {"bank": bank, "reference": [s for batch in reference for s in batch], "target": target_samples}
-    if "oga" in cfg.scores.methods:
-        picked["oga"] = pick_oga_subsample(cfg, pool)
-    return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in picked.items()}
+    """:func:`pruner.scorer.input_digests` of the hash-picked samples behind a job's shared quantities. Reads those
+    samples (the first ones of the pool in sorted shard order, and of the target set); loads no model."""
+    oga = pick_oga_subsample(cfg, pool) if "oga" in cfg.scores.methods else None
+    return input_digests(*pick_shared_inputs(cfg, pool, target), oga)
 
 
 def _changed_inputs(record: Path, picked: dict[str, str]) -> list[str]:
@@ -238,15 +233,19 @@ def _changed_inputs(record: Path, picked: dict[str, str]) -> list[str]:
 
 
 def check_shared_inputs(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str],
-                        prior: JobLayout | None, pending: list[str]) -> dict[str, str]:
+                        prior: JobLayout | None, pending: list[str]) -> dict[str, str] | None:
     """The digests of the samples the shared quantities come from (:func:`shared_input_digests`), checked on every
     run against the job's record ``shared/inputs.json`` and, when extending ``prior``, against that job's record.
+    None, and nothing read, when neither record exists (a job's first run: the shared-quantity actor, which reads
+    those samples anyway, supplies the record).
 
     A difference means the pool's first shards in sorted order (where the bank, reference and OGA samples are
     picked) or the target samples are not the ones the job's shared quantities, scores and forest were computed
     from: a shard that sorts first was added, or one of the first shards or a target shard changed. Resuming would
     give other scores than a full run, so the job is refused (:class:`JobRefusedError`), naming the new or changed
     shards (``pending``) that sort before scored ones, and the fix."""
+    if not layout.shared_inputs.exists() and (prior is None or not prior.shared_inputs.exists()):
+        return None
     picked = shared_input_digests(cfg, pool, target)
     changed = _changed_inputs(layout.shared_inputs, picked)
     if changed:
@@ -348,7 +347,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
         try:  # killed however this ends: a pending resource request would otherwise stay queued
             wait_placed([comp.ping.remote()], "the shared-quantity actor")
             if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
-                write_json_atomic(layout.shared_inputs, picked)
+                write_json_atomic(layout.shared_inputs, picked or ray.get(comp.input_digests.remote()))
             for j, s in enumerate(states):
                 if s is None:
                     states[j] = ray.get(comp.compute.remote(first + j))
