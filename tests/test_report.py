@@ -198,6 +198,9 @@ def test_images_of_overlapping_lists_and_a_key_in_two_shards(job, tmp_path):
     assert [r["caption"] for r in rows[:4]] == [caption, twin["txt"].decode().strip()] * 2
     assert rows[0]["image"] == rows[2]["image"] != rows[1]["image"] == rows[3]["image"]
     assert rows[4]["image"] is None and "pipe:" in rows[4]["note"]
+    rows = [{"shard_url": f"pipe:cat {copy}", "key": key}]
+    attach_images(rows, convert=lambda im: im.tobytes(), allow_pipe=True)  # a job with data.allow_pipe: run it
+    assert rows[0]["caption"] == twin["txt"].decode().strip() and rows[0]["image"] is not None
     # the report: more rows shown than half the ranking, so the helpful and harmful lists overlap
     n = pq.read_metadata(job / "ranking.parquet").num_rows
     top = n // 2 + 10
@@ -273,6 +276,41 @@ def test_keep_drop_per_class_of_a_policy_job(tmp_path_factory, micro_trajectory,
     assert all(abs(k - (k + d) / 2) <= 1 for k, d in expected.values())
     for name, (kept, dropped) in expected.items():
         assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
+
+
+def test_a_job_on_pipe_shards(micro_trajectory, tmp_path):
+    """A job whose shards are pipe: commands (data.allow_pipe): the class_balanced policy reads its labels, the
+    report its images and per-class split, `pruner cluster` its labels and `pruner explain` its captions, all
+    through the commands, as the job itself read them (they once failed: fsspec cannot open pipe: URLs)."""
+    from pruner.jobs.prune import run
+
+    files = demo_pool_shards()[:2]
+    pipes = {f"pipe:cat {u}": u for u in files}
+    cfg = small_job_config(tmp_path, micro_trajectory, data={"shards": list(pipes), "allow_pipe": True},
+                           select={"policy": "class_balanced", "score": "diffin_target", "keep_fraction": 0.5})
+    status, summary = run(load_config(data=cfg))
+    assert status == 0 and summary["policy"]["policy"] == "class_balanced"
+    root = Path(cfg["output_dir"]) / summary["job"]
+    rows = pq.read_table(root / "ranking.parquet", columns=["shard_url", "key", "kept"]).to_pylist()
+    assert {r["shard_url"] for r in rows} == set(pipes)
+    names = _classnames(files)
+    expected: dict[str, list[int]] = {}
+    for r in rows:
+        expected.setdefault(names[(pipes[r["shard_url"]], r["key"])], [0, 0])[0 if r["kept"] else 1] += 1
+    assert len(expected) == 10 and all(abs(k - (k + d) / 2) <= 1 for k, d in expected.values())
+    doc = build_report(root, tmp_path / "report.html", top=2).read_text()
+    assert doc.count('src="data:image/jpeg;base64,') == 4 and "not read" not in doc
+    for name, (kept, dropped) in expected.items():
+        assert f'<td class="l">{name}</td><td>{kept}</td><td>{dropped}</td>' in doc, name
+    assert cluster_main([str(root), "--clusters", "2", "--typical", "2"]) == 0
+    clusters = json.loads((root / "clusters.json").read_text())["clusters"]
+    assert all(c["label_share"] for c in clusters if c["size"])
+    assert all(t["caption"] == _caption(pipes[t["shard_url"]], t["key"]) for c in clusters for t in c["typical"])
+    out = tmp_path / "explain.json"
+    uid = pq.read_table(root / "ranking.parquet", columns=["uid"])["uid"][0].as_py()
+    assert explain_main([str(root), "--uid", uid, "-k", "3", "--out", str(out)]) == 0
+    hits = json.loads(out.read_text())["proponents"]
+    assert hits and all(h["caption"] == _caption(pipes[h["shard_url"]], h["key"]) for h in hits)
 
 
 def test_spearman_matches_scipy(job):

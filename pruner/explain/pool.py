@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pruner.config import load_job_config
 from pruner.io.layout import JobLayout
-from pruner.io.shards import tar_samples
+from pruner.io.shards import open_shard_stream, tar_samples
 from pruner.io.store import load_features
 from pruner.select.rank import shard_score_files
 
@@ -182,11 +182,21 @@ def feature_path(score_file: Path, checkpoint: int) -> Path:
 
 # -- captions and metadata straight from the shards ---------------------------------------------------------
 
-def read_text_members(url: str, keys: Optional[Iterable[str]] = None) -> dict[str, dict]:
+def job_allows_pipe(job_dir: str | Path) -> bool:
+    """Whether the job's ``config.yaml`` sets ``data.allow_pipe``: then its shard URLs may be ``pipe:`` commands,
+    and reading captions, labels and images back from its shards runs them, as the job itself did (the same trust
+    the job's config was given; without it a ``pipe:`` URL is refused with ValueError)."""
+    layout = JobLayout(Path(job_dir))
+    return layout.config.exists() and load_job_config(layout.config).data.allow_pipe
+
+
+def read_text_members(url: str, keys: Optional[Iterable[str]] = None,
+                      allow_pipe: bool = False) -> dict[str, dict]:
     """``{key: {"caption": str | None, "meta": dict}}`` for the samples of one shard that have a ``.txt`` or ``.json``
     member (only ``keys`` if given), streaming the tar and reading the bytes of those members only. Samples are
     grouped as :func:`pruner.io.shards.tar_samples` does; a repeated key keeps its first occurrence, as the reader
-    does. Unreadable members give ``None`` / ``{}``. Stops once every wanted key has been read complete."""
+    does. Unreadable members give ``None`` / ``{}``. Stops once every wanted key has been read complete.
+    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command (:func:`job_allows_pipe`)."""
     want = None if keys is None else set(keys)
     out: dict[str, dict] = {}
     seen: set[str] = set()
@@ -194,7 +204,7 @@ def read_text_members(url: str, keys: Optional[Iterable[str]] = None) -> dict[st
     def read(key: str, ext: str) -> bool:
         return ext in ("txt", "json") and key not in seen and (want is None or key in want)
 
-    with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+    with open_shard_stream(url, allow_pipe) as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
         for key, parts in tar_samples(tf, read):
             if key in seen:
                 continue
@@ -224,22 +234,23 @@ def _meta(raw: Optional[bytes]) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _read_texts(keys: Sequence[str], urls: Sequence[str]) -> dict[str, dict[str, dict]]:
+def _read_texts(keys: Sequence[str], urls: Sequence[str], allow_pipe: bool) -> dict[str, dict[str, dict]]:
     """``{url: read_text_members(url, its keys)}`` for samples given as parallel lists of keys and shard URLs."""
     by_url: dict[str, set[str]] = {}
     for key, url in zip(keys, urls):
         by_url.setdefault(url, set()).add(key)
-    return {url: read_text_members(url, wanted) for url, wanted in by_url.items()}
+    return {url: read_text_members(url, wanted, allow_pipe) for url, wanted in by_url.items()}
 
 
-def read_captions(records: Sequence[dict]) -> list[Optional[str]]:
+def read_captions(records: Sequence[dict], allow_pipe: bool = False) -> list[Optional[str]]:
     """Captions of samples given as records with ``shard_url`` and ``key`` (one pass per distinct shard)."""
-    found = _read_texts([r["key"] for r in records], [r["shard_url"] for r in records])
+    found = _read_texts([r["key"] for r in records], [r["shard_url"] for r in records], allow_pipe)
     return [(found[r["shard_url"]].get(r["key"]) or {}).get("caption") for r in records]
 
 
 def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "classname",
-                  caption_ids: Iterable[int] = ()) -> tuple[pa.Array, dict[int, Optional[str]]]:
+                  caption_ids: Iterable[int] = (), allow_pipe: bool = False
+                  ) -> tuple[pa.Array, dict[int, Optional[str]]]:
     """(labels, captions): ``str(meta[label_key])`` from each sample's json member, for every sample of
     ``score_files`` in id order (null where absent; all null without ``label_key``), and the captions of the
     samples ``caption_ids``. One streaming pass per shard over text members only, up to its last scored sample (so
@@ -253,7 +264,7 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
     for f in tqdm(score_files, desc="read labels", unit="shard", dynamic_ncols=True):
         t = pq.read_table(f, columns=["key", "shard_url"])
         keys, urls = t["key"].to_pylist(), t["shard_url"].to_pylist()
-        texts = _read_texts(keys, urls)
+        texts = _read_texts(keys, urls, allow_pipe)
         c = np.full(len(keys), -1, np.int32)
         for j, (key, url) in enumerate(zip(keys, urls)):
             rec = texts[url].get(key) or {}

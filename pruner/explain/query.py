@@ -43,7 +43,7 @@ from PIL import Image
 
 from pruner.config import load_job_config
 from pruner.explain.index import KINDS, PoolIndex
-from pruner.explain.pool import PoolFeatures, checkpoint_etas, read_captions, weight_blocks
+from pruner.explain.pool import PoolFeatures, checkpoint_etas, job_allows_pipe, read_captions, weight_blocks
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, Sample, expand_shard_specs, iter_shard
@@ -220,10 +220,11 @@ def query_id(query: dict) -> str:
     return f"{query['type']}-{h.hexdigest()[:16]}"
 
 
-def _hits(role: str, index: PoolIndex, scores: np.ndarray, ids: np.ndarray, captions: bool) -> list[dict]:
+def _hits(role: str, index: PoolIndex, scores: np.ndarray, ids: np.ndarray, captions: bool,
+          allow_pipe: bool) -> list[dict]:
     keep = ids >= 0
     recs = index.pool.records(ids[keep])
-    caps = read_captions(recs) if captions else [None] * len(recs)
+    caps = read_captions(recs, allow_pipe) if captions else [None] * len(recs)
     return [{"role": role, "rank": r, **rec, "score": float(s), "caption": c, "id": int(i)}
             for r, (rec, s, c, i) in enumerate(zip(recs, scores[keep], caps, ids[keep]))]
 
@@ -261,6 +262,7 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         q = weight_blocks(encoder.job_target_blocks(), encoder.etas, "tracin")
         query = {"type": "job_target", "vector": "projected v_target of shared/ckpt-<i>.pt (the job's target set)"}
     pro_s, pro_i = index.search(q, k, rerank)
+    allow_pipe = job_allows_pipe(job_dir) if captions else False
     opp_s, opp_i = index.search(-q, k, rerank)
     query["id"] = query_id(query)
     result = {
@@ -270,8 +272,8 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         "etas": index.pool.etas, "query_norm": float(np.linalg.norm(q)),
         "index": {"kind": index.params.kind, **index.params.as_dict(), "n": index.pool.n, "dim": index.pool.dim,
                   "loaded_from_cache": bool(index.meta.get("loaded"))},
-        "proponents": _hits("proponent", index, pro_s[0], pro_i[0], captions),
-        "opponents": _hits("opponent", index, -opp_s[0], opp_i[0], captions),
+        "proponents": _hits("proponent", index, pro_s[0], pro_i[0], captions, allow_pipe),
+        "opponents": _hits("opponent", index, -opp_s[0], opp_i[0], captions, allow_pipe),
     }
     result["saved"] = str(JobLayout(Path(job_dir)).explain_results / f"{query['id']}.json")
     write_json_atomic(result["saved"], result)

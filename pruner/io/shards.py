@@ -177,8 +177,11 @@ def expand_shard_specs(specs: list[str], allow_pipe: bool = False) -> list[str]:
 
 
 @contextlib.contextmanager
-def _open_stream(url: str, allow_pipe: bool):
-    """A binary stream of the shard's bytes: a pipe command's stdout, or the file opened through fsspec."""
+def open_shard_stream(url: str, allow_pipe: bool = False):
+    """A binary stream of the shard's bytes: a pipe command's stdout (only with ``allow_pipe``; ValueError
+    otherwise), or the file opened through fsspec. A command stopped early (the reader had what it wanted) is
+    killed on exit."""
+    _check_pipe(url, allow_pipe)
     if not url.startswith("pipe:"):
         with fsspec.open(url, "rb") as f:
             yield f
@@ -333,7 +336,7 @@ def iter_shard(url: str, rejects: RejectLog, allow_pipe: bool = False,
         return
     with contextlib.ExitStack() as stack:
         try:
-            tf = stack.enter_context(tarfile.open(fileobj=stack.enter_context(_open_stream(url, allow_pipe)),
+            tf = stack.enter_context(tarfile.open(fileobj=stack.enter_context(open_shard_stream(url, allow_pipe)),
                                                   mode="r|*", tarinfo=_StrictTarInfo))
         except Exception as e:
             rejects.add(url, "", "unreadable_shard", f"cannot read {url} as a tar archive ({type(e).__name__}: {e}) "
