@@ -4,22 +4,27 @@ one checkpoint (per shard fp16 features [rows, k] = P g_z and, for Diff-In, [row
 
 Side by side in one run, for each thread count (torch.set_num_threads, as the CLI process would have it), repeats
 interleaved, page cache warm (one untimed pass first), medians:
-  * diffin+tracin+pred: a job with the default methods, P g_z @ [P v', P u', P v'_pred] (diffin_target in the
-    exact_increment form, tracin_target, tracin_pred; one file, 2 KiB read per sample at k=1024): the headline;
-  * diffin+tracin: the same without tracin_pred, P g_z @ [P v', P u'];
+  * diffin+tracin+pred int8: a job with the default methods, P g_z @ [P v', P u', P v'_pred] (diffin_target in the
+    exact_increment form, tracin_target, tracin_pred) over the features' int8 copy (1 KiB read per sample at
+    k=1024), already built: what `pruner rescore --target` does by default from its second run on; the headline;
+  * first re-target int8: the same with the int8 copies removed before each pass, so it makes them from the fp16
+    files (quantized in memory, written by background threads: what the first re-target of a job costs);
+  * diffin+tracin+pred fp16: the same pass over the fp16 features (one file, 2 KiB per sample; --precision fp16);
+  * diffin+tracin: fp16, without tracin_pred, P g_z @ [P v', P u'];
   * diffin(taylor)+tracin: the paper's taylor form, P g_z @ [P v', P u'] and P H_z G_B @ P v' (two files, 4 KiB);
   * tracin only (a job without Diff-In): P g_z @ P v' (one file, 2 KiB per sample);
   * read only: an int64 sum over the same two files, i.e. the memory bandwidth a pass that computes nothing gets
     here, and so the ceiling for the taylor row (4 KiB per sample); the 2 KiB rows can go up to twice as fast.
-Writes benchmarks/results/rescore.json (`samples_per_second`: diffin+tracin, the default form, at the best thread
-count).
+Writes benchmarks/results/rescore.json (`samples_per_second`: the headline at the best thread count).
 Usage: python benchmarks/bench_rescore.py [--n 1000000] [--shard-size 10000] [--k 1024] [--repeats 5]
                                           [--threads 1 2] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pruner.io.atomic import update_json_atomic  # noqa: E402
 from pruner.io.layout import JobLayout  # noqa: E402
-from pruner.io.store import save_features  # noqa: E402
+from pruner.io.store import Int8Copies, save_features  # noqa: E402
 from pruner.rescore import retarget_shard  # noqa: E402
 
 
@@ -45,7 +50,7 @@ def write_shards(layout: JobLayout, urls: list[str], rows: int, k: int) -> None:
             save_features(path, rng.standard_normal((rows, k), np.float32))
 
 
-HEADLINE = "diffin+tracin+pred"  # the pass a job with the default scores.methods runs
+HEADLINE = "diffin+tracin+pred int8"  # the pass a job with the default scores.methods runs, by default
 
 
 def read_only(layout: JobLayout, urls: list[str]) -> None:
@@ -71,10 +76,22 @@ def main() -> None:
               "eta": 0.5, "a_t": 0.25, "b_t": 0.125}]
     with_pred = [{**p, "Pp": torch.randn(a.k, generator=g).to(a.device)} for p in projs]  # tracin_pred's P v'_pred
 
-    def retarget_all(form, vectors=projs):
-        return lambda lay: [retarget_shard(lay, u, a.shard_size, vectors, form) for u in urls]
+    def retarget_all(form, vectors=projs, precision="fp16"):
+        def run(lay):
+            with contextlib.ExitStack() as stack:  # as pruner.rescore.retarget: writes of new copies waited for
+                int8 = stack.enter_context(Int8Copies(lay.int8_dir)) if precision == "int8" else None
+                return [retarget_shard(lay, u, a.shard_size, vectors, form, int8) for u in urls]
+        return run
 
-    passes = {"diffin+tracin+pred": (retarget_all("exact_increment", with_pred), 1),
+    def first_retarget(lay):
+        shutil.rmtree(lay.int8_dir, ignore_errors=True)
+        retarget_all("exact_increment", with_pred, "int8")(lay)
+
+    # (pass, bytes read per sample in units of 2 k: fp16 files read) -- the first re-target reads the fp16 file
+    # once to build the copy and the copy once
+    passes = {"diffin+tracin+pred int8": (retarget_all("exact_increment", with_pred, "int8"), 0.5),
+              "first re-target int8": (first_retarget, 1.5),
+              "diffin+tracin+pred fp16": (retarget_all("exact_increment", with_pred), 1),
               "diffin+tracin": (retarget_all("exact_increment"), 1),
               "diffin(taylor)+tracin": (retarget_all("taylor"), 2),
               "tracin only": (retarget_all(None), 1),
@@ -108,10 +125,11 @@ def main() -> None:
               "repeats": a.repeats, "device": a.device, "cpu_count": os.cpu_count(),
               "load_average_1min_before_after": load, "passes": rows, "command": "python " + " ".join(sys.argv),
               "note": "one checkpoint (a job with m checkpoints does m such passes per shard); "
-                      f"samples_per_second is {HEADLINE}: what `pruner rescore --target` computes for a job with the "
-                      "default methods (diffin_target in the exact_increment form, tracin_target and tracin_pred: "
-                      "three dots per row of the features, 2 KiB per sample at k=1024); diffin(taylor)+tracin also "
-                      "reads hzg (4 KiB); "
+                      f"samples_per_second is {HEADLINE}: what `pruner rescore --target` computes by default for "
+                      "a job with the default methods (diffin_target in the exact_increment form, tracin_target and "
+                      "tracin_pred: three dots per row of the features' int8 copy, 1 KiB per sample at k=1024, the "
+                      "copy already built); 'first re-target int8' builds the copy first; the fp16 rows read the "
+                      "features themselves (2 KiB); diffin(taylor)+tracin also reads hzg (4 KiB); "
                       "'read only' is an int64 sum over the same files: the memory-bandwidth ceiling here"}
     update_json_atomic(a.out, result)  # bench_add_checkpoint.py's add_checkpoint key stays
     print(f"{'pass':22s}" + "".join(f"{f'{t} thread(s): samples/s, GB/s':>36s}" for t in a.threads))

@@ -18,9 +18,13 @@ Three cases, each meant to give what a full re-run would give:
   job's matrices; then TracIn ~ sum_t eta_t <P g_z, P v'> (and its prediction-score variant tracin_pred with
   P v'_pred, v_pred = -grad of the new target pairs' similarity) and Diff-In ~ sum_t b_t <P g_z, P v'> +
   a_t <P g_z, P u'> (form exact_increment) or sum_t a_t (<P g_z, P u'> + <P H_z G_B, P v'>) (form taylor,
-  which needs ``features.save_hzg``) are matrix-vector products over the memory-mapped fp16 features. These are
+  which needs ``features.save_hzg``) are matrix-vector products over the memory-mapped stored features. These are
   random-projection estimates of the exact dots a full re-run computes:
   unbiased, with error shrinking as 1/sqrt(k); the test reports their rank agreement with a full re-run.
+  On a CPU the pass reads, by default, an int8 copy of each fp16 features file (one scale per row), built on first
+  use under ``<job>/int8/`` and reused while the file is unchanged: about twice as fast (issue 8's >= 5M samples/s
+  goal, benchmarks/RESULTS.md), adding an error of ~2e-4 of ||P g_z|| ||P v'|| per dot (median) to the
+  projection's ~1/sqrt(k); ``--precision fp16`` reads the fp16 features instead.
   The per-checkpoint components of the old target (``c<i>_tracin_target``, ``c<i>_t1_target``,
   ``c<i>_tracin_pred``, ...) are dropped, not re-estimated.
   Every shard of the pool must be scored as it is now (the lake may have grown since the job ran): otherwise
@@ -29,6 +33,7 @@ Three cases, each meant to give what a full re-run would give:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -49,11 +54,16 @@ from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path
 from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.shards import expand_shard_specs
-from pruner.io.store import load_features
+from pruner.io.store import Int8Copies, load_features
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
 from pruner.select.reduce import finalize
+
+
+#: What a CPU re-target pass reads: "int8", the features' int8 copy (pruner.io.store.Int8Copies; the default: the
+#: pass runs about twice as fast, benchmarks/RESULTS.md), or "fp16", the stored features themselves.
+PRECISIONS = ("int8", "fp16")
 
 
 def _of_target(column: str) -> bool:
@@ -70,17 +80,38 @@ def load_job(job_dir: str | Path) -> tuple[JobConfig, JobLayout]:
     return cfg, layout
 
 
-def _projected_dot(path: Path, vectors: torch.Tensor, chunk: int = 512) -> np.ndarray:
+def _projected_dot(path: Path, vectors: torch.Tensor, chunk: int = 512, int8: Int8Copies | None = None) -> np.ndarray:
     """[n, j] float64 = the stored fp16 features [n, k] at ``path`` @ ``vectors`` [k, j] float32, fp32 accumulation.
 
     One streaming pass over the memory map (2 k bytes read per sample, 2 KiB at k = 1024). On the CPU,
     ``torch.get_num_threads()`` threads convert ``chunk``-row pieces into a reused fp32 buffer per thread (F16C;
     2 MiB at the defaults, cache-resident) and run one BLAS gemv per target vector on it (a gemm with 1-3
-    columns is slower). On CUDA the fp16 rows cross the bus through pinned memory and are converted on the GPU."""
+    columns is slower). On CUDA the fp16 rows cross the bus through pinned memory and are converted on the GPU.
+
+    With ``int8`` (CPU only) the pass reads the file's int8 copy instead (:func:`_dot_int8`; made on first use):
+    1 KiB per sample at k = 1024, about twice as fast."""
+    if int8 is not None and not vectors.is_cuda:
+        return _dot_int8(*int8.get(path), vectors).double().numpy()
     feats = torch.from_numpy(load_features(path, copy_on_write=True))
     vectors = vectors.float()
     out = _dot_cuda(feats, vectors) if vectors.is_cuda else _dot_cpu(feats, vectors, chunk)
     return out.double().numpy()
+
+
+def _dot_int8(q: np.ndarray, scale: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
+    """[n, j] float32 = (q [n, k] int8 * scale [n, 1]) @ vectors [k, j], by ATen's int8-weight matmul
+    (``torch._weight_int8pack_mm``, threaded over the rows; its fast CPU path takes bfloat16 activations, here the
+    vectors): the integer row dots are exact in fp32 and rounded once to bfloat16 (relative 2^-9), then scaled in
+    fp32. Error against the fp16 rows' exact dots: the int8 rounding (<= 1/254 of the row's largest magnitude per
+    element) plus that rounding, a median 2e-4 and at most ~1e-3 of ||row|| ||vector|| at k = 1024 (Gaussian rows;
+    tests/test_rescore.py), against the random projection's own ~1/sqrt(k). Bitwise the same for any thread
+    count."""
+    n = q.shape[0]
+    if n == 0:
+        return torch.zeros(0, vectors.shape[1])
+    raw = torch._weight_int8pack_mm(vectors.t().contiguous().bfloat16(), torch.from_numpy(q),
+                                    torch.ones(n, dtype=torch.bfloat16))  # [j, n]
+    return raw.float().t() * torch.from_numpy(scale)[:, None]
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,24 +166,25 @@ def _dot_cuda(feats: torch.Tensor, vectors: torch.Tensor, chunk: int = 1 << 16) 
     return out.cpu()
 
 
-def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict],
-                   diffin_form: str | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict], diffin_form: str | None,
+                   int8: Int8Copies | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One shard's new-target scores from its stored features: (tracin_target [n], diffin_target [n] or None,
     tracin_pred [n] or None) float64.
 
-    Per checkpoint one pass over P g_z ([n, k] fp16) with P v', P u' (when ``diffin_form`` is given) and P v'_pred
-    (when ``projs`` has it) and, in the taylor form, one pass over P H_z G_B with P v'; ``projs`` as
-    :func:`target_projections` returns them."""
+    Per checkpoint one pass over P g_z ([n, k] fp16, or its int8 copy from ``int8`` on a CPU:
+    :func:`_projected_dot`) with P v', P u' (when ``diffin_form`` is given) and P v'_pred (when ``projs`` has it)
+    and, in the taylor form, one pass over P H_z G_B with P v'; ``projs`` as :func:`target_projections` returns
+    them."""
     pred = all("Pp" in p for p in projs)
     tracin, diffin, tracin_pred = np.zeros(n), np.zeros(n), np.zeros(n)
     for i, p in enumerate(projs):
         vectors = [p["Pv"]] + ([p["Pu"]] if diffin_form else []) + ([p["Pp"]] if pred else [])
-        d = _projected_dot(layout.features(url, i), torch.stack(vectors, 1))
+        d = _projected_dot(layout.features(url, i), torch.stack(vectors, 1), int8=int8)
         tracin += p["eta"] * d[:, 0]
         if diffin_form == "exact_increment":
             diffin += p["b_t"] * d[:, 0] + p["a_t"] * d[:, 1]
         elif diffin_form == "taylor":
-            diffin += p["a_t"] * (d[:, 1] + _projected_dot(layout.hzg(url, i), p["Pv"][:, None])[:, 0])
+            diffin += p["a_t"] * (d[:, 1] + _projected_dot(layout.hzg(url, i), p["Pv"][:, None], int8=int8)[:, 0])
         if pred:
             tracin_pred += p["eta"] * d[:, -1]
     return tracin, diffin if diffin_form else None, tracin_pred if pred else None
@@ -189,8 +221,10 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     return out
 
 
-def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "auto") -> Path:
-    """Re-score a finished job for a new target set into ``<job>/retarget-<hash>/`` and rank by it there."""
+def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "auto",
+             precision: str = "int8") -> Path:
+    """Re-score a finished job for a new target set into ``<job>/retarget-<hash>/`` and rank by it there.
+    ``precision``: the stored features' copy the CPU pass reads (:data:`PRECISIONS`; on CUDA always fp16)."""
     cfg, layout = load_job(job_dir)
     if cfg.select.needs_features:
         raise ValueError(f"{job_dir}: select.policy {cfg.select.policy!r} / gradient-space dedup reads stored "
@@ -205,36 +239,48 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     if problems:  # refused before any gradient pass or output: re-targeting reads every shard's stored features
         raise ValueError(f"{job_dir}: cannot re-target, {'; '.join(problems)} (fix: re-run the job first, "
                          f"`pruner prune --config {layout.config}`, so it scores them; then re-target)")
-    tag = hashlib.sha256(json.dumps(sorted(target_specs)).encode()).hexdigest()[:12]
+    if precision not in PRECISIONS:  # before any gradient pass
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    tag = hashlib.sha256(json.dumps([sorted(target_specs), precision]).encode()).hexdigest()[:12]
     new = JobLayout(layout.root / f"retarget-{tag}")
     new.shards_dir.mkdir(parents=True, exist_ok=True)
     projs = target_projections(cfg, layout, target_specs, device)
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
     diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
-    for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
-        table = pq.read_table(layout.scores(url))
-        tracin, diffin, tracin_pred = retarget_shard(layout, url, table.num_rows, projs, diffin_form)
-        # the old target's columns go: the method scores are recomputed below, their c<i>_ components are not
-        cols = {c: table[c] for c in table.column_names if not _of_target(c)}
-        cols["tracin_target"] = pa.array(tracin)
-        if diffin_form:
-            cols["diffin_target"] = pa.array(diffin)
-        if tracin_pred is not None:
-            cols["tracin_pred"] = pa.array(tracin_pred)
-        with atomic_path(new.scores(url)) as tmp:
-            pq.write_table(pa.table(cols), tmp)
-        if layout.rejects(url).exists() and not new.rejects(url).exists():
-            with atomic_path(new.rejects(url)) as tmp:
-                tmp.write_bytes(layout.rejects(url).read_bytes())
+    use_int8 = precision == "int8" and not projs[0]["Pv"].is_cuda
+    with contextlib.ExitStack() as stack:
+        int8 = stack.enter_context(Int8Copies(layout.int8_dir)) if use_int8 else None
+        for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
+            _retarget_file(layout, new, url, projs, diffin_form, int8)
     score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"
     cfg2 = cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
                                   "select": cfg.select.model_copy(update={"score": score})})
     with atomic_path(new.config) as tmp:
         tmp.write_text(yaml.safe_dump(cfg2.model_dump(mode="json"), sort_keys=False))
     finalize(cfg2, new, pool, {"retarget_of": str(layout.root), "projected_estimates": True,
-                               "diffin_available": diffin_form is not None})
+                               "diffin_available": diffin_form is not None,
+                               "features_read": "int8" if use_int8 else "fp16"})
     return new.root
+
+
+def _retarget_file(layout: JobLayout, new: JobLayout, url: str, projs: list[dict], diffin_form: str | None,
+                   int8: Int8Copies | None) -> None:
+    """Write one shard's re-targeted score file (and a copy of its rejects) into the job ``new``."""
+    table = pq.read_table(layout.scores(url))
+    tracin, diffin, tracin_pred = retarget_shard(layout, url, table.num_rows, projs, diffin_form, int8)
+    # the old target's columns go: the method scores are recomputed, their c<i>_ components are not
+    cols = {c: table[c] for c in table.column_names if not _of_target(c)}
+    cols["tracin_target"] = pa.array(tracin)
+    if diffin_form:
+        cols["diffin_target"] = pa.array(diffin)
+    if tracin_pred is not None:
+        cols["tracin_pred"] = pa.array(tracin_pred)
+    with atomic_path(new.scores(url)) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    if layout.rejects(url).exists() and not new.rejects(url).exists():
+        with atomic_path(new.rejects(url)) as tmp:
+            tmp.write_bytes(layout.rejects(url).read_bytes())
 
 
 def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None, lr: float | None = None,
@@ -284,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-mean", type=float, help="mean learning rate since the previous checkpoint")
     ap.add_argument("--device", default="auto", help="re-target only (where the new target's gradients are "
                     "computed); --add-checkpoint scores on the job's Ray actors (ray.accelerator)")
+    ap.add_argument("--precision", default="int8", choices=PRECISIONS, help="re-target only: on a CPU, read an int8 "
+                    "copy of the stored features (built on first use under <job>/int8/, about twice as fast "
+                    "afterwards; default) or the fp16 features themselves")
     args = ap.parse_args(argv)
     try:
         if args.target:
-            out = retarget(args.job, args.target, args.device)
+            out = retarget(args.job, args.target, args.device, args.precision)
         else:
             out = add_checkpoint(args.job, args.add_checkpoint, args.step, args.lr, args.lr_mean)
     except (OSError, ValueError, RuntimeError) as e:  # refusals and failures name their cause (PlacementError too)

@@ -24,7 +24,7 @@ from corpus import make_good_shard, write_shard
 from pruner.config import load_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import DEMO_DIR, demo_pool_shards
-from pruner.io.store import load_features, save_features
+from pruner.io.store import Int8Copies, load_features, quantize_rows, save_features
 from pruner.jobs.prune import run
 from pruner.model.checkpoints import load_trajectory, save_trajectory
 from pruner.rescore import _projected_dot, add_checkpoint, main, retarget
@@ -218,16 +218,22 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
               **({"methods": ["diffin", "oga", "baselines"]} if form == "taylor" else {})}
     cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats, scores=scores)
     run(load_config(data=cfg))
-    new = retarget(_job_dir(cfg), [str(tb)], device="cpu")
+    new = retarget(_job_dir(cfg), [str(tb)], device="cpu", precision="fp16")
+    new8 = retarget(_job_dir(cfg), [str(tb)], device="cpu")  # the default: the features' int8 copy
     assert not any(JobLayout(_job_dir(cfg)).shards_dir.glob("*hzg*")) or form == "taylor"
+    assert len(list(JobLayout(_job_dir(cfg)).int8_dir.glob("*.q8.npy"))) == 4 * 3 * (1 + (form == "taylor"))
     full = small_job_config(tmp_path / "b", micro_trajectory, features=feats, scores=scores,
                             target={"shards": [str(tb)], "max_samples": 64})
     run(load_config(data=full))
-    a, b = _by_uid(new), _by_uid(_job_dir(full))
+    a, a8, b = _by_uid(new), _by_uid(new8), _by_uid(_job_dir(full))
     for c in ("tracin_target", "diffin_target", "tracin_pred"):
-        rho = spearmanr(a[c].values, b[c].values).correlation
-        print(f"{c}: Spearman(retarget, full re-run) = {rho:.3f}")
-        assert rho >= 0.8, (c, rho)
+        rho, rho8 = (spearmanr(x[c].values, b[c].values).correlation for x in (a, a8))
+        print(f"{c}: Spearman(retarget, full re-run) = {rho:.3f} (fp16 features), {rho8:.3f} (int8 copy)")
+        assert rho >= 0.8 and rho8 >= 0.8, (c, rho, rho8)
+        # the int8 copy against the fp16 features: per dot <= 2e-3 of ||P g|| ||P v'|| (test above), far below
+        # the projection's error, so the same ranking to within a few swaps
+        assert np.abs(a8[c].values - a[c].values).max() <= 1e-2 * np.abs(a[c].values).max(), c
+        assert spearmanr(a8[c].values, a[c].values).correlation >= 0.999, c
     # exact against their definitions: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i, for v_target
     # (tracin_target) and v_pred (tracin_pred, the prediction-score variant: of the new target too)
     layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))
@@ -272,6 +278,77 @@ def test_projected_dot_matches_float64(tmp_path, threads, j):
     assert got.shape == (n, j) and got.dtype == np.float64 and empty.shape == (0, j)
     assert (np.abs(got - f64 @ v64) <= bound).all()
     assert restored == threads  # the pass runs its threads at intra-op 1 and restores the setting
+
+
+def test_int8_copy_quantizes_rows_and_is_rebuilt_when_the_features_change(tmp_path):
+    """quantize_rows: q * scale within scale / 2 of every element, an all-zero row gives scale 1 and zeros. The
+    int8 copy is made once (in memory, written in the background), reused from its file, and made again (the stale
+    one removed) when the features file is written again."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2500, 64)) * rng.lognormal(0, 2, (2500, 1))).astype(np.float16)
+    x[3] = 0
+    q, scale = quantize_rows(x, chunk=1024)  # three chunks, the last one partial
+    x64 = x.astype(np.float64)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale[3] == 1 and not q[3].any()
+    rows = np.arange(len(x)) != 3
+    np.testing.assert_allclose(scale[rows], np.abs(x64[rows]).max(1) / 127, rtol=1e-6)
+    # round-to-nearest of x / scale, up to the fp32 rounding of that quotient (|q| <= 127: 127 * 2^-23 of scale)
+    err = np.abs(q * scale[:, None].astype(np.float64) - x64) / scale[:, None]
+    assert err.max() <= 0.5 + 127 * 2.0 ** -23, err.max()
+    path, cache = tmp_path / "s.c0.npy", tmp_path / "int8"
+    save_features(path, x)
+    save_features(tmp_path / "s.c0.hzg.npy", x[:10])  # another file of the shard: its copy is not touched
+    with Int8Copies(cache, writers=1, in_flight=1) as copies:
+        copies.get(tmp_path / "s.c0.hzg.npy")
+        q1, s1 = copies.get(path)  # made in memory, written in the background
+    assert not isinstance(q1, np.memmap)
+    np.testing.assert_array_equal(q1, q)
+    built = sorted(p.name for p in cache.iterdir())
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(built) == 4 and not [n for n in os.listdir(cache) if n.startswith(".")]  # no temporary left
+    with Int8Copies(cache) as copies:
+        q2, s2 = copies.get(path)
+    assert isinstance(q2, np.memmap)  # reused, not rebuilt
+    np.testing.assert_array_equal(q2, q)
+    np.testing.assert_array_equal(s2, s1)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**9))  # written again, other content
+    save_features(path, -x)
+    with Int8Copies(cache) as copies:
+        np.testing.assert_array_equal(copies.get(path)[0], -q)
+    after = sorted(p.name for p in cache.iterdir())
+    assert len(after) == 4 and set(after) & set(built) == {n for n in built if ".hzg." in n}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_pass_error_against_exact_dots(tmp_path, threads):
+    """The int8 re-target pass against float64 dots of the fp16 features (k = 1024, row norms spread over e^+-4):
+    error <= 2e-3 of ||row|| ||vector|| everywhere and a median <= 4e-4 (int8 rounding of the rows, bfloat16 of the
+    vectors and of the integer dots), bitwise the same for 1 and 2 threads; an empty shard gives [0, j]."""
+    rng = np.random.default_rng(1)
+    n, k = 3000, 1024
+    x = (rng.standard_normal((n, k)) * rng.lognormal(0, 2, (n, 1))).astype(np.float16)
+    save_features(tmp_path / "f.npy", x)
+    save_features(tmp_path / "e.npy", np.zeros((0, k), np.float16))
+    vec = torch.randn(k, 3, generator=torch.Generator().manual_seed(1))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with Int8Copies(tmp_path / "int8") as copies:  # the copy made in memory
+            got = _projected_dot(tmp_path / "f.npy", vec, int8=copies)
+            empty = _projected_dot(tmp_path / "e.npy", vec, int8=copies)
+        torch.set_num_threads(3 - threads)
+        with Int8Copies(tmp_path / "int8") as copies:  # read back from its file
+            again = _projected_dot(tmp_path / "f.npy", vec, int8=copies)
+    finally:
+        torch.set_num_threads(old)
+    x64, v64 = x.astype(np.float64), vec.double().numpy()
+    scale = np.linalg.norm(x64, axis=1)[:, None] * np.linalg.norm(v64, axis=0)[None]
+    rel = np.abs(got - x64 @ v64) / scale
+    print(f"int8 pass: error / (||row|| ||v||) median {np.median(rel):.1e}, max {rel.max():.1e}")
+    assert rel.max() <= 2e-3 and np.median(rel) <= 4e-4
+    np.testing.assert_array_equal(got, again)
+    assert empty.shape == (0, 3)
 
 
 def test_retarget_refuses_feature_policies_up_front(tmp_path, micro_trajectory):

@@ -131,6 +131,11 @@ class JobLayout:
     def features(self, url: str, checkpoint: int) -> Path:
         return self.shards_dir / f"{shard_id(url)}.c{checkpoint}.npy"
 
+    @property
+    def int8_dir(self) -> Path:
+        """int8 copies of the features files, built by ``pruner rescore --target`` (pruner.io.store.int8_copy)."""
+        return self.root / "int8"
+
     def hzg(self, url: str, checkpoint: int) -> Path:
         """fp16 projected Hessian-gradient products P H_z G_B [n, k] (``features.save_hzg``)."""
         return self.shards_dir / f"{shard_id(url)}.c{checkpoint}.hzg.npy"
