@@ -99,18 +99,20 @@ def _projected_dot(path: Path, vectors: torch.Tensor, chunk: int = 512, int8: In
 
 
 def _dot_int8(q: np.ndarray, scale: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
-    """[n, j] float32 = (q [n, k] int8 * scale [n, 1]) @ vectors [k, j], by ATen's int8-weight matmul
-    (``torch._weight_int8pack_mm``, threaded over the rows; its fast CPU path takes bfloat16 activations, here the
-    vectors): the integer row dots are exact in fp32 and rounded once to bfloat16 (relative 2^-9), then scaled in
-    fp32. Error against the fp16 rows' exact dots: the int8 rounding (<= 1/254 of the row's largest magnitude per
-    element) plus that rounding, a median 2e-4 and at most ~1e-3 of ||row|| ||vector|| at k = 1024 (Gaussian rows;
+    """[n, j] float32 = (q [n, k'] int8 * scale [n, 1]) @ vectors [k, j] (zero-padded to k' rows, the copy's padded
+    row length: pruner.io.store.quantize_rows), by ATen's int8-weight matmul (``torch._weight_int8pack_mm``,
+    threaded over the rows; its fast CPU path takes bfloat16 activations, here the vectors): the vectors are rounded
+    to bfloat16, the products accumulated in fp32, each dot rounded once to bfloat16 (relative 2^-9) and then scaled
+    in fp32. Error against the fp16 rows' exact dots, with the int8 rounding (<= 1/254 of the row's largest
+    magnitude per element): a median 2e-4 and at most ~1e-3 of ||row|| ||vector|| at k = 1024 (Gaussian rows;
     tests/test_rescore.py), against the random projection's own ~1/sqrt(k). Bitwise the same for any thread
     count."""
-    n = q.shape[0]
+    n, k = q.shape[0], vectors.shape[0]
     if n == 0:
         return torch.zeros(0, vectors.shape[1])
-    raw = torch._weight_int8pack_mm(vectors.t().contiguous().bfloat16(), torch.from_numpy(q),
-                                    torch.ones(n, dtype=torch.bfloat16))  # [j, n]
+    act = torch.zeros(vectors.shape[1], q.shape[1], dtype=torch.bfloat16)
+    act[:, :k] = vectors.t()
+    raw = torch._weight_int8pack_mm(act, torch.from_numpy(q), torch.ones(n, dtype=torch.bfloat16))  # [j, n]
     return raw.float().t() * torch.from_numpy(scale)[:, None]
 
 
@@ -175,7 +177,7 @@ def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict], diffi
     :func:`_projected_dot`) with P v', P u' (when ``diffin_form`` is given) and P v'_pred (when ``projs`` has it)
     and, in the taylor form, one pass over P H_z G_B with P v'; ``projs`` as :func:`target_projections` returns
     them."""
-    pred = all("Pp" in p for p in projs)
+    pred = all("Pp" in p for p in projs)  # always, from target_projections; the benchmark also passes none
     tracin, diffin, tracin_pred = np.zeros(n), np.zeros(n), np.zeros(n)
     for i, p in enumerate(projs):
         vectors = [p["Pv"]] + ([p["Pu"]] if diffin_form else []) + ([p["Pp"]] if pred else [])
@@ -241,14 +243,14 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
                          f"`pruner prune --config {layout.config}`, so it scores them; then re-target)")
     if precision not in PRECISIONS:  # before any gradient pass
         raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
-    tag = hashlib.sha256(json.dumps([sorted(target_specs), precision]).encode()).hexdigest()[:12]
+    projs = target_projections(cfg, layout, target_specs, device)
+    use_int8 = precision == "int8" and not projs[0]["Pv"].is_cuda  # what the pass reads names the output
+    tag = hashlib.sha256(json.dumps([sorted(target_specs), "int8" if use_int8 else "fp16"]).encode()).hexdigest()[:12]
     new = JobLayout(layout.root / f"retarget-{tag}")
     new.shards_dir.mkdir(parents=True, exist_ok=True)
-    projs = target_projections(cfg, layout, target_specs, device)
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
     diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
-    use_int8 = precision == "int8" and not projs[0]["Pv"].is_cuda
     with contextlib.ExitStack() as stack:
         int8 = stack.enter_context(Int8Copies(layout.int8_dir)) if use_int8 else None
         for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):

@@ -198,9 +198,10 @@ def test_images_of_overlapping_lists_and_a_key_in_two_shards(job, tmp_path):
     assert [r["caption"] for r in rows[:4]] == [caption, twin["txt"].decode().strip()] * 2
     assert rows[0]["image"] == rows[2]["image"] != rows[1]["image"] == rows[3]["image"]
     assert rows[4]["image"] is None and "pipe:" in rows[4]["note"]
-    rows = [{"shard_url": f"pipe:cat {copy}", "key": key}]
-    attach_images(rows, convert=lambda im: im.tobytes(), allow_pipe=True)  # a job with data.allow_pipe: run it
+    rows = [{"shard_url": f"pipe:cat {u}", "key": key} for u in (copy, pool)]
+    attach_images(rows, convert=lambda im: im.tobytes(), pipes={f"pipe:cat {copy}"})  # one the job's config lists
     assert rows[0]["caption"] == twin["txt"].decode().strip() and rows[0]["image"] is not None
+    assert rows[1]["image"] is None and "pipe:" in rows[1]["note"]  # any other command is not run
     # the report: more rows shown than half the ranking, so the helpful and harmful lists overlap
     n = pq.read_metadata(job / "ranking.parquet").num_rows
     top = n // 2 + 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 import shutil
@@ -280,10 +281,10 @@ def test_projected_dot_matches_float64(tmp_path, threads, j):
     assert restored == threads  # the pass runs its threads at intra-op 1 and restores the setting
 
 
-def test_int8_copy_quantizes_rows_and_is_rebuilt_when_the_features_change(tmp_path):
+def test_int8_copy_quantizes_rows_and_is_rebuilt_when_the_features_change(tmp_path, caplog):
     """quantize_rows: q * scale within scale / 2 of every element, an all-zero row gives scale 1 and zeros. The
     int8 copy is made once (in memory, written in the background), reused from its file, and made again (the stale
-    one removed) when the features file is written again."""
+    one removed) when the features file is written again; one that cannot be written is logged, not raised."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2500, 64)) * rng.lognormal(0, 2, (2500, 1))).astype(np.float16)
     x[3] = 0
@@ -318,15 +319,25 @@ def test_int8_copy_quantizes_rows_and_is_rebuilt_when_the_features_change(tmp_pa
         np.testing.assert_array_equal(copies.get(path)[0], -q)
     after = sorted(p.name for p in cache.iterdir())
     assert len(after) == 4 and set(after) & set(built) == {n for n in built if ".hzg." in n}
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")  # not a directory: the copy cannot be written, the pass still gets it
+    with caplog.at_level(logging.WARNING, logger="pruner.io.store"), Int8Copies(blocked) as copies:
+        np.testing.assert_array_equal(copies.get(path)[0], -q)
+    assert "not written" in caplog.text and "--precision fp16" in caplog.text
 
 
+@pytest.mark.parametrize("k", [1024, 100])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_pass_error_against_exact_dots(tmp_path, threads):
-    """The int8 re-target pass against float64 dots of the fp16 features (k = 1024, row norms spread over e^+-4):
-    error <= 2e-3 of ||row|| ||vector|| everywhere and a median <= 4e-4 (int8 rounding of the rows, bfloat16 of the
-    vectors and of the integer dots), bitwise the same for 1 and 2 threads; an empty shard gives [0, j]."""
+def test_int8_pass_error_against_exact_dots(tmp_path, threads, k):
+    """The int8 re-target pass against float64 dots of the fp16 features (row norms spread over e^+-4). The int8
+    rounding errs by at most scale / 2 = max|row| / 254 per element, about max|row| ||v|| / (127 sqrt(12)) =
+    2.3e-3 max|row| ||v|| per dot (1 sd, any k): allowed 5 sd at most, 1.1 sd as the median (bfloat16 rounding of
+    the vectors and of the integer dots is small beside it). At k = 1024 that is the figure the docs quote: <= 2e-3
+    of ||row|| ||v||, median <= 4e-4. k = 100, not a multiple of 8, is padded in the copy (the op alone is wrong
+    there). Bitwise the same for 1 and 2 threads and whether the copy is made in memory or read from its file; an
+    empty shard gives [0, j]."""
     rng = np.random.default_rng(1)
-    n, k = 3000, 1024
+    n = 3000
     x = (rng.standard_normal((n, k)) * rng.lognormal(0, 2, (n, 1))).astype(np.float16)
     save_features(tmp_path / "f.npy", x)
     save_features(tmp_path / "e.npy", np.zeros((0, k), np.float16))
@@ -343,10 +354,13 @@ def test_int8_pass_error_against_exact_dots(tmp_path, threads):
     finally:
         torch.set_num_threads(old)
     x64, v64 = x.astype(np.float64), vec.double().numpy()
-    scale = np.linalg.norm(x64, axis=1)[:, None] * np.linalg.norm(v64, axis=0)[None]
-    rel = np.abs(got - x64 @ v64) / scale
-    print(f"int8 pass: error / (||row|| ||v||) median {np.median(rel):.1e}, max {rel.max():.1e}")
-    assert rel.max() <= 2e-3 and np.median(rel) <= 4e-4
+    err = np.abs(got - x64 @ v64)
+    by_max = err / (np.abs(x64).max(1)[:, None] * np.linalg.norm(v64, axis=0)[None])
+    by_norm = err / (np.linalg.norm(x64, axis=1)[:, None] * np.linalg.norm(v64, axis=0)[None])
+    print(f"k={k}: error / (max|row| ||v||) median {np.median(by_max):.1e}, max {by_max.max():.1e}; "
+          f"error / (||row|| ||v||) median {np.median(by_norm):.1e}, max {by_norm.max():.1e}")
+    assert by_max.max() <= 5 * 2.3e-3 and np.median(by_max) <= 1.1 * 2.3e-3
+    assert k != 1024 or (by_norm.max() <= 2e-3 and np.median(by_norm) <= 4e-4)
     np.testing.assert_array_equal(got, again)
     assert empty.shape == (0, 3)
 

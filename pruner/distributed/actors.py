@@ -41,7 +41,7 @@ class SharedComputer:
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)  # checkpoints first.. (see Scorer)
         self.bank, self.target, self.reference = pick_shared_inputs(self.cfg, pool_urls, target_urls)
-        self.oga = pick_oga_subsample(self.cfg, pool_urls) if "oga" in self.cfg.scores.methods else None
+        self.pool_urls, self._oga = pool_urls, None
         log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
                  len(self.reference[0]) if self.reference else 0, len(self.target))
 
@@ -51,7 +51,14 @@ class SharedComputer:
     def input_digests(self) -> dict[str, str]:
         """What ``shared/inputs.json`` records of the samples picked here (pruner.scorer.input_digests), so the
         driver need not read and decode them as well on a job's first run."""
-        return input_digests(self.bank, self.target, self.reference, self.oga)
+        oga = self._oga_subsample() if "oga" in self.cfg.scores.methods else None
+        return input_digests(self.bank, self.target, self.reference, oga)
+
+    def _oga_subsample(self):
+        """The OGA forest's samples (pruner.scorer.pick_oga_subsample), read once, when first needed."""
+        if self._oga is None:
+            self._oga = pick_oga_subsample(self.cfg, self.pool_urls)
+        return self._oga
 
     def compute(self, i: int) -> dict:
         t0 = time.time()
@@ -63,7 +70,7 @@ class SharedComputer:
         """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``states``: the
         shared quantities of checkpoints ``first``.."""
         self.scorer.set_shared([CheckpointShared.from_state(s) for s in states])
-        return self.scorer.last_checkpoint_features(self.oga)
+        return self.scorer.last_checkpoint_features(self._oga_subsample())
 
 
 class ShardUnreadableError(OSError):

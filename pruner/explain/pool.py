@@ -21,14 +21,14 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Container, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from tqdm import tqdm
 
-from pruner.config import load_job_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import open_shard_stream, tar_samples
 from pruner.io.store import load_features
@@ -182,12 +182,18 @@ def feature_path(score_file: Path, checkpoint: int) -> Path:
 
 # -- captions and metadata straight from the shards ---------------------------------------------------------
 
-def job_allows_pipe(job_dir: str | Path) -> bool:
-    """Whether the job's ``config.yaml`` sets ``data.allow_pipe``: then its shard URLs may be ``pipe:`` commands,
-    and reading captions, labels and images back from its shards runs them, as the job itself did (the same trust
-    the job's config was given; without it a ``pipe:`` URL is refused with ValueError)."""
-    layout = JobLayout(Path(job_dir))
-    return layout.config.exists() and load_job_config(layout.config).data.allow_pipe
+def trusted_pipes(job_dir: str | Path) -> frozenset[str]:
+    """The ``pipe:`` commands a job's ``config.yaml`` lists in ``data.shards``, if it sets ``data.allow_pipe``: the
+    ones the job ran, and so the only ones reading captions, labels and images back from its shards may run. A
+    ``pipe:`` URL found anywhere else (a score file, a saved explain result) is not run: those files are data, and
+    whoever can write them must not get commands run. Reads the two keys alone (no validation of the rest)."""
+    path = JobLayout(Path(job_dir)).config
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") if path.exists() else None
+    if not isinstance(data, dict) or data.get("allow_pipe") is not True:
+        return frozenset()
+    shards = data.get("shards")
+    specs = [shards] if isinstance(shards, str) else shards if isinstance(shards, list) else []
+    return frozenset(s for s in specs if isinstance(s, str) and s.startswith("pipe:"))
 
 
 def read_text_members(url: str, keys: Optional[Iterable[str]] = None,
@@ -196,7 +202,7 @@ def read_text_members(url: str, keys: Optional[Iterable[str]] = None,
     member (only ``keys`` if given), streaming the tar and reading the bytes of those members only. Samples are
     grouped as :func:`pruner.io.shards.tar_samples` does; a repeated key keeps its first occurrence, as the reader
     does. Unreadable members give ``None`` / ``{}``. Stops once every wanted key has been read complete.
-    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command (:func:`job_allows_pipe`)."""
+    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command (:func:`trusted_pipes`)."""
     want = None if keys is None else set(keys)
     out: dict[str, dict] = {}
     seen: set[str] = set()
@@ -234,22 +240,23 @@ def _meta(raw: Optional[bytes]) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _read_texts(keys: Sequence[str], urls: Sequence[str], allow_pipe: bool) -> dict[str, dict[str, dict]]:
-    """``{url: read_text_members(url, its keys)}`` for samples given as parallel lists of keys and shard URLs."""
+def _read_texts(keys: Sequence[str], urls: Sequence[str], pipes: Container[str]) -> dict[str, dict[str, dict]]:
+    """``{url: read_text_members(url, its keys)}`` for samples given as parallel lists of keys and shard URLs; a
+    ``pipe:`` URL is run only if it is one of ``pipes`` (:func:`trusted_pipes`)."""
     by_url: dict[str, set[str]] = {}
     for key, url in zip(keys, urls):
         by_url.setdefault(url, set()).add(key)
-    return {url: read_text_members(url, wanted, allow_pipe) for url, wanted in by_url.items()}
+    return {url: read_text_members(url, wanted, url in pipes) for url, wanted in by_url.items()}
 
 
-def read_captions(records: Sequence[dict], allow_pipe: bool = False) -> list[Optional[str]]:
+def read_captions(records: Sequence[dict], pipes: Container[str] = frozenset()) -> list[Optional[str]]:
     """Captions of samples given as records with ``shard_url`` and ``key`` (one pass per distinct shard)."""
-    found = _read_texts([r["key"] for r in records], [r["shard_url"] for r in records], allow_pipe)
+    found = _read_texts([r["key"] for r in records], [r["shard_url"] for r in records], pipes)
     return [(found[r["shard_url"]].get(r["key"]) or {}).get("caption") for r in records]
 
 
 def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "classname",
-                  caption_ids: Iterable[int] = (), allow_pipe: bool = False
+                  caption_ids: Iterable[int] = (), pipes: Container[str] = frozenset()
                   ) -> tuple[pa.Array, dict[int, Optional[str]]]:
     """(labels, captions): ``str(meta[label_key])`` from each sample's json member, for every sample of
     ``score_files`` in id order (null where absent; all null without ``label_key``), and the captions of the
@@ -264,7 +271,7 @@ def sample_labels(score_files: Sequence[Path], label_key: Optional[str] = "class
     for f in tqdm(score_files, desc="read labels", unit="shard", dynamic_ncols=True):
         t = pq.read_table(f, columns=["key", "shard_url"])
         keys, urls = t["key"].to_pylist(), t["shard_url"].to_pylist()
-        texts = _read_texts(keys, urls, allow_pipe)
+        texts = _read_texts(keys, urls, pipes)
         c = np.full(len(keys), -1, np.int32)
         for j, (key, url) in enumerate(zip(keys, urls)):
             rec = texts[url].get(key) or {}

@@ -43,7 +43,7 @@ from PIL import Image
 
 from pruner.config import load_job_config
 from pruner.explain.index import KINDS, PoolIndex
-from pruner.explain.pool import PoolFeatures, checkpoint_etas, job_allows_pipe, read_captions, weight_blocks
+from pruner.explain.pool import PoolFeatures, checkpoint_etas, read_captions, trusted_pipes, weight_blocks
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, Sample, expand_shard_specs, iter_shard
@@ -160,7 +160,7 @@ def pool_embeddings(job_dir: str | Path, encoder: Optional[QueryEncoder] = None,
     are kept. Costs one forward pass over the pool (shards re-read in score-file order; their keys must match)."""
     root = Path(job_dir)
     out_dir = root / EMBEDDINGS_DIR
-    paths = []
+    paths, pipes = [], trusted_pipes(root)
     for f in shard_score_files(root):
         n = pq.read_metadata(f).num_rows
         if n == 0:
@@ -173,7 +173,7 @@ def pool_embeddings(job_dir: str | Path, encoder: Optional[QueryEncoder] = None,
         cfg, sc = encoder.cfg, encoder.scorer
         t = pq.read_table(f, columns=["key", "shard_url"])
         url = t["shard_url"][0].as_py()
-        samples = list(iter_shard(url, RejectLog(), allow_pipe=cfg.data.allow_pipe,
+        samples = list(iter_shard(url, RejectLog(), allow_pipe=url in pipes,
                                   max_samples=cfg.data.max_samples_per_shard))
         if [s.key for s in samples] != t["key"].to_pylist():
             raise ValueError(f"{url} no longer holds the samples scored in {f} (keys differ)")
@@ -221,10 +221,10 @@ def query_id(query: dict) -> str:
 
 
 def _hits(role: str, index: PoolIndex, scores: np.ndarray, ids: np.ndarray, captions: bool,
-          allow_pipe: bool) -> list[dict]:
+          pipes: frozenset[str]) -> list[dict]:
     keep = ids >= 0
     recs = index.pool.records(ids[keep])
-    caps = read_captions(recs, allow_pipe) if captions else [None] * len(recs)
+    caps = read_captions(recs, pipes) if captions else [None] * len(recs)
     return [{"role": role, "rank": r, **rec, "score": float(s), "caption": c, "id": int(i)}
             for r, (rec, s, c, i) in enumerate(zip(recs, scores[keep], caps, ids[keep]))]
 
@@ -262,7 +262,7 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         q = weight_blocks(encoder.job_target_blocks(), encoder.etas, "tracin")
         query = {"type": "job_target", "vector": "projected v_target of shared/ckpt-<i>.pt (the job's target set)"}
     pro_s, pro_i = index.search(q, k, rerank)
-    allow_pipe = job_allows_pipe(job_dir) if captions else False
+    pipes = trusted_pipes(job_dir) if captions else frozenset()
     opp_s, opp_i = index.search(-q, k, rerank)
     query["id"] = query_id(query)
     result = {
@@ -272,8 +272,8 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         "etas": index.pool.etas, "query_norm": float(np.linalg.norm(q)),
         "index": {"kind": index.params.kind, **index.params.as_dict(), "n": index.pool.n, "dim": index.pool.dim,
                   "loaded_from_cache": bool(index.meta.get("loaded"))},
-        "proponents": _hits("proponent", index, pro_s[0], pro_i[0], captions, allow_pipe),
-        "opponents": _hits("opponent", index, -opp_s[0], opp_i[0], captions, allow_pipe),
+        "proponents": _hits("proponent", index, pro_s[0], pro_i[0], captions, pipes),
+        "opponents": _hits("opponent", index, -opp_s[0], opp_i[0], captions, pipes),
     }
     result["saved"] = str(JobLayout(Path(job_dir)).explain_results / f"{query['id']}.json")
     write_json_atomic(result["saved"], result)

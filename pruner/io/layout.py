@@ -133,7 +133,7 @@ class JobLayout:
 
     @property
     def int8_dir(self) -> Path:
-        """int8 copies of the features files, built by ``pruner rescore --target`` (pruner.io.store.int8_copy)."""
+        """int8 copies of the features files, made by ``pruner rescore --target`` (pruner.io.store.Int8Copies)."""
         return self.root / "int8"
 
     def hzg(self, url: str, checkpoint: int) -> Path:

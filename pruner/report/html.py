@@ -15,7 +15,8 @@ correlations use a subsample of at most ``max_rows`` rows spread over at most ``
 groups (exact when the ranking fits); the per-class split reads at most ``class_shards`` evenly spaced shards;
 at most the ``max_explain`` newest explain results and the 100 largest clusters are shown.
 Images are read back from the shards by (shard URL, key) (``pruner.io.shards.iter_shard``), class names from their
-text members only; ``pipe:`` URLs are run only when the job's config sets ``data.allow_pipe``, as the job did.
+text members only; a ``pipe:`` URL is run only if the job's config lists it with ``data.allow_pipe``, as the job
+ran it (pruner.explain.pool.trusted_pipes).
 Untrusted text (captions, keys, reject details) is HTML-escaped. Reading images and the per-class split show
 progress bars (shards) on stderr.
 """
@@ -31,14 +32,14 @@ import tarfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Container, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pruner.explain.pool import job_allows_pipe, read_text_members
+from pruner.explain.pool import read_text_members, trusted_pipes
 from pruner.io.atomic import write_bytes_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, iter_shard
@@ -124,22 +125,22 @@ def read_extremes(pf: pq.ParquetFile, columns: list[str], score: str, n: int) ->
     return head, tail
 
 
-def attach_images(rows: list[dict], convert: Callable = thumb_uri, allow_pipe: bool = False) -> None:
+def attach_images(rows: list[dict], convert: Callable = thumb_uri, pipes: Container[str] = frozenset()) -> None:
     """Add ``image`` (``convert(PIL image)``, default a thumbnail data URI; None when absent), ``caption`` and
     ``note`` (why there is no image) to each row, reading each shard once and only up to the last wanted key.
     Rows are matched by (shard_url, key); several rows may name the same sample (the most helpful and most harmful
-    lists overlap when the pool holds fewer than twice the rows shown), each gets it. ``pipe:`` URLs are run only
-    with ``allow_pipe`` (the job's ``data.allow_pipe``: pruner.explain.pool.job_allows_pipe)."""
+    lists overlap when the pool holds fewer than twice the rows shown), each gets it. A ``pipe:`` URL is run only if
+    it is one of ``pipes`` (the commands the job's config lists: pruner.explain.pool.trusted_pipes)."""
     by_shard: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         r.update(image=None, caption="", note="not found in its shard")
         by_shard[r["shard_url"]][r["key"]].append(r)
     for url, want in tqdm(by_shard.items(), desc="images", unit="shard", dynamic_ncols=True):
         log = RejectLog()
-        if url.startswith("pipe:") and not allow_pipe:
-            note = "not read: a pipe: URL, and the job's config does not set data.allow_pipe"
+        if url.startswith("pipe:") and url not in pipes:
+            note = "not read: a pipe: URL that the job's config does not list with data.allow_pipe"
         else:
-            for s in iter_shard(url, log, allow_pipe=allow_pipe):
+            for s in iter_shard(url, log, allow_pipe=url in pipes):
                 if s.key in want:
                     image = convert(s.image)
                     for r in want.pop(s.key):
@@ -179,10 +180,10 @@ def _policy_facts(summary: dict) -> dict:
 
 
 def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: int,
-                allow_pipe: bool = False) -> tuple[dict, int, int]:
+                pipes: Container[str] = frozenset()) -> tuple[dict, int, int]:
     """({classname: [kept, dropped]}, shards read, shards in the job) from at most max_shards evenly spaced
     shards: kept as :func:`_kept_by_key` gives it, classname from the ``.json`` metadata in the shard (text members
-    only, up to the last scored key; a shard that cannot be read, or a ``pipe:`` one without ``allow_pipe``, is
+    only, up to the last scored key; a shard that cannot be read, or a ``pipe:`` one not in ``pipes``, is
     left out of the counts). Empty when no sample has a ``classname``."""
     files = shard_score_files(layout.root)
     pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
@@ -190,10 +191,10 @@ def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: i
     counts = defaultdict(lambda: [0, 0])
     for f in tqdm(pick, desc="per-class split", unit="shard", dynamic_ncols=True):
         url, kept = _kept_by_key(layout, selection, f)
-        if not url or (url.startswith("pipe:") and not allow_pipe):
+        if not url or (url.startswith("pipe:") and url not in pipes):
             continue
         try:
-            texts = read_text_members(url, kept, allow_pipe)
+            texts = read_text_members(url, kept, url in pipes)
         except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
             print(f"per-class split: {url} left out, it cannot be read ({type(e).__name__}: {e})", file=sys.stderr)
             continue
@@ -411,9 +412,9 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
     explained, n_explained = read_explain_results(layout, max_explain)
-    allow_pipe = job_allows_pipe(layout.root)
-    attach_images(head + tail + explain_cards(explained, top), allow_pipe=allow_pipe)  # each shard read once
-    classes = class_split(layout, job_selection(summary), class_shards, allow_pipe)
+    pipes = trusted_pipes(layout.root)
+    attach_images(head + tail + explain_cards(explained, top), pipes=pipes)  # each shard read once
+    classes = class_split(layout, job_selection(summary), class_shards, pipes)
     clusters = json.loads(layout.clusters_summary.read_text()) if layout.clusters_summary.exists() else None
     rejects = read_rejects(layout, 20)
 

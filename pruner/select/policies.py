@@ -228,7 +228,7 @@ def class_groups(job_dir: Path, files: Sequence[Path], uids: pa.Array, label_key
     """(int32 [n] label code, -1 = no label; label names) from ``clusters.parquet`` when it holds this label key
     for these samples, else by reading the shards' json members."""
     from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET
-    from pruner.explain.pool import job_allows_pipe, sample_labels
+    from pruner.explain.pool import sample_labels, trusted_pipes
 
     pq_path, js_path = job_dir / CLUSTERS_PARQUET, job_dir / CLUSTERS_JSON
     labels = None
@@ -237,7 +237,7 @@ def class_groups(job_dir: Path, files: Sequence[Path], uids: pa.Array, label_key
         if len(t) == len(uids) and t["uid"].combine_chunks().equals(uids):
             labels = t["label"].combine_chunks().dictionary_encode()
     if labels is None:
-        labels, _ = sample_labels(files, label_key, allow_pipe=job_allows_pipe(job_dir))
+        labels, _ = sample_labels(files, label_key, pipes=trusted_pipes(job_dir))
     if labels.null_count == len(labels):
         raise ValueError(f"no sample has a json {label_key!r} field: class_balanced needs class labels "
                          f"(fix: set select.label_key, or use cluster_balanced)")
