@@ -78,8 +78,8 @@ def main() -> None:
 
     def retarget_all(form, vectors=projs, precision="fp16"):
         def run(lay):
-            with contextlib.ExitStack() as stack:  # as pruner.rescore.retarget: writes of new copies waited for
-                int8 = stack.enter_context(Int8Copies(lay.int8_dir)) if precision == "int8" else None
+            # as pruner.rescore.retarget: the writes of new copies are waited for
+            with Int8Copies(lay.int8_dir) if precision == "int8" else contextlib.nullcontext() as int8:
                 return [retarget_shard(lay, u, a.shard_size, vectors, form, int8) for u in urls]
         return run
 

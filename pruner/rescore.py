@@ -251,8 +251,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
     diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
-    with contextlib.ExitStack() as stack:
-        int8 = stack.enter_context(Int8Copies(layout.int8_dir)) if use_int8 else None
+    with Int8Copies(layout.int8_dir) if use_int8 else contextlib.nullcontext() as int8:
         for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
             _retarget_file(layout, new, url, projs, diffin_form, int8)
     score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"

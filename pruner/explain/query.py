@@ -262,8 +262,8 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         q = weight_blocks(encoder.job_target_blocks(), encoder.etas, "tracin")
         query = {"type": "job_target", "vector": "projected v_target of shared/ckpt-<i>.pt (the job's target set)"}
     pro_s, pro_i = index.search(q, k, rerank)
-    pipes = trusted_pipes(job_dir) if captions else frozenset()
     opp_s, opp_i = index.search(-q, k, rerank)
+    pipes = trusted_pipes(job_dir) if captions else frozenset()
     query["id"] = query_id(query)
     result = {
         "job": str(Path(job_dir)), "query": query, "k": int(k),
