@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from pruner.config import load_config
-    from pruner.distributed.driver import prepare
+    from pruner.jobs.jobdir import prepare
     from pruner.jobs.prune import run
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -242,7 +242,7 @@ def score_in_process(cfg, traj, device, subset_uids=None):
 def run_prune_job(cfg):
     """Run (or resume) the prune job through the Ray service (pruner.jobs.prune.run, a private local Ray).
     Returns (job layout, trajectory, summary)."""
-    from pruner.distributed.driver import prepare
+    from pruner.jobs.jobdir import prepare
     from pruner.jobs.prune import run
     for k, v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
                  ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pruner.config import ConfigError, load_config
+from pruner.config import ConfigError, check_checkpoint_weights, load_config
 
 DEMO_ROOT = Path("runs/demo")
 
@@ -16,6 +16,7 @@ DEMO_ROOT = Path("runs/demo")
 def _validate(args) -> int:
     try:
         cfg = load_config(args.config, args.set)
+        check_checkpoint_weights(cfg)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

@@ -242,6 +242,10 @@ class JobConfig(_Section):
                              "select.dedup_space: embedding / policy class_balanced)")
         return self
 
+    def to_yaml(self) -> bytes:
+        """The resolved config as a job directory's ``config.yaml`` holds it (read back by :func:`load_job_config`)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False).encode()
+
     def fingerprint(self) -> str:
         """Stable hash of everything that changes the scores: not output_dir, ray settings, the job name, or
         ``select`` (the selection is re-derived from the stored score tables, so a job re-run with other select
@@ -340,6 +344,24 @@ def _check_paths_exist(cfg: JobConfig) -> list[str]:
                 except ValueError as e:
                     problems.append(f"  {section}.shards.{i}: {e}")
     return problems
+
+
+def check_checkpoint_weights(cfg: JobConfig) -> None:
+    """The pre-flight check of ``validate-config`` and ``pruner prune``, after :func:`load_config`: every checkpoint
+    of the trajectory is read once, and must load without executing code (``weights_only``), hold finite weights and
+    fit the architecture the scorer will build (the trajectory file's record, else ``model.arch``). Raises
+    :class:`ConfigError` naming each bad file and the fix, so a bad checkpoint stops a job before any Ray work or
+    job directory (pruner.model.checkpoints.check_checkpoints). Imports torch; ``load_config`` alone does not."""
+    from pruner.model.checkpoints import check_checkpoints, load_trajectory
+    key = "trajectory.file" if cfg.trajectory.file else "trajectory.checkpoints"
+    try:
+        traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"invalid job config: \n  {key}: {e}") from None
+    problems = check_checkpoints(traj, traj.arch or cfg.model.arch, cfg.model.config_file or traj.config_file)
+    if problems:
+        raise ConfigError("\n".join(["invalid job config: a checkpoint cannot be scored"] +
+                                     [f"  {key}: {p}" for p in problems]))
 
 
 #: Keys whose default changed after job directories were written without them, with the value that reproduces

@@ -47,11 +47,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 from tqdm import tqdm
 
 from pruner.config import JobConfig, load_job_config
-from pruner.io.atomic import atomic_path
+from pruner.io.atomic import atomic_path, write_bytes_atomic
 from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import Int8Copies, load_features
@@ -199,8 +198,7 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     methods: the scorer forms tracin_target and tracin_pred whenever there is a target set."""
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     scorer = Scorer(cfg, traj, device=device)
-    states = [CheckpointShared.from_state(torch.load(layout.shared(i), map_location="cpu", weights_only=True),
-                                          scorer.device) for i in range(len(traj.checkpoints))]
+    states = [CheckpointShared.load(layout.shared(i), scorer.device) for i in range(len(traj.checkpoints))]
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     target = expand_shard_specs(list(target_specs), cfg.data.allow_pipe)
     _, target_samples, reference = pick_shared_inputs(cfg, pool, target, bank=False)
@@ -257,8 +255,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"
     cfg2 = cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
                                   "select": cfg.select.model_copy(update={"score": score})})
-    with atomic_path(new.config) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg2.model_dump(mode="json"), sort_keys=False))
+    write_bytes_atomic(new.config, cfg2.to_yaml())  # read by the reduce step (trusted pipe: commands)
     finalize(cfg2, new, pool, {"retarget_of": str(layout.root), "projected_estimates": True,
                                "diffin_available": diffin_form is not None,
                                "features_read": "int8" if use_int8 else "fp16"})

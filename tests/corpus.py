@@ -122,6 +122,8 @@ def make_bad_corpus(directory) -> dict[str, str]:
           missing_caption, missing_image, bad_json, duplicate_key
       non_utf8_name (non_utf8_name.tar): nn-000 ok; "café-001" with latin-1 member names; nn-002 ok
           -> keep nn-000, nn-002; 1 non_utf8_name (key recorded as caf\\xe9-001)
+      unsafe_key (unsafe_key.tar): uk-000 ok; "../../uk-001" (a member that extracts outside its folder);
+          "uk-\\x1b002" (a control character); uk-003 ok -> keep uk-000, uk-003; 2 unsafe_key
       pipe: ``pipe:cat <pipe_source.tar>``, a good shard made by ``make_good_shard(..., prefix="p")``
           -> keep p-000..p-003 when pipes are allowed
     """
@@ -152,6 +154,7 @@ def make_bad_corpus(directory) -> dict[str, str]:
         "missing_txt": [ok("mt-000"), variant(ok("mt-001"), txt=None)],
         "missing_image": [ok("mi-000"), variant(ok("mi-001"), jpg=None)],
         "bad_json": [ok("bj-000"), variant(ok("bj-001"), json=b"{not json"), variant(ok("bj-002"), json=[1, 2])],
+        "unsafe_key": [ok("uk-000"), ok("../../uk-001"), ok("uk-\x1b002"), ok("uk-003")],
     }
     for name, samples in cases.items():
         out[name] = write_shard(d / f"{name}.tar", samples)

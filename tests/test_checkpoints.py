@@ -133,7 +133,7 @@ def test_exact_increment_refuses_epoch_steps(tmp_path, micro):
     (or a bare state dict's default step 1) in place of the global step would bias it; the taylor form and TracIn
     only scale by it and accept such checkpoints."""
     from pruner.config import JobConfig
-    from pruner.scorer import checkpoint_weights
+    from pruner.scores.weights import checkpoint_weights
     a = save_open_clip(tmp_path / "epoch_1.pt", micro, epoch=1, lr=3e-4)
     b = save_open_clip(tmp_path / "epoch_2.pt", micro, epoch=2, lr=1e-4, step=250)
     traj = load_trajectory(checkpoints=[a, b])
@@ -157,7 +157,7 @@ def test_checkpoint_weights_sum_over_the_updates_each_checkpoint_stands_for(tmp_
 
     from pruner.config import JobConfig
     from pruner.model.checkpoints import Trajectory
-    from pruner.scorer import checkpoint_weights
+    from pruner.scores.weights import checkpoint_weights
     cfg = JobConfig.model_validate({"data": {"shards": [str(tmp_path)]}, "target": {"shards": [str(tmp_path)]},
                                     "trajectory": {"checkpoints": ["unused.pt"], "pool_size": 100}})
     uneven = (CheckpointInfo("a", 10, 1e-3, 2e-3), CheckpointInfo("b", 11, 1e-3, 1e-3),

@@ -16,14 +16,27 @@ from pruner.io.shards import DEMO_DIR
 from pruner.scores.combine import METHOD_COLUMNS, score_columns
 
 
+_MICRO: dict = {}
+
+
+def _micro_state() -> dict:
+    """A real pruner-micro state dict (random weights), made once."""
+    if not _MICRO:
+        from pruner.model.clip import create_clip
+        torch.manual_seed(0)
+        _MICRO.update(create_clip("pruner-micro")[0].state_dict())
+    return _MICRO
+
+
 def _trajectory(folder, *names: str):
-    """A trajectory file as train-proxy writes it (checkpoint paths relative to it), with each checkpoint beside it."""
+    """A trajectory file as train-proxy writes it (checkpoint paths relative to it, the architecture recorded), with
+    each checkpoint beside it: real pruner-micro weights, so the pre-flight check passes."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
-        torch.save({"step": 10 * (i + 1), "state_dict": {"w": torch.zeros(2)}}, folder / name)
+        torch.save({"step": 10 * (i + 1), "state_dict": _micro_state()}, folder / name)
     traj = folder / "trajectory.json"
-    traj.write_text(json.dumps({"checkpoints": [{"path": n, "step": 10 * (i + 1), "lr": 1e-3}
-                                                for i, n in enumerate(names)]}))
+    traj.write_text(json.dumps({"arch": "pruner-micro", "checkpoints": [{"path": n, "step": 10 * (i + 1), "lr": 1e-3}
+                                                                       for i, n in enumerate(names)]}))
     return traj
 
 
@@ -116,7 +129,8 @@ def test_select_config_errors(tmp_path, overrides, fragment):
 def test_score_choices_are_the_columns_a_job_writes(tmp_path):
     """select.score accepts exactly the method columns the scorer writes (pruner.scorer.combine_columns on the
     components of a job with every method and Diff-In target), so no name the reduce step would not find passes."""
-    from pruner.scorer import CheckpointWeights, combine_columns
+    from pruner.scorer import combine_columns
+    from pruner.scores.weights import CheckpointWeights
     from pruner.scores.oga import fit_isolation_forest
     d = _base(tmp_path)
     d["target"] = {"shards": [str(DEMO_DIR / "target")]}
@@ -190,13 +204,46 @@ def test_trajectory_checkpoints_must_exist(tmp_path):
     assert "trajectory.checkpoints.0" not in str(e.value)
 
 
-def test_validation_reads_no_weights(tmp_path):
-    """validate-config finds the checkpoints without loading them: it does not even import torch."""
+def test_load_config_reads_no_weights(tmp_path):
+    """load_config finds the checkpoints without loading them: it does not even import torch (the weights are read by
+    the pre-flight check of validate-config and prune, check_checkpoint_weights)."""
     path = _write(tmp_path, _base(tmp_path))
-    code = (f"import sys; from pruner.cli import main; assert main(['validate-config', {path!r}]) == 0; "
+    code = (f"import sys; from pruner.config import load_config; load_config({path!r}); "
             f"assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("case", ["pickle", "nan", "arch"])
+def test_bad_checkpoints_stop_validate_and_prune(tmp_path, case, capsys):
+    """A checkpoint that carries pickled objects, holds NaN weights or was trained with another architecture fails
+    `pruner validate-config` and `pruner prune` with exit status 2, the file and the fix, before any Ray work or job
+    directory (it used to pass validation, then kill the Ray actors after the cluster had started)."""
+    import argparse
+
+    import ray
+    d = _base(tmp_path)
+    traj = tmp_path / "ckpt-10.pt"
+    state = {k: v.clone() for k, v in _micro_state().items()}
+    why = {"pickle": "cannot be read as a weights-only torch file", "nan": "contains NaN/Inf values",
+           "arch": "does not fit model.arch 'pruner-tiny'"}[case]
+    if case == "nan":
+        state["visual.proj"][0, 0] = float("nan")
+    ckpt = {"step": 10, "state_dict": state}
+    if case == "pickle":
+        ckpt["args"] = argparse.Namespace(lr=1)
+    torch.save(ckpt, traj)
+    if case == "arch":  # the trajectory file names no architecture: model.arch (default pruner-tiny) is used
+        doc = json.loads((tmp_path / "trajectory.json").read_text())
+        (tmp_path / "trajectory.json").write_text(json.dumps({"checkpoints": doc["checkpoints"]}))
+    d["output_dir"] = str(tmp_path / "runs")
+    path = _write(tmp_path, d)
+    assert cli_main(["validate-config", path]) == 2
+    err = capsys.readouterr().err
+    assert f"trajectory.file: checkpoint {traj}" in err and why in err and "(fix: " in err, err
+    assert cli_main(["prune", "--config", path]) == 2
+    assert why in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
 
 
 def test_local_shard_specs_must_match_shards(tmp_path):

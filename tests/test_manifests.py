@@ -289,3 +289,90 @@ def test_update_json_atomic_sets_keys_and_keeps_the_others(tmp_path):
     update_json_atomic(path, {"b": 3, "c": [4]})
     assert json.loads(path.read_text()) == {"a": 1, "b": 3, "c": [4]}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _dup_job(root) -> tuple[JobLayout, list[str]]:
+    """A scored job whose lake was merged from two sources: b.tar carries a sample with the json uid of a sample of
+    a.tar (and a higher score, so both copies would be kept), and c.tar repeats one of b.tar's uids."""
+    a = [variant(sample(f"a-{i}", uid=f"uid-{i}"), json={"uid": f"uid-{i}", "classname": "xy"[i % 2]})
+         for i in range(4)]
+    b = [variant(sample("b-0", uid="uid-1"), json={"uid": "uid-1", "classname": "x"}),
+         variant(sample("b-1", uid="uid-b1"), json={"uid": "uid-b1", "classname": "y"}),
+         variant(sample("b-2", uid="uid-c0"), json={"uid": "uid-c0", "classname": "x"})]
+    c = [variant(sample(f"c-{i}", uid=f"uid-c{i}"), json={"uid": f"uid-c{i}", "classname": "y"}) for i in range(2)]
+    pool = [str(write_shard(root / "pool" / f"{n}.tar", s)) for n, s in (("a", a), ("b", b), ("c", c))]
+    layout = JobLayout(root / "job")
+    layout.shards_dir.mkdir(parents=True)
+    for j, url in enumerate(pool):
+        samples, rejects = read_shard(url)
+        pq.write_table(pa.table({"uid": pa.array([x.uid for x in samples], pa.string()),
+                                 "key": pa.array([x.key for x in samples], pa.string()),
+                                 "shard_url": pa.array([url] * len(samples), pa.string()),
+                                 "row": pa.array(range(len(samples)), pa.int32()),
+                                 "diffin_target": pa.array([10.0 * j + i for i in range(len(samples))])}),
+                       layout.scores(url))
+        rejects.write(layout.rejects(url))
+    cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
+                            "trajectory": {"checkpoints": ["c.pt"]}}, check_paths=False)
+    layout.config.write_bytes(cfg.to_yaml())
+    return layout, pool
+
+
+@pytest.mark.parametrize("policy", ["top_k", "class_balanced"])
+def test_duplicate_uid_first_in_sorted_shard_order_wins(tmp_path, policy):
+    """Two samples with one uid: the one of the shard sorting first is ranked, the later one is a reject
+    duplicate_uid naming both locations, counted once, never kept; the keep set writes without a collision."""
+    layout, pool = _dup_job(tmp_path)
+    cfg = load_config(layout.config, ["select.keep_fraction=1.0", f"select.policy={policy}"], check_paths=False)
+    summary = finalize(cfg, layout, pool, {})
+    assert summary["counts"]["samples"] == 7 and summary["counts"]["kept"] == 7  # 9 samples, 2 later copies
+    assert summary["rejects_by_reason"] == {"duplicate_uid": 2}
+    ranking = pq.read_table(layout.ranking).to_pydict()
+    assert len(ranking["uid"]) == 7 and len(set(ranking["uid"])) == 7
+    assert ("uid-1", pool[0]) in set(zip(ranking["uid"], ranking["shard_url"]))  # a's copy, not b's higher-scored one
+    dups = pq.read_table(layout.root / "duplicates.parquet").to_pylist()
+    assert sorted((d["uid"], d["url"], d["key"], d["kept_url"], d["kept_key"]) for d in dups) == [
+        ("uid-1", pool[1], "b-0", pool[0], "a-1"), ("uid-c0", pool[2], "c-0", pool[1], "b-2")]
+    manifest = json.loads((layout.keep_dir / "manifest.json").read_text())
+    assert manifest[pool[1]] == ["b-1", "b-2"] and manifest[pool[2]] == ["c-1"]
+    assert len(np.load(layout.keep_dir / "uids.npy")) == 7
+    assert not (layout.root / ".reduce").exists()
+
+
+def test_reduce_is_all_or_nothing(tmp_path):
+    """A selection that fails while its keep set is written (two kept uids that are one DataComp uid: the same hex
+    digits in upper and lower case) replaces nothing: the earlier ranking, keep set, config.yaml and summary stay."""
+    layout, pool = _dup_job(tmp_path)
+    url = pool[2]
+    t = pq.read_table(layout.scores(url))
+    hexes = ["0123456789abcdef0123456789abcdef", "0123456789ABCDEF0123456789ABCDEF"]
+    t = t.set_column(0, "uid", pa.array(hexes, pa.string()))
+    pq.write_table(t.set_column(t.schema.get_field_index("diffin_target"), "diffin_target", pa.array([-1.0, -2.0])),
+                   layout.scores(url))  # ranked last: a 50% selection keeps neither
+    cfg = load_config(layout.config, ["select.keep_fraction=0.5"], check_paths=False)
+    finalize(cfg, layout, pool, {})
+    before = {p.relative_to(layout.root): p.read_bytes() for p in layout.root.rglob("*") if p.is_file()
+              and p.parent != layout.shards_dir}
+    cfg = load_config(layout.config, ["select.keep_fraction=1.0"], check_paths=False)
+    with pytest.raises(ValueError, match="collide"):
+        finalize(cfg, layout, pool, {})
+    after = {p.relative_to(layout.root): p.read_bytes() for p in layout.root.rglob("*") if p.is_file()
+             and p.parent != layout.shards_dir}
+    assert after == before
+
+
+def test_unsafe_member_names_are_rejected_and_never_written(tmp_path):
+    """A member named ../../evil.jpg (or with a folder, a backslash, a control character) is a reject unsafe_key;
+    materialize refuses to write such a name even when a manifest asks for it."""
+    bad = ["../../evil", "/abs/x", "dir\\x", "ctl\x01x", "dir/x"]
+    url = str(write_shard(tmp_path / "s.tar", [sample("good")] + [sample(k) for k in bad]))
+    samples, rejects = read_shard(url)
+    assert [s.key for s in samples] == ["good"]
+    assert sorted(r["key"] for r in rejects.records) == sorted(bad)
+    assert {r["reason"] for r in rejects.records} == {"unsafe_key"}
+    assert "not a safe file name" in rejects.records[0]["detail"]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({url: ["good", "../../evil"]}))
+    with pytest.raises(MaterializeError, match="not a safe file name"):
+        materialize(manifest, tmp_path / "out")
+    assert not list(tmp_path.rglob("evil*")) and not (tmp_path.parent / "evil.jpg").exists()

@@ -33,7 +33,8 @@ from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_sc
 from pruner.scores.combine import combine, hash_unit
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import fit_isolation_forest, iforest_scores
-from pruner.scores.shared import compute_shared, diffin_coefficient, embed_bank, first_order_coefficient
+from pruner.scores.shared import compute_shared
+from pruner.scores.weights import diffin_coefficient, first_order_coefficient
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "pruner" / "demo"
@@ -254,6 +255,27 @@ def _fd_errors(comp, exact):
         out[k] = (float(np.max(np.abs(got - want) / np.abs(want))),
                   float(np.linalg.norm(got - want) / np.linalg.norm(want)))
     return out
+
+
+def test_shared_state_is_stored_compactly(t2_case, tmp_path):
+    """A shared state with self-influence eigenvectors (per-layer views of one flat buffer) is saved in about its
+    tensors' own bytes, also after a pickle round trip (what Ray's serialisation does to each view: before the fix,
+    every layer of every eigenvector carried the whole flat buffer, 34 layers here, ~12x the file size)."""
+    import pickle
+
+    from pruner.scores.shared import CheckpointShared, load_state, save_state
+    _, sh, *_ = t2_case
+    assert any(k.startswith("q") for k in sh.vectors)
+    state = pickle.loads(pickle.dumps(sh.to_state()))
+    tensors = [state["bank_img"], state["bank_txt"]] + [t for v in state["vectors"].values() for t in v.values()]
+    own = sum(t.numel() * t.element_size() for t in tensors)
+    path = tmp_path / "ckpt-0.pt"
+    save_state(state, path)
+    assert path.stat().st_size <= 1.05 * own + 256 * 1024, (path.stat().st_size, own)
+    back = CheckpointShared.from_state(load_state(path))
+    for name, vec in sh.vectors.items():
+        for layer, t in vec.items():
+            torch.testing.assert_close(back.vectors[name][layer], t, rtol=0, atol=0)
 
 
 def test_t2_terms_match_double_backward(t2_case):

@@ -44,7 +44,7 @@ import yaml
 from conftest import small_job_config
 from corpus import write_shard
 from pruner.config import load_config
-from pruner.distributed.driver import prepare
+from pruner.jobs.jobdir import prepare
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import load_uid_npy
 from pruner.io.shards import demo_pool_shards, read_shard
@@ -192,7 +192,7 @@ def write_config(directory: Path, trajectory: Path, shards: list[str], **overrid
 
 
 def job_dir(cfg_path: Path) -> Path:
-    """The job directory the config maps to (pruner.distributed.driver.prepare; creates it, writes config.yaml)."""
+    """The job directory the config maps to (pruner.jobs.jobdir.prepare; creates it, writes config.yaml)."""
     return prepare(load_config(cfg_path))[0].root
 
 
@@ -519,12 +519,20 @@ def test_ranking_independent_of_actors_and_shard_order(variant, connected, refer
     assert_same_ranking(root, reference.root)
 
 
-def test_failing_shard_is_retried_then_reported(head, pool, micro_trajectory, tmp_path):
-    """A shard that cannot be read (not a tar archive) fails every attempt: retried ray.max_retries times, then
-    listed in failed.json and the exit status is 1; nothing is selected from the partial pool."""
+@pytest.mark.parametrize("case", ["not_a_tar", "vanished"])
+def test_failing_shard_is_retried_then_reported(head, pool, micro_trajectory, tmp_path, case):
+    """A shard that cannot be read fails the job: listed in failed.json (a clean one-line message, the traceback apart,
+    neither with colour codes or Ray's ^^^ markers) and the exit status is 1; nothing is selected from the partial
+    pool. A file that is not a tar archive (empty or garbage) is reported at once, since no retry can help; one
+    that cannot be opened (here a link to a file that is gone: missing on this node, a permission or network error)
+    is retried ray.max_retries times first."""
     good = [shutil.copy(pool / f"pool-{i:06d}.tar", tmp_path / f"pool-{i:06d}.tar") for i in range(2)]
     bad = tmp_path / "pool-000099.tar"
-    bad.write_bytes(b"<html>503 Service Unavailable</html>\n" * 20)
+    if case == "not_a_tar":
+        bad.write_bytes(b"<html>503 Service Unavailable</html>\n" * 20)
+    else:
+        bad.symlink_to(tmp_path / "gone.tar")
+    attempts, error = {"not_a_tar": (1, "ShardNotATarError"), "vanished": (3, "ShardUnreadableError")}[case]
     cfg_path = write_config(tmp_path, micro_trajectory, [tmp_path / "pool-*.tar"],
                             ray={"max_retries": 2, "num_actors": 1})
     root = job_dir(cfg_path)
@@ -534,9 +542,14 @@ def test_failing_shard_is_retried_then_reported(head, pool, micro_trajectory, tm
     assert rc == 1, out[-4000:]
     failed = json.loads((root / "failed.json").read_text())
     assert list(failed["shards_failed"]) == [str(bad)]
-    assert "ShardUnreadableError" in failed["shards_failed"][str(bad)]
-    assert failed["failed_attempts"] == {str(bad): 3}
-    assert out.count("retrying") == 2 and "failed 3 times, giving up" in out
+    message = failed["shards_failed"][str(bad)]
+    assert message.startswith(f"{error}: cannot read {bad} as a tar archive") and "\n" not in message, message
+    trace = failed["failure_tracebacks"][str(bad)]
+    assert error in trace and 'File "' in trace  # the frames of the task's traceback
+    for text in (message, trace):
+        assert "\x1b" not in text and "^^^" not in text, text
+    assert failed["failed_attempts"] == {str(bad): attempts}
+    assert out.count("retrying") == attempts - 1 and f"failed {attempts} time(s), giving up" in out
     assert f"1 shard(s) failed: ['{bad}']" in out
     for g in good:
         assert JobLayout(root).scores(str(g)).exists()
@@ -545,7 +558,7 @@ def test_failing_shard_is_retried_then_reported(head, pool, micro_trajectory, tm
     def counted():
         now = {m: scrape(head.metrics_port, m) for m in names}
         got = {m: new_series(before[m], now[m]) for m in names}
-        return got if got == {"pruner_shard_attempts_failed": 3, "pruner_shards_failed": 1} else None
+        return got if got == {"pruner_shard_attempts_failed": attempts, "pruner_shards_failed": 1} else None
     wait_until(counted, 60, "the failed shard in the metrics export", step=1)
 
 
@@ -694,6 +707,12 @@ def test_second_driver_on_a_job_is_refused(head, reference, pool, pool_uids, mic
         wait_until(some_shards_done(root, driver_log=log), JOB_TIMEOUT, "the first driver scoring")
         assert main(["--config", str(cfg_path)]) == 1
         err = capsys.readouterr().err
+        # refused before any model, Ray or directory work: a fresh driver process has not even imported torch or ray
+        code = (f"import sys; from pruner.jobs.prune import main; rc = main(['--config', {str(cfg_path)!r}]); "
+                f"assert rc == 1, rc; assert not {{'torch', 'ray'}} & set(sys.modules), 'imported torch or ray'")
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert f"holds the lock {root / 'job.lock'}" in second.stderr
         assert first.poll() is None  # the lock was held by a running driver, not left behind
         rc = first.wait(timeout=JOB_TIMEOUT)
     assert rc == 0, log.read_text(errors="replace")[-4000:]

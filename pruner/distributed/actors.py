@@ -2,10 +2,11 @@
 
 Actors return results to the driver (which writes them), so a multi-node cluster needs no shared
 filesystem for outputs; only the input shards must be readable from every node. A shard that cannot be opened
-at all (the reader's ``unreadable_shard``: missing on this node, permission or network error, not a tar) fails
-its task with :class:`ShardUnreadableError` instead of scoring as an empty shard, so the driver retries it
-(possibly on another node) and reports it if it keeps failing, rather than silently selecting from a partial
-pool. Bad samples inside a readable shard stay rejects.
+at all (the reader's ``unreadable_shard``) fails its task instead of scoring as an empty shard, so it is reported
+rather than silently selecting from a partial pool: :class:`ShardUnreadableError` when the cause may pass (missing
+on this node, permission or network error; the driver retries it, possibly on another node), :class:`ShardNotATarError`
+when its bytes are not a tar archive (empty or garbage file; reported at once, as no retry can help). Bad samples
+inside a readable shard stay rejects.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import ray
 from ray.util.metrics import Counter
 
 from pruner.config import JobConfig
-from pruner.io.shards import RejectLog, iter_shard
+from pruner.io.shards import RejectLog, iter_shard, not_a_tar
 from pruner.model.checkpoints import Trajectory
 from pruner.scorer import Scorer, input_digests, pick_oga_subsample, pick_shared_inputs
 from pruner.scores.shared import CheckpointShared
@@ -31,6 +32,12 @@ def _setup(cfg_dict: dict, cpus: float):
     import torch
     torch.set_num_threads(max(1, int(cpus)))
     return JobConfig.model_validate(cfg_dict)
+
+
+def fetch_shared(state_refs: list) -> list[CheckpointShared]:
+    """The shared quantities behind a list of object refs (one per checkpoint), fetched and rebuilt one at a time
+    (the refs are nested in a list, so Ray passes them unresolved)."""
+    return [CheckpointShared.from_state(ray.get(r)) for r in state_refs]
 
 
 class SharedComputer:
@@ -66,10 +73,10 @@ class SharedComputer:
         log.info("checkpoint %d shared quantities in %.1fs", i, time.time() - t0)
         return shared.to_state()
 
-    def oga_features(self, states: list[dict]):
-        """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``states``: the
-        shared quantities of checkpoints ``first``.."""
-        self.scorer.set_shared([CheckpointShared.from_state(s) for s in states])
+    def oga_features(self, state_refs: list):
+        """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``state_refs``: object
+        refs of the shared quantities of checkpoints ``first``.. (:func:`fetch_shared`)."""
+        self.scorer.set_shared(fetch_shared(state_refs))
         return self.scorer.last_checkpoint_features(self._oga_subsample())
 
 
@@ -77,15 +84,19 @@ class ShardUnreadableError(OSError):
     """The shard could not be opened as a tar archive on this worker (see the module docstring)."""
 
 
+class ShardNotATarError(ShardUnreadableError):
+    """The shard's bytes are not a tar archive at all (empty or garbage file): the driver does not retry it."""
+
+
 class ShardScorer:
     """Scores whole shards. Constructed with everything it needs, so a restarted actor is ready again."""
 
-    def __init__(self, cfg_dict: dict, traj: Trajectory, shared_states: list[dict], forest, cpus: float,
-                 first: int = 0):
-        """``shared_states``: of checkpoints ``first``.. (see :class:`pruner.scorer.Scorer`)."""
+    def __init__(self, cfg_dict: dict, traj: Trajectory, state_refs: list, forest, cpus: float, first: int = 0):
+        """``state_refs``: object refs of the shared quantities of checkpoints ``first``.. (see
+        :class:`pruner.scorer.Scorer`), fetched one at a time (:func:`fetch_shared`)."""
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)
-        self.scorer.set_shared([CheckpointShared.from_state(s) for s in shared_states])
+        self.scorer.set_shared(fetch_shared(state_refs))
         self.scorer.forest = forest
         self.samples_scored = Counter("pruner_samples_scored", description="samples scored")
         self.shards_done = Counter("pruner_shards_done", description="shards scored")
@@ -103,7 +114,7 @@ class ShardScorer:
                                   max_samples=self.cfg.data.max_samples_per_shard))
         unreadable = [r["detail"] for r in rejects.records if r["reason"] == "unreadable_shard"]
         if unreadable:
-            raise ShardUnreadableError(unreadable[0])
+            raise (ShardNotATarError if not_a_tar(rejects.open_error) else ShardUnreadableError)(unreadable[0])
         table, feats, hzg = self.scorer.score_table(samples, url, prior)
         dt = time.time() - t0
         self.samples_scored.inc(len(samples))

@@ -28,10 +28,10 @@ the driver.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from pathlib import Path
@@ -39,51 +39,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import torch
-import yaml
 from ray.util.metrics import Counter
 from tqdm import tqdm
 
 from pruner.config import JobConfig, load_job_config
-from pruner.distributed.actors import remote_classes
-from pruner.io.atomic import atomic_path, link_or_copy, write_bytes_atomic, write_json_atomic
+from pruner.distributed.actors import ShardNotATarError, remote_classes
+from pruner.io.atomic import atomic_path, link_or_copy, write_json_atomic
 from pruner.io.layout import IDENTITY_KEY, JobLayout, shard_identities
-from pruner.io.shards import check_shard_names, expand_shard_specs
 from pruner.io.store import save_features
-from pruner.model.checkpoints import Trajectory, load_trajectory
+from pruner.jobs.jobdir import JobRefusedError
+from pruner.model.checkpoints import Trajectory
 from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest
-from pruner.scorer import (CheckpointWeights, ShardChangedError, checkpoint_weights, input_digests,
+from pruner.scores.shared import load_state, save_state
+from pruner.scorer import (ShardChangedError, input_digests,
                            pick_oga_subsample, pick_shared_inputs)
 
 log = logging.getLogger("pruner.driver")
 ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def job_id(cfg: JobConfig, target: list[str], traj: Trajectory, digests: list[str],
-           weights: list[CheckpointWeights]) -> str:
-    """16 hex digits from the config fingerprint (which holds the pool's shard *specs*, and not ``select``), the
-    target shard list, the checkpoint file contents (``digests``, sha256 per checkpoint) and the checkpoint weights
-    (``checkpoint_weights``; so a change of the weighting rule never mixes differently weighted shards in one
-    directory). The expanded pool list
-    is deliberately left out: when a folder or glob of the lake gains shards, re-running the same config reuses the
-    job directory and scores only the new shards (incremental re-scoring; see pruner.rescore). So are the select
-    settings: a re-run with other ones reuses the directory and only re-selects (pruner.jobs.prune.run)."""
-    h = hashlib.sha256()
-    h.update(cfg.fingerprint().encode())
-    h.update(json.dumps(target).encode())
-    for ck, digest, w in zip(traj.checkpoints, digests, weights):
-        h.update(json.dumps([ck.step, ck.lr, ck.lr_mean, w.eta, w.a_t, w.b_t]).encode())
-        h.update(digest.encode())
-    return h.hexdigest()[:16]
 
 
 def connect_ray(cfg: JobConfig) -> None:
@@ -114,10 +87,6 @@ class PlacementError(RuntimeError):
     """No node offered the resources an actor asks for within ray.placement_timeout_s."""
 
 
-class JobRefusedError(ValueError):
-    """The job directory cannot be resumed as asked; the message names the cause and the fix."""
-
-
 def placement_guard(cfg: JobConfig, gpus_per_actor: int):
     """``wait(ping refs, what)``: block until the first of the pings answers, or raise a PlacementError naming the
     resources no node offered after ray.placement_timeout_s (a pending actor would otherwise wait forever)."""
@@ -130,11 +99,6 @@ def placement_guard(cfg: JobConfig, gpus_per_actor: int):
                 f"node offers {need} (cluster: {ray.cluster_resources()}). Fix: add such nodes (or let the "
                 f"autoscaler do so), lower ray.cpus_per_actor, or set ray.accelerator (auto/cpu) to match the cluster")
     return wait
-
-
-def _save_shared(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects, identity: str | None,
@@ -157,35 +121,6 @@ def _write_shard_result(layout: JobLayout, url: str, table, feats, hzg, rejects,
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), IDENTITY_KEY: identity.encode()})
     with atomic_path(layout.scores(url)) as tmp:
         pq.write_table(table, tmp)
-
-
-def write_job_config(layout: JobLayout, cfg: JobConfig) -> None:
-    """``config.yaml``: the resolved config. Written when the job directory is created, and again by the reduce
-    step of every run, so its select settings are the ones the ranking and keep set were made with (they are not
-    part of the job id)."""
-    write_bytes_atomic(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
-
-
-def prepare(cfg: JobConfig) -> tuple[JobLayout, list[str], list[str], Trajectory]:
-    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
-    target = expand_shard_specs(cfg.target.shards, cfg.data.allow_pipe) if cfg.target.shards else []
-    traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
-    try:  # inputs no run of this config could score: refused before a directory exists, exit 1 with the fix
-        check_shard_names(pool)
-        weights = checkpoint_weights(cfg, traj)
-    except ValueError as e:
-        raise JobRefusedError(str(e)) from None
-    digests = [_file_digest(ck.path) for ck in traj.checkpoints]
-    layout = JobLayout(Path(cfg.output_dir) / f"{cfg.name}-{job_id(cfg, target, traj, digests, weights)}")
-    layout.shards_dir.mkdir(parents=True, exist_ok=True)
-    if not layout.config.exists():
-        write_job_config(layout, cfg)
-    if not layout.trajectory.exists():  # the audit record of the per-checkpoint weights behind every score
-        write_json_atomic(layout.trajectory, {"arch": traj.arch or cfg.model.arch, "checkpoints": [
-            {**ck.record(), "sha256": digest, "updates": w.updates, "eta": w.eta, "a_t": w.a_t,
-             "b_t": w.b_t}
-            for ck, digest, w in zip(traj.checkpoints, digests, weights)]})
-    return layout, pool, target, traj
 
 
 def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayout) -> int:
@@ -268,6 +203,47 @@ def check_shared_inputs(cfg: JobConfig, layout: JobLayout, pool: list[str], targ
     return picked
 
 
+def shared_phase(cfg: JobConfig, layout: JobLayout, traj: Trajectory, pool: list[str], target: list[str],
+                 picked: dict[str, str] | None, first: int, Shared, cpus: float, wait_placed) -> tuple[list, object]:
+    """The shared quantities of checkpoints ``first``.. as Ray object refs, one per checkpoint, and the OGA forest
+    (None without OGA). Missing states are computed by one SharedComputer actor and saved (``shared/ckpt-<i>.pt``),
+    saved ones are read; the OGA subsample's features are computed and saved on a job's first run, and the forest is
+    fitted on them (fixed random_state: a re-run refits the identical forest).
+
+    Memory: the driver holds one checkpoint's state at a time (read or fetched, saved or put into the object store,
+    then dropped), never every checkpoint's parameter-sized vectors at once; the actors fetch the refs."""
+    m = len(traj.checkpoints)
+    refs: dict[int, object] = {}
+    todo = [i for i in range(first, m) if not layout.shared(i).exists()]
+    sub_path = layout.shared_dir / "oga_subsample.npy"
+    need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
+    if todo or need_oga:
+        comp = Shared.remote(cfg.model_dump(mode="json"), traj, pool, target, cpus, first)
+        try:  # killed however this ends: a pending resource request would otherwise stay queued
+            wait_placed([comp.ping.remote()], "the shared-quantity actor")
+            if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
+                write_json_atomic(layout.shared_inputs, picked or ray.get(comp.input_digests.remote()))
+            for i in todo:  # the ref is the actor's return value, owned by this driver: it outlives the actor
+                refs[i] = comp.compute.remote(i)
+                save_state(ray.get(refs[i]), layout.shared(i))
+            for i in range(first, m):
+                if i not in refs:
+                    refs[i] = ray.put(load_state(layout.shared(i)))
+            if need_oga:  # saved, so a re-run refits the identical forest without rescoring the subsample
+                rows = ray.get(comp.oga_features.remote([refs[i] for i in range(first, m)]))
+                with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(rows, np.float32))
+        finally:
+            ray.kill(comp)
+    for i in range(first, m):
+        if i not in refs:
+            refs[i] = ray.put(load_state(layout.shared(i)))
+    forest = None
+    if "oga" in cfg.scores.methods:
+        forest = fit_isolation_forest(np.load(sub_path), seed=cfg.seed, trees=cfg.scores.oga.iforest_trees)
+    return [refs[i] for i in range(first, m)], forest
+
+
 def _prior_components(prior: JobLayout | None, url: str, first: int):
     """The uids and stored components of checkpoints 0..first-1 of a shard of the job being extended (None without
     one), read by the driver and shipped to the actor, so the actors need no shared filesystem for outputs."""
@@ -275,6 +251,26 @@ def _prior_components(prior: JobLayout | None, url: str, first: int):
         return None
     path = prior.scores(url)
     return pq.read_table(path, columns=["uid", *component_columns(pq.read_schema(path).names, first)])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CARETS = re.compile(r"^[ \t~^]*\^[ \t~^]*$", re.M)  # the lines of ^ and ~ that point at a traceback's expression
+
+
+def clean_traceback(text: str) -> str:
+    """A Ray task's error text without terminal colour codes and without the marker lines of ^ and ~ under traceback
+    lines: fit for a JSON file that people read (``failed.json``)."""
+    return re.sub(r"\n{3,}", "\n\n", _CARETS.sub("", _ANSI.sub("", text)))
+
+
+def failure_message(error: Exception) -> str:
+    """One clean line for a failed shard attempt: the task's own exception as ``<type>: <message>`` when Ray carries
+    it (a RayTaskError's ``cause``), else the first line of the Ray error (an actor that died, a lost node)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return clean_traceback(f"{type(cause).__name__}: {cause}").strip()
+    lines = [ln for ln in clean_traceback(str(error)).splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"
 
 
 def _metrics() -> dict:
@@ -300,7 +296,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                     "them again: %s", len(changed), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
     stale = set(missing) | set(changed)
     pending = [u for u in pool if u in stale]
-    m, first = len(traj.checkpoints), reused_checkpoints(prior, cfg, layout)
+    first = reused_checkpoints(prior, cfg, layout)
     picked = check_shared_inputs(cfg, layout, pool, target, prior, pending)
     stats = {"shards_total": len(pool), "shards_skipped": len(pool) - len(pending), "shards_changed": len(changed),
              "shards_failed": {}, "failed_attempts": {}, "actors": 0, "gpus": 0, "checkpoints_reused": first,
@@ -337,36 +333,12 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     metrics = _metrics()
 
     t0 = time.time()
-    # the shared quantities of the checkpoints this job loads (first..): the earlier ones are only linked
-    states = [torch.load(layout.shared(i), map_location="cpu", weights_only=True) if layout.shared(i).exists()
-              else None for i in range(first, m)]
-    sub_path = layout.shared_dir / "oga_subsample.npy"
-    need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
-    if any(s is None for s in states) or need_oga:
-        comp = Shared.remote(cfg_dict, traj, pool, target, cpus, first)
-        try:  # killed however this ends: a pending resource request would otherwise stay queued
-            wait_placed([comp.ping.remote()], "the shared-quantity actor")
-            if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
-                write_json_atomic(layout.shared_inputs, picked or ray.get(comp.input_digests.remote()))
-            for j, s in enumerate(states):
-                if s is None:
-                    states[j] = ray.get(comp.compute.remote(first + j))
-                    _save_shared(layout.shared(first + j), states[j])
-            if need_oga:  # saved, so a re-run refits the identical forest (fixed random_state) without rescoring
-                rows = ray.get(comp.oga_features.remote(states))
-                with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, np.asarray(rows, np.float32))
-        finally:
-            ray.kill(comp)
-    forest = None
-    if "oga" in cfg.scores.methods:
-        o = cfg.scores.oga
-        forest = fit_isolation_forest(np.load(sub_path), seed=cfg.seed, trees=o.iforest_trees)
+    state_refs, forest = shared_phase(cfg, layout, traj, pool, target, picked, first, Shared, cpus, wait_placed)
     stats["shared_seconds"] = time.time() - t0
 
-    states_ref, forest_ref = ray.put(states), ray.put(forest)
+    forest_ref = ray.put(forest)
     t_actors = time.time()
-    actors = [Scorer.remote(cfg_dict, traj, states_ref, forest_ref, cpus, first) for _ in range(n_actors)]
+    actors = [Scorer.remote(cfg_dict, traj, state_refs, forest_ref, cpus, first) for _ in range(n_actors)]
     # inflight: object ref -> (shard url, actor) for a scoring task, (None, actor) for a readiness probe (ping) of
     # a new actor or of one whose task died with it: an actor takes shards only once its probe has answered
     queue, idle, inflight = deque(pending), [], {a.ping.remote(): (None, a) for a in actors}
@@ -375,15 +347,19 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     done_samples, t1, first_ready = 0, None, None
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
 
-    def failed_attempt(url: str, err: str, retry: bool = True) -> None:
+    def failed_attempt(url: str, err: str, retry: bool = True, trace: str | None = None) -> None:
+        """Count a failed attempt; requeue the shard, or give it up (``err``: a clean one-line message, stored in
+        ``shards_failed``; ``trace``: the task's traceback, stored in ``failure_tracebacks``)."""
         n = stats["failed_attempts"][url] = stats["failed_attempts"].get(url, 0) + 1
         metrics["attempts_failed"].inc()
         if retry and n <= cfg.ray.max_retries:
             log.warning("shard %s failed (attempt %d), retrying: %s", url, n, err[:300])
             queue.append(url)
         else:
-            log.error("shard %s failed %d times, giving up: %s", url, n, err[:300])
+            log.error("shard %s failed %d time(s), giving up: %s", url, n, err[:300])
             stats["shards_failed"][url] = err[:2000]
+            if trace:
+                stats.setdefault("failure_tracebacks", {})[url] = trace[-20000:]
             metrics["shards_failed"].inc()
             bar.update(1)
 
@@ -429,10 +405,9 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
                 # the task raised, or its actor died with it (Ray restarts the actor), or the result was lost with
                 # its node: either way the actor takes new work only once it answers a ping
                 inflight[actor.ping.remote()] = (None, actor)
-                if isinstance(e, ShardChangedError):  # deterministic: the same on every retry and every node
-                    failed_attempt(url, str(e.cause), retry=False)
-                else:
-                    failed_attempt(url, str(e))
+                # deterministic failures are the same on every retry and every node: reported at once
+                failed_attempt(url, failure_message(e), retry=not isinstance(e, (ShardChangedError, ShardNotATarError)),
+                               trace=clean_traceback(str(e)))
                 continue
             idle.append(actor)
             try:

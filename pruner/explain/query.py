@@ -51,7 +51,7 @@ from pruner.io.store import save_features
 from pruner.model.checkpoints import load_trajectory
 from pruner.model.loss import encode_pairs
 from pruner.scorer import Scorer
-from pruner.scores.shared import CheckpointShared
+from pruner.scores.shared import CheckpointShared, load_state
 from pruner.select.rank import shard_score_files
 
 CSV_COLUMNS = ("role", "rank", "uid", "key", "shard_url", "row", "score", "caption")
@@ -80,7 +80,7 @@ class QueryEncoder:
         missing = [str(self.layout.shared(i)) for i in range(m) if not self.layout.shared(i).exists()]
         if missing:
             raise FileNotFoundError(f"shared quantities {missing} are missing (fix: finish the job first)")
-        self.states = [torch.load(self.layout.shared(i), map_location="cpu", weights_only=True, mmap=True)
+        self.states = [load_state(self.layout.shared(i), mmap=True)
                        for i in range(m)]
         self.etas = checkpoint_etas(self.layout.root)  # the pool's weights (trajectory.json), not the linked states'
         dev = self.scorer.device

@@ -13,6 +13,8 @@
         ranking.parquet             every sample, all scores and its rank
         keep/                       manifests: manifest.json, uids.npy, keep.parquet
         summary.json
+        duplicates.parquet          samples left out because an earlier shard holds their uid (reject duplicate_uid)
+        .reduce/                    the reduce step's outputs while they are written (moved into place when complete)
         job.lock                    held (flock) by the process writing the directory, shared by those reading it
         explain/results/<query id>.json   the latest `pruner explain` result per query (shown by `pruner report`)
         clusters.parquet, clusters.json   `pruner cluster`: each sample's gradient cluster; per-cluster summaries
@@ -156,12 +158,26 @@ class JobLayout:
         return self.root / "summary.json"
 
     @property
+    def reduce_staging(self) -> Path:
+        """Where the reduce step writes the ranking and keep set before moving them into place (pruner.select.reduce)."""
+        return self.root / ".reduce"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.yaml"
 
     @property
     def lock(self) -> Path:
         return self.root / "job.lock"
+
+    def check_unlocked(self) -> None:
+        """Raise :class:`JobLockedError` at once if another process holds the job directory's lock (the fast refusal
+        of a second driver, before it loads anything; :meth:`locked` still takes the lock for the run). Creates
+        nothing: a directory or lock file that does not exist yet is not locked."""
+        if not self.lock.exists():
+            return
+        with self.locked():
+            pass
 
     @contextlib.contextmanager
     def locked(self, exclusive: bool = True) -> Iterator[None]:

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pruner.io.atomic import atomic_path
-from pruner.io.shards import tar_samples
+from pruner.io.shards import printable, tar_samples, unsafe_name
 from pruner.select.rank import Selection
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
@@ -216,6 +216,7 @@ def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
         try:
             with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
                 for key, members in _samples(tf, want):
+                    _check_names(url, key, members)
                     found.add(key)
                     yield key, members
                     if found == want:
@@ -228,6 +229,17 @@ def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
         if found != want:
             missing = sorted(want - found)
             raise MaterializeError(f"shard {url}: {len(missing)} kept keys not found, e.g. {missing[:5]}")
+
+
+def _check_names(url: str, key: str, members: list) -> None:
+    """Raise MaterializeError naming a member whose name is not a safe file name (:func:`unsafe_name`): pruner's
+    reader never scores such a sample, so only a manifest edited by hand or made elsewhere can ask for one."""
+    for info, _ in members:
+        why = unsafe_name(info.name)
+        if why is not None:
+            raise MaterializeError(f"shard {url}: kept sample {printable(key)!r} has the member {printable(info.name)!r}, "
+                                   f"which is not a safe file name: {why}; it is not written (fix: remove the key "
+                                   f"from the manifest, or rename the member in the source shard)")
 
 
 def _tar_bytes(members: list) -> int:

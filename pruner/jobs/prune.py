@@ -17,25 +17,27 @@ import json
 import logging
 import sys
 
-from pruner.config import ConfigError, JobConfig, load_config
+from pruner.config import ConfigError, JobConfig, check_checkpoint_weights, load_config
 from pruner.io.layout import JobLayout, JobLockedError
+from pruner.jobs.jobdir import JobRefusedError, ResolvedJob, create_job_dir, resolve_job
 
 
-def run(cfg: JobConfig, prior: JobLayout | None = None) -> tuple[int, dict]:
+def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None = None) -> tuple[int, dict]:
     """Score, then reduce. Returns (exit status, summary-or-stats). ``prior``: a finished job this one extends by
-    later checkpoints (pruner.distributed.driver.score_all). The job directory's lock is held for the whole run
+    later checkpoints (pruner.distributed.driver.score_all); ``job``: the config's job directory when the caller has
+    resolved it (:func:`pruner.jobs.jobdir.resolve_job`). The job directory's lock is held for the whole run
     (``prior``'s shared), so a second driver on it is refused (:class:`pruner.io.layout.JobLockedError`)."""
-    from pruner.distributed.driver import prepare
-
-    layout, pool, target, traj = prepare(cfg)
+    job = job or resolve_job(cfg)
+    create_job_dir(cfg, job)
+    layout = job.layout
     print(f"pruner: job directory {layout.root}", flush=True)
     with layout.locked(), prior.locked(exclusive=False) if prior is not None else contextlib.nullcontext():
-        return _run_locked(cfg, layout, pool, target, traj, prior)
+        return _run_locked(cfg, layout, job.pool, job.target, job.traj, prior)
 
 
 def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj,
                 prior: JobLayout | None) -> tuple[int, dict]:
-    from pruner.distributed.driver import score_all, write_job_config
+    from pruner.distributed.driver import score_all
     from pruner.io.atomic import write_json_atomic
     from pruner.select.reduce import finalize
 
@@ -53,10 +55,7 @@ def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list
         write_json_atomic(layout.root / "failed.json", stats)
         print(f"pruner: {len(stats['shards_failed'])} shard(s) failed: {sorted(stats['shards_failed'])}", flush=True)
         return 1, stats
-    # summary.json (written last) is absent while config.yaml, the ranking and keep/ are rewritten, so a run killed
-    # in between is never taken for a finished one with the other select settings
-    layout.summary.unlink(missing_ok=True)
-    write_job_config(layout, cfg)
+    # finalize replaces config.yaml (its select settings), the ranking, keep/ and summary.json together, or none
     summary = finalize(cfg, layout, pool, stats)
     (layout.root / "failed.json").unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
     c = summary["counts"]
@@ -80,9 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    from pruner.distributed.driver import JobRefusedError, PlacementError
+    try:  # before any model, Ray or directory work: a second driver is refused at once
+        job = resolve_job(cfg)
+        job.layout.check_unlocked()
+        check_checkpoint_weights(cfg)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except (JobLockedError, JobRefusedError) as e:
+        print(f"pruner: {e}", file=sys.stderr)
+        return 1
+    from pruner.distributed.driver import PlacementError
     try:
-        status, _ = run(cfg)
+        status, _ = run(cfg, job=job)
     except (JobLockedError, JobRefusedError, PlacementError) as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1

@@ -105,6 +105,38 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_checkpoints(traj: Trajectory, arch: str, config_file: Optional[str] = None) -> list[str]:
+    """One line per checkpoint of ``traj`` that a job could not score, naming the file and the fix: it cannot be read
+    without executing code (``weights_only``: a pickle-bearing file is refused, never run), holds NaN/Inf weights,
+    or does not fit the architecture (missing or unexpected tensors, other shapes). Reads every checkpoint's
+    tensors once and builds the model once (no weights loaded into it); [] when all are fine. The pre-flight check of
+    ``validate-config`` and ``pruner prune``, so that a bad checkpoint stops a job before any Ray work."""
+    from pruner.model.clip import create_clip
+    try:
+        model, _, _ = create_clip(arch, config_file)
+    except (ValueError, RuntimeError, OSError) as e:
+        return [f"model.arch {arch!r}: {e}"]
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    for ck in traj.checkpoints:
+        try:
+            sd = load_state_dict(ck.path)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        missing = sorted(set(want) - set(sd))
+        unexpected = sorted(set(sd) - set(want))
+        shapes = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+        if missing or unexpected or shapes:
+            what = "; ".join(f"{n} {v[:3]}{' ...' if len(v) > 3 else ''}" for n, v in
+                             (("missing", missing), ("unexpected", unexpected),
+                              ("other shapes", [f"{k} {tuple(sd[k].shape)} vs {want[k]}" for k in shapes])) if v)
+            problems.append(f"checkpoint {ck.path} does not fit model.arch {arch!r}: {what} (fix: set model.arch "
+                            f"(and model.config_file) to the architecture the checkpoint was trained with; "
+                            f"train-proxy records it in trajectory.json)")
+    return problems
+
+
 def _check_increasing(infos: list[CheckpointInfo], source: str) -> None:
     for a, b in zip(infos, infos[1:]):
         if b.step <= a.step:

@@ -46,10 +46,19 @@ class CheckpointShared:
     eigvals: list[float] = field(default_factory=list)
 
     def to_state(self) -> dict:
+        """Plain tensors and values (``torch.load(..., weights_only=True)`` reads them back), every tensor on the CPU
+        in a compact storage of its own (:func:`owned`): the per-layer tensors of a vector are often views of one flat
+        buffer (the eigenvectors), and both torch.save of a deserialised copy and Ray's serialisation would otherwise
+        carry the whole buffer once per view (28x the bytes for pruner-tiny's layers)."""
         return {"index": self.index, "step": self.step, "eta": self.eta, "a_t": self.a_t, "scale": self.scale,
-                "bank_img": self.bank_img.cpu(), "bank_txt": self.bank_txt.cpu(), "bank_uids": list(self.bank_uids),
-                "vectors": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.vectors.items()},
+                "bank_img": owned(self.bank_img), "bank_txt": owned(self.bank_txt), "bank_uids": list(self.bank_uids),
+                "vectors": {k: {n: owned(t) for n, t in v.items()} for k, v in self.vectors.items()},
                 "eigvals": list(self.eigvals)}
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "CheckpointShared":
+        """The shared quantities :func:`save_state` wrote to ``path``."""
+        return cls.from_state(load_state(path), device)
 
     @classmethod
     def from_state(cls, s: dict, device="cpu") -> "CheckpointShared":
@@ -71,17 +80,26 @@ class CheckpointShared:
         return torch.tensor([self._bank_row.get(u, -1) for u in uids], dtype=torch.int64)
 
 
-def diffin_coefficient(step: int, lr: float, updates: int, pool_size: int) -> float:
-    """a_t = -t * eta_t^2 * Delta_t / N: Diff-In's second-order increment -(t eta_t^2 / N)(...) per update (methods
-    §1.2), summed over the Delta_t updates the checkpoint stands for at their mean LR eta_t (``lr``). With m
-    evenly spaced checkpoints, Delta_t = T/m for all: the official code's -t eta_t^2 / (N m) up to the constant T."""
-    return -step * lr * lr * updates / pool_size
+def save_state(state: dict, path) -> None:
+    """Write a :meth:`CheckpointShared.to_state` dict to ``path`` (a job's ``shared/ckpt-<i>.pt``) atomically."""
+    from pruner.io.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
-def first_order_coefficient(lr: float, updates: int, pool_size: int) -> float:
-    """b_t = eta_t * Delta_t / N: the weight of the first-order increment <v_t, g_z(theta_t)> in Diff-In's
-    ``exact_increment`` form, summed over the checkpoint's updates like a_t (pruner.scores.combine)."""
-    return lr * updates / pool_size
+def load_state(path, mmap: bool = False) -> dict:
+    """The state :func:`save_state` wrote, read without executing code (``weights_only``) onto the CPU; ``mmap``
+    leaves the tensors in the file until they are touched."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, detached, in a contiguous storage holding exactly its own elements (copied only when it is a
+    view into a larger buffer or strided)."""
+    t = t.detach().cpu()
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()

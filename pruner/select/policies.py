@@ -279,13 +279,15 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
                   dedup_threshold: Optional[float] = None, dedup_space: str = "gradient",
                   n_clusters: int = 100, label_key: str = "classname", seed: int = 0,
                   keep_dir: Optional[str | Path] = None, write: bool = True,
-                  score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None) -> dict:
+                  score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None,
+                  exclude: Optional[np.ndarray] = None) -> dict:
     """Apply a policy to a finished job (module docstring) and, with ``write``, write its keep set into
     ``keep_dir`` (default ``<job>/keep``) with policy.json. Returns the policy summary (``"keep"``: bool [n] in id
     order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, and
     ``pool``: its shard URLs (all listed in the manifest), when the caller has already listed them (the reduce
     step); by default listed here from ``<job>/shards`` and, for ``pool``, from the job's ``config.yaml``
-    (:func:`job_pool`)."""
+    (:func:`job_pool`). ``exclude``: bool [n] in id order, samples that are not part of the pool (the later copies of
+    a duplicated uid, :mod:`pruner.select.duplicates`): never kept, and not counted in the budget or the groups."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: one of {POLICIES}")
     if (keep_fraction is None) == (keep_count is None):
@@ -299,7 +301,11 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
         [f for f in shard_score_files(root) if pq.read_metadata(f).num_rows > 0]
     _check_files(files, score)
     uids, keys = _score_columns(files, score)
-    n = len(keys)
+    counted = np.ones(len(keys), bool) if exclude is None else ~np.asarray(exclude, bool)
+    if len(counted) != len(keys):
+        raise ValueError(f"exclude has {len(counted)} entries, the score files {len(keys)} rows")
+    keys = np.where(counted, keys, NAN_KEY)  # an excluded sample is never kept, like a NaN score
+    n = int(counted.sum())
     n_valid = int((keys != NAN_KEY).sum())
     k = _keep_size(n, n_valid, keep_fraction, keep_count)
 
@@ -333,8 +339,8 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
         dedup_info = {"threshold": dedup_threshold, "space": dedup_space, "removed": dropped,
                       "retained": int(eligible.sum()), "examined": examined}
 
-    gids, sizes = np.unique(groups, return_counts=True)
-    valid_mask = keys != NAN_KEY if eligible is None else eligible
+    gids, sizes = np.unique(groups[counted], return_counts=True)
+    valid_mask = keys != NAN_KEY if eligible is None else eligible & (keys != NAN_KEY)
     valid_counts = np.bincount(np.searchsorted(gids, groups[valid_mask]), minlength=len(gids))
     if policy == "top_k":
         if k > int(valid_counts.sum()):
@@ -369,10 +375,12 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
 
 
 def apply_select_config(job_dir: str | Path, cfg, seed: int = 0, keep_dir: Optional[str | Path] = None,
-                        score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None) -> dict:
+                        score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None,
+                        exclude: Optional[np.ndarray] = None) -> dict:
     """:func:`select_policy` driven by a :class:`pruner.config.SelectConfig` ``cfg`` (the job's reduce step)."""
     if cfg.threshold is not None:  # the config refuses it with a policy or dedup; plain top-k has no business here
         raise ValueError("select.threshold cannot be combined with a balanced policy or dedup (fix: keep_fraction)")
     return select_policy(job_dir, cfg.policy, cfg.score, keep_fraction=cfg.keep_fraction, keep_count=cfg.keep_count,
                          dedup_threshold=cfg.dedup_threshold, dedup_space=cfg.dedup_space, n_clusters=cfg.n_clusters,
-                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir, score_files=score_files, pool=pool)
+                         label_key=cfg.label_key, seed=seed, keep_dir=keep_dir, score_files=score_files, pool=pool,
+                         exclude=exclude)

@@ -1,12 +1,16 @@
 """The reduce step: per-shard score files -> global ranking, keep manifests and the job summary."""
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pruner.config import JobConfig
@@ -14,9 +18,13 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import RejectLog
+from pruner.select.duplicates import find_duplicate_uids, without_rows
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, shard_score_files, write_ranking
 
+log = logging.getLogger(__name__)
+DUPLICATES = "duplicates.parquet"  # the samples left out because an earlier shard holds their uid
+DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("uid", "url", "key", "kept_url", "kept_key")])
 _COMPONENT = re.compile(r"^c\d+_")
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 # score columns whose values are influences on a loss (removal convention), so that the sum over the dropped
@@ -61,35 +69,75 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     """Rank, select, write ranking/manifests/summary. Requires every shard of the pool to be scored; the manifest
     lists every shard of the pool, those without a scored sample with no key.
 
+    Samples sharing a uid (:mod:`pruner.select.duplicates`): the first in sorted shard order is ranked, the later
+    ones are excluded and reported as rejects ``duplicate_uid`` (``duplicates.parquet`` names both locations).
+
     ``select.policy: top_k`` without dedup: the exact global top-k (:func:`select`), ``summary["selection"]`` its
-    cut-off. Otherwise the keep set is :func:`apply_select_config`'s (it writes the manifests and
-    ``keep/policy.json``), the ranking's ``kept`` column is that set, ``summary["selection"]`` is None and
-    ``summary["policy"]`` holds the policy summary (per-group counts, dedup counts). ``summary["select"]``: the
-    select settings applied (a job re-run with other ones re-selects: pruner.jobs.prune.run)."""
+    cut-off. Otherwise the keep set is :func:`apply_select_config`'s (with ``keep/policy.json``), the ranking's
+    ``kept`` column is that set, ``summary["selection"]`` is None and ``summary["policy"]`` holds the policy summary
+    (per-group counts, dedup counts). ``summary["select"]``: the select settings applied (a job re-run with other
+    ones re-selects: pruner.jobs.prune.run).
+
+    All or nothing: every output is first written into a staging folder (``layout.reduce_staging``); only when all
+    of them are complete are they moved into place, summary.json last. A failure before that leaves the previous
+    ranking, keep set and summary as they were; a crash while moving leaves no summary.json, so the job counts as
+    unfinished and its re-run reduces again."""
     t0 = time.time()
     files = [layout.scores(u) for u in pool]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise RuntimeError(f"{len(missing)} shards have no score file (first: {missing[0]}); re-run the job")
     nonempty = [f for f in files if pq.read_metadata(f).num_rows > 0]
+    dups = find_duplicate_uids(nonempty)
+    stage = layout.reduce_staging
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "shards").mkdir(parents=True)
+    try:
+        summary = _reduce_into(cfg, layout, stage, pool, nonempty, dups, run_stats, t0)
+        _commit(layout, stage, summary)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str], nonempty: list[Path], dups,
+                 run_stats: dict, t0: float) -> dict:
+    """Every output of the reduce step, written into ``stage`` (ranking.parquet, keep/, duplicates.parquet);
+    returns the summary. The ranking and manifests read the score files with the duplicates' rows removed (copies
+    in ``stage/shards`` of the few files that hold any)."""
+    view = [without_rows(f, dups.rows[f], stage / "shards" / f.name) if f in dups.rows else f for f in nonempty]
     s = cfg.select
+    keep_dir, ranking = stage / "keep", stage / "ranking.parquet"
     policy = None
     if s.uses_policy:
-        policy, n_total, n_keep = _apply_policy(cfg, layout, pool, files, nonempty)
-        write_ranking(sorted(nonempty), s.score, layout.ranking, policy.pop("keep"))
+        policy, n_total, n_keep = _apply_policy(cfg, layout, pool, [layout.scores(u) for u in pool], nonempty, dups,
+                                                keep_dir)
+        keep = policy.pop("keep")  # over the rows of the sorted score files, as select_policy reads them
+        if dups:
+            keep = keep[~dups.mask(sorted(nonempty))]
+        write_ranking(sorted(view, key=lambda f: f.name), s.score, ranking, keep)
         manifests = policy.pop("manifests")
         selection = None
     else:
-        sel = select(nonempty, s.score, keep_fraction=s.keep_fraction, keep_count=s.keep_count,
-                     threshold=s.threshold)
-        write_ranking(nonempty, s.score, layout.ranking, sel)
-        manifests = write_manifests(nonempty, sel, layout.keep_dir, pool)
-        (layout.keep_dir / "policy.json").unlink(missing_ok=True)  # left by an earlier selection with a policy
+        sel = select(view, s.score, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
+        write_ranking(view, s.score, ranking, sel)
+        manifests = write_manifests(view, sel, keep_dir, pool)
         selection, n_total, n_keep = sel.as_dict(), sel.n_total, sel.n_keep
     rejects = RejectLog()
     for u in pool:
         if layout.rejects(u).exists():
             rejects.merge(RejectLog.read(layout.rejects(u)))
+    for d in dups.records:
+        rejects.add(d["url"], d["key"], "duplicate_uid",
+                    f"sample {d['key']!r} in {d['url']}: uid {d['uid']!r} is also sample {d['kept_key']!r} of "
+                    f"{d['kept_url']}, which sorts first and is the one ranked (fix: give every sample of the lake a "
+                    f"unique json uid, or drop one of the copies)")
+    pq.write_table(pa.Table.from_pylist(dups.records, schema=DUPLICATES_SCHEMA), stage / DUPLICATES)
+    (stage / "config.yaml").write_bytes(cfg.to_yaml())
+    if dups:
+        log.warning("%d sample(s) share a uid with a sample of an earlier shard and were left out (reject "
+                    "duplicate_uid, listed in %s), e.g. %s", len(dups), layout.root / DUPLICATES, dups.records[0])
+    manifests = {**manifests, "paths": {n: str(layout.keep_dir / Path(p).name) for n, p in manifests["paths"].items()}}
     summary = {
         "job": layout.root.name, "select": s.model_dump(mode="json"), "score": s.score, "selection": selection,
         "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
@@ -102,23 +150,43 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
     }
     if policy is not None:
         summary["policy"] = policy
-    summary.update(_summarise_ranking(layout.ranking))
-    write_json_atomic(layout.summary, summary)
+    summary.update(_summarise_ranking(ranking))
     return summary
 
 
+def _commit(layout: JobLayout, stage: Path, summary: dict) -> None:
+    """Move the staged outputs into the job directory: summary.json goes first (so a crash while moving leaves the
+    job unfinished), then the ranking, the keep set (its files replaced one by one, files the new keep set lacks,
+    such as an earlier policy's policy.json, removed), the duplicates list and config.yaml (whose select settings are
+    the ones applied); summary.json is written last."""
+    layout.summary.unlink(missing_ok=True)
+    os.replace(stage / "ranking.parquet", layout.ranking)
+    layout.keep_dir.mkdir(exist_ok=True)
+    new = {p.name for p in (stage / "keep").iterdir()}
+    for p in (stage / "keep").iterdir():
+        os.replace(p, layout.keep_dir / p.name)
+    for p in layout.keep_dir.iterdir():
+        if p.name not in new and p.is_file():
+            p.unlink()
+    os.replace(stage / DUPLICATES, layout.root / DUPLICATES)
+    os.replace(stage / "config.yaml", layout.config)
+    write_json_atomic(layout.summary, summary)
+
+
 def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
-                  nonempty: list[Path]) -> tuple[dict, int, int]:
-    """(policy summary with its bool [n] "keep" in sorted score-file order, n_total, n_keep). Policies read the
-    whole job directory (score files, stored features, clusters), so it must hold exactly the pool's shards
-    (compared by path: every pool file exists, so any difference is a file on disk only; an empty one counts too,
-    as it is a shard outside the pool all the same)."""
+                  nonempty: list[Path], dups, keep_dir: Path) -> tuple[dict, int, int]:
+    """(policy summary with its bool [n] "keep" over the rows of ``nonempty`` in order, n_total, n_keep); the
+    duplicates' rows are never kept and not counted. Policies read the whole job directory (score files, stored
+    features, clusters), so it must hold exactly the pool's shards (compared by path: every pool file exists, so any
+    difference is a file on disk only; an empty one counts too, as it is a shard outside the pool all the same)."""
     extra = sorted(set(shard_score_files(layout.root)) - set(pool_files))
     if extra:
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
                            f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
-    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty, pool=pool)
+    exclude = dups.mask(sorted(nonempty)) if dups else None
+    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty, pool=pool,
+                                 keep_dir=keep_dir, exclude=exclude)
     return policy, policy["n_total"], policy["n_keep"]
 
 
