@@ -106,7 +106,11 @@ class DiffInConfig(_Section):
     # each checkpoint (one pass per sample); taylor: sum_t a_t <v_t, H_B g_z + H_z G_B>, the paper's and official
     # code's estimator, which Taylor-expands that increment around theta_0 and drops its offset (two finite-
     # difference passes). Why exact_increment is the default: README, Decisions; pruner.scores.combine.
-    form: Literal["exact_increment", "taylor"] = "exact_increment"
+    # propagated: the recursion delta_{t+1} = (I - eta H) delta_t + (eta / N) g_z solved in closed form in the k-dim
+    # sketch (pruner.scores.propagation), with H the sketched Gauss-Newton matrix of curvature_samples pool samples
+    form: Literal["exact_increment", "taylor", "propagated"] = "exact_increment"
+    curvature_samples: int = Field(default=2048, gt=1)  # propagated: the subsample K_t is estimated on
+    curvature_rank: int = Field(default=512, gt=0)  # propagated: eigenpairs of K_t kept
     # fd_eps, fd_scheme, base_pass: the taylor form's finite-difference passes (unused by exact_increment)
     fd_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the parameter perturbation for T2
     fd_scheme: Literal["central", "forward"] = "central"
@@ -253,6 +257,9 @@ class JobConfig(_Section):
         d = self.model_dump(mode="json")
         for k in ("output_dir", "ray", "name", "select"):
             d.pop(k, None)
+        if self.scores.diffin.form != "propagated":  # keys no other form reads: job ids of those forms stay as they were
+            for k in ("curvature_samples", "curvature_rank"):
+                d["scores"]["diffin"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

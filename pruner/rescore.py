@@ -55,7 +55,7 @@ from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.shards import expand_shard_specs
 from pruner.io.store import Int8Copies, load_features
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
-from pruner.scorer import Scorer, pick_shared_inputs
+from pruner.scorer import Scorer, pick_shared_inputs, propagation_terms, uses_propagation
 from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
 from pruner.select.reduce import finalize
 
@@ -179,10 +179,13 @@ def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict], diffi
     pred = all("Pp" in p for p in projs)  # always, from target_projections; the benchmark also passes none
     tracin, diffin, tracin_pred = np.zeros(n), np.zeros(n), np.zeros(n)
     for i, p in enumerate(projs):
-        vectors = [p["Pv"]] + ([p["Pu"]] if diffin_form else []) + ([p["Pp"]] if pred else [])
+        second = {"exact_increment": "Pu", "taylor": "Pu", "propagated": "Pw"}.get(diffin_form)
+        vectors = [p["Pv"]] + ([p[second]] if second else []) + ([p["Pp"]] if pred else [])
         d = _projected_dot(layout.features(url, i), torch.stack(vectors, 1), int8=int8)
         tracin += p["eta"] * d[:, 0]
-        if diffin_form == "exact_increment":
+        if diffin_form == "propagated":  # w_t carries its weight
+            diffin += d[:, 1]
+        elif diffin_form == "exact_increment":
             diffin += p["b_t"] * d[:, 0] + p["a_t"] * d[:, 1]
         elif diffin_form == "taylor":
             diffin += p["a_t"] * (d[:, 1] + _projected_dot(layout.hzg(url, i), p["Pv"][:, None], int8=int8)[:, 0])
@@ -208,16 +211,22 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     # change of the weighting rule keeps its own; every job whose shared states load above records b_t)
     weights = [{key: float(r[key]) for key in ("eta", "a_t", "b_t")}
                for r in json.loads(layout.trajectory.read_text())["checkpoints"]]
+    propagated = uses_propagation(cfg)
     out = []
     for i, (engine, shared) in enumerate(zip(scorer.engines, states)):
         v, v_pred = target_gradients(engine, [(x, t) for x, t, _ in target_batches],
                                      (shared.bank_img, shared.bank_txt), shared.scale,
                                      [shared.own_rows(u) for _, _, u in target_batches])
-        u = reference_hvp(engine, ref_batches, shared.scale, v, cfg.scores.diffin.hvp_eps)
         proj = engine.projector
-        out.append({"Pv": proj.project_weights(v).float(), "Pu": proj.project_weights(u).float(),
-                    "Pp": proj.project_weights(v_pred).float(),
-                    **weights[i]})
+        out.append({"Pv": proj.project_weights(v).float(), "Pp": proj.project_weights(v_pred).float(), **weights[i]})
+        if propagated:  # the new target's projected gradient replaces the old one in the shared quantities
+            shared.projected = {**shared.projected, "target": out[-1]["Pv"]}
+        else:
+            out[-1]["Pu"] = proj.project_weights(reference_hvp(engine, ref_batches, shared.scale, v,
+                                                               cfg.scores.diffin.hvp_eps)).float()
+    if propagated:  # Diff-In's k-vectors w_t for the new target (pruner.scorer.propagation_terms)
+        for p, terms in zip(out, propagation_terms(states, scorer.weights, ["target"])):
+            p["Pw"] = terms["prop_directions"]["target"].float()
     return out
 
 
@@ -248,7 +257,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     new.shards_dir.mkdir(parents=True, exist_ok=True)
     form = cfg.scores.diffin.form
     has_hzg = all(layout.hzg(pool[0], i).exists() for i in range(len(projs)))
-    diffin_form = form if ("diffin" in cfg.scores.methods and (form == "exact_increment" or has_hzg)) else None
+    diffin_form = form if ("diffin" in cfg.scores.methods and (form != "taylor" or has_hzg)) else None
     with Int8Copies(layout.int8_dir) if use_int8 else contextlib.nullcontext() as int8:
         for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
             _retarget_file(layout, new, url, projs, diffin_form, int8)
@@ -294,6 +303,11 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
     from pruner.jobs.prune import run
 
     cfg, layout = load_job(job_dir)
+    if uses_propagation(cfg):
+        raise ValueError(f"{job_dir}: Diff-In's propagated form carries the last checkpoint's target gradient back "
+                         f"through every earlier interval, so a later checkpoint changes every checkpoint's term, "
+                         f"not only its own: extending the job would rescore it all (fix: run a full job with the "
+                         f"longer trajectory, or use scores.diffin.form: exact_increment for jobs extended this way)")
     old = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     done = tuple(CheckpointInfo(c["path"], c["step"], c["lr"], c["lr_mean"])  # what the job scored, as it recorded it
                  for c in json.loads(layout.trajectory.read_text())["checkpoints"])

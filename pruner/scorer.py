@@ -19,11 +19,12 @@ import torch
 from pruner.config import JobConfig
 from pruner.grads.engine import PerSampleGradients
 from pruner.io.shards import Sample, iter_shard, RejectLog
-from pruner.model.checkpoints import Trajectory, load_scoring_model
+from pruner.model.checkpoints import Trajectory, load_scoring_model, optimizer_step_scale
 from pruner.model.clip import create_clip
 from pruner.scores.combine import combine, split_components
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import iforest_scores
+from pruner.scores.propagation import propagated_directions
 from pruner.scores.shared import CheckpointShared, compute_shared
 from pruner.scores.weights import CheckpointWeights, checkpoint_weights
 
@@ -71,6 +72,19 @@ def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Se
     return bank_samples, target, reference
 
 
+def pick_curvature_samples(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]:
+    """The samples Diff-In's propagated form estimates each checkpoint's sketched curvature on: hash-selected among
+    the first 4 x ``scores.diffin.curvature_samples`` samples of the pool in sorted shard order (like the bank)."""
+    n = cfg.scores.diffin.curvature_samples
+    return hash_pick(itertools.islice(iter_pool(pool_urls, cfg.data.allow_pipe), 4 * n), n, "curvature")
+
+
+def uses_propagation(cfg: JobConfig) -> bool:
+    """Whether a job forms Diff-In's propagated terms (pruner.scores.propagation)."""
+    d = cfg.scores.diffin
+    return "diffin" in cfg.scores.methods and d.form == "propagated" and bool(d.targets)
+
+
 def pick_oga_subsample(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]:
     """The samples the OGA Isolation Forest is fitted on: hash-selected among the first ``scores.oga.iforest_sample``
     samples of the pool in sorted shard order."""
@@ -78,13 +92,17 @@ def pick_oga_subsample(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]
 
 
 def input_digests(bank: Sequence[Sample], target: Sequence[Sample], reference: Sequence[Sequence[Sample]],
-                  oga: Optional[Sequence[Sample]] = None) -> dict[str, str]:
+                  oga: Optional[Sequence[Sample]] = None,
+                  curvature: Optional[Sequence[Sample]] = None) -> dict[str, str]:
     """sha256 of the uids of the samples behind a job's shared quantities, in the order they are used: ``bank``,
-    ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's subsample);
-    what ``shared/inputs.json`` records (pruner.distributed.driver.check_shared_inputs)."""
+    ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's subsample), with
+    Diff-In's propagated form ``curvature``; what ``shared/inputs.json`` records
+    (pruner.distributed.driver.check_shared_inputs)."""
     picked = {"bank": bank, "reference": [s for batch in reference for s in batch], "target": target}
     if oga is not None:
         picked["oga"] = oga
+    if curvature is not None:
+        picked["curvature"] = curvature
     return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in picked.items()}
 
 
@@ -94,7 +112,7 @@ def combine_columns(cfg: JobConfig, weights: Sequence[CheckpointWeights], forest
     """Method score columns from per-checkpoint components, with the weights of each checkpoint (b_t only in
     Diff-In's exact_increment form) and the OGA forest (or None) applied to the last checkpoint's features (see
     pruner.scores.combine)."""
-    exact = cfg.scores.diffin.form == "exact_increment"
+    exact = cfg.scores.diffin.form == "exact_increment"  # the propagated form's terms are weighted already
     cols = combine(comps, [w.eta for w in weights], [w.a_t for w in weights], list(uids), seed=cfg.seed,
                    b_ts=[w.b_t for w in weights] if exact else None)
     if forest is not None:
@@ -109,7 +127,27 @@ def computed_quantities(cfg: JobConfig) -> tuple[bool, bool]:
     (projections; per-sample norms), so a job that reads neither, such as ``scores.methods: [diffin]`` with
     ``features.save: false``, skips both (benchmarks/bench_diffin_cost.py)."""
     methods, f = cfg.scores.methods, cfg.features
-    return "oga" in methods or f.save or f.save_hzg, "tracin" in methods or "oga" in methods
+    return "oga" in methods or f.save or f.save_hzg or uses_propagation(cfg), "tracin" in methods or "oga" in methods
+
+
+def propagation_terms(shared: Sequence[CheckpointShared], weights: Sequence[CheckpointWeights],
+                      targets: Sequence[str]) -> list[dict]:
+    """Per checkpoint, what its scorer needs of Diff-In's propagated form (pruner.scores.propagation): the k-vectors
+    w_t ("target", "train" among ``targets``; the adjoint from the last checkpoint's projected gradient, which
+    depends on every checkpoint), the summed step size h_t = LR x updates x the optimiser's step scale, and
+    b_t = h_t / N. ``shared`` must hold every checkpoint of the trajectory."""
+    if len(shared) != len(weights):
+        raise ValueError(f"the propagated form needs the shared quantities of all {len(weights)} checkpoints, got "
+                         f"{len(shared)}")
+    h = [w.eta * s.step_scale for w, s in zip(weights, shared)]
+    b = [w.b_t * s.step_scale for w, s in zip(weights, shared)]
+    curv = [s.curvature for s in shared]
+    dirs: list[dict[str, torch.Tensor]] = [{} for _ in shared]
+    for name in ("target", "train"):
+        if name in targets and name in shared[-1].projected:
+            for c, w in enumerate(propagated_directions(shared[-1].projected[name].double(), curv, h, b)):
+                dirs[c][name] = w
+    return [{"prop_directions": d, "prop_step": hc, "prop_weight": bc} for d, hc, bc in zip(dirs, h, b)]
 
 
 class ShardChangedError(ValueError):
@@ -166,17 +204,25 @@ class Scorer:
 
     # -- shared quantities (one worker per checkpoint) ------------------------------------------------------
     def compute_shared(self, i: int, bank: Sequence[Sample], target: Sequence[Sample],
-                       reference: Sequence[Sequence[Sample]]) -> CheckpointShared:
+                       reference: Sequence[Sequence[Sample]],
+                       curvature: Sequence[Sample] = ()) -> CheckpointShared:
+        """Checkpoint i's shared quantities; ``curvature``: the samples of Diff-In's propagated form's sketched
+        curvature (:func:`pick_curvature_samples`; ignored by the other forms)."""
         d = self.cfg.scores.diffin
         targets = d.targets if "diffin" in self.cfg.scores.methods else []
         if not self.first <= i < len(self.weights):
             raise IndexError(f"checkpoint {i}: this scorer loads checkpoints {self.first}..{len(self.weights) - 1}")
         w = self.weights[i]
+        prop = uses_propagation(self.cfg)
+        batches = list(self.uid_batches(curvature)) if prop else []
         return compute_shared(self.engines[i - self.first], index=i, step=w.step, eta=w.eta, a_t=w.a_t,
                               bank_batches=self.batches(bank), bank_uids=[s.uid for s in bank],
                               target_batches=self.batches(target), target_uids=[s.uid for s in target],
                               reference_batches=[self.tensors(r) for r in reference], targets=targets,
-                              hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed)
+                              hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed, form=d.form,
+                              curvature_batches=[(x, t) for x, t, _ in batches],
+                              curvature_uids=[u for _, _, u in batches],
+                              step_scale=optimizer_step_scale(self.traj.checkpoints[i].path) if prop else 1.0)
 
     def set_shared(self, shared: Sequence[CheckpointShared]) -> None:
         """The shared quantities of checkpoints ``first``.. (one per loaded model)."""
@@ -185,9 +231,12 @@ class Scorer:
         self.shared = [s if s.bank_img.device == self.device else CheckpointShared.from_state(s.to_state(), self.device)
                        for s in shared]
         features, norms = computed_quantities(self.cfg)
+        prop = propagation_terms(self.shared, self.weights, targets) if uses_propagation(self.cfg) else \
+            [{}] * len(self.shared)
         self.scorers = [CheckpointScorer(e, s, targets=targets, fd_eps=d.fd_eps, fd_scheme=d.fd_scheme,
                                          loss=self.cfg.features.loss, base_pass=d.base_pass, features=features,
-                                         norms=norms, form=d.form) for e, s in zip(self.engines, self.shared)]
+                                         norms=norms, form=d.form, **p)
+                        for e, s, p in zip(self.engines, self.shared, prop)]
 
     def last_checkpoint_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Projected gradients [n, k] at the last checkpoint (the OGA forest's training rows)."""

@@ -87,6 +87,18 @@ def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
         np.testing.assert_array_equal(redone[c].values, a[c].values, err_msg=c)
 
 
+def test_add_checkpoint_refuses_the_propagated_form(tmp_path, micro_trajectory):
+    """In Diff-In's propagated form a later checkpoint changes every checkpoint's term (the adjoint starts at the
+    last one), so extending a job is refused up front, naming the fix, instead of combining stale terms."""
+    cfg = load_config(data=small_job_config(tmp_path, micro_trajectory,
+                                            scores={"diffin": {"form": "propagated"}}), check_paths=False)
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "config.yaml").write_bytes(cfg.to_yaml())
+    with pytest.raises(ValueError, match=r"propagated form .*\(fix: run a full job"):
+        add_checkpoint(job, str(micro_trajectory.parent / "x.pt"))
+
+
 def _drop_last_sample(shard: Path) -> None:
     """Rewrite a .tar.gz shard without the files of its last sample."""
     with tarfile.open(shard) as tf:
@@ -200,10 +212,12 @@ def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
         np.testing.assert_array_equal(a[c].values, b[c].values, err_msg=c)
 
 
-@pytest.mark.parametrize("form", ["exact_increment", "taylor"])
+@pytest.mark.parametrize("form", ["exact_increment", "taylor", "propagated"])
 def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
-    """Diff-In re-targets from P g_z alone in the exact_increment form, and with P H_z G_B (save_hzg) in the taylor
-    form. Target A: the demo target shard; target B: its samples reversed, so max_samples picks other pairs."""
+    """Diff-In re-targets from P g_z alone in the exact_increment and propagated forms, and with P H_z G_B
+    (save_hzg) in the taylor form. Target A: the demo target shard; target B: its samples reversed, so max_samples
+    picks other pairs. The propagated form is a function of the projected gradients a full run forms too, so its
+    re-target reproduces the full re-run up to the fp16 storage of the features."""
     members: dict[str, dict] = {}
     with tarfile.open(DEMO_DIR / "target" / "demo-target-000000.tar.gz", "r:gz") as tf:
         for m in tf.getmembers():
@@ -214,7 +228,8 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
     feats = {"k": 1024, "layer_k": 16, "bank_size": 128, "batch_size": 50, "save_hzg": form == "taylor"}
     # the taylor job runs without TracIn: a full run still forms tracin_target and tracin_pred from its target set,
     # so the re-target must too (it once dropped tracin_pred there)
-    scores = {"diffin": {"targets": ["target", "train"], "reference_batch_size": 32, "form": form},
+    scores = {"diffin": {"targets": ["target", "train"], "reference_batch_size": 32, "form": form,
+                         "curvature_samples": 200},
               "oga": {"iforest_sample": 100, "iforest_trees": 50},
               **({"methods": ["diffin", "oga", "baselines"]} if form == "taylor" else {})}
     cfg = small_job_config(tmp_path / "a", micro_trajectory, features=feats, scores=scores)
@@ -235,6 +250,8 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
         # the projection's error, so the same ranking to within a few swaps
         assert np.abs(a8[c].values - a[c].values).max() <= 1e-2 * np.abs(a[c].values).max(), c
         assert spearmanr(a8[c].values, a[c].values).correlation >= 0.999, c
+    if form == "propagated":
+        assert spearmanr(a["diffin_target"].values, b["diffin_target"].values).correlation >= 0.999
     # exact against their definitions: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i, for v_target
     # (tracin_target) and v_pred (tracin_pred, the prediction-score variant: of the new target too)
     layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))

@@ -362,6 +362,49 @@ def test_exact_increment_self_column():
     np.testing.assert_allclose(taylor["diffin_self"], [-0.1 * 3 - 0.2 * 2, -0.1 * 2 - 0.2 * 6])
 
 
+def test_propagated_terms_against_projected_exact_gradients(micro, pairs):
+    """Diff-In's propagated form, one checkpoint: the sketched curvature is F^T F / n of the projected exact per-sample
+    gradients (torch.autograd, projected with project_weights), P v_target and P G are the projected autograd
+    vectors, and the scorer's prop_target / prop_train / prop_self components are <w, P g_z> and
+    b P g_z^T phi(h K) P g_z with phi(hK) formed by an explicit eigendecomposition (rtol 1e-4: float32 sketches)."""
+    from pruner.scores.propagation import phi
+    st = Setting(micro[0], *pairs, ref=(300, 16, 16))
+    curv = _batches(*pairs[0], 100, 48, 24)
+    sh = compute_shared(st.engine, index=0, step=10, eta=1.0, a_t=1.0, bank_batches=st.bank_batches,
+                        target_batches=st.target_batches, reference_batches=st.ref_batches,
+                        targets=["target", "train", "self"], hvp_eps=1e-2, self_rank=1, form="propagated",
+                        curvature_batches=curv, step_scale=3.0)
+    assert not any(k.startswith(("u_", "q")) for k in sh.vectors) and sh.step_scale == 3.0  # no HVP at all
+    proj = st.engine.projector
+
+    def pg(image, token):
+        return proj.project_weights(st.sample_grad(image, token)).double()
+
+    f = torch.stack([pg(i, t) for b in curv for i, t in zip(*b)])
+    k_explicit = f.T @ f / len(f)
+    k_sketch = sh.curvature.eigvecs.double() @ torch.diag(sh.curvature.eigvals.double()) @ sh.curvature.eigvecs.double().T
+    torch.testing.assert_close(k_sketch, k_explicit, rtol=1e-4, atol=1e-4 * float(k_explicit.abs().max()))
+    torch.testing.assert_close(sh.projected["target"].double(), proj.project_weights(st.v).double(), rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close(sh.projected["train"].double(), proj.project_weights(st.G).double(), rtol=1e-4,
+                               atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    w = {"target": torch.randn(proj.k, generator=g, dtype=torch.float64),
+         "train": torch.randn(proj.k, generator=g, dtype=torch.float64)}
+    images, tokens = pairs[0][0][:5], pairs[0][1][:5]
+    comp, _ = CheckpointScorer(st.engine, sh, targets=["target", "train", "self"], form="propagated",
+                               prop_directions=w, prop_step=0.05, prop_weight=0.1)(images, tokens)
+    exact = torch.stack([pg(i, t) for i, t in zip(images, tokens)])
+    lam, vec = torch.linalg.eigh(sh.curvature.eigvecs.double() @ torch.diag(sh.curvature.eigvals.double())
+                                 @ sh.curvature.eigvecs.double().T)
+    phi_k = vec @ torch.diag(phi(0.05 * lam.clamp_min(0))) @ vec.T
+    for name in ("target", "train"):
+        np.testing.assert_allclose(comp[f"prop_{name}"], (exact @ w[name]).numpy(), rtol=1e-4,
+                                   atol=1e-6 * float(exact.norm(dim=1).max() * w[name].norm()))
+    np.testing.assert_allclose(comp["prop_self"], (0.1 * ((exact @ phi_k) * exact).sum(1)).numpy(), rtol=1e-4)
+    assert not any(k.startswith(("t1_", "t2_")) for k in comp)
+
+
 def test_t1_self_is_eigen_definition(t2_case):
     st, sh, images, tokens, _, grads, fd = t2_case
     comp = fd(1e-2)

@@ -20,7 +20,8 @@ from ray.util.metrics import Counter
 from pruner.config import JobConfig
 from pruner.io.shards import RejectLog, iter_shard, not_a_tar
 from pruner.model.checkpoints import Trajectory
-from pruner.scorer import Scorer, input_digests, pick_oga_subsample, pick_shared_inputs
+from pruner.scorer import (Scorer, input_digests, pick_curvature_samples, pick_oga_subsample, pick_shared_inputs,
+                           uses_propagation)
 from pruner.scores.shared import CheckpointShared
 
 log = logging.getLogger("pruner.actor")
@@ -48,6 +49,7 @@ class SharedComputer:
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)  # checkpoints first.. (see Scorer)
         self.bank, self.target, self.reference = pick_shared_inputs(self.cfg, pool_urls, target_urls)
+        self.curvature = pick_curvature_samples(self.cfg, pool_urls) if uses_propagation(self.cfg) else None
         self.pool_urls, self._oga = pool_urls, None
         log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
                  len(self.reference[0]) if self.reference else 0, len(self.target))
@@ -59,7 +61,7 @@ class SharedComputer:
         """What ``shared/inputs.json`` records of the samples picked here (pruner.scorer.input_digests), so the
         driver need not read and decode them as well on a job's first run."""
         oga = self._oga_subsample() if "oga" in self.cfg.scores.methods else None
-        return input_digests(self.bank, self.target, self.reference, oga)
+        return input_digests(self.bank, self.target, self.reference, oga, self.curvature)
 
     def _oga_subsample(self):
         """The OGA forest's samples (pruner.scorer.pick_oga_subsample), read once, when first needed."""
@@ -69,7 +71,7 @@ class SharedComputer:
 
     def compute(self, i: int) -> dict:
         t0 = time.time()
-        shared = self.scorer.compute_shared(i, self.bank, self.target, self.reference)
+        shared = self.scorer.compute_shared(i, self.bank, self.target, self.reference, self.curvature or ())
         log.info("checkpoint %d shared quantities in %.1fs", i, time.time() - t0)
         return shared.to_state()
 

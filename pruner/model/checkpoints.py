@@ -94,6 +94,27 @@ def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def optimizer_step_scale(path: str) -> float:
+    """By how much the optimiser's update of a gradient exceeded the learning rate when the checkpoint was saved, from
+    its optimiser state (OpenCLIP checkpoints and train-proxy's carry it): for Adam(W) the gradient-energy weighted
+    mean of 1 / (sqrt(v) + eps) over the second moments v (pruner.scores.propagation.adam_step_scale); for SGD with
+    momentum m, 1 / (1 - m) (the sum of the momentum's geometric series); 1.0 for plain SGD or a checkpoint without
+    optimiser state. Read with ``weights_only`` and ``mmap``."""
+    from pruner.scores.propagation import adam_step_scale
+    obj = _torch_load(path, mmap=True)
+    opt = obj.get("optimizer") if isinstance(obj, dict) else None
+    if not isinstance(opt, dict) or not opt.get("param_groups"):
+        return 1.0
+    group = opt["param_groups"][0]
+    states = [st for st in (opt.get("state") or {}).values() if isinstance(st, dict) and "exp_avg_sq" in st]
+    if states:
+        betas = group.get("betas", (0.9, 0.999))
+        return adam_step_scale([st["exp_avg_sq"] for st in states], [int(st.get("step", 1)) for st in states],
+                               float(betas[1]), float(group.get("eps", 1e-8)))
+    momentum = float(group.get("momentum") or 0.0)
+    return 1.0 / (1.0 - momentum) if 0 < momentum < 1 else 1.0
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The model state dict (open_clip parameter names, no ``module.`` prefix) of an OpenCLIP training checkpoint
     or a bare state dict file. Raises if any floating tensor holds NaN/Inf, naming the tensor."""

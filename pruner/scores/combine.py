@@ -33,6 +33,10 @@ eta_i is likewise the LR summed over those updates):
 * ``taylor`` (the paper's and the official code's estimator): I(z,V) = sum_t a_t (T1 + T2), T2 = <v_t, H_z G_B>.
   Here the increment is Taylor-expanded around theta_0, g_z(theta_t) ~ g_z(theta_0) - t eta H_z G_B, and the
   offset g_z(theta_0) is dropped.
+* ``propagated``: the recursion solved in closed form inside the gradient sketch (pruner.scores.propagation):
+  I(z,V) = sum_t <w_t, P g_z(theta_t)> with w_t = b_t phi(h_t K_t) lambda_t, lambda_t the final target gradient
+  carried back through exp(-h K) of the later intervals; per-checkpoint components ``prop_target``/``prop_train``
+  (already weighted), and ``prop_self`` = b_t P g^T phi(h_t K_t) P g, whose sum is negated like tracin_self.
 
 Why exact_increment is the default (tests/test_scores.py, sign_case; README, Decisions): on an AdamW
 trajectory where the model learns, the Taylor form's T2, even with the actual displacement theta_0 - theta_t in
@@ -94,6 +98,10 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
         return sum(w * c[name] for w, c in zip(weights, per_ckpt))
 
     for target, first in (("target", "tracin_target"), ("train", "tracin_train"), ("self", "sq_norm")):
+        prop = weighted(f"prop_{target}", [1.0] * len(per_ckpt))  # the propagated form: weighted per checkpoint
+        if prop is not None:
+            out[f"diffin_{target}"] = -prop if target == "self" else prop
+            continue
         t1 = weighted(f"t1_{target}", a_ts)
         second = weighted(f"t2_{target}", a_ts) if b_ts is None else weighted(first, b_ts)
         if t1 is not None and second is not None:

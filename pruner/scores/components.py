@@ -16,11 +16,15 @@ t1_self            g_z^T H_B g_z ~ sum_k lambda_k <q_k, g_z>^2     base pass, ex
 t2_target/train    <v_X, H_z G> = D_G <g_z, v_X>                   finite difference along G^ (see below)
 t2_self            <g_z, H_z G> = D_G (1/2 ||g_z||^2)               same passes, exact norms
 tracin_train       <g_z, G>                                        base pass, exact dot (exact_increment, train)
+prop_target/train  <w_t^X, P g_z>                                  base pass, projected (propagated form)
+prop_self          b_t P g_z^T phi(h_t K_t) P g_z                  base pass, projected (propagated form)
 =================  ==============================================  =============================================
 
 Which of these a checkpoint needs depends on Diff-In's ``form`` (pruner.scores.combine): ``taylor`` (the paper's)
 uses T1 and T2; ``exact_increment`` uses T1 and the first-order dots (tracin_target, tracin_train, sq_norm) and no
-T2, so it has no finite-difference pass at all.
+T2, so it has no finite-difference pass at all; ``propagated`` (pruner.scores.propagation) uses the projected
+gradient P g_z of the base pass with the k-vectors w_t^X of every checkpoint, which the scorer derives from all
+checkpoints' shared quantities (``prop_directions``), and no Hessian-vector product.
 
 In the exact_increment form (the default) the base pass at theta_t is the only pass, in the model's precision.
 With bf16 / fp16 its rounding of the first-order dots can exceed the second-order a_t T1 term (~1e-4 of them on
@@ -47,6 +51,7 @@ import torch
 from pruner.grads.engine import PerSampleGradients, PerSampleResult
 from pruner.grads.vectors import norm, perturbed
 from pruner.model.loss import bank_loss, in_batch_detached_loss
+from pruner.scores.propagation import phi as propagation_phi
 from pruner.scores.shared import CheckpointShared
 
 BASE_DIRECTIONS = ("v_target", "v_pred", "u_target", "u_train")
@@ -64,15 +69,24 @@ class CheckpointScorer:
 
     def __init__(self, engine: PerSampleGradients, shared: CheckpointShared, targets=("target", "train"),
                  fd_eps: float = 1e-2, fd_scheme: str = "central", loss: str = "bank", base_pass: str = "midpoint",
-                 features: bool = True, norms: bool = True, form: str = "exact_increment"):
+                 features: bool = True, norms: bool = True, form: str = "exact_increment",
+                 prop_directions: Optional[dict[str, torch.Tensor]] = None, prop_step: float = 0.0,
+                 prop_weight: float = 0.0):
+        """``prop_directions`` ({"target" / "train": w_t [k]}), ``prop_step`` (h_t) and ``prop_weight`` (b_t): this
+        checkpoint's part of Diff-In's propagated form (pruner.scores.propagation; given with form "propagated")."""
         if form == "taylor" and fd_scheme == "forward" and engine.precision != "fp32":
             raise ValueError("fd_scheme 'forward' reuses the base pass, which must then run in fp32 "
                              "(fix: model.precision: fp32 or scores.diffin.fd_scheme: central)")
         if base_pass not in ("midpoint", "exact"):
             raise ValueError(f"base_pass {base_pass!r}: one of midpoint, exact")
-        if form not in ("taylor", "exact_increment"):
-            raise ValueError(f"form {form!r}: one of taylor, exact_increment")
+        if form not in ("taylor", "exact_increment", "propagated"):
+            raise ValueError(f"form {form!r}: one of taylor, exact_increment, propagated")
         self.form = form
+        self.prop = {k: v.double() for k, v in (prop_directions or {}).items()}
+        self.prop_step, self.prop_weight = prop_step, prop_weight
+        self.l1 = features  # the job reads P g_z (OGA's L1 norm, stored features)
+        if form == "propagated":
+            features = True  # the propagated terms are dots with the projected gradient
         self.engine, self.shared = engine, shared
         self.targets = set(targets)
         # what the job reads (Scorer.set_shared): projected features (OGA, stored features) and exact norms (TracIn
@@ -81,12 +95,14 @@ class CheckpointScorer:
         self.fd_eps, self.fd_scheme, self.base_pass = fd_eps, fd_scheme, base_pass
         vec = shared.vectors
         self.base_names = [n for n in BASE_DIRECTIONS if n in vec]
-        if "train" in self.targets and (fd_scheme == "forward" or form == "exact_increment"):
+        if form == "propagated":
+            self.base_names = [n for n in ("v_target", "v_pred") if n in vec]  # TracIn's exact dots only
+        elif "train" in self.targets and (fd_scheme == "forward" or form == "exact_increment"):
             # the forward difference reuses <g_z, G> at theta_t; exact_increment's first-order train term is it
             self.base_names.append("G")
-        if "self" in self.targets:
+        if "self" in self.targets and form != "propagated":
             self.base_names += [f"q{j}" for j in range(len(shared.eigvals))]
-        self.t2_names = [] if form == "exact_increment" else \
+        self.t2_names = [] if form != "taylor" else \
             [n for n, t in (("v_target", "target"), ("G", "train")) if t in self.targets]
         # every pass contracts with all directions at once: with per-sample weight gradients formed in the hooks
         # an extra direction costs one GEMV over them, not another forward (pruner.grads.engine)
@@ -155,7 +171,7 @@ class CheckpointScorer:
         out = {"loss": r.loss, "clip_score": (r.img_emb * r.txt_emb).sum(-1).double()}
         if self.norms:
             out["sq_norm"] = r.sq_norm
-        if feats is not None:
+        if feats is not None and self.l1:
             out["l1_feat"] = feats.abs().sum(-1).double()
         dots = {n: r.dots[:, j] for j, n in enumerate(self.names)}
         for name in ("target", "pred"):
@@ -163,11 +179,20 @@ class CheckpointScorer:
                 out[f"tracin_{name}"] = dots[f"v_{name}"]
         if self.form == "exact_increment" and "train" in self.targets:
             out["tracin_train"] = dots["G"]
-        for name in ("target", "train"):
-            if name in self.targets:
-                out[f"t1_{name}"] = dots[f"u_{name}"]
-        if "self" in self.targets:
-            out["t1_self"] = sum(lam * dots[f"q{j}"].square() for j, lam in enumerate(self.shared.eigvals))
+        if self.form == "propagated":
+            f64 = feats.double()
+            for name, w in self.prop.items():
+                out[f"prop_{name}"] = f64 @ w.to(f64.device)
+            if "self" in self.targets:
+                phi_g = self.shared.curvature.apply(lambda e: propagation_phi(self.prop_step * e.double()),
+                                                    f64.T.contiguous()).T
+                out["prop_self"] = self.prop_weight * (f64 * phi_g).sum(-1)
+        else:
+            for name in ("target", "train"):
+                if name in self.targets:
+                    out[f"t1_{name}"] = dots[f"u_{name}"]
+            if "self" in self.targets:
+                out["t1_self"] = sum(lam * dots[f"q{j}"].square() for j, lam in enumerate(self.shared.eigvals))
         hzg = None
         if fd:
             scale = self.g_norm / (2 * eps if self.fd_scheme == "central" else eps)
@@ -179,7 +204,7 @@ class CheckpointScorer:
             if project_hzg:
                 hzg = (self.engine.projector.reduce(plus.features - minus.features) * scale).cpu().numpy()
         arrays = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
-        return arrays, (None if feats is None else feats.cpu().numpy()), hzg
+        return arrays, (None if feats is None or not self.l1 else feats.cpu().numpy()), hzg
 
 
 def midpoint(plus: PerSampleResult, minus: PerSampleResult) -> PerSampleResult:

@@ -12,6 +12,10 @@ Notation (shared/methods.md §1): theta_t the checkpoint, V the target set, B th
   checkpoint; O(h^2) truncation). By symmetry of H_B, T1 = <v, H_B g_z> = <u, g_z> needs no per-sample HVP.
 * ``eig``: top-r eigenpairs of H_B (subspace iteration on the same finite-difference HVP) for the
   self-influence term g^T H_B g ~ sum_k lambda_k <q_k, g>^2, the only term with a per-sample direction.
+* Diff-In's ``propagated`` form (pruner.scores.propagation) instead needs, in the k-dim sketch: the sketched
+  Gauss-Newton matrix K_t of a hash-picked subsample of the pool (``curvature``), the projected target and training
+  gradients P v_target, P G (``projected``), and the optimiser's step scale of the checkpoint (``step_scale``);
+  no Hessian-vector product at all.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from pruner.grads.engine import PerSampleGradients
 from pruner.grads.vectors import ParamVector, norm, perturbed
 from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_scale_of
+from pruner.scores.propagation import Curvature, curvature
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images [B,3,H,W], tokens [B,ctx])
 
@@ -44,6 +49,10 @@ class CheckpointShared:
     # () for an anonymous bank that holds none of the scored pairs
     vectors: dict[str, ParamVector] = field(default_factory=dict)  # v_target, v_pred, G, u_target, u_train, q0..
     eigvals: list[float] = field(default_factory=list)
+    # Diff-In's propagated form: K_t in the sketch, {"target": P v_target, "train": P G} [k], the optimiser's step scale
+    curvature: Optional[Curvature] = None
+    projected: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_scale: float = 1.0
 
     def to_state(self) -> dict:
         """Plain tensors and values (``torch.load(..., weights_only=True)`` reads them back), every tensor on the CPU
@@ -53,7 +62,10 @@ class CheckpointShared:
         return {"index": self.index, "step": self.step, "eta": self.eta, "a_t": self.a_t, "scale": self.scale,
                 "bank_img": owned(self.bank_img), "bank_txt": owned(self.bank_txt), "bank_uids": list(self.bank_uids),
                 "vectors": {k: {n: owned(t) for n, t in v.items()} for k, v in self.vectors.items()},
-                "eigvals": list(self.eigvals)}
+                "eigvals": list(self.eigvals), "step_scale": self.step_scale,
+                "projected": {k: owned(t) for k, t in self.projected.items()},
+                **({} if self.curvature is None else {"curvature_vals": owned(self.curvature.eigvals),
+                                                      "curvature_vecs": owned(self.curvature.eigvecs)})}
 
     @classmethod
     def load(cls, path, device="cpu") -> "CheckpointShared":
@@ -69,7 +81,10 @@ class CheckpointShared:
                    scale=float(s["scale"]), bank_img=s["bank_img"].to(device), bank_txt=s["bank_txt"].to(device),
                    bank_uids=tuple(s["bank_uids"]),
                    vectors={k: {n: t.to(device) for n, t in v.items()} for k, v in s["vectors"].items()},
-                   eigvals=[float(x) for x in s["eigvals"]])
+                   eigvals=[float(x) for x in s["eigvals"]], step_scale=float(s.get("step_scale", 1.0)),
+                   projected={k: t.to(device) for k, t in s.get("projected", {}).items()},
+                   curvature=Curvature(s["curvature_vals"].to(device), s["curvature_vecs"].to(device))
+                   if "curvature_vals" in s else None)
 
     @functools.cached_property
     def _bank_row(self) -> dict[str, int]:
@@ -188,24 +203,50 @@ def top_eigenpairs(engine: PerSampleGradients, batches: list[Batch], scale: floa
     return [float(x) for x in evals], [unflat(vecs[:, j].float()) for j in range(rank)]
 
 
+def sketched_curvature(engine: PerSampleGradients, batches: list[Batch], bank: tuple[torch.Tensor, torch.Tensor],
+                       scale: float, own: list[torch.Tensor], rank: int) -> Curvature:
+    """K_t = (1/n) sum_i P g_i P g_i^T over the per-sample bank-loss gradients of ``batches`` (a hash-picked subsample
+    of the pool), as its top ``rank`` eigenpairs (pruner.scores.propagation.curvature). ``own``: per batch, the bank
+    rows of its pairs."""
+    feats = [engine.run(i, t, lambda a, b, o=o: bank_loss(a, b, bank[0], bank[1], scale, o), features=True,
+                        norms=False).features for (i, t), o in zip(batches, own)]
+    c = curvature(torch.cat(feats), rank=rank)
+    return Curvature(c.eigvals.float(), c.eigvecs.float())
+
+
 def compute_shared(engine: PerSampleGradients, *, index: int, step: int, eta: float, a_t: float,
                    bank_batches: list[Batch], target_batches: list[Batch], reference_batches: list[Batch],
                    targets: Iterable[str], hvp_eps: float, self_rank: int, seed: int = 0,
-                   bank_uids: Sequence[str] = (), target_uids: Optional[Sequence[str]] = None) -> CheckpointShared:
+                   bank_uids: Sequence[str] = (), target_uids: Optional[Sequence[str]] = None,
+                   form: str = "exact_increment", curvature_batches: Sequence[Batch] = (),
+                   curvature_uids: Sequence[Sequence[str]] = (), curvature_rank: int = 512,
+                   step_scale: float = 1.0) -> CheckpointShared:
     """All shared quantities of one checkpoint. ``targets`` is a subset of {"target", "self", "train"}; the
     target gradients are computed whenever target batches are given (TracIn uses them too). ``bank_uids`` and
-    ``target_uids``: the uids of the bank and target pairs in batch order (defaults: an anonymous bank)."""
+    ``target_uids``: the uids of the bank and target pairs in batch order (defaults: an anonymous bank).
+    ``form`` ``propagated`` (Diff-In's, pruner.scores.propagation) computes no Hessian-vector product: the sketched
+    curvature of ``curvature_batches`` (uids per batch: ``curvature_uids``), the projected target and training
+    gradients and ``step_scale`` instead; the other forms compute u_X = H_B v_X and, for "self", eigenpairs of H_B."""
     targets = set(targets)
     scale = logit_scale_of(engine.model)
     bank = embed_bank(engine.model, bank_batches)
     shared = CheckpointShared(index=index, step=step, eta=eta, a_t=a_t, scale=scale, bank_img=bank[0],
-                              bank_txt=bank[1], bank_uids=tuple(bank_uids))
+                              bank_txt=bank[1], bank_uids=tuple(bank_uids), step_scale=step_scale)
     vec = shared.vectors
     vec["G"] = reference_gradient(engine, reference_batches, scale)
     if target_batches:
         own = None if target_uids is None else \
             list(shared.own_rows(target_uids).split([b[0].shape[0] for b in target_batches]))
         vec["v_target"], vec["v_pred"] = target_gradients(engine, target_batches, bank, scale, own)
+    if form == "propagated":
+        if targets:
+            own = [shared.own_rows(u) for u in curvature_uids] if curvature_uids else [None] * len(curvature_batches)
+            shared.curvature = sketched_curvature(engine, list(curvature_batches), bank, scale, own, curvature_rank)
+            proj = engine.projector
+            shared.projected = {"train": proj.project_weights(vec["G"]).float()}
+            if "v_target" in vec:
+                shared.projected["target"] = proj.project_weights(vec["v_target"]).float()
+        return shared
     if "target" in targets:
         vec["u_target"] = reference_hvp(engine, reference_batches, scale, vec["v_target"], hvp_eps)
     if "train" in targets:
