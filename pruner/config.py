@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pruner.scores.combine import METHOD_COLUMNS, score_columns
+from pruner.scores.combine import METHOD_COLUMNS, TARGET_SET_COLUMNS, score_columns
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,20 @@ class ModelConfig(_Section):
     config_file: Optional[str] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _arch_of_config_file(self):
+        """open_clip names a custom config by its file name: with ``config_file`` and no ``arch``, that name is the
+        arch; a different ``arch`` would silently build another model."""
+        if self.config_file is not None:
+            stem = Path(self.config_file).stem
+            if "arch" not in self.model_fields_set:
+                self.arch = stem
+            elif self.arch != stem:
+                raise ValueError(f"arch {self.arch!r} does not match config_file {self.config_file}, which defines "
+                                 f"{stem!r} (open_clip names a config by its file name) (fix: drop arch, or name the "
+                                 f"file {self.arch}.json)")
+        return self
 
 
 class TrajectoryConfig(_Section):
@@ -105,10 +119,10 @@ class DiffInConfig(_Section):
     # exact_increment: sum_t b_t <v_t, g_z(theta_t)> + a_t <v_t, H_B g_z>, the first-order increment evaluated at
     # each checkpoint (one pass per sample); taylor: sum_t a_t <v_t, H_B g_z + H_z G_B>, the paper's and official
     # code's estimator, which Taylor-expands that increment around theta_0 and drops its offset (two finite-
-    # difference passes). Why exact_increment is the default: README, Decisions; pruner.scores.combine.
-    # propagated: the recursion delta_{t+1} = (I - eta H) delta_t + (eta / N) g_z solved in closed form in the k-dim
-    # sketch (pruner.scores.propagation), with H the sketched Gauss-Newton matrix of curvature_samples pool samples
-    form: Literal["exact_increment", "taylor", "propagated"] = "exact_increment"
+    # difference passes). propagated (the default): the recursion delta_{t+1} = (I - eta H) delta_t + (eta / N) g_z
+    # solved in closed form in the k-dim sketch (pruner.scores.propagation), with H the sketched Gauss-Newton matrix
+    # of curvature_samples pool samples. Why: README, Decisions; benchmarks/RESULTS.md, "Target-aware coresets".
+    form: Literal["exact_increment", "taylor", "propagated"] = "propagated"
     curvature_samples: int = Field(default=2048, gt=1)  # propagated: the subsample K_t is estimated on
     curvature_rank: int = Field(default=512, gt=0)  # propagated: eigenpairs of K_t kept
     # fd_eps, fd_scheme, base_pass: the taylor form's finite-difference passes (unused by exact_increment)
@@ -140,6 +154,12 @@ class ScoresConfig(_Section):
 class SelectConfig(_Section):
     """How the scores turn into a keep set (pruner.select). Exactly one of keep_fraction, keep_count, threshold.
 
+    The default pipeline (``score`` and ``filter_score`` ``auto``, resolved when the config is loaded): with a
+    target set, a filter stage drops the ``filter_fraction`` of the pool with the lowest CLIP score (the proxy's own
+    statistic for mismatched pairs, which no gradient score beats), then the rest is ranked by ``diffin_target``
+    (help to the target); without one, the pool is ranked by ``baseline_clip_score``, the best target-free score
+    measured (benchmarks/RESULTS.md, "Quality"). ``filter_score: null`` turns the filter stage off.
+
     ``policy`` ``top_k`` keeps the global best (pruner.select.rank); ``cluster_balanced`` / ``class_balanced``
     keep the same share of every gradient cluster (``n_clusters``, spherical k-means on the stored features) or
     of every class (the json field ``label_key``), best first within each (pruner.select.policies).
@@ -148,7 +168,10 @@ class SelectConfig(_Section):
     a budget, so they take keep_fraction or keep_count, not threshold; the gradient-space ones need
     ``features.save``."""
 
-    score: str = "diffin_target"
+    score: str = "auto"
+    # the filter stage: samples whose filter_score is among the lowest filter_fraction of the pool are never kept
+    filter_score: Optional[str] = "auto"
+    filter_fraction: float = Field(default=0.2, ge=0, lt=1)
     keep_fraction: Optional[float] = Field(default=None, gt=0, le=1)
     keep_count: Optional[int] = Field(default=None, gt=0)
     threshold: Optional[float] = None
@@ -180,6 +203,18 @@ class SelectConfig(_Section):
         """True when the policy reads the stored gradient features (clustering or gradient-space dedup)."""
         return self.policy == "cluster_balanced" or (self.dedup_threshold is not None
                                                       and self.dedup_space == "gradient")
+
+
+def default_score(columns: list[str]) -> str:
+    """``select.score: auto``: help to the target set (Diff-In's, else TracIn's) when there is one, else the CLIP
+    score, else the first column the job produces."""
+    return next((c for c in ("diffin_target", "tracin_target", "baseline_clip_score") if c in columns), columns[0])
+
+
+def default_filter(score: str, columns: list[str]) -> Optional[str]:
+    """``select.filter_score: auto``: the CLIP score in front of a target-set score (it finds the mismatched pairs a
+    target score keeps), none in front of a target-free one."""
+    return "baseline_clip_score" if score in TARGET_SET_COLUMNS and "baseline_clip_score" in columns else None
 
 
 class RayConfig(_Section):
@@ -218,11 +253,23 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if "diffin" in self.scores.methods and "target" in self.scores.diffin.targets and not self.target.shards:
-            raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
-                             "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
-        score, methods, targets = self.select.score, self.scores.methods, self.scores.diffin.targets
+        d = self.scores.diffin
+        if "target" in d.targets and not self.target.shards:
+            if "targets" not in d.model_fields_set:  # the default targets: without a target set, the others
+                d.targets = [t for t in d.targets if t != "target"]
+            elif "diffin" in self.scores.methods:
+                raise ValueError("scores.diffin.targets contains 'target' but target.shards is empty "
+                                 "(fix: set target.shards to a held-out WebDataset, or drop 'target')")
+        methods, targets = self.scores.methods, self.scores.diffin.targets
         columns = score_columns(methods, targets, bool(self.target.shards))
+        if self.select.score == "auto":
+            self.select.score = default_score(columns)
+        if self.select.filter_score == "auto":
+            self.select.filter_score = default_filter(self.select.score, columns)
+        score = self.select.score
+        if self.select.filter_score is not None and self.select.filter_score not in columns:
+            raise ValueError(f"select.filter_score {self.select.filter_score!r} is not a column the configured methods "
+                             f"produce (fix: one of {columns}, or null for no filter stage)")
         if score not in columns:
             method = next((m for m, cols in METHOD_COLUMNS.items() if score in cols), None)
             if method is None:
@@ -373,10 +420,11 @@ def check_checkpoint_weights(cfg: JobConfig) -> None:
 
 #: Keys whose default changed after job directories were written without them, with the value that reproduces
 #: what such a job did: its stored features were made with the Kronecker sketch everywhere, its base
-#: components came from a pass at theta_t, and its Diff-In scores are the taylor form. Applied only when
-#: re-opening a job (:func:`load_job_config`).
+#: components came from a pass at theta_t, its Diff-In scores are the taylor form, and it selected without a filter
+#: stage. Applied only when re-opening a job (:func:`load_job_config`).
 JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "features.single_token_direct": False,
-                       "scores.diffin.base_pass": "exact", "scores.diffin.form": "taylor"}
+                       "scores.diffin.base_pass": "exact", "scores.diffin.form": "taylor",
+                       "select.filter_score": None}
 
 
 def load_job_config(path: str | Path) -> JobConfig:

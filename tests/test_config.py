@@ -135,6 +135,7 @@ def test_score_choices_are_the_columns_a_job_writes(tmp_path):
     d = _base(tmp_path)
     d["target"] = {"shards": [str(DEMO_DIR / "target")]}
     d["scores"]["diffin"]["targets"] = ["target", "train", "self"]
+    d["scores"]["diffin"]["form"] = "exact_increment"  # the component names below are this form's
     path = _write(tmp_path, d)
     cfg = load_config(path)
     rng = np.random.default_rng(0)
@@ -163,11 +164,14 @@ def test_policy_config_accepted(tmp_path):
 def test_diffin_alone_forms_no_features_or_norms(tmp_path):
     from pruner.scorer import computed_quantities
     path = _write(tmp_path, _base(tmp_path))
-    alone = load_config(path, ["scores.methods=[diffin]", "features.save=false"])
+    exact = "scores.diffin.form=exact_increment"
+    alone = load_config(path, ["scores.methods=[diffin]", "features.save=false", exact])
     assert computed_quantities(alone) == (False, False)
     assert computed_quantities(load_config(path)) == (True, True)
-    assert computed_quantities(load_config(path, ["scores.methods=[diffin, tracin]", "features.save=false"])) == \
-        (False, True)
+    assert computed_quantities(load_config(path, ["scores.methods=[diffin, tracin]", "features.save=false", exact])) \
+        == (False, True)
+    # the propagated form (the default) reads the projected gradients, so it forms them even without features.save
+    assert computed_quantities(load_config(path, ["scores.methods=[diffin]", "features.save=false"])) == (True, False)
 
 
 def test_missing_paths_reported(tmp_path):
@@ -342,7 +346,7 @@ def test_job_config_keeps_the_sketch_of_old_jobs(tmp_path):
     assert reopened.single_token_k == 256 and not reopened.single_token_direct
     fresh = load_config(data={k: v for k, v in old.items() if k != "features"}, check_paths=False)
     assert fresh.features.single_token_k is None and fresh.scores.diffin.base_pass == "midpoint"
-    assert fresh.features.single_token_direct and fresh.scores.diffin.form == "exact_increment"
+    assert fresh.features.single_token_direct and fresh.scores.diffin.form == "propagated"
 
 
 def test_save_hzg_needs_the_taylor_form(tmp_path):

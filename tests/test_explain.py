@@ -400,7 +400,8 @@ def test_dedup_removes_planted_duplicates(job, pool):
                                           ("class_balanced", ["select.dedup_threshold=0.9999"])])
 def test_finalize_with_a_policy(job, pool, tmp_path, policy, extra):
     """The job's reduce step with select.policy: manifests, ranking `kept` and summary counts are the policy's."""
-    root, cfg, shards = copy_job(job[0], tmp_path, [f"select.policy={policy}", "select.keep_fraction=0.4"] + extra)
+    root, cfg, shards = copy_job(job[0], tmp_path, [f"select.policy={policy}", "select.keep_fraction=0.4",
+                                                    "select.filter_score=null"] + extra)  # the policy alone
     summary = finalize(cfg, JobLayout(root), shards, {})
     ref = select_policy(root, policy, "diffin_target", keep_fraction=0.4, n_clusters=4, seed=cfg.seed,
                         dedup_threshold=cfg.select.dedup_threshold, write=False)

@@ -44,6 +44,10 @@ def _job_dir(cfg_dict) -> Path:
     return max(dirs, key=lambda p: p.stat().st_mtime)
 
 
+#: extending a job is the exact_increment form's (the propagated form's terms all depend on the last checkpoint)
+EXTENDABLE = {"targets": ["target", "train"], "reference_batch_size": 32, "form": "exact_increment"}
+
+
 def _first_two(tmp_path: Path, trajectory: Path):
     """(a trajectory file of the first two checkpoints of ``trajectory``, its third checkpoint)."""
     traj = load_trajectory(file=str(trajectory))
@@ -53,7 +57,7 @@ def _first_two(tmp_path: Path, trajectory: Path):
 
 def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
     short, last = _first_two(tmp_path, micro_trajectory)
-    cfg = small_job_config(tmp_path / "a", short)
+    cfg = small_job_config(tmp_path / "a", short, scores__diffin=EXTENDABLE)
     run(load_config(data=cfg))
     job = _job_dir(cfg)
     args = (job, last.path)
@@ -61,7 +65,7 @@ def test_add_checkpoint_equals_full_rerun(tmp_path, micro_trajectory):
     new = add_checkpoint(*args, **kw)
     summary = json.loads((new / "summary.json").read_text())
     assert summary["run"]["checkpoints_reused"] == 2 and summary["run"]["extends"] == str(job)
-    full_cfg = small_job_config(tmp_path / "b", micro_trajectory)
+    full_cfg = small_job_config(tmp_path / "b", micro_trajectory, scores__diffin=EXTENDABLE)
     run(load_config(data=full_cfg))
     a, b = _by_uid(new), _by_uid(_job_dir(full_cfg))
     assert list(a.index) == list(b.index)
@@ -124,7 +128,8 @@ def test_extension_refuses_changed_inputs(tmp_path, micro_trajectory):
     # bank (100 x 4), reference (4 x 16 x 4) and OGA (100) candidates all come before the shard's last sample
     cfg = small_job_config(tmp_path, short, data={"shards": [str(lake)]}, target__shards=[str(target)],
                            features={"k": 128, "layer_k": 8, "bank_size": 100, "batch_size": 50},
-                           scores={"diffin": {"targets": ["target"], "reference_batch_size": 16},
+                           scores={"diffin": {"targets": ["target"], "reference_batch_size": 16,
+                                              "form": "exact_increment"},
                                    "oga": {"iforest_sample": 100, "iforest_trees": 50}})
     status, _ = run(load_config(data=cfg))
     job = _job_dir(cfg)
@@ -157,7 +162,7 @@ def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_
     from pruner.scorer import Scorer, ShardChangedError
     from pruner.io.shards import RejectLog, iter_shard
 
-    cfg = load_config(data=small_job_config(tmp_path, micro_trajectory))
+    cfg = load_config(data=small_job_config(tmp_path, micro_trajectory, scores__diffin=EXTENDABLE))
     traj = load_trajectory(file=str(micro_trajectory))
     url = demo_pool_shards()[0]
     samples = list(iter_shard(url, RejectLog()))[:3]

@@ -707,16 +707,18 @@ def test_second_driver_on_a_job_is_refused(head, reference, pool, pool_uids, mic
         wait_until(some_shards_done(root, driver_log=log), JOB_TIMEOUT, "the first driver scoring")
         assert main(["--config", str(cfg_path)]) == 1
         err = capsys.readouterr().err
-        # refused before any model, Ray or directory work: a fresh driver process has not even imported torch or ray
-        code = (f"import sys; from pruner.jobs.prune import main; rc = main(['--config', {str(cfg_path)!r}]); "
-                f"assert rc == 1, rc; assert not {{'torch', 'ray'}} & set(sys.modules), 'imported torch or ray'")
-        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert second.returncode == 0, second.stderr[-3000:]
-        assert f"holds the lock {root / 'job.lock'}" in second.stderr
         assert first.poll() is None  # the lock was held by a running driver, not left behind
         rc = first.wait(timeout=JOB_TIMEOUT)
     assert rc == 0, log.read_text(errors="replace")[-4000:]
     assert f"holds the lock {root / 'job.lock'}" in err and "Fix: wait for it to finish" in err
+    # refused before any model, Ray or directory work: a fresh driver process, while the lock is held, has not even
+    # imported torch or ray when it exits
+    code = (f"import sys; from pruner.jobs.prune import main; rc = main(['--config', {str(cfg_path)!r}]); "
+            f"assert rc == 1, rc; assert not {{'torch', 'ray'}} & set(sys.modules), 'imported torch or ray'")
+    with JobLayout(root).locked():
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"holds the lock {root / 'job.lock'}" in second.stderr
     assert "Traceback" not in err
     assert_complete(root, pool_uids)
     assert_same_ranking(root, reference.root)

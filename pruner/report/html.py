@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import heapq
 import html
 import io
 import json
@@ -43,14 +44,14 @@ from pruner.explain.pool import read_text_members, trusted_pipes
 from pruner.io.atomic import write_bytes_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, iter_shard
-from pruner.select.rank import Selection, shard_score_files
+from pruner.select.rank import shard_score_files
 from pruner.select.reduce import method_columns
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1150px;color:#1d232b;background:#fff}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #d6dbe1;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 8px;border:1px solid #d6dbe1;text-align:right}
-th{background:#f2f4f7}td.l,th.l{text-align:left}.note{color:#5b6570;font-size:12px}
+th{background:#f2f4f7}td.l,th.l{text-align:left}.note{color:#5b6570;font-size:12px}.warning{background:#fff4e5;border-left:4px solid #e8590c;padding:6px 10px}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:170px;border:1px solid #d6dbe1;border-radius:6px;padding:6px}
 .card img{width:158px;height:158px;object-fit:contain;image-rendering:pixelated;background:#f2f4f7}
 .card .cap{font-size:12px;margin:4px 0;overflow-wrap:anywhere}.card .s{font:11px monospace;color:#5b6570}
@@ -111,17 +112,18 @@ def read_sample(pf: pq.ParquetFile, columns: list[str], max_rows: int, max_group
 
 
 def read_extremes(pf: pq.ParquetFile, columns: list[str], score: str, n: int) -> tuple[list[dict], list[dict]]:
-    """(first n rows, last n rows with a finite score, lowest score first) of the rank-ordered ranking."""
-    head, tail = [], []
+    """(the first n rows of the rank-ordered ranking, the n rows with the lowest finite ``score``, lowest first). The
+    tail is a streaming bottom-n over the row groups (with a filter stage, the ranking's own tail is the set-apart
+    samples, ordered by the filter score, not the lowest by the selection score); ties by rank."""
+    head = []
     for g in range(pf.num_row_groups):
         head += pf.read_row_group(g, columns=columns).to_pylist()[: n - len(head)]
         if len(head) >= n:
             break
-    for g in reversed(range(pf.num_row_groups)):
+    tail: list[dict] = []
+    for g in range(pf.num_row_groups):
         rows = [r for r in pf.read_row_group(g, columns=columns).to_pylist() if np.isfinite(r[score])]
-        tail += rows[::-1][: n - len(tail)]
-        if len(tail) >= n:
-            break
+        tail = heapq.nsmallest(n, tail + rows, key=lambda r: (r[score], r["rank"]))
     return head, tail
 
 
@@ -152,26 +154,20 @@ def attach_images(rows: list[dict], convert: Callable = thumb_uri, pipes: Contai
             r["note"] = note
 
 
-def _kept_by_key(layout: JobLayout, selection: Optional[Selection], score_file: Path) -> tuple[str, dict]:
-    """(shard URL, {key: kept}) of one score file: recomputed with the job's Selection, or for a policy job
-    (``selection`` None) read from ``keep/keep.parquet`` (only that shard's rows). URL "" for an empty file."""
-    t = pq.read_table(score_file, columns=["key", "uid", "shard_url"] + ([selection.score] if selection else []))
-    if not t.num_rows:
-        return "", {}
-    url = t.column("shard_url")[0].as_py()  # one score file per shard
-    if selection is not None:
-        kept = selection.is_kept(t.column(selection.score).to_numpy(), t.column("uid"))
-    else:
-        keys = set(pq.read_table(layout.keep_dir / "keep.parquet", columns=["key"],
-                                 filters=[("shard_url", "==", url)])["key"].to_pylist())
-        kept = [k in keys for k in t.column("key").to_pylist()]
-    return url, dict(zip(t.column("key").to_pylist(), kept))
-
-
-def job_selection(summary: dict) -> Optional[Selection]:
-    """The job's top-k :class:`Selection` from its summary.json, or None for a policy job (``selection`` is null
-    there; its keep set is ``keep/keep.parquet``): what :func:`class_split` takes."""
-    return Selection(**summary["selection"]) if summary["selection"] else None
+def _kept_by_shard(layout: JobLayout, score_files: list[Path]) -> dict[str, dict]:
+    """{shard URL: {key: kept}} for the shards of ``score_files`` (empty files name no URL), from the ranking's
+    ``kept`` column (one filtered read), whatever selected it (top-k, a filter stage, a policy)."""
+    urls = []
+    for f in score_files:
+        t = pq.read_table(f, columns=["shard_url"])
+        if t.num_rows:
+            urls.append(t.column("shard_url")[0].as_py())  # one score file per shard
+    out: dict[str, dict] = {u: {} for u in urls}
+    if urls:
+        t = pq.read_table(layout.ranking, columns=["shard_url", "key", "kept"], filters=[("shard_url", "in", urls)])
+        for url, key, kept in zip(*(t.column(c).to_pylist() for c in ("shard_url", "key", "kept"))):
+            out[url][key] = kept
+    return out
 
 
 def _policy_facts(summary: dict) -> dict:
@@ -179,19 +175,18 @@ def _policy_facts(summary: dict) -> dict:
     return {k: v for k, v in summary["policy"].items() if k != "groups" and v is not None}
 
 
-def class_split(layout: JobLayout, selection: Optional[Selection], max_shards: int,
-                pipes: Container[str] = frozenset()) -> tuple[dict, int, int]:
+def class_split(layout: JobLayout, max_shards: int, pipes: Container[str] = frozenset()) -> tuple[dict, int, int]:
     """({classname: [kept, dropped]}, shards read, shards in the job) from at most max_shards evenly spaced
-    shards: kept as :func:`_kept_by_key` gives it, classname from the ``.json`` metadata in the shard (text members
+    shards: kept as the ranking records it, classname from the ``.json`` metadata in the shard (text members
     only, up to the last scored key; a shard that cannot be read, or a ``pipe:`` one not in ``pipes``, is
     left out of the counts). Empty when no sample has a ``classname``."""
     files = shard_score_files(layout.root)
     pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
         if files else []
     counts = defaultdict(lambda: [0, 0])
-    for f in tqdm(pick, desc="per-class split", unit="shard", dynamic_ncols=True):
-        url, kept = _kept_by_key(layout, selection, f)
-        if not url or (url.startswith("pipe:") and url not in pipes):
+    for url, kept in tqdm(_kept_by_shard(layout, pick).items(), desc="per-class split", unit="shard",
+                          dynamic_ncols=True):
+        if url.startswith("pipe:") and url not in pipes:
             continue
         try:
             texts = read_text_members(url, kept, url in pipes)
@@ -414,7 +409,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     explained, n_explained = read_explain_results(layout, max_explain)
     pipes = trusted_pipes(layout.root)
     attach_images(head + tail + explain_cards(explained, top), pipes=pipes)  # each shard read once
-    classes = class_split(layout, job_selection(summary), class_shards, pipes)
+    classes = class_split(layout, class_shards, pipes)
     clusters = json.loads(layout.clusters_summary.read_text()) if layout.clusters_summary.exists() else None
     rejects = read_rejects(layout, 20)
 
@@ -422,6 +417,9 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     facts = [["job", summary["job"]], ["selection score", score],
              ["selection", ", ".join(f"{k}={v}" for k, v in (summary["selection"] or _policy_facts(summary)).items()
                                      if k != "score")],
+             *[[f"{st['stage']} stage", f"set apart {st['set_apart']} of {st['set_apart'] + st['passed']} (the lowest "
+                f"{st['fraction']:g} by {st['score']}); they rank below the others"]
+               for st in summary.get("stages", []) if st["stage"] == "filter"],
              ["samples", counts["samples"]], ["kept", counts["kept"]], ["dropped", counts["dropped"]],
              ["rejected by the reader", counts["rejected"]], ["shards", counts["shards"]],
              ["actors / GPUs", f'{run.get("actors", "–")} / {run.get("gpus", "–")}'],
@@ -441,6 +439,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
                    ) if reasons else "<p>No sample was rejected.</p>"
     body = f"""
 <h1>pruner report: {html.escape(summary["job"])}</h1>
+{"".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>' for w in summary.get("warnings", []))}
 {_table(None, facts, left=2)}
 <h2>Keep / drop</h2>{split}
 <h3>Per class</h3>{_class_section(*classes)}

@@ -44,16 +44,19 @@ def checkpoint_weights(cfg: JobConfig, traj: Trajectory) -> list[CheckpointWeigh
     N for a_t and b_t: trajectory.pool_size from the config, else the trajectory file's, else 1 (a global
     constant: rankings do not depend on it). Each checkpoint's weights depend only on it and its predecessor, so
     appending a checkpoint (``pruner rescore --add-checkpoint``) leaves the earlier ones' unchanged.
-    Raises ValueError for a checkpoint at step 0 (it stands for no update) and for the exact_increment form over
-    checkpoints without a recorded step (see pruner.model.checkpoints)."""
+    Raises ValueError for a checkpoint at step 0 (it stands for no update) and for the exact_increment and
+    propagated forms over checkpoints without a recorded step (see pruner.model.checkpoints)."""
     n = cfg.trajectory.pool_size or traj.pool_size or 1
-    if "diffin" in cfg.scores.methods and cfg.scores.diffin.form == "exact_increment":
+    form = cfg.scores.diffin.form
+    if "diffin" in cfg.scores.methods and form in ("exact_increment", "propagated"):
         for ck in traj.checkpoints:
             if ck.step_from != "step":
+                why = ("weighs its second-order term by the step t against its first-order term" if form ==
+                       "exact_increment" else "damps each interval by exp(-h K) with h the LR summed over the updates "
+                       "the checkpoint stands for, which a scale of t changes")
                 raise ValueError(f"checkpoint {ck.path} records no optimiser step (step {ck.step} is "
                                  f"{'its epoch' if ck.step_from == 'epoch' else 'a default'}), but Diff-In's "
-                                 f"exact_increment form weighs its second-order term by the step t against its "
-                                 f"first-order term (fix: list the checkpoints in a trajectory file with their "
+                                 f"{form} form {why} (fix: list the checkpoints in a trajectory file with their "
                                  f"global steps and LRs, or set scores.diffin.form: taylor, where a common scale of "
                                  f"t cancels)")
     out, prev = [], 0

@@ -280,14 +280,16 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
                   n_clusters: int = 100, label_key: str = "classname", seed: int = 0,
                   keep_dir: Optional[str | Path] = None, write: bool = True,
                   score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None,
-                  exclude: Optional[np.ndarray] = None) -> dict:
+                  exclude: Optional[np.ndarray] = None, ineligible: Optional[np.ndarray] = None) -> dict:
     """Apply a policy to a finished job (module docstring) and, with ``write``, write its keep set into
     ``keep_dir`` (default ``<job>/keep``) with policy.json. Returns the policy summary (``"keep"``: bool [n] in id
     order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, and
     ``pool``: its shard URLs (all listed in the manifest), when the caller has already listed them (the reduce
     step); by default listed here from ``<job>/shards`` and, for ``pool``, from the job's ``config.yaml``
     (:func:`job_pool`). ``exclude``: bool [n] in id order, samples that are not part of the pool (the later copies of
-    a duplicated uid, :mod:`pruner.select.duplicates`): never kept, and not counted in the budget or the groups."""
+    a duplicated uid, :mod:`pruner.select.duplicates`): never kept, and not counted in the budget or the groups.
+    ``ineligible``: bool [n] in id order, samples of the pool that are never kept but count (those set apart by the
+    filter stage, :mod:`pruner.select.stages`)."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: one of {POLICIES}")
     if (keep_fraction is None) == (keep_count is None):
@@ -305,6 +307,8 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     if len(counted) != len(keys):
         raise ValueError(f"exclude has {len(counted)} entries, the score files {len(keys)} rows")
     keys = np.where(counted, keys, NAN_KEY)  # an excluded sample is never kept, like a NaN score
+    if ineligible is not None:
+        keys = np.where(np.asarray(ineligible, bool), NAN_KEY, keys)
     n = int(counted.sum())
     n_valid = int((keys != NAN_KEY).sum())
     k = _keep_size(n, n_valid, keep_fraction, keep_count)
@@ -376,11 +380,11 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
 
 def apply_select_config(job_dir: str | Path, cfg, seed: int = 0, keep_dir: Optional[str | Path] = None,
                         score_files: Optional[list[Path]] = None, pool: Optional[Sequence[str]] = None,
-                        exclude: Optional[np.ndarray] = None) -> dict:
+                        exclude: Optional[np.ndarray] = None, ineligible: Optional[np.ndarray] = None) -> dict:
     """:func:`select_policy` driven by a :class:`pruner.config.SelectConfig` ``cfg`` (the job's reduce step)."""
     if cfg.threshold is not None:  # the config refuses it with a policy or dedup; plain top-k has no business here
         raise ValueError("select.threshold cannot be combined with a balanced policy or dedup (fix: keep_fraction)")
     return select_policy(job_dir, cfg.policy, cfg.score, keep_fraction=cfg.keep_fraction, keep_count=cfg.keep_count,
                          dedup_threshold=cfg.dedup_threshold, dedup_space=cfg.dedup_space, n_clusters=cfg.n_clusters,
                          label_key=cfg.label_key, seed=seed, keep_dir=keep_dir, score_files=score_files, pool=pool,
-                         exclude=exclude)
+                         exclude=exclude, ineligible=ineligible)

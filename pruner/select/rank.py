@@ -289,14 +289,15 @@ def _rechunk(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
 
 def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str | Path,
                   selection: Selection | np.ndarray, *, buffer_rows: int = 1 << 18, fan_in: int = 64,
-                  row_group: int = 1 << 16) -> Path:
+                  row_group: int = 1 << 16, metadata: dict[str, str] | None = None) -> Path:
     """Write ``out_path``: ONE Parquet table of every sample (all columns of the score files, in the first file's
     column order) plus ``rank`` (int64, 0 = best by score desc then uid asc) and ``kept`` (bool), rows in rank order,
     in row groups of ``row_group`` rows. All files must have the same columns. ``selection`` is the keep set: a
     :class:`Selection` (``kept`` = ``rank < selection.n_keep``), or a bool mask [n] over the files' rows
     concatenated in the given order (a selection policy's keep set, :mod:`pruner.select.policies`; carried through
     the sort as a hidden column; 1 byte per sample held). Temporary runs live in a hidden folder beside
-    ``out_path`` (about the size of the data) and are removed afterwards. Raises ValueError if ``kept`` disagrees with ``selection.is_kept`` (duplicate
+    ``out_path`` (about the size of the data) and are removed afterwards. The schema metadata records
+    ``pruner.ranked_by`` (``score``) and ``metadata``. Raises ValueError if ``kept`` disagrees with ``selection.is_kept`` (duplicate
     uids, or a selection computed on other files) or the row count differs from the selection's (or mask's).
     """
     mask = None if isinstance(selection, Selection) else np.asarray(selection, bool)
@@ -333,7 +334,8 @@ def write_ranking(shard_files: Iterable[str | Path], score: str, out_path: str |
                 for r in g:
                     r.unlink()
             level += 1
-        out_schema = schema.append(pa.field("rank", pa.int64())).append(pa.field("kept", pa.bool_()))
+        out_schema = schema.append(pa.field("rank", pa.int64())).append(pa.field("kept", pa.bool_())).with_metadata(
+            {"pruner.ranked_by": score, **(metadata or {})})
         n = 0
         with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, out_schema) as w:
             for t in _rechunk(_merge(runs, score), row_group):

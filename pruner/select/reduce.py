@@ -1,6 +1,7 @@
 """The reduce step: per-shard score files -> global ranking, keep manifests and the job summary."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -18,9 +19,11 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import RejectLog
+from pruner.scores.combine import RANKING_COLUMNS, SAMPLE_COLUMNS
 from pruner.select.duplicates import find_duplicate_uids, without_rows
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, shard_score_files, write_ranking
+from pruner.select.stages import SELECT_SCORE, apply_filter, filter_selection, passing
 
 log = logging.getLogger(__name__)
 DUPLICATES = "duplicates.parquet"  # the samples left out because an earlier shard holds their uid
@@ -33,8 +36,8 @@ INFLUENCE_COLUMNS = ("diffin_target", "diffin_train", "tracin_target")
 
 
 def method_columns(schema_names) -> list[str]:
-    return [c for c in schema_names if c not in ("uid", "key", "shard_url", "row", "rank", "kept")
-            and not _COMPONENT.match(c)]
+    """The method score columns among a score table's or the ranking's columns."""
+    return [c for c in schema_names if c not in SAMPLE_COLUMNS + RANKING_COLUMNS and not _COMPONENT.match(c)]
 
 
 def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
@@ -108,21 +111,39 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str]
     view = [without_rows(f, dups.rows[f], stage / "shards" / f.name) if f in dups.rows else f for f in nonempty]
     s = cfg.select
     keep_dir, ranking = stage / "keep", stage / "ranking.parquet"
+    stages, fsel = [], None
+    if s.filter_score is not None and s.filter_fraction > 0:
+        fsel = filter_selection(view, s.filter_score, s.filter_fraction)
     policy = None
     if s.uses_policy:
+        ineligible = None
+        if fsel is not None:  # over the rows of the sorted score files, as select_policy reads them
+            ineligible = np.concatenate([~passing(fsel, pq.read_table(f, columns=["uid", s.filter_score]))
+                                         for f in sorted(nonempty)])
+            stages.append({"stage": "filter", "score": s.filter_score, "fraction": s.filter_fraction,
+                           "cutoff": fsel.cutoff_score, "passed": fsel.n_keep, "set_apart": fsel.n_total - fsel.n_keep})
         policy, n_total, n_keep = _apply_policy(cfg, layout, pool, [layout.scores(u) for u in pool], nonempty, dups,
-                                                keep_dir)
+                                                keep_dir, ineligible)
         keep = policy.pop("keep")  # over the rows of the sorted score files, as select_policy reads them
         if dups:
             keep = keep[~dups.mask(sorted(nonempty))]
-        write_ranking(sorted(view, key=lambda f: f.name), s.score, ranking, keep)
+        ranked_by = s.score
+        write_ranking(sorted(view, key=lambda f: f.name), ranked_by, ranking, keep, metadata=_ranking_meta(cfg, layout))
         manifests = policy.pop("manifests")
         selection = None
     else:
-        sel = select(view, s.score, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
-        write_ranking(view, s.score, ranking, sel)
+        ranked_by = s.score
+        if fsel is not None:
+            (stage / "filtered").mkdir()
+            view, record = apply_filter(view, s.score, fsel, s.filter_fraction, stage / "filtered")
+            stages.append(record)
+            ranked_by = SELECT_SCORE
+        sel = select(view, ranked_by, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
+        write_ranking(view, ranked_by, ranking, sel, metadata=_ranking_meta(cfg, layout))
         manifests = write_manifests(view, sel, keep_dir, pool)
         selection, n_total, n_keep = sel.as_dict(), sel.n_total, sel.n_keep
+    stages.append({"stage": "policy" if s.uses_policy else "top_k", "score": s.score, "kept": n_keep,
+                   "ranked_by": ranked_by})
     rejects = RejectLog()
     for u in pool:
         if layout.rejects(u).exists():
@@ -140,6 +161,7 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str]
     manifests = {**manifests, "paths": {n: str(layout.keep_dir / Path(p).name) for n, p in manifests["paths"].items()}}
     summary = {
         "job": layout.root.name, "select": s.model_dump(mode="json"), "score": s.score, "selection": selection,
+        "stages": stages,
         "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
                    "dropped": n_total - n_keep, "rejected": len(rejects)},
         "rejects_by_reason": rejects.counts(),
@@ -150,8 +172,23 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str]
     }
     if policy is not None:
         summary["policy"] = policy
+    summary["warnings"] = uid_warnings(manifests, n_keep)
     summary.update(_summarise_ranking(ranking))
     return summary
+
+
+def uid_warnings(manifests: dict, n_keep: int) -> list[str]:
+    """What the keep set's subset file cannot do, said where users look (the prune command's last lines, the report):
+    kept samples whose uid is not DataComp's 32 hex digits (``n_uid_fallback``) are in keep/uids.npy as the md5 of
+    their uid, which DataComp's resharder, matching the json uid in the shards, never finds."""
+    n = manifests.get("n_uid_fallback", 0)
+    if not n:
+        return []
+    return [f"{n} of the {n_keep} kept samples have no DataComp-style json uid (32 lowercase hex digits): "
+            f"keep/uids.npy holds the md5 of their uids (<folder>/<shard>/<key> when the json has none; the originals "
+            f"are in keep/uids.fallback.parquet), which DataComp's resharder cannot match, so it would write "
+            f"{'none' if n == n_keep else 'fewer'} of them. Use keep/manifest.json (webdataset select, pruner "
+            f"materialize) or keep/keep.parquet for these samples, or give the lake json uids"]
 
 
 def _commit(layout: JobLayout, stage: Path, summary: dict) -> None:
@@ -173,8 +210,14 @@ def _commit(layout: JobLayout, stage: Path, summary: dict) -> None:
     write_json_atomic(layout.summary, summary)
 
 
+def _ranking_meta(cfg: JobConfig, layout: JobLayout) -> dict[str, str]:
+    """ranking.parquet's schema metadata: the job and the select settings that ranked it."""
+    return {"pruner.job": layout.root.name, "pruner.select": json.dumps(cfg.select.model_dump(mode="json"))}
+
+
 def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
-                  nonempty: list[Path], dups, keep_dir: Path) -> tuple[dict, int, int]:
+                  nonempty: list[Path], dups, keep_dir: Path,
+                  ineligible: np.ndarray | None = None) -> tuple[dict, int, int]:
     """(policy summary with its bool [n] "keep" over the rows of ``nonempty`` in order, n_total, n_keep); the
     duplicates' rows are never kept and not counted. Policies read the whole job directory (score files, stored
     features, clusters), so it must hold exactly the pool's shards (compared by path: every pool file exists, so any
@@ -186,7 +229,7 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
     exclude = dups.mask(sorted(nonempty)) if dups else None
     policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty, pool=pool,
-                                 keep_dir=keep_dir, exclude=exclude)
+                                 keep_dir=keep_dir, exclude=exclude, ineligible=ineligible)
     return policy, policy["n_total"], policy["n_keep"]
 
 

@@ -1,0 +1,65 @@
+"""The filter stage in front of the ranking (``select.filter_score``, ``select.filter_fraction``): the samples whose
+filter score is among the lowest ``fraction`` of the pool are set apart, and the ranking orders everything by one
+derived column, ``select_score``, in memory bounded like :mod:`pruner.select.rank` (one score file at a time):
+
+* a sample that passes the filter has its ``select.score`` as ``select_score``;
+* one that does not has ``m - 1 - (c - f)`` with f its filter score, c the filter's cut-off and m the smallest
+  ``select.score`` among the passing samples: below every passing sample, in the order of the filter score. A
+  budget larger than what passes the filter is filled from the best of the filtered ones, by the filter score;
+* NaN in either score gives NaN (never kept).
+
+So ``select`` / ``write_ranking`` / ``write_manifests`` run unchanged on the staged copies with that column, and the
+ranking's rank is the pipeline's order. Passing is exact: the filter's cut-off is an exact bounded-memory
+selection (:func:`pruner.select.rank.select`) of ``1 - fraction`` of the pool by the filter score (ties by uid).
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pruner.select.rank import Selection, select
+
+SELECT_SCORE = "select_score"
+
+
+def filter_selection(files: Sequence[Path], filter_score: str, fraction: float) -> Selection:
+    """The samples that pass the filter stage: all but the ``fraction`` of the pool with the lowest filter score."""
+    return select(files, filter_score, keep_fraction=float(1 - Fraction(str(fraction))))
+
+
+def passing(fsel: Selection, table: pa.Table) -> np.ndarray:
+    """bool [rows]: which samples of a score table pass the filter ``fsel``."""
+    return fsel.is_kept(table[fsel.score].to_numpy(zero_copy_only=False), table["uid"])
+
+
+def apply_filter(files: Sequence[Path], score: str, fsel: Selection, fraction: float,
+                 out_dir: Path) -> tuple[list[Path], dict]:
+    """Copies of the score ``files`` in ``out_dir`` with the column :data:`SELECT_SCORE` (module docstring), and the
+    stage's record for summary.json: the filter score, fraction, cut-off and how many samples it set apart."""
+    low = math.inf
+    for f in files:  # the smallest select.score among the passing samples
+        t = pq.read_table(f, columns=list(dict.fromkeys(["uid", score, fsel.score])))
+        s = t[score].to_numpy(zero_copy_only=False)[passing(fsel, t)]
+        s = s[np.isfinite(s)]
+        if len(s):
+            low = min(low, float(s.min()))
+    low = 0.0 if math.isinf(low) else low
+    cut = fsel.cutoff_score if fsel.n_keep else 0.0
+    out = []
+    for f in files:
+        t = pq.read_table(f)
+        ok = passing(fsel, t)
+        derived = np.where(ok, t[score].to_numpy(zero_copy_only=False),
+                           low - 1.0 - (cut - t[fsel.score].to_numpy(zero_copy_only=False)))
+        path = out_dir / f.name
+        pq.write_table(t.append_column(SELECT_SCORE, pa.array(derived, pa.float64())), path)
+        out.append(path)
+    stage = {"stage": "filter", "score": fsel.score, "fraction": fraction, "cutoff": fsel.cutoff_score,
+             "passed": fsel.n_keep, "set_apart": fsel.n_total - fsel.n_keep}
+    return out, stage
