@@ -261,11 +261,12 @@ def run_prune_job(cfg):
 
 
 def score_with_ray(cfg):
-    from pruner.scores.shared import CheckpointShared
     import pyarrow.parquet as pq
+    from pruner.scores.combine import RANKING_COLUMNS, SAMPLE_COLUMNS
+    from pruner.scores.shared import CheckpointShared
     layout, traj, summary = run_prune_job(cfg)
     t = pq.read_table(layout.ranking).to_pydict()
-    cols = {k: np.asarray(v, np.float64) for k, v in t.items() if k not in ("uid", "key", "shard_url", "row", "kept")}
+    cols = {k: np.asarray(v, np.float64) for k, v in t.items() if k not in SAMPLE_COLUMNS + RANKING_COLUMNS}
     cols["uid"] = np.asarray(t["uid"])
     shared = [CheckpointShared.from_state(torch.load(layout.shared(i), map_location="cpu", weights_only=True))
               for i in range(len(traj.checkpoints))]

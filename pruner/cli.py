@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from pruner.config import ConfigError, check_checkpoint_weights, load_config
+from pruner.logs import setup_console
 
 DEMO_ROOT = Path("runs/demo")
 
@@ -36,7 +37,7 @@ def demo_config(root: Path, trajectory: Path) -> dict:
         "features": {"k": 256, "bank_size": 256, "batch_size": 50},
         "scores": {"diffin": {"targets": ["target", "train"], "reference_batch_size": 64},
                    "oga": {"iforest_sample": 200}},
-        "select": {"score": "diffin_target", "keep_fraction": 0.5},
+        "select": {"keep_fraction": 0.5},  # the default pipeline: CLIP-score filter stage, then diffin_target
         "ray": {"num_actors": 2},
     }
 
@@ -72,7 +73,7 @@ def _prune(args) -> int:
 def _materialize(args) -> int:
     from pruner.io.manifests import materialize
     counts = materialize(args.manifest, args.out, samples_per_shard=args.samples_per_shard,
-                         max_shard_bytes=args.max_shard_bytes)
+                         max_shard_bytes=args.max_shard_bytes, naming=args.naming)
     print(json.dumps(counts, indent=2, default=str))
     return 0
 
@@ -84,6 +85,7 @@ def _train_proxy(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_console()
     if argv[:1] == ["train-proxy"]:  # subcommands with their own argument parsers
         return _train_proxy(argv[1:])
     if argv[:1] == ["rescore"]:
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output folder")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--max-shard-bytes", type=int, default=None)
+    p.add_argument("--naming", choices=["pruned", "datacomp"], default="pruned",
+                   help="output names: pruned-000000.tar, ... or DataComp's / img2dataset's 00000000.tar, ... (each "
+                        "with <name>_stats.json and <name>.parquet, plus sizes.json)")
     p.set_defaults(fn=_materialize)
     sub.add_parser("train-proxy", help="train a proxy CLIP trajectory (see `pruner train-proxy --help`)")
     sub.add_parser("rescore", help="re-score a finished job for a new target or checkpoint (`pruner rescore --help`)")

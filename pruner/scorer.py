@@ -150,6 +150,13 @@ def propagation_terms(shared: Sequence[CheckpointShared], weights: Sequence[Chec
     return [{"prop_directions": d, "prop_step": hc, "prop_weight": bc} for d, hc, bc in zip(dirs, h, b)]
 
 
+def source_url(meta: dict) -> str | None:
+    """Where a sample came from, when its json says so: the ``url`` field img2dataset writes (DataComp's shards carry
+    it too); None otherwise."""
+    url = meta.get("url")
+    return url if isinstance(url, str) and url else None
+
+
 class ShardChangedError(ValueError):
     """A shard no longer reads as the samples a job being extended scored from it."""
 
@@ -284,7 +291,8 @@ class Scorer:
         return self.combine_scores(comps, features[-1], [s.uid for s in samples]), features
 
     def score_table(self, samples: Sequence[Sample], url: str, prior: pa.Table | None = None):
-        """A per-shard result: (table: uid, key, shard_url, row, then every score column (float64),
+        """A per-shard result: (table: uid, key, shard_url, row, caption, url (the json ``url`` of img2dataset-made
+        shards, or null), then every score column (float64),
         [P g_z [n, k] per loaded checkpoint], [P H_z G_B [n, k] per loaded checkpoint] when features.save_hzg else
         []). ``prior``: the shard's score table from the job this one extends (needed iff ``first`` > 0); its
         ``c<i>_*`` columns supply the components of checkpoints 0..first-1, and its uids must be ``samples``'."""
@@ -304,7 +312,9 @@ class Scorer:
         table = {"uid": pa.array(uids, pa.string()),
                  "key": pa.array([s.key for s in samples], pa.string()),
                  "shard_url": pa.array([url] * len(samples), pa.string()),
-                 "row": pa.array(np.arange(len(samples), dtype=np.int32))}
+                 "row": pa.array(np.arange(len(samples), dtype=np.int32)),
+                 "caption": pa.array([s.caption for s in samples], pa.string()),
+                 "url": pa.array([source_url(s.meta) for s in samples], pa.string())}
         for k in sorted(cols):
             table[k] = pa.array(cols[k], pa.float64())
         return pa.table(table), features, hzg

@@ -90,7 +90,8 @@ def test_manifest_and_keep_table(job):
     assert manifest == expected_kept(job)
     assert sum(map(len, manifest.values())) == job["sel"].n_keep == job["info"]["n_keep"] == 18
     t = pq.read_table(keep / "keep.parquet")
-    assert t.column_names == ["uid", "key", "shard_url"] and len(t) == 18
+    assert t.column_names == ["uid", "key", "shard_url", "caption", "url"] and len(t) == 18
+    assert t["caption"].null_count == 18  # these score files, made by hand, carry no caption (the scorer's do)
     assert {(u, k) for u, k in zip(t["shard_url"].to_pylist(), t["key"].to_pylist())} == {
         (u, k) for u, ks in manifest.items() for k in ks}
     assert sorted(p.name for p in keep.iterdir()) == ["keep.parquet", "manifest.json", "uids.fallback.parquet",
@@ -211,8 +212,14 @@ def test_materialize_separates_equal_keys_from_different_shards(job, tmp_path):
     manifest.write_text(json.dumps({url: ["000003"] for url in job["urls"]}))
     res = materialize(manifest, tmp_path / "out", samples_per_shard=10)
     assert res == {"shards": 3, "samples": 3, "bytes": res["bytes"]}  # same key back to back: new shard each time
-    got = [s["txt"] for s in wds.WebDataset(sorted(map(str, (tmp_path / "out").glob("*.tar"))), shardshuffle=False)]
+    shards = sorted(map(str, (tmp_path / "out").glob("*.tar")))
+    # webdataset (<= 0.2.86, pinned for OpenCLIP's trainer) groups members across shard boundaries, so a reader
+    # streams each shard on its own; OpenCLIP's own grouping, which its trainer uses, splits them in one stream
+    got = [s["txt"] for shard in shards for s in wds.WebDataset(shard, shardshuffle=False)]
     assert got == [b"caption 0 3", b"caption 1 3", b"caption 2 3"]
+    from open_clip_train.data import tarfile_to_samples_nothrow
+    streamed = list(tarfile_to_samples_nothrow([{"url": u} for u in shards]))
+    assert [s["txt"] for s in streamed] == got
 
 
 def _scored_job(root) -> tuple[JobLayout, list[str]]:
@@ -237,7 +244,8 @@ def _scored_job(root) -> tuple[JobLayout, list[str]]:
         pq.write_table(t, layout.scores(url))
         rejects.write(layout.rejects(url))
     cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
-                            "trajectory": {"checkpoints": ["c.pt"]}}, check_paths=False)
+                            "trajectory": {"checkpoints": ["c.pt"]},
+                            "select": {"filter_score": None}}, check_paths=False)  # these files hold one score
     layout.config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return layout, pool
 
@@ -313,7 +321,8 @@ def _dup_job(root) -> tuple[JobLayout, list[str]]:
                        layout.scores(url))
         rejects.write(layout.rejects(url))
     cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
-                            "trajectory": {"checkpoints": ["c.pt"]}}, check_paths=False)
+                            "trajectory": {"checkpoints": ["c.pt"]},
+                            "select": {"filter_score": None}}, check_paths=False)  # these files hold one score
     layout.config.write_bytes(cfg.to_yaml())
     return layout, pool
 
@@ -376,3 +385,88 @@ def test_unsafe_member_names_are_rejected_and_never_written(tmp_path):
     with pytest.raises(MaterializeError, match="not a safe file name"):
         materialize(manifest, tmp_path / "out")
     assert not list(tmp_path.rglob("evil*")) and not (tmp_path.parent / "evil.jpg").exists()
+
+
+def test_materialize_writes_the_conventions_downstream_tools_read(job, tmp_path):
+    """naming="datacomp": 00000000.tar, ... as DataComp's resharder and img2dataset name shards; beside each, an
+    img2dataset-style _stats.json whose "successes" is the shard's size (what the resharder reads) and a parquet of
+    key, uid, url, caption, status, error_message and source shard in tar order; sizes.json is the shard table
+    OpenCLIP's data loader sizes an epoch by (its own get_dataset_size reads it here)."""
+    from open_clip_train.data import get_dataset_size
+
+    from pruner.io.manifests import SHARD_TABLE_SCHEMA
+    manifest = job["layout"].keep_dir / "manifest.json"
+    (tmp_path / "00000009.tar").write_bytes(b"stale")  # an earlier, longer run's output: removed
+    res = materialize(manifest, tmp_path, samples_per_shard=5, naming="datacomp")
+    tars = sorted(tmp_path.glob("*.tar"))
+    assert [p.name for p in tars] == [f"{i:08d}.tar" for i in range(res["shards"])] and res["samples"] == 18
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == {p.name: len(pq.read_table(p.with_suffix(".parquet"))) for p in tars}
+    assert get_dataset_size(str(tmp_path / f"{{00000000..{res['shards'] - 1:08d}}}.tar")) == (18, res["shards"])
+    truth = {(url, key): uid for (url, key), (uid, _, _) in job["truth"].items()}
+    for p in tars:
+        stats = json.loads(p.with_name(p.stem + "_stats.json").read_text())
+        table = pq.read_table(p.with_suffix(".parquet"))
+        assert table.schema.equals(SHARD_TABLE_SCHEMA)
+        with tarfile.open(p) as tf:
+            keys = list(dict.fromkeys(m.name.split(".")[0] for m in tf.getmembers()))
+        assert table["key"].to_pylist() == keys and stats["successes"] == stats["count"] == len(keys)
+        for row in table.to_pylist():
+            assert row["uid"] == truth[row["source_shard"], row["key"]] and row["status"] == "success"
+            assert row["caption"].startswith("caption ")
+    assert verify_materialized(manifest, tmp_path, "datacomp") == {"shards": res["shards"], "samples": 18}
+    sizes[tars[0].name] += 1
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    with pytest.raises(MaterializeError, match="00000000.tar holds .* samples, but"):
+        verify_materialized(manifest, tmp_path, "datacomp")
+
+
+def test_filter_stage_sets_apart_the_lowest_then_ranks_the_rest(tmp_path):
+    """The default pipeline's shape (select.filter_score): the 30% lowest by the filter column are set apart, the
+    budget is the best of the rest by select.score, and the ranking's order is the pipeline's (select_score: the set
+    apart ones last, by the filter score); summary.json and ranking.parquet's metadata say so."""
+    layout, pool = _dup_job(tmp_path)
+    for url in pool:  # a filter column: the reverse of the score, so the filter and the score disagree
+        t = pq.read_table(layout.scores(url))
+        pq.write_table(t.append_column("baseline_clip_score", pa.array(-t["diffin_target"].to_numpy())),
+                       layout.scores(url))
+    cfg = load_config(layout.config, ["select.keep_fraction=0.4", "select.filter_score=baseline_clip_score",
+                                      "select.filter_fraction=0.3"], check_paths=False)
+    summary = finalize(cfg, layout, pool, {})
+    ranking = pq.read_table(layout.ranking)
+    rows = ranking.to_pylist()
+    # 7 samples (2 duplicates out): floor(0.7 * 7) = 4 pass the filter, the ones with the lowest diffin_target
+    passed = sorted(rows, key=lambda r: r["diffin_target"])[:4]
+    kept = sorted(passed, key=lambda r: -r["diffin_target"])[:2]  # floor(0.4 * 7) = 2
+    assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in kept}
+    assert [r["uid"] for r in rows][:4] == [r["uid"] for r in sorted(passed, key=lambda r: -r["diffin_target"])]
+    apart = rows[4:]
+    assert [r["baseline_clip_score"] for r in apart] == sorted((r["baseline_clip_score"] for r in apart), reverse=True)
+    assert max(r["select_score"] for r in apart) < min(r["select_score"] for r in rows[:4])
+    assert summary["stages"][0] == {"stage": "filter", "score": "baseline_clip_score", "fraction": 0.3,
+                                    "cutoff": summary["stages"][0]["cutoff"], "passed": 4, "set_apart": 3}
+    assert summary["stages"][1]["kept"] == 2 and summary["counts"]["kept"] == 2
+    meta = ranking.schema.metadata
+    assert meta[b"pruner.ranked_by"] == b"select_score" and meta[b"pruner.job"] == layout.root.name.encode()
+    assert json.loads(meta[b"pruner.select"])["filter_score"] == "baseline_clip_score"
+    assert len(json.loads((layout.keep_dir / "manifest.json").read_text())) == 3
+
+
+def test_fallback_uids_are_warned_about(tmp_path):
+    """Kept samples without a DataComp-style json uid get a warning in summary.json (printed by `pruner prune` and
+    shown by the report) saying what keep/uids.npy cannot do and what to use instead; hex uids get none."""
+    layout, pool = _scored_job(tmp_path / "a")  # the corpus samples carry no json uid: fallback uids
+    cfg = load_config(layout.config, ["select.keep_fraction=1.0"], check_paths=False)
+    summary = finalize(cfg, layout, pool, {})
+    (w,) = summary["warnings"]
+    assert w.startswith("6 of the 6 kept samples have no DataComp-style json uid") and "would write none" in w
+    assert "keep/manifest.json" in w and "keep/keep.parquet" in w
+    layout, pool = _dup_job(tmp_path / "b")  # uids like "uid-1": not hex either
+    assert finalize(load_config(layout.config, check_paths=False), layout, pool, {})["warnings"]
+    hexed = tmp_path / "c"
+    layout, pool = _dup_job(hexed)
+    for url in pool:
+        t = pq.read_table(layout.scores(url))
+        hexes = [hashlib.md5(u.encode()).hexdigest() for u in t["uid"].to_pylist()]
+        pq.write_table(t.set_column(0, "uid", pa.array(hexes, pa.string())), layout.scores(url))
+    assert finalize(load_config(layout.config, check_paths=False), layout, pool, {})["warnings"] == []

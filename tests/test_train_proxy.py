@@ -106,3 +106,33 @@ def test_expand_shards_errors(tmp_path):
         expand_shards([str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"shard .*x\.tar does not exist"):
         expand_shards([str(tmp_path / "x.tar")])
+
+
+@needs_pool
+def test_config_file_names_the_architecture(tmp_path, capfd):
+    """`--config-file my-micro.json` without --arch trains that config and records its name (open_clip names a config
+    by its file name; it used to train pruner-tiny silently); a different --arch is refused before any training; a
+    job config with model.config_file takes its arch the same way."""
+    from pruner.config import ConfigError, load_config
+    from pruner.model.clip import CONFIG_DIR
+    cfg_file = tmp_path / "my-micro.json"
+    cfg_file.write_text((CONFIG_DIR / "pruner-micro.json").read_text())
+    assert main(["--shards", str(POOL), "--out", str(tmp_path / "p"), "--config-file", str(cfg_file), "--steps", "2",
+                 "--checkpoints", "1", "--max-shards", "1", "--batch-size", "8"]) == 0
+    doc = json.loads((tmp_path / "p" / "trajectory.json").read_text())
+    assert doc["arch"] == "my-micro" and doc["config_file"] == str(cfg_file)
+    # the console shows train-proxy's progress, not open_clip_train's model and argument dump (kept in its out.log)
+    console = "".join(capfd.readouterr())
+    assert "train-proxy saved step_00000002.pt" in console and "Params:" not in console and "CLIP(" not in console
+    assert "Params:" in (tmp_path / "p" / "train" / "out.log").read_text()
+    sd = load_state_dict(str(tmp_path / "p" / doc["checkpoints"][0]["path"]))
+    assert sd["visual.proj"].shape == (64, 32)  # pruner-micro's width 64 -> embed 32, not pruner-tiny's
+    with pytest.raises(ValueError, match="--arch pruner-tiny does not match --config-file .*my-micro.json"):
+        main(["--shards", str(POOL), "--out", str(tmp_path / "q"), "--config-file", str(cfg_file),
+              "--arch", "pruner-tiny"])
+    assert not (tmp_path / "q").exists()
+    base = {"data": {"shards": [str(POOL)]}, "trajectory": {"file": str(tmp_path / "p" / "trajectory.json")},
+            "model": {"config_file": str(cfg_file)}}
+    assert load_config(data=base).model.arch == "my-micro"
+    with pytest.raises(ConfigError, match="arch 'pruner-tiny' does not match config_file"):
+        load_config(data={**base, "model": {"config_file": str(cfg_file), "arch": "pruner-tiny"}})

@@ -28,8 +28,9 @@ log = logging.getLogger("pruner.actor")
 
 
 def _setup(cfg_dict: dict, cpus: float):
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("pruner").setLevel(logging.INFO)
+    # warnings and errors only: Ray forwards what workers print to the driver's console, which shows the driver's
+    # progress instead (pruner.logs)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import torch
     torch.set_num_threads(max(1, int(cpus)))
     return JobConfig.model_validate(cfg_dict)
@@ -51,8 +52,6 @@ class SharedComputer:
         self.bank, self.target, self.reference = pick_shared_inputs(self.cfg, pool_urls, target_urls)
         self.curvature = pick_curvature_samples(self.cfg, pool_urls) if uses_propagation(self.cfg) else None
         self.pool_urls, self._oga = pool_urls, None
-        log.info("shared inputs: bank %d, reference %d x %d, target %d", len(self.bank), len(self.reference),
-                 len(self.reference[0]) if self.reference else 0, len(self.target))
 
     def ping(self) -> int:
         return os.getpid()
@@ -70,10 +69,7 @@ class SharedComputer:
         return self._oga
 
     def compute(self, i: int) -> dict:
-        t0 = time.time()
-        shared = self.scorer.compute_shared(i, self.bank, self.target, self.reference, self.curvature or ())
-        log.info("checkpoint %d shared quantities in %.1fs", i, time.time() - t0)
-        return shared.to_state()
+        return self.scorer.compute_shared(i, self.bank, self.target, self.reference, self.curvature or ()).to_state()
 
     def oga_features(self, state_refs: list):
         """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``state_refs``: object
@@ -91,15 +87,14 @@ class ShardNotATarError(ShardUnreadableError):
 
 
 class ShardScorer:
-    """Scores whole shards. Constructed with everything it needs, so a restarted actor is ready again."""
+    """Scores whole shards. Constructed with the config and trajectory only (it loads the models), so a restarted
+    actor is ready again; the shared quantities and the OGA forest come with each task as object refs (nested in a
+    list, so Ray passes them unresolved) and are fetched once per actor life. Large constructor arguments would sit
+    in the object store for every restart (Ray warns about that on the console)."""
 
-    def __init__(self, cfg_dict: dict, traj: Trajectory, state_refs: list, forest, cpus: float, first: int = 0):
-        """``state_refs``: object refs of the shared quantities of checkpoints ``first``.. (see
-        :class:`pruner.scorer.Scorer`), fetched one at a time (:func:`fetch_shared`)."""
+    def __init__(self, cfg_dict: dict, traj: Trajectory, cpus: float, first: int = 0):
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)
-        self.scorer.set_shared(fetch_shared(state_refs))
-        self.scorer.forest = forest
         self.samples_scored = Counter("pruner_samples_scored", description="samples scored")
         self.shards_done = Counter("pruner_shards_done", description="shards scored")
         self.pid = os.getpid()
@@ -107,9 +102,14 @@ class ShardScorer:
     def ping(self) -> int:
         return self.pid
 
-    def score_shard(self, url: str, prior=None):
+    def score_shard(self, url: str, shared: list, prior=None):
         """Returns (url, score table, [P g per scored checkpoint], [P H_z G per scored checkpoint], rejects table,
-        stats). ``prior``: the shard's score table in the job being extended, when ``first`` > 0."""
+        stats). ``shared``: [object refs of the shared quantities of checkpoints ``first``.. (see
+        :class:`pruner.scorer.Scorer`), object ref of the OGA forest]; ``prior``: the shard's score table in the job
+        being extended, when ``first`` > 0."""
+        if not self.scorer.scorers:
+            self.scorer.set_shared(fetch_shared(shared[0]))
+            self.scorer.forest = ray.get(shared[1])
         t0 = time.time()
         rejects = RejectLog()
         samples = list(iter_shard(url, rejects, allow_pipe=self.cfg.data.allow_pipe,
@@ -121,8 +121,6 @@ class ShardScorer:
         dt = time.time() - t0
         self.samples_scored.inc(len(samples))
         self.shards_done.inc()
-        log.info("actor %d scored %s: %d samples in %.1fs (%.1f samples/s), %d rejects", self.pid, url,
-                 len(samples), dt, len(samples) / max(dt, 1e-9), sum(rejects.counts().values()))
         return url, table, feats if self.cfg.features.save else [], hzg, rejects.to_table(), {
             "n": len(samples), "seconds": dt, "rejects": rejects.counts(), "actor_pid": self.pid}
 

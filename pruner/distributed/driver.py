@@ -224,9 +224,11 @@ def shared_phase(cfg: JobConfig, layout: JobLayout, traj: Trajectory, pool: list
             wait_placed([comp.ping.remote()], "the shared-quantity actor")
             if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
                 write_json_atomic(layout.shared_inputs, picked or ray.get(comp.input_digests.remote()))
-            for i in todo:  # the ref is the actor's return value, owned by this driver: it outlives the actor
+            for n, i in enumerate(todo):  # the ref is the actor's return value, owned by this driver: it outlives it
+                t0 = time.time()
                 refs[i] = comp.compute.remote(i)
                 save_state(ray.get(refs[i]), layout.shared(i))
+                log.info("shared quantities of checkpoint %d (%d of %d) in %.1fs", i, n + 1, len(todo), time.time() - t0)
             for i in range(first, m):
                 if i not in refs:
                     refs[i] = ray.put(load_state(layout.shared(i)))
@@ -337,9 +339,9 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     state_refs, forest = shared_phase(cfg, layout, traj, pool, target, picked, first, Shared, cpus, wait_placed)
     stats["shared_seconds"] = time.time() - t0
 
-    forest_ref = ray.put(forest)
+    shared = [state_refs, ray.put(forest)]  # sent with each task, nested: Ray passes the refs unresolved
     t_actors = time.time()
-    actors = [Scorer.remote(cfg_dict, traj, state_refs, forest_ref, cpus, first) for _ in range(n_actors)]
+    actors = [Scorer.remote(cfg_dict, traj, cpus, first) for _ in range(n_actors)]
     # inflight: object ref -> (shard url, actor) for a scoring task, (None, actor) for a readiness probe (ping) of
     # a new actor or of one whose task died with it: an actor takes shards only once its probe has answered
     queue, idle, inflight = deque(pending), [], {a.ping.remote(): (None, a) for a in actors}
@@ -378,7 +380,7 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
             log.info("%d of %d scoring actors ready after %.1fs", len(idle), len(actors), t1 - t_actors)
         while t1 is not None and queue and idle:
             actor, url = idle.pop(), queue.popleft()
-            inflight[actor.score_shard.remote(url, _prior_components(prior, url, first))] = (url, actor)
+            inflight[actor.score_shard.remote(url, shared, _prior_components(prior, url, first))] = (url, actor)
         if not inflight:  # every actor is dead for good: report the rest instead of waiting forever
             while queue:
                 url = queue.popleft()

@@ -16,6 +16,7 @@
         duplicates.parquet          samples left out because an earlier shard holds their uid (reject duplicate_uid)
         .reduce/                    the reduce step's outputs while they are written (moved into place when complete)
         job.lock                    held (flock) by the process writing the directory, shared by those reading it
+        logs/run.log                every run's log at INFO, the libraries' lines included (the console shows less)
         explain/results/<query id>.json   the latest `pruner explain` result per query (shown by `pruner report`)
         clusters.parquet, clusters.json   `pruner cluster`: each sample's gradient cluster; per-cluster summaries
 """
@@ -156,6 +157,11 @@ class JobLayout:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def log_file(self) -> Path:
+        """The driver's log of every run, libraries' INFO lines included (pruner.logs.log_file)."""
+        return self.root / "logs" / "run.log"
 
     @property
     def reduce_staging(self) -> Path:

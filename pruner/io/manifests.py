@@ -13,7 +13,8 @@ Files (``JobLayout.keep_dir``), all written atomically (temporary name, then ren
   Any other uid (e.g. the reader's ``<shard>/<key>`` fallback) is stored as the md5 of its UTF-8 bytes, big-endian
   (high 8 bytes, low 8 bytes); such uids, and hex uids not in lowercase, are listed in ``uids.fallback.parquet``
   (columns ``uid``, ``hex`` = 32-hex value stored) so :func:`load_uid_npy` gives back the original strings.
-* ``keep.parquet``: ``uid``, ``key``, ``shard_url`` of the kept samples, by score file path then row.
+* ``keep.parquet``: ``uid``, ``key``, ``shard_url``, ``caption`` and ``url`` (the sample's json ``url``, null when it
+  has none) of the kept samples, by score file path then row.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import io
 import json
 import re
 import tarfile
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -34,12 +36,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pruner.io.atomic import atomic_path
-from pruner.io.shards import printable, tar_samples, unsafe_name
+from pruner.io.atomic import atomic_path, write_json_atomic
+from pruner.io.shards import printable, sample_uid, tar_samples, unsafe_name
 from pruner.select.rank import Selection
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
-KEEP_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string())])
+KEEP_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string()),
+                         ("caption", pa.string()), ("url", pa.string())])
 FALLBACK_SCHEMA = pa.schema([("uid", pa.string()), ("hex", pa.string())])  # uids.fallback.parquet
 _NIBBLE = np.zeros(256, np.uint64)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -111,7 +114,12 @@ def write_manifests(shard_files: Iterable[str | Path], selection: Selection, kee
             urls.add(url)
 
         for f in sorted(Path(f) for f in shard_files):
-            t = pq.read_table(f, columns=["uid", "key", "shard_url", selection.score])
+            names = pq.read_schema(f).names  # caption / url: score files of older jobs lack them (null here)
+            t = pq.read_table(f, columns=["uid", "key", "shard_url", selection.score]
+                              + [c for c in ("caption", "url") if c in names])
+            for c in ("caption", "url"):
+                if c not in t.column_names:
+                    t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
             found = pc.unique(t["shard_url"]).to_pylist()
             if len(found) > 1 or (found and found[0] in urls):
                 raise ValueError(f"{f}: shard URLs {found[:3]} - each score file must hold exactly one shard, "
@@ -205,8 +213,8 @@ def _samples(tf: tarfile.TarFile, want=None) -> Iterator[tuple[str, list]]:
             yield key, list(parts.values())
 
 
-def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
-    """The kept samples of every shard with kept keys, in manifest then tar order. A shard is read only up to its
+def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, str, list]]:
+    """(source shard URL, key, members) of the kept samples of every shard with kept keys, in manifest then tar order. A shard is read only up to its
     last kept sample, so one the reader accepted as truncated after it is copied. Raises MaterializeError naming a
     shard that cannot be read (or is cut) before all its kept keys were found, and the keys missing."""
     for url, keys in manifest.items():
@@ -218,7 +226,7 @@ def _kept_samples(manifest: dict[str, list[str]]) -> Iterator[tuple[str, list]]:
                 for key, members in _samples(tf, want):
                     _check_names(url, key, members)
                     found.add(key)
-                    yield key, members
+                    yield url, key, members
                     if found == want:
                         break
         except _READ_ERRORS as e:
@@ -247,10 +255,40 @@ def _tar_bytes(members: list) -> int:
     return sum(512 + -(-len(data) // 512) * 512 for _, data in members)
 
 
+#: Output shard names: pruner's own, or DataComp's and img2dataset's (``{:08d}.tar``, what DataComp's resharder
+#: reads by default); each tar gets a ``<name>_stats.json`` and a ``<name>.parquet`` beside it.
+NAMINGS = {"pruned": ("pruned-{:06d}", r"pruned-(\d{6})"), "datacomp": ("{:08d}", r"(\d{8})")}
+#: The per-shard table beside each output tar (img2dataset's ``<shard>.parquet``: one row per sample, in tar order).
+SHARD_TABLE_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("url", pa.string()),
+                                ("caption", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+                                ("source_shard", pa.string())])
+
+
+def _shard_row(url: str, key: str, members: list) -> dict:
+    """One sample's row of the per-shard table: its uid (json uid, else the reader's fallback), json url, caption."""
+    data = {info.name.rsplit("/", 1)[-1].split(".", 1)[1].lower(): d for info, d in members if "." in info.name}
+    try:
+        meta = json.loads(data["json"]) if "json" in data else {}
+    except ValueError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    caption = data["txt"].decode("utf-8", "replace").strip() if "txt" in data else None
+    url_field = meta.get("url") if isinstance(meta.get("url"), str) else None
+    return {"key": key, "uid": sample_uid(url, key, meta), "url": url_field, "caption": caption,
+            "status": "success", "error_message": None, "source_shard": url}
+
+
 def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shard: int = 10000,
-                max_shard_bytes: int | None = None) -> dict:
-    """Copy the kept samples' tar members (names, headers and bytes unchanged) into ``out_dir/pruned-000000.tar``,
-    ... in manifest order, then check the result with :func:`verify_materialized`.
+                max_shard_bytes: int | None = None, naming: str = "pruned") -> dict:
+    """Copy the kept samples' tar members (names, headers and bytes unchanged) into new shards in ``out_dir``, in
+    manifest order, then check the result with :func:`verify_materialized`.
+
+    Names (``naming``, :data:`NAMINGS`): ``pruned-000000.tar``, ... or DataComp's / img2dataset's
+    ``00000000.tar``, .... Beside each tar, img2dataset's conventions: ``<name>_stats.json`` (``count``,
+    ``successes``, which DataComp's resharder reads as the shard's size, ``failed_to_download``, ``duration``, ...)
+    and ``<name>.parquet`` (:data:`SHARD_TABLE_SCHEMA`: key, uid, json url, caption, status, error_message, the
+    source shard); and ``sizes.json`` ({tar name: samples}: the shard table of DataComp's resharder, and what
+    OpenCLIP's ``--train-data`` reads to size an epoch).
 
     Sources (.tar, .tar.gz; local paths or fsspec URLs, not ``pipe:``) are streamed with ``tarfile`` (``r|*``)
     up to their last kept sample (a source truncated after it, which the reader accepts, is fine); only kept
@@ -258,55 +296,86 @@ def materialize(manifest_path: str | Path, out_dir: str | Path, samples_per_shar
     samples, before a sample that would take it past ``max_shard_bytes`` (a single larger sample gets its own
     shard), or before a sample whose key is already in the current output shard (samples from different source
     shards may share a key; webdataset would merge adjacent ones, pruner's reader rejects a repeat as
-    ``duplicate_key``). Each shard is written under a temporary name and renamed; ``pruned-*.tar`` left from an
-    earlier run beyond the new count are removed. Returns ``{"shards", "samples", "bytes"}``. Raises
-    MaterializeError naming an unreadable source shard, kept keys missing from it, or an output that differs from
-    the manifest.
+    ``duplicate_key``). A key that ends one output shard and starts the next is not avoided: webdataset <= 0.2.86
+    (the version OpenCLIP's trainer needs) groups members across shard boundaries when one stream reads several
+    shards, so such shards are read one stream each; OpenCLIP's own grouping splits them correctly. Every file is written under a temporary name and renamed; outputs of this naming left from
+    an earlier run beyond the new count are removed. Returns ``{"shards", "samples", "bytes"}``. Raises
+    MaterializeError naming an unreadable source shard, kept keys missing from it, a member name that is not a safe
+    file name, or an output that differs from the manifest.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
+    if naming not in NAMINGS:
+        raise ValueError(f"naming {naming!r}: one of {', '.join(NAMINGS)}")
+    fmt, pattern = NAMINGS[naming]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = _kept_samples(_load_manifest(manifest_path))
     pending = next(samples, None)
     n_shards = n_samples = n_bytes = 0
+    sizes = {}
     while pending is not None:
-        with atomic_path(out_dir / f"pruned-{n_shards:06d}.tar") as tmp:
+        name, t0 = fmt.format(n_shards), time.time()
+        rows = []
+        with atomic_path(out_dir / f"{name}.tar") as tmp:
             with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w") as tar:
                 written: set[str] = set()  # keys in this output shard
-                while pending is not None and len(written) < samples_per_shard and pending[0] not in written and (
+                while pending is not None and len(written) < samples_per_shard and pending[1] not in written and (
                         max_shard_bytes is None or not written
-                        or fh.tell() + _tar_bytes(pending[1]) <= max_shard_bytes):
-                    for info, data in pending[1]:
+                        or fh.tell() + _tar_bytes(pending[2]) <= max_shard_bytes):
+                    for info, data in pending[2]:
                         tar.addfile(info, io.BytesIO(data))
-                    written.add(pending[0])
+                    written.add(pending[1])
+                    rows.append(_shard_row(*pending))
                     pending = next(samples, None)
             n_bytes += tmp.stat().st_size
+        with atomic_path(out_dir / f"{name}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_TABLE_SCHEMA), tmp)
+        write_json_atomic(out_dir / f"{name}_stats.json", {
+            "count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
+            "duration": time.time() - t0, "start_time": t0, "end_time": time.time(),
+            "status_dict": {"success": len(rows)}, "written_by": "pruner materialize"})
+        sizes[f"{name}.tar"] = len(rows)
         n_shards, n_samples = n_shards + 1, n_samples + len(written)
-    for p in out_dir.glob("pruned-*.tar"):
-        if re.fullmatch(r"pruned-\d+\.tar", p.name) and int(p.name[7:-4]) >= n_shards:
+    for p in out_dir.iterdir():  # this naming's outputs of an earlier, longer run
+        m = re.fullmatch(pattern + r"(\.tar|\.parquet|_stats\.json)", p.name)
+        if m and int(m.group(1)) >= n_shards:
             p.unlink()
-    verify_materialized(manifest_path, out_dir)
+    write_json_atomic(out_dir / "sizes.json", sizes)
+    verify_materialized(manifest_path, out_dir, naming)
     return {"shards": n_shards, "samples": n_samples, "bytes": n_bytes}
 
 
-def verify_materialized(manifest_path: str | Path, out_dir: str | Path) -> dict:
-    """Re-read ``out_dir/pruned-*.tar`` and check that its samples' keys equal the manifest's kept keys as a
-    multiset (so also the count). Memory: every kept key. Returns ``{"shards", "samples"}``; raises
-    MaterializeError with the counts and examples of missing/unexpected keys, or naming an unreadable shard."""
+def verify_materialized(manifest_path: str | Path, out_dir: str | Path, naming: str = "pruned") -> dict:
+    """Re-read the output tars of ``naming`` in ``out_dir`` and check that their samples' keys equal the manifest's
+    kept keys as a multiset (so also the count), and that ``sizes.json`` and each ``_stats.json`` give every tar's
+    count. Memory: every kept key. Returns ``{"shards", "samples"}``; raises MaterializeError with the counts and
+    examples of missing/unexpected keys, or naming an unreadable shard."""
     expected = Counter(k for keys in _load_manifest(manifest_path).values() for k in keys)
-    shards = sorted(Path(out_dir).glob("pruned-*.tar"))
+    pattern = NAMINGS[naming][1]
+    shards = sorted(p for p in Path(out_dir).glob("*.tar") if re.fullmatch(pattern + r"\.tar", p.name))
+    sizes_path = Path(out_dir) / "sizes.json"
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
     got: Counter = Counter()
+    per_shard = {}
     for p in shards:
         try:
             with tarfile.open(p, mode="r|*") as tf:
-                got.update(key for key, _ in _samples(tf))
+                keys = [key for key, _ in _samples(tf)]
         except _READ_ERRORS as e:
             raise MaterializeError(f"cannot read output shard {p} ({type(e).__name__}: {e})") from e
+        got.update(keys)
+        per_shard[p] = len(keys)
     if got != expected:
         missing, extra = sorted((expected - got).elements()), sorted((got - expected).elements())
         raise MaterializeError(
             f"{out_dir}: {sum(got.values())} samples in {len(shards)} shards, manifest {manifest_path} lists "
             f"{sum(expected.values())}; {len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unexpected "
             f"(e.g. {extra[:5]})")
+    for p, n in per_shard.items():
+        stats = p.with_name(p.name[:-4] + "_stats.json")
+        counts = {"sizes.json": sizes.get(p.name), stats.name: json.loads(stats.read_text())["successes"]
+                  if stats.exists() else None}
+        if any(c != n for c in counts.values()):
+            raise MaterializeError(f"{p} holds {n} samples, but {counts} (fix: materialize again)")
     return {"shards": len(shards), "samples": sum(got.values())}

@@ -123,6 +123,15 @@ def shard_name(url: str) -> str:
     return posixpath.join(posixpath.basename(parent), base)
 
 
+def sample_uid(url: str, key: str, meta: dict) -> str:
+    """A sample's uid: its json ``uid`` (img2dataset / DataComp; a non-empty string or an integer), else the fallback
+    ``<parent folder>/<shard file>/<key>`` (:func:`shard_name`)."""
+    uid = meta.get("uid")
+    if isinstance(uid, (str, int)) and not isinstance(uid, bool) and str(uid):
+        return str(uid)
+    return f"{shard_name(url)}/{key}"
+
+
 def check_shard_names(urls: list[str]) -> None:
     """Raise ValueError naming both shards if two shards of a pool share :func:`shard_name`, so their samples without
     a json uid would share uids."""
@@ -344,10 +353,7 @@ def _make_sample(url: str, key: str, parts: dict) -> Sample | tuple[str, str]:
     except Exception as e:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         return "undecodable_image", (f"{img_name} in {url}: image cannot be decoded ({type(e).__name__}: {e}) "
                                      f"(fix: re-encode the image or drop the sample)")
-    uid = meta.get("uid")
-    if not (isinstance(uid, (str, int)) and not isinstance(uid, bool) and str(uid)):
-        uid = f"{shard_name(url)}/{key}"
-    return Sample(url=url, key=key, uid=str(uid), image=image, caption=caption, meta=meta)
+    return Sample(url=url, key=key, uid=sample_uid(url, key, meta), image=image, caption=caption, meta=meta)
 
 
 def iter_shard(url: str, rejects: RejectLog, allow_pipe: bool = False,

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import sys
 
 from pruner.config import ConfigError, JobConfig, check_checkpoint_weights, load_config
 from pruner.io.layout import JobLayout, JobLockedError
 from pruner.jobs.jobdir import JobRefusedError, ResolvedJob, create_job_dir, resolve_job
+from pruner.logs import log_file, setup_console
 
 
 def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None = None) -> tuple[int, dict]:
@@ -31,7 +31,8 @@ def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None 
     create_job_dir(cfg, job)
     layout = job.layout
     print(f"pruner: job directory {layout.root}", flush=True)
-    with layout.locked(), prior.locked(exclusive=False) if prior is not None else contextlib.nullcontext():
+    with layout.locked(), prior.locked(exclusive=False) if prior is not None else contextlib.nullcontext(), \
+            log_file(layout.log_file):
         return _run_locked(cfg, layout, job.pool, job.target, job.traj, prior)
 
 
@@ -61,8 +62,12 @@ def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list
     c = summary["counts"]
     n = stats["shards_changed"]
     changed = f"; {n} shard(s) scored again because they changed" if n else ""
-    print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']} "
+    filtered = "".join(f"; the filter stage set apart the {st['set_apart']} lowest by {st['score']} first"
+                       for st in summary.get("stages", []) if st["stage"] == "filter")
+    print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']}{filtered} "
           f"({c['rejected']} rejected by the reader{changed}); summary: {layout.summary}", flush=True)
+    for w in summary.get("warnings", []):
+        print(f"pruner: WARNING: {w}", file=sys.stderr, flush=True)
     return 0, summary
 
 
@@ -72,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set select.keep_fraction=0.3 (repeatable)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pruner").setLevel(logging.INFO)
+    setup_console()
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:

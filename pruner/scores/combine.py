@@ -65,6 +65,10 @@ METHOD_COLUMNS: dict[str, tuple[str, ...]] = {
     "oga": ("oga_l2", "oga_l1", "oga_iforest"),
     "baselines": ("baseline_loss", "baseline_clip_score", "baseline_random"),
 }
+#: The columns of a score table that describe the sample rather than score it (pruner.scorer.Scorer.score_table),
+#: and those the ranking adds (pruner.select): everything else but the ``c<i>_`` components is a method score.
+SAMPLE_COLUMNS = ("uid", "key", "shard_url", "row", "caption", "url")
+RANKING_COLUMNS = ("rank", "kept", "select_score")
 #: The columns whose direction is a gradient over the target set (v_target, v_pred: pruner.scores.shared), formed
 #: only when the job has target samples.
 TARGET_SET_COLUMNS = ("diffin_target", "tracin_target", "tracin_pred")

@@ -6,9 +6,11 @@ warm-up + cosine schedule, contrastive loss, AMP on GPU), run in-process with on
 (``--train-num-samples = steps * batch_size``). pruner's bundled configs are registered with
 ``open_clip.add_model_config`` first. Three things are patched for the duration of the call (and restored):
 
-1. ``open_clip_train.data.tar_file_expander`` gets ``eof_value=None``: webdataset >= 0.2.96 yields an end-of-shard
-   marker ``{}`` that open_clip_train 3.3's ``group_by_keys_nothrow`` cannot handle (``KeyError: 'fname'`` at the
-   first shard boundary; open_clip issue #935, webdataset issue #384).
+1. ``open_clip_train.data.tar_file_expander`` gets ``eof_value=None`` where webdataset has that parameter: from
+   0.2.96 on it yields an end-of-shard marker ``{}`` that open_clip_train 3.3's ``group_by_keys_nothrow`` cannot
+   handle (``KeyError: 'fname'`` at the first shard boundary; open_clip issue #935, webdataset issue #384). pruner
+   pins webdataset <= 0.2.86 (open_clip_torch's training extra), so that users' own OpenCLIP training on pruner's
+   outputs works in the same environment; the patch keeps train-proxy working with a later webdataset too.
 2. ``webdataset.shuffle`` gets an RNG seeded from ``seed``: open_clip_train's sample-shuffle buffer otherwise
    seeds itself from pid and time, so two runs with the same seed would see different batches.
 3. ``open_clip_train.main.train_one_epoch`` is wrapped (:class:`_Recorder`): open_clip_train saves only at epoch
@@ -33,6 +35,7 @@ import argparse
 import contextlib
 import functools
 import glob
+import inspect
 import logging
 import random
 import tarfile
@@ -44,6 +47,7 @@ import open_clip
 import torch
 
 from pruner.io.atomic import atomic_path, write_json_atomic
+from pruner.logs import PrunerProgress, setup_console
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.model.clip import register_configs
 
@@ -184,19 +188,21 @@ def _open_clip_train_patched(recorder: _Recorder, seed: int):
     import open_clip_train.main as ocm
     import webdataset as wds
 
-    saved = (ocd.tar_file_expander, wds.shuffle, ocm.train_one_epoch)
+    saved = (ocd.tar_file_expander, wds.shuffle, ocm.train_one_epoch, ocm.setup_logging)
     handlers = list(logging.root.handlers)
     levels = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict) + [""]}
     for h in handlers:  # open_clip_train adds its own stderr handler; avoid printing every line twice
         logging.root.removeHandler(h)
     rng = random.Random(seed)  # one stream, so a repeated pass over the shards is shuffled differently
-    ocd.tar_file_expander = functools.partial(saved[0], eof_value=None)
+    if "eof_value" in inspect.signature(saved[0]).parameters:  # webdataset >= 0.2.96 (pruner pins <= 0.2.86)
+        ocd.tar_file_expander = functools.partial(saved[0], eof_value=None)
     wds.shuffle = lambda bufsize, initial: saved[1](bufsize, initial, rng=rng)
     recorder.train_one_epoch, ocm.train_one_epoch = saved[2], recorder
+    ocm.setup_logging = functools.partial(_quiet_console, saved[3])
     try:
         yield ocm
     finally:
-        ocd.tar_file_expander, wds.shuffle, ocm.train_one_epoch = saved
+        ocd.tar_file_expander, wds.shuffle, ocm.train_one_epoch, ocm.setup_logging = saved
         for h in list(logging.root.handlers):
             logging.root.removeHandler(h)
             h.close()
@@ -206,7 +212,29 @@ def _open_clip_train_patched(recorder: _Recorder, seed: int):
             logging.getLogger(n).setLevel(levels.get(n, logging.NOTSET))
 
 
-def train_proxy(shards: Sequence[str], out_dir: str, *, arch: str = "pruner-tiny", config_file: Optional[str] = None,
+def proxy_arch(arch: Optional[str], config_file: Optional[str]) -> str:
+    """The architecture to train: open_clip names a custom config by its file name, so with ``config_file`` the arch
+    is that name (``arch`` may be left out, and must match when given); else ``arch``, by default pruner-tiny."""
+    if config_file is None:
+        return arch or "pruner-tiny"
+    stem = Path(config_file).stem
+    if arch is not None and arch != stem:
+        raise ValueError(f"--arch {arch} does not match --config-file {config_file}: open_clip names a config by its "
+                         f"file name, so that file defines {stem!r} (fix: drop --arch, or name the file {arch}.json)")
+    return stem
+
+
+def _quiet_console(setup_logging, *args, **kwargs) -> None:
+    """open_clip_train's setup_logging, whose console handler then shows only what pruner's console shows
+    (pruner.logs.PrunerProgress: train-proxy's progress lines, everyone's warnings); its log file (train/out.log)
+    keeps every line, the model and argument dump included."""
+    setup_logging(*args, **kwargs)
+    for h in logging.root.handlers:
+        if type(h) is logging.StreamHandler:
+            h.addFilter(PrunerProgress())
+
+
+def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = None, config_file: Optional[str] = None,
                 steps: int = 300, batch_size: int = 32, lr: float = 3e-4, warmup: Optional[int] = None,
                 weight_decay: float = 0.1, optimizer: str = "adamw", momentum: float = 0.9,
                 checkpoints: int = 3, random_checkpoints: int = 0, checkpoint_at: Optional[Sequence[int]] = None,
@@ -214,6 +242,7 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: str = "pruner-tiny
                 device: str = "auto", precision: str = "auto", workers: Optional[int] = None,
                 log_every: int = 10) -> Trajectory:
     """Train a proxy CLIP from scratch with open_clip_train and write ``<out_dir>/trajectory.json``; return it.
+    ``arch`` / ``config_file``: :func:`proxy_arch`.
 
     ``steps`` optimiser updates of ``batch_size`` samples, LR warm-up over ``warmup`` steps (default steps // 10)
     then cosine decay to 0. Training data: ``max_shards`` shards drawn at random (seeded) from ``shards`` (all by
@@ -223,6 +252,7 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: str = "pruner-tiny
     ``device``/``precision`` "auto": CUDA with AMP when available, else CPU fp32. ``workers`` (data loader
     processes) defaults to 0 on CPU and up to 4 on CUDA; it must divide ``steps``.
     """
+    arch = proxy_arch(arch, config_file)
     out = Path(out_dir).resolve()
     if (out / RUN_NAME).exists():
         raise FileExistsError(f"{out / RUN_NAME} already holds a training run (fix: choose a new --out or delete it)")
@@ -283,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pruner train-proxy", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", nargs="+", required=True, help="pool shards: files, folders or globs")
     p.add_argument("--out", required=True, help="output folder (trajectory.json, train/checkpoints/)")
-    p.add_argument("--arch", default="pruner-tiny", help="pruner-tiny, pruner-micro or an open_clip name (ViT-B-32)")
+    p.add_argument("--arch", help="pruner-tiny (default), pruner-micro or an open_clip name (ViT-B-32); with "
+                   "--config-file, its file name")
     p.add_argument("--config-file", help="custom open_clip model JSON config (its file stem is the arch name)")
     p.add_argument("--steps", type=int, default=300, help="optimiser updates")
     p.add_argument("--batch-size", type=int, default=32)
@@ -310,8 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not logging.root.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    setup_console()
     traj = train_proxy(
         a.shards, a.out, arch=a.arch, config_file=a.config_file, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
         warmup=a.warmup, weight_decay=a.wd, optimizer=a.optimizer, momentum=a.momentum, checkpoints=a.checkpoints,
