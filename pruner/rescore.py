@@ -331,12 +331,37 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
     return new
 
 
+def _delete(args) -> int:
+    """``--delete``: print the predicted change of the losses (and, with ``--write-update``, write the update)."""
+    from pruner.deletion import predict, read_uids, write_update
+    layout = JobLayout(Path(args.job))
+    uids = read_uids(layout, args.delete)
+    pred = predict(layout, uids)
+    missing = f" ({pred['missing']} of the given uids are not in the job)" if pred["missing"] else ""
+    print(f"pruner rescore: deleting {pred['n']} samples{missing}, predicted change of the loss (removal convention, "
+          f"loss units): " + ", ".join(f"{c} {v:+.6g}" for c, v in pred["predicted_change"].items()), flush=True)
+    if args.write_update:
+        diag = write_update(args.job, uids, args.write_update, args.lanczos_steps)
+        change = diag["first_order_target_change"]
+        print(f"pruner rescore: wrote {args.write_update} (theta_T + the set's parameter influence, {diag['form']} "
+              f"form; |delta| {diag['norm_delta']:.4g}" + ("" if change is None else
+                                                         f"; <v_target, delta> {change:+.6g}") + ")", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pruner rescore", description=__doc__.splitlines()[0])
     ap.add_argument("job", help="a finished job directory")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--target", nargs="+", help="re-target: new target WebDataset shards (dirs, globs, URLs)")
     what.add_argument("--add-checkpoint", help="extend the trajectory by this (later) checkpoint file")
+    what.add_argument("--delete", metavar="UIDS", help="data deletion: the predicted change of the target loss from "
+                      "removing these samples from training (a Parquet file with a uid column, or 'dropped': the "
+                      "samples the job's selection drops)")
+    ap.add_argument("--write-update", metavar="CKPT", help="with --delete: write Diff-In's parameter update, theta_T + "
+                    "the set's parameter influence, as an OpenCLIP checkpoint")
+    ap.add_argument("--lanczos-steps", type=int, default=30, help="with --write-update (propagated form): Krylov "
+                    "vectors per matrix function")
     ap.add_argument("--step", type=int, help="global step of the added checkpoint (default: from the file)")
     ap.add_argument("--lr", type=float, help="learning rate at the added checkpoint (default: from the file)")
     ap.add_argument("--lr-mean", type=float, help="mean learning rate since the previous checkpoint")
@@ -346,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
                     "copy of the stored features (built on first use under <job>/int8/, about twice as fast "
                     "afterwards; default) or the fp16 features themselves")
     args = ap.parse_args(argv)
+    if args.write_update and not args.delete:
+        ap.error("--write-update needs --delete")
     try:
+        if args.delete:
+            return _delete(args)
         if args.target:
             out = retarget(args.job, args.target, args.device, args.precision)
         else:

@@ -217,3 +217,16 @@ def test_dtype_and_device_kept():
     img1, txt1 = _embed(model, images.double(), tokens)
     torch.testing.assert_close(img1, img0, atol=1e-10, rtol=0)
     torch.testing.assert_close(txt1, txt0, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["pruner-micro", "pruner-tiny"])
+def test_open_clip_state_inverts_the_linearisation(arch):
+    """open_clip_state(linearize_clip(m)) is m's own state dict, names and layouts (the attention in_proj and the
+    output projections swapped back), bit for bit: what `pruner rescore --write-update` saves."""
+    from pruner.model.clip import open_clip_state
+    torch.manual_seed(0)
+    model, _, _ = create_clip(arch)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    state = open_clip_state(linearize_clip(model))
+    assert set(state) == set(ref)
+    assert all(torch.equal(state[k], ref[k]) for k in ref)

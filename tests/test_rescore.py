@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import shutil
 from dataclasses import replace
@@ -424,3 +425,42 @@ def test_retarget_refuses_unscored_or_changed_shards_up_front(tmp_path, micro_tr
     err = capsys.readouterr().err
     assert f"1 shard(s) changed since the job scored them: {scored}" in err and "Traceback" not in err
     assert sorted(p for p in job.rglob("*")) == before  # no retarget directory, partial or not
+
+
+def test_delete_predicts_and_writes_the_parameter_update(tmp_path, micro_trajectory, capsys):
+    """`pruner rescore <job> --delete` prints the predicted change of the target loss, which is the sum of the stored
+    influences over the set; --write-update writes theta_T + the set's parameter influence as an OpenCLIP checkpoint
+    that open_clip and pruner load, moving only the scored (linear) parameters, and whose first-order effect on the
+    target loss <v_target, delta> agrees with the sketched prediction (parameter space vs the k-dim sketch)."""
+    import open_clip
+
+    from pruner.deletion import predict, read_uids
+    from pruner.model.checkpoints import load_state_dict
+    from pruner.model.clip import register_configs
+    cfg = small_job_config(tmp_path, micro_trajectory)
+    run(load_config(data=cfg))
+    job = _job_dir(cfg)
+    layout = JobLayout(job)
+    ranking = pq.read_table(layout.ranking).to_pandas()
+    dropped = ranking[~ranking["kept"]]
+    out = tmp_path / "updated.pt"
+    assert main([str(job), "--delete", "dropped", "--write-update", str(out), "--lanczos-steps", "12"]) == 0
+    printed = capsys.readouterr().out
+    pred = predict(layout, read_uids(layout, "dropped"))
+    assert pred["n"] == len(dropped) == 500 and pred["missing"] == 0
+    assert pred["predicted_change"]["diffin_target"] == pytest.approx(dropped["diffin_target"].sum(), rel=1e-12)
+    assert f"diffin_target {pred['predicted_change']['diffin_target']:+.6g}" in printed
+    subset = tmp_path / "some.parquet"  # a file of uids works the same way
+    pq.write_table(pa.table({"uid": dropped["uid"].tolist()[:7] + ["not-a-uid"]}), subset)
+    some = predict(layout, read_uids(layout, str(subset)))
+    assert some["n"] == 7 and some["missing"] == 1
+    assert some["predicted_change"]["diffin_target"] == pytest.approx(dropped["diffin_target"][:7].sum(), rel=1e-12)
+    # the checkpoint: open_clip's own loader and pruner's read it; only linear layers moved
+    register_configs()
+    model = open_clip.create_model("pruner-micro", pretrained=None)
+    open_clip.load_checkpoint(model, str(out))
+    new, old = load_state_dict(str(out)), load_state_dict(load_trajectory(file=str(micro_trajectory)).checkpoints[-1].path)
+    moved = {k for k in old if not torch.equal(new[k], old[k])}
+    assert moved and all("proj" in k or "c_fc" in k or "c_proj" in k or "in_proj" in k for k in moved), moved
+    change = float(re.search(r"<v_target, delta> ([-+0-9.e]+)", printed).group(1))
+    assert change == pytest.approx(pred["predicted_change"]["diffin_target"], rel=0.15)

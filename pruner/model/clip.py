@@ -127,6 +127,22 @@ def linearize_clip(model: nn.Module) -> nn.Module:
     return model
 
 
+def open_clip_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The open_clip state dict (original parameter names and layouts) of a model :func:`linearize_clip` changed: the
+    inverse of the swap, so a linearised model whose weights were edited (pruner rescore --write-update) is saved as
+    a checkpoint open_clip loads. ``attn.in_proj.weight`` -> ``attn.in_proj_weight`` (bias likewise), ``visual.proj``
+    and ``text_projection`` back to [in, out] matrices; every other tensor keeps its name."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().clone()
+        if name.endswith(".attn.in_proj.weight") or name.endswith(".attn.in_proj.bias"):
+            name = name.replace(".attn.in_proj.", ".attn.in_proj_")
+        elif name in ("visual.proj.weight", "text_projection.weight"):
+            name, t = name[: -len(".weight")], t.T.contiguous()
+        out[name] = t
+    return out
+
+
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Text embeddings [B, e] (not normalised) of token ids [B, context], like ``model.encode_text``, without the
     padding after the batch's last end-of-text token.

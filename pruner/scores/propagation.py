@@ -116,3 +116,35 @@ def adam_step_scale(exp_avg_sq: Sequence[torch.Tensor], steps: Sequence[int], be
         num += float((vhat / (vhat.sqrt() + eps)).sum())
         den += float(vhat.sum())
     return num / den if den > 0 else 1.0
+
+
+def lanczos_apply(matvec, x: torch.Tensor, fn, steps: int = 30) -> torch.Tensor:
+    """f(A) x for a symmetric positive semi-definite A known by its products ``matvec(v) = A v`` (1-D float64
+    tensors), by the Lanczos method with full re-orthogonalisation: ||x|| Q_m f(T_m) e_1, exact when the Krylov space
+    of ``steps`` vectors holds x's components (stops early when it does). For the parameter-space counterpart of the
+    propagated form (pruner.deletion), where the matrix is the empirical Fisher at a checkpoint. Memory: ``steps``
+    vectors of x's size."""
+    beta0 = float(x.norm())
+    if beta0 == 0.0:
+        return torch.zeros_like(x)
+    qs, alphas, betas = [x / beta0], [], []
+    for _ in range(steps):
+        w = matvec(qs[-1])
+        alphas.append(float(w @ qs[-1]))
+        for q in qs:  # full re-orthogonalisation (twice is enough in floating point)
+            w = w - (w @ q) * q
+        for q in qs:
+            w = w - (w @ q) * q
+        b = float(w.norm())
+        if b <= 1e-10 * beta0 or len(qs) == x.numel():
+            break
+        betas.append(b)
+        qs.append(w / b)
+    m = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    evals, evecs = torch.linalg.eigh(t)
+    coeff = evecs @ (fn(evals.clamp_min(0)) * evecs[0])
+    return beta0 * sum(c * q for c, q in zip(coeff.tolist(), qs[:m]))

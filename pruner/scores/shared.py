@@ -135,6 +135,20 @@ def _accumulate(total: Optional[ParamVector], g: ParamVector, w: float) -> Param
     return {n: t * w for n, t in g.items()} if total is None else {n: total[n] + g[n] * w for n in total}
 
 
+def weighted_gradient(engine: PerSampleGradients, batches: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[str]]],
+                      shared: "CheckpointShared", weights: Optional[Sequence[torch.Tensor]] = None) -> ParamVector:
+    """sum_i w_i g_i over the pairs of ``batches`` ((images, tokens, uids) each), g_i the gradient of pair i's bank
+    loss (its own bank row masked), by one backward per batch; ``weights``: [B] per batch (default all 1)."""
+    params, dev = engine.params(), engine.device
+    total = None
+    for j, (images, tokens, uids) in enumerate(batches):
+        img, txt = encode_pairs(engine.model, images.to(dev), tokens.to(dev))
+        loss = bank_loss(img, txt, shared.bank_img, shared.bank_txt, shared.scale, shared.own_rows(uids))
+        w = 1.0 if weights is None else weights[j].to(loss)
+        total = _accumulate(total, _grad(params, (loss * w).sum()), 1.0)
+    return total
+
+
 def target_gradients(engine: PerSampleGradients, batches: list[Batch], bank: tuple[torch.Tensor, torch.Tensor],
                      scale: float, own: Optional[list[torch.Tensor]] = None) -> tuple[ParamVector, ParamVector]:
     """(v_target, v_pred) over the target batches: gradients of the mean bank loss and of minus the mean
