@@ -139,9 +139,11 @@ def parse_args(argv=None):
     p.add_argument("--hvp-eps", type=float, default=1e-2)
     p.add_argument("--self-rank", type=int, default=4)
     p.add_argument("--loss", default="bank", choices=["bank", "in_batch"], help="per-sample loss of the scores")
-    p.add_argument("--diffin-form", default="taylor", choices=["taylor", "exact_increment"],
+    p.add_argument("--diffin-form", default="taylor", choices=["taylor", "exact_increment", "propagated"],
                    help="scores.diffin.form of the scoring job (default taylor: the form the recorded table and the "
                         "deletion check's parameter update (d) measure; with exact_increment run --no-deletion)")
+    p.add_argument("--filter-fraction", type=float, default=0.2, help="default_score: the default pipeline's filter "
+                   "stage (select.filter_fraction) by CLIP score, then diffin_target")
     p.add_argument("--ablations", default="", help="comma list of rescoring ablations for Diff-In detection: "
                    "in_batch_loss, fd_eps_1e-3, fd_eps_1e-1, hvp_eps_1e-3, last_checkpoint (on a subsample)")
     p.add_argument("--ablation-samples", type=int, default=1500)
@@ -160,7 +162,7 @@ def parse_args(argv=None):
     unknown = set(a.policy_list) - set(POLICY_METHODS)
     if unknown:
         p.error(f"--policies: unknown {sorted(unknown)} (choose from {list(POLICY_METHODS)})")
-    if a.diffin_form != "taylor" and not a.no_deletion:
+    if a.diffin_form != "taylor" and not a.no_deletion:  # (d)'s update is the taylor form's (quality_lib)
         p.error("--diffin-form exact_increment needs --no-deletion: the deletion check's parameter update "
                 "(quality_lib.diffin_parameter_update) is the taylor form's")
     if a.device == "auto":
@@ -535,7 +537,9 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
     order = np.array([pos[k] for k in keys])  # columns -> pool order
     cols = {k: v[order] for k, v in cols.items()}
     uids = np.array(keys)
-    methods = [m for m in ALL_METHODS + DETECT_EXTRA if m in cols]
+    cols["default_score"] = ql.pipeline_score(cols["diffin_target"], cols["baseline_clip_score"], uids,
+                                              a.filter_fraction)
+    methods = [m for m in ALL_METHODS + DETECT_EXTRA + ["default_score"] if m in cols]
 
     # -- (a) detection -------------------------------------------------------------------------------------------
     res: dict = {"seed": seed, "auroc": {}, "average_precision": {}, "found_at": {}, "auroc_per_class": {},

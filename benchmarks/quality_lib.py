@@ -282,20 +282,24 @@ class LossProbe:
 
 
 @torch.no_grad()
-def target_losses(model, probe: LossProbe, device: str) -> dict:
+def target_losses(model, probe: LossProbe, device: str, per_sample: bool = False) -> dict:
     """``bank``: mean over the target set of pruner.model.loss.bank_loss against the fixed bank pairs, the bank
     embedded by the evaluated model itself (detached) and s = its exp(logit_scale): the loss whose gradient is
-    v_target. ``in_batch``: the mean in-batch CLIP loss over fixed consecutive target batches of ``probe.batch``."""
+    v_target. ``in_batch``: the mean in-batch CLIP loss over fixed consecutive target batches of ``probe.batch``.
+    ``per_sample``: also ``bank_per_sample``, each target pair's bank loss (a list)."""
     from pruner.model.loss import bank_loss, clip_batch_loss, logit_scale_of
     s = logit_scale_of(model)
     bi = _encode(model, images=probe.bank_images, device=device).double()
     bt = _encode(model, tokens=probe.bank_tokens, device=device).double()
     ti = _encode(model, images=probe.target_images, device=device).double()
     tt = _encode(model, tokens=probe.target_tokens, device=device).double()
-    bank = float(bank_loss(ti, tt, bi, bt, s).mean())
+    each = bank_loss(ti, tt, bi, bt, s)
     parts = [float(clip_batch_loss(ti[i:i + probe.batch], tt[i:i + probe.batch], s))
              for i in range(0, len(ti), probe.batch) if len(ti[i:i + probe.batch]) > 1]
-    return {"bank": bank, "in_batch": float(np.mean(parts))}
+    out = {"bank": float(each.mean()), "in_batch": float(np.mean(parts))}
+    if per_sample:
+        out["bank_per_sample"] = each.tolist()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +365,18 @@ def detection(score: np.ndarray, swapped: np.ndarray, uids: Sequence[str], fract
         found[str(f)] = float(swapped[order[:k]].sum() / max(swapped.sum(), 1))
     return {"auroc": float(roc_auc_score(swapped, sus)), "average_precision": float(average_precision_score(swapped, sus)),
             "found_at": found}
+
+
+def pipeline_score(score: np.ndarray, filter_score: np.ndarray, uids, fraction: float) -> np.ndarray:
+    """The default pipeline's order as one score (pruner.select.stages, the product's select_score): the samples
+    outside the lowest ``fraction`` by ``filter_score`` (ties by uid) keep ``score``; the others rank below all of
+    them, by ``filter_score``."""
+    order = rank_order(filter_score, uids)  # best first
+    passed = np.zeros(len(score), bool)
+    passed[order[: len(score) - int(math.floor(fraction * len(score) + 1e-9))]] = True
+    low = np.nanmin(score[passed]) if passed.any() else 0.0
+    cut = np.nanmin(filter_score[passed]) if passed.any() else 0.0
+    return np.where(passed, score, low - 1.0 - (cut - filter_score))
 
 
 def group_standardized(score: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ def small_job_config(tmp: Path, trajectory: Path, **overrides) -> dict:
         "model": {"arch": "pruner-micro"},
         "trajectory": {"file": str(trajectory)},
         "features": {"k": 128, "layer_k": 8, "bank_size": 128, "batch_size": 50},
-        "scores": {"diffin": {"targets": ["target", "train"], "reference_batch_size": 32, "curvature_samples": 128},
+        "scores": {"diffin": {"targets": ["target", "train"], "reference_batch_size": 32, "curvature_samples": 32},
                    "oga": {"iforest_sample": 100, "iforest_trees": 50}},
         "select": {"score": "diffin_target", "keep_fraction": 0.5},
         "ray": {"num_actors": 2},

@@ -3,6 +3,7 @@
 duplicates (identical image and caption under new keys)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -32,7 +33,8 @@ N_DUPS = 3
 
 
 def _write_dup_shard(path: Path, source: str, n: int) -> list[str]:
-    """A tar holding copies (members renamed ``dup-<key>.*``) of the first n samples of ``source``."""
+    """A tar holding copies (members renamed ``dup-<key>.*``) of the first n samples of ``source``, their json without
+    the ``uid`` (a re-upload of the same pair under another name: a near-duplicate, not the same sample)."""
     keys, members = [], []
     with tarfile.open(source, "r:gz") as tf:
         for m in tf.getmembers():
@@ -45,6 +47,8 @@ def _write_dup_shard(path: Path, source: str, n: int) -> list[str]:
                 members.append((m, tf.extractfile(m).read()))
     with tarfile.open(path, "w") as out:
         for m, data in members:
+            if m.name.endswith(".json"):
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "uid"}).encode()
             info = tarfile.TarInfo(f"dup-{m.name}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             out.addfile(info, io.BytesIO(data))
@@ -65,7 +69,8 @@ def job(tmp_path_factory, micro_trajectory):
     status, summary = run(load_config(data=cfg))
     assert status == 0
     root = Path(cfg["output_dir"]) / summary["job"]
-    pairs = [(f"{shard_name(pool_shards[0])}/{k}", f"{shard_name(str(extra))}/dup-{k}") for k in keys]
+    # the demo's json uids (md5 of the key), the copies' fallback uids
+    pairs = [(hashlib.md5(k.encode()).hexdigest(), f"{shard_name(str(extra))}/dup-{k}") for k in keys]
     return root, pairs
 
 

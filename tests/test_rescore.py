@@ -200,8 +200,8 @@ def test_grown_lake_scores_only_new_shards(tmp_path, micro_trajectory):
     shards = demo_pool_shards()
     for s in shards[:2]:
         shutil.copy(s, lake)
-    # the bank (bank_size x 4 candidates) and the other hash-picked inputs must come from the first two shards
-    # (500 samples), as in a lake whose new shards sort after the old ones
+    # the bank (bank_size x 4 candidates) and the other hash-picked inputs (curvature: 32 x 4) must come from the
+    # first two shards (500 samples), as in a lake whose new shards sort after the old ones
     feats = {"k": 128, "layer_k": 8, "bank_size": 100, "batch_size": 50}
     cfg = small_job_config(tmp_path, micro_trajectory, data={"shards": [str(lake)]}, features=feats)
     status, first = run(load_config(data=cfg))

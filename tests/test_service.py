@@ -203,7 +203,9 @@ def seed_shared(root: Path, reference: Path) -> None:
 
 
 def mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every output file's modification time (the run log, appended by every run, is not an output)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parent.name != "logs"}
 
 
 def assert_complete(root: Path, pool_uids: dict[str, list[str]]) -> None:
@@ -649,21 +651,22 @@ def test_shard_sorting_first_is_refused(reference, pool, capsys):
         extra.unlink()
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(extra) in err and "fix: run a full job" in err
-    assert "bank, oga, reference samples picked now differ" in err and "shared/inputs.json" in err
+    assert "bank, curvature, oga, reference samples picked now differ" in err and "shared/inputs.json" in err
     assert mtimes(reference.root) == before
 
 
 def test_repaired_shard_is_scored_again(connected, pool_uids, micro_trajectory, tmp_path):
     """A shard cut off when first scored (its later samples lost: one truncated_tar reject, whose fix says to
     re-download it) and restored afterwards is scored again by the next run, which then equals a fresh run over the
-    lake. The bank (4 x 16), reference (4 x 32) and OGA (100) samples all come from the first four shards here, so
-    repairing the last one leaves them unchanged."""
+    lake. The bank (4 x 16), reference (4 x 32), curvature (4 x 32) and OGA (100) samples all come from the first
+    four shards here, so repairing the last one leaves them unchanged."""
     from pruner.jobs.prune import run
     lake = tmp_path / "lake"
     lake.mkdir()
     for url in pool_uids:
         shutil.copy(url, lake)
-    lake_uids = {str(lake / Path(url).name): [f"lake/{u.split('/', 1)[1]}" for u in uids]  # <folder>/<file>/<key>
+    # json uids stay; fallback uids (<folder>/<file>/<key>) name the lake's folder
+    lake_uids = {str(lake / Path(url).name): [f"lake/{u.split('/', 1)[1]}" if "/" in u else u for u in uids]
                  for url, uids in pool_uids.items()}
     feats = {"k": 128, "layer_k": 8, "bank_size": 16, "batch_size": 50}
     cfg_path = write_config(tmp_path, micro_trajectory, [lake], features=feats)

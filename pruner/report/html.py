@@ -114,17 +114,20 @@ def read_sample(pf: pq.ParquetFile, columns: list[str], max_rows: int, max_group
 def read_extremes(pf: pq.ParquetFile, columns: list[str], score: str, n: int) -> tuple[list[dict], list[dict]]:
     """(the first n rows of the rank-ordered ranking, the n rows with the lowest finite ``score``, lowest first). The
     tail is a streaming bottom-n over the row groups (with a filter stage, the ranking's own tail is the set-apart
-    samples, ordered by the filter score, not the lowest by the selection score); ties by rank."""
+    samples, ordered by the filter score, not the lowest by the selection score); ties by position in the ranking."""
     head = []
     for g in range(pf.num_row_groups):
         head += pf.read_row_group(g, columns=columns).to_pylist()[: n - len(head)]
         if len(head) >= n:
             break
-    tail: list[dict] = []
+    tail: list[tuple] = []  # (score, position in the ranking, row)
+    pos = 0
     for g in range(pf.num_row_groups):
-        rows = [r for r in pf.read_row_group(g, columns=columns).to_pylist() if np.isfinite(r[score])]
-        tail = heapq.nsmallest(n, tail + rows, key=lambda r: (r[score], r["rank"]))
-    return head, tail
+        rows = pf.read_row_group(g, columns=columns).to_pylist()
+        tail = heapq.nsmallest(n, tail + [(r[score], pos + i, r) for i, r in enumerate(rows) if np.isfinite(r[score])],
+                               key=lambda x: x[:2])
+        pos += len(rows)
+    return head, [r for _, _, r in tail]
 
 
 def attach_images(rows: list[dict], convert: Callable = thumb_uri, pipes: Container[str] = frozenset()) -> None:

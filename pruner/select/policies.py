@@ -324,7 +324,7 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     eligible = None
     dedup_info = None
     if dedup_threshold is not None:
-        vectors = dedup_vectors(root, n, dedup_space)
+        vectors = dedup_vectors(root, len(keys), dedup_space)  # by id: every row of the score files
         eligible = np.zeros(n, bool)
         examined = dropped = 0
         valid_ids = np.flatnonzero(keys != NAN_KEY)
