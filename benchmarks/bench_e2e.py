@@ -42,7 +42,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "cifar10"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 OUT = ROOT / "benchmarks" / "results" / "e2e.json"
 
 
@@ -52,16 +52,16 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def build_pool(out: Path, per_shard: int) -> int:
+def build_pool(out: Path, per_shard: int, data: Path) -> int:
     """Write the 100,000-pair pool (module docstring) once; returns the number of shards."""
     done = out / "DONE"
     if done.exists():
         return int(done.read_text())
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import quality_lib as ql
-    meta = ql.load_classnames(DATA)
+    meta = ql.load_classnames(data)
     names, templates = meta["classnames"], meta["templates"]
-    train = ql.read_split(DATA, "train")
+    train = ql.read_split(data, "train")
     pairs = []
     for i, s in enumerate(train):
         name = names[s.label]
@@ -145,7 +145,7 @@ def run_size(a, n: int, pool_dir: Path, traj: Path, work: Path) -> dict:
         os.symlink(s, run_dir / "pool" / s.name)
     cfg = {"name": f"e2e-{n}", "output_dir": str(run_dir / "jobs"), "seed": 0,
            "data": {"shards": [str(run_dir / "pool")]},
-           "target": {"shards": [str(DATA / "test" / "cifar10-test-000000.tar.gz")], "max_samples": 512},
+           "target": {"shards": [str(Path(a.data_dir) / "test" / "cifar10-test-000000.tar.gz")], "max_samples": 512},
            "model": {"arch": a.arch}, "trajectory": {"file": str(traj)},
            "scores": {"diffin": {"targets": ["target", "train", "self"]}},
            "ray": {"num_actors": a.actors, "cpus_per_actor": 1}}
@@ -195,6 +195,7 @@ def run_size(a, n: int, pool_dir: Path, traj: Path, work: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the CIFAR-10 layout of ../shared/data/cifar10")
     ap.add_argument("--sizes", default="25000,100000")
     ap.add_argument("--per-shard", type=int, default=250)
     ap.add_argument("--work", default="/tmp/pruner-e2e")
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     work = Path(a.work)
     t0 = time.time()
-    n_shards = build_pool(work / "pool", a.per_shard)
+    n_shards = build_pool(work / "pool", a.per_shard, Path(a.data_dir))
     print(f"pool: {n_shards} shards of {a.per_shard} in {work / 'pool'} ({time.time() - t0:.0f} s)", flush=True)
     traj = work / "proxy" / "trajectory.json"
     if not traj.exists():

@@ -505,13 +505,13 @@ def test_node_lost_mid_run(pool, pool_uids, reference, micro_trajectory, tmp_pat
 @pytest.mark.parametrize("variant", ["one_actor", "shards_listed_in_reverse"])
 def test_ranking_independent_of_actors_and_shard_order(variant, connected, reference, pool, pool_uids,
                                                        micro_trajectory, tmp_path):
-    """The same ranking, bit for bit, with one scoring actor instead of two, and with the pool given as single
-    shards in reverse order instead of a directory (a new job directory: shared quantities recomputed too)."""
+    """The same ranking, bit for bit, with one actor instead of two (for the shared quantities, split between two
+    actors in the reference run, and for scoring), and with the pool given as single shards in reverse order
+    instead of a directory (a new job directory each: shared quantities recomputed too)."""
     from pruner.jobs.prune import run
     if variant == "one_actor":
         cfg_path = write_config(tmp_path, micro_trajectory, [pool], ray={"num_actors": 1})
         assert job_dir(cfg_path).name == reference.root.name  # ray settings are not part of the job id
-        seed_shared(job_dir(cfg_path), reference.root)  # the same config: only the scoring pool differs
     else:
         cfg_path = write_config(tmp_path, micro_trajectory, sorted(pool_uids, reverse=True))
     status, summary = run(load_config(cfg_path))
@@ -573,7 +573,7 @@ def test_gpu_actors_on_a_cpu_cluster_fail_clearly(head, pool, micro_trajectory, 
     rc, out = run_driver(cfg_path, head.address, tmp_path / "driver.log", timeout=120)
     assert rc == 1, out[-4000:]
     assert "requesting 1 GPU actors, 0 GPU(s) in the cluster now" in out
-    assert "the shared-quantity actor could not be placed within ray.placement_timeout_s=3s" in out
+    assert "the shared-quantity actors could not be placed within ray.placement_timeout_s=3s" in out
     assert "1 CPU + 1 GPU" in out and "Fix:" in out
     assert not JobLayout(job_dir(cfg_path)).scores(str(pool / "pool-000000.tar")).exists()
 

@@ -71,11 +71,16 @@ class SharedComputer:
     def compute(self, i: int) -> dict:
         return self.scorer.compute_shared(i, self.bank, self.target, self.reference, self.curvature or ()).to_state()
 
-    def oga_features(self, state_refs: list):
-        """Projected gradients [n, k] of the hash-selected OGA subsample at the last checkpoint; ``state_refs``: object
-        refs of the shared quantities of checkpoints ``first``.. (:func:`fetch_shared`)."""
+    def oga_subsample_size(self) -> int:
+        return len(self._oga_subsample())
+
+    def oga_features(self, state_refs: list, start: int, stop: int):
+        """Projected gradients [stop - start, k] of rows start:stop of the hash-selected OGA subsample at the last
+        checkpoint; ``state_refs``: object refs of the shared quantities of checkpoints ``first``..
+        (:func:`fetch_shared`). The driver splits the rows at multiples of the batch size, so every actor forms
+        the batches one actor would (identical features whatever the number of actors)."""
         self.scorer.set_shared(fetch_shared(state_refs))
-        return self.scorer.last_checkpoint_features(self._oga_subsample())
+        return self.scorer.last_checkpoint_features(self._oga_subsample()[start:stop])
 
 
 class ShardUnreadableError(OSError):

@@ -205,39 +205,55 @@ def check_shared_inputs(cfg: JobConfig, layout: JobLayout, pool: list[str], targ
 
 
 def shared_phase(cfg: JobConfig, layout: JobLayout, traj: Trajectory, pool: list[str], target: list[str],
-                 picked: dict[str, str] | None, first: int, Shared, cpus: float, wait_placed) -> tuple[list, object]:
+                 picked: dict[str, str] | None, first: int, Shared, cpus: float, wait_placed,
+                 n_workers: int) -> tuple[list, object]:
     """The shared quantities of checkpoints ``first``.. as Ray object refs, one per checkpoint, and the OGA forest
-    (None without OGA). Missing states are computed by one SharedComputer actor and saved (``shared/ckpt-<i>.pt``),
-    saved ones are read; the OGA subsample's features are computed and saved on a job's first run, and the forest is
-    fitted on them (fixed random_state: a re-run refits the identical forest).
+    (None without OGA). Missing states are computed by up to ``n_workers`` SharedComputer actors (checkpoints are
+    independent: checkpoint i goes to actor i mod n; each actor picks the same bank, target, reference and curvature
+    samples) and saved (``shared/ckpt-<i>.pt``) as they finish; saved ones are read. The OGA subsample's features
+    are computed on a job's first run, its rows split between the actors at batch boundaries, and saved; the forest
+    is fitted on them (fixed random_state: a re-run refits the identical forest). Whatever the number of actors,
+    every state and feature row is computed from the same inputs in the same batches: the same bytes.
 
-    Memory: the driver holds one checkpoint's state at a time (read or fetched, saved or put into the object store,
-    then dropped), never every checkpoint's parameter-sized vectors at once; the actors fetch the refs."""
+    Memory: the driver holds one checkpoint's state at a time (fetched, saved, then dropped), never every
+    checkpoint's parameter-sized vectors at once; the actors fetch the refs."""
     m = len(traj.checkpoints)
     refs: dict[int, object] = {}
     todo = [i for i in range(first, m) if not layout.shared(i).exists()]
     sub_path = layout.shared_dir / "oga_subsample.npy"
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
     if todo or need_oga:
-        comp = Shared.remote(cfg.model_dump(mode="json"), traj, pool, target, cpus, first)
+        cfg_dict = cfg.model_dump(mode="json")
+        comps = [Shared.remote(cfg_dict, traj, pool, target, cpus, first)
+                 for _ in range(max(1, min(n_workers, len(todo) or n_workers)))]
         try:  # killed however this ends: a pending resource request would otherwise stay queued
-            wait_placed([comp.ping.remote()], "the shared-quantity actor")
+            wait_placed([c.ping.remote() for c in comps], "the shared-quantity actors")
             if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
-                write_json_atomic(layout.shared_inputs, picked or ray.get(comp.input_digests.remote()))
-            for n, i in enumerate(todo):  # the ref is the actor's return value, owned by this driver: it outlives it
-                t0 = time.time()
-                refs[i] = comp.compute.remote(i)
-                save_state(ray.get(refs[i]), layout.shared(i))
-                log.info("shared quantities of checkpoint %d (%d of %d) in %.1fs", i, n + 1, len(todo), time.time() - t0)
+                write_json_atomic(layout.shared_inputs, picked or ray.get(comps[0].input_digests.remote()))
+            t0 = time.time()  # each ref is an actor's return value, owned by this driver: it outlives the actor
+            running = {comps[j % len(comps)].compute.remote(i): i for j, i in enumerate(todo)}
+            while running:
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                i = running.pop(ref)
+                save_state(ray.get(ref), layout.shared(i))
+                refs[i] = ref
+                log.info("shared quantities of checkpoint %d (%d of %d) after %.1fs", i, len(todo) - len(running),
+                         len(todo), time.time() - t0)
             for i in range(first, m):
                 if i not in refs:
                     refs[i] = ray.put(load_state(layout.shared(i)))
             if need_oga:  # saved, so a re-run refits the identical forest without rescoring the subsample
-                rows = ray.get(comp.oga_features.remote([refs[i] for i in range(first, m)]))
+                n = ray.get(comps[0].oga_subsample_size.remote())
+                b = cfg.features.batch_size
+                cuts = [min(n, b * -(-n * j // (len(comps) * b))) for j in range(len(comps) + 1)]
+                state_refs = [refs[i] for i in range(first, m)]
+                parts = ray.get([c.oga_features.remote(state_refs, lo, hi)
+                                 for c, lo, hi in zip(comps, cuts, cuts[1:]) if hi > lo])
                 with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, np.asarray(rows, np.float32))
+                    np.save(fh, np.concatenate(parts).astype(np.float32, copy=False))
         finally:
-            ray.kill(comp)
+            for c in comps:
+                ray.kill(c)
     for i in range(first, m):
         if i not in refs:
             refs[i] = ray.put(load_state(layout.shared(i)))
@@ -336,7 +352,8 @@ def score_all(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[s
     metrics = _metrics()
 
     t0 = time.time()
-    state_refs, forest = shared_phase(cfg, layout, traj, pool, target, picked, first, Shared, cpus, wait_placed)
+    state_refs, forest = shared_phase(cfg, layout, traj, pool, target, picked, first, Shared, cpus, wait_placed,
+                                      n_actors)
     stats["shared_seconds"] = time.time() - t0
 
     shared = [state_refs, ray.put(forest)]  # sent with each task, nested: Ray passes the refs unresolved
