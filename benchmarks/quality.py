@@ -214,7 +214,8 @@ def job_inputs(cfg):
     from pruner.io.shards import expand_shard_specs
     from pruner.scorer import pick_shared_inputs
     pool = expand_shard_specs(cfg.data.shards)
-    bank, target, reference = pick_shared_inputs(cfg, pool, expand_shard_specs(cfg.target.shards))
+    picked = pick_shared_inputs(cfg, pool, expand_shard_specs(cfg.target.shards))
+    bank, target, reference = picked.bank, picked.target, picked.reference
     return pool, bank, reference, target
 
 

@@ -119,8 +119,8 @@ def parameter_update(job_dir: str | Path, uids: set[str], lanczos_steps: int = 3
                                                                                       cfg.data.allow_pipe))))
     else:
         from pruner.io.shards import expand_shard_specs
-        _, _, reference = pick_shared_inputs(cfg, expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe), [],
-                                             bank=False)
+        reference = pick_shared_inputs(cfg, expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe), [],
+                                       bank=False).reference
         ref_batches = [scorer.tensors(r) for r in reference]
     acc, diag = None, []
     for i, (engine, st, w) in enumerate(zip(scorer.engines, states, weights)):

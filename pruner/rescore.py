@@ -204,7 +204,8 @@ def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence
     states = [CheckpointShared.load(layout.shared(i), scorer.device) for i in range(len(traj.checkpoints))]
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     target = expand_shard_specs(list(target_specs), cfg.data.allow_pipe)
-    _, target_samples, reference = pick_shared_inputs(cfg, pool, target, bank=False)
+    picked = pick_shared_inputs(cfg, pool, target, bank=False)
+    target_samples, reference = picked.target, picked.reference
     target_batches = list(scorer.uid_batches(target_samples))
     ref_batches = [scorer.tensors(r) for r in reference]
     # the weights the job's other columns were combined with, as trajectory.json records them (a job scored before a

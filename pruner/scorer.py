@@ -7,10 +7,11 @@ actor, hands it shards, and writes what it returns. Notebooks can use it directl
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,17 +38,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def hash_pick(samples_iter: Iterable[Sample], n: int, salt: str, oversample: int = 4) -> list[Sample]:
-    """The n samples with the smallest sha1(salt:uid) among the first n*oversample samples of the stream.
+class SharedInputs(NamedTuple):
+    """The samples behind a job's shared quantities (:func:`pick_shared_inputs`)."""
+    bank: list[Sample]
+    target: list[Sample]
+    reference: list[list[Sample]]
+    curvature: Optional[list[Sample]]  # Diff-In's propagated form only
+    oga: Optional[list[Sample]]        # the OGA forest's subsample, with OGA only
 
-    The stream is the pool in sorted shard order, so the choice is the same for every worker and run."""
-    pool = []
-    for s in samples_iter:
-        pool.append((hashlib.sha1(f"{salt}:{s.uid}".encode()).hexdigest(), s))
-        if len(pool) >= n * oversample:
-            break
-    pool.sort(key=lambda x: x[0])
-    return [s for _, s in pool[:n]]
+
+def pick_pool_samples(cfg: JobConfig, pool_urls: Sequence[str],
+                      picks: dict[str, tuple[int, int]]) -> dict[str, list[Sample]]:
+    """For each pick ``name -> (n, head)``: the n samples with the smallest sha1(name:uid) among the first ``head``
+    samples of the pool in sorted shard order (ties, i.e. a repeated uid, by position), in that hash order. So the
+    choice is the same for every worker and run, and shards appended later, sorting after the head, do not change it.
+
+    One pass over the longest head reads every pick; each pick keeps a bounded heap of its n best, so memory holds
+    at most the picked samples (plus the one being read), not the head."""
+    heaps: dict[str, list] = {name: [] for name in picks}
+    horizon = max((head for _, head in picks.values()), default=0)
+    for pos, sample in enumerate(itertools.islice(iter_pool(pool_urls, cfg.data.allow_pipe), horizon)):
+        for name, (n, head) in picks.items():
+            if pos >= head or n <= 0:
+                continue
+            key = (-int(hashlib.sha1(f"{name}:{sample.uid}".encode()).hexdigest(), 16), -pos)  # max-heap of (hash, pos)
+            heap = heaps[name]
+            if len(heap) < n:
+                heapq.heappush(heap, (key, sample))
+            elif key > heap[0][0]:
+                heapq.heapreplace(heap, (key, sample))
+    return {name: [smp for _, smp in sorted(heap, key=lambda e: e[0], reverse=True)] for name, heap in heaps.items()}
 
 
 def iter_pool(urls: Sequence[str], allow_pipe: bool = False) -> Iterable[Sample]:
@@ -56,27 +76,32 @@ def iter_pool(urls: Sequence[str], allow_pipe: bool = False) -> Iterable[Sample]
         yield from iter_shard(url, rejects, allow_pipe=allow_pipe)
 
 
-def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Sequence[str], bank: bool = True):
-    """(bank samples, target samples, reference batches) of a job: the bank and the reference batches are
-    hash-selected among the first 4 x (their size) samples of the pool in sorted shard order (so shards
-    appended later, sorting after those samples, do not change them), the target is the first
-    ``target.max_samples`` samples of the sorted target shards. The pool's head is read once for both picks."""
-    allow, d = cfg.data.allow_pipe, cfg.scores.diffin
+def pick_shared_inputs(cfg: JobConfig, pool_urls: Sequence[str], target_urls: Sequence[str], bank: bool = True,
+                       curvature: bool = False, oga: bool = False) -> SharedInputs:
+    """The samples of a job's shared quantities, from one pass over the pool's head (:func:`pick_pool_samples`):
+    the bank and the reference batches, hash-selected among the first 4 x max(bank, reference) samples; with
+    ``curvature``, Diff-In's propagated-form curvature subsample among the first 4 x ``curvature_samples``; with
+    ``oga``, the OGA forest's subsample, the first ``scores.oga.iforest_sample``. The target is the first
+    ``target.max_samples`` samples of the sorted target shards."""
+    d = cfg.scores.diffin
     n_bank, n_ref = (cfg.features.bank_size if bank else 0), d.reference_batches * d.reference_batch_size
-    head = list(itertools.islice(iter_pool(pool_urls, allow), 4 * max(n_bank, n_ref)))
-    bank_samples = hash_pick(head, n_bank, "bank") if bank else []
-    refs = hash_pick(head, n_ref, "reference")
-    del head
-    reference = [refs[i::d.reference_batches] for i in range(d.reference_batches)]
-    target = list(itertools.islice(iter_pool(target_urls, allow), cfg.target.max_samples))
-    return bank_samples, target, reference
+    head = 4 * max(n_bank, n_ref)
+    picks = {"bank": (n_bank, head), "reference": (n_ref, head)}
+    if curvature:
+        picks["curvature"] = (d.curvature_samples, 4 * d.curvature_samples)
+    if oga:
+        picks["oga"] = (cfg.scores.oga.iforest_sample, cfg.scores.oga.iforest_sample)
+    got = pick_pool_samples(cfg, pool_urls, picks)
+    reference = [got["reference"][i::d.reference_batches] for i in range(d.reference_batches)]
+    target = list(itertools.islice(iter_pool(target_urls, cfg.data.allow_pipe), cfg.target.max_samples))
+    return SharedInputs(got["bank"], target, reference, got.get("curvature"), got.get("oga"))
 
 
 def pick_curvature_samples(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]:
-    """The samples Diff-In's propagated form estimates each checkpoint's sketched curvature on: hash-selected among
-    the first 4 x ``scores.diffin.curvature_samples`` samples of the pool in sorted shard order (like the bank)."""
+    """The samples Diff-In's propagated form estimates each checkpoint's sketched curvature on (hash-selected among
+    the first 4 x ``scores.diffin.curvature_samples`` samples of the pool, like the bank)."""
     n = cfg.scores.diffin.curvature_samples
-    return hash_pick(itertools.islice(iter_pool(pool_urls, cfg.data.allow_pipe), 4 * n), n, "curvature")
+    return pick_pool_samples(cfg, pool_urls, {"curvature": (n, 4 * n)})["curvature"]
 
 
 def uses_propagation(cfg: JobConfig) -> bool:
@@ -86,23 +111,23 @@ def uses_propagation(cfg: JobConfig) -> bool:
 
 
 def pick_oga_subsample(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]:
-    """The samples the OGA Isolation Forest is fitted on: hash-selected among the first ``scores.oga.iforest_sample``
-    samples of the pool in sorted shard order."""
-    return hash_pick(iter_pool(pool_urls, cfg.data.allow_pipe), cfg.scores.oga.iforest_sample, "oga", oversample=1)
+    """The samples the OGA Isolation Forest is fitted on: the first ``scores.oga.iforest_sample`` samples of the
+    pool in sorted shard order, in hash order."""
+    n = cfg.scores.oga.iforest_sample
+    return pick_pool_samples(cfg, pool_urls, {"oga": (n, n)})["oga"]
 
 
-def input_digests(bank: Sequence[Sample], target: Sequence[Sample], reference: Sequence[Sequence[Sample]],
-                  oga: Optional[Sequence[Sample]] = None,
-                  curvature: Optional[Sequence[Sample]] = None) -> dict[str, str]:
+def input_digests(inputs: SharedInputs) -> dict[str, str]:
     """sha256 of the uids of the samples behind a job's shared quantities, in the order they are used: ``bank``,
     ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's subsample), with
     Diff-In's propagated form ``curvature``; what ``shared/inputs.json`` records
     (pruner.distributed.driver.check_shared_inputs)."""
-    picked = {"bank": bank, "reference": [s for batch in reference for s in batch], "target": target}
-    if oga is not None:
-        picked["oga"] = oga
-    if curvature is not None:
-        picked["curvature"] = curvature
+    picked = {"bank": inputs.bank, "reference": [s for batch in inputs.reference for s in batch],
+              "target": inputs.target}
+    if inputs.oga is not None:
+        picked["oga"] = inputs.oga
+    if inputs.curvature is not None:
+        picked["curvature"] = inputs.curvature
     return {k: hashlib.sha256(json.dumps([s.uid for s in v]).encode()).hexdigest() for k, v in picked.items()}
 
 

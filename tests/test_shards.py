@@ -263,3 +263,37 @@ def test_real_shared_shard():
     assert len(samples) == 2000 and len(rejects) == 0
     s = samples[0]
     assert s.key.startswith("c10-test-") and s.caption == s.meta["caption"] and s.image.size == (32, 32)
+
+
+def test_shared_input_picks_match_sorting_the_head(tmp_path):
+    """pick_shared_inputs reads every pick in one pass with bounded heaps: each pick equals the brute-force choice
+    (sort the first `head` accepted samples of the pool, in sorted shard order, by sha1(name:uid), ties by position),
+    and the target is the first max_samples target samples."""
+    from conftest import small_job_config
+    from pruner.config import JobConfig
+    from pruner.scorer import iter_pool, pick_curvature_samples, pick_oga_subsample, pick_shared_inputs
+    raw = small_job_config(tmp_path, tmp_path / "trajectory.json",
+                           features={"bank_size": 100}, scores={"diffin": {"reference_batch_size": 30,
+                                                                          "reference_batches": 2,
+                                                                          "curvature_samples": 150},
+                                                                "oga": {"iforest_sample": 300}})
+    cfg = JobConfig.model_validate(raw)
+    pool = list(reversed(demo_pool_shards()))  # listed in any order: read in sorted order
+    uids = [s.uid for s in iter_pool(pool)]
+
+    def brute(name, n, head):
+        order = sorted(range(min(head, len(uids))),
+                       key=lambda i: (hashlib.sha1(f"{name}:{uids[i]}".encode()).hexdigest(), i))
+        return [uids[i] for i in order[:n]]
+
+    got = pick_shared_inputs(cfg, pool, demo_target_shards(), curvature=True, oga=True)
+    assert [s.uid for s in got.bank] == brute("bank", 100, 400)
+    assert [s.uid for batch in got.reference for s in batch] == \
+        [u for i in range(2) for u in brute("reference", 60, 400)[i::2]]
+    assert [s.uid for s in got.curvature] == brute("curvature", 150, 600)
+    assert [s.uid for s in got.oga] == brute("oga", 300, 300)
+    assert [s.uid for s in got.target] == [s.uid for s in iter_pool(demo_target_shards())][:64]
+    assert [s.uid for s in pick_curvature_samples(cfg, pool)] == brute("curvature", 150, 600)
+    assert [s.uid for s in pick_oga_subsample(cfg, pool)] == brute("oga", 300, 300)
+    plain = pick_shared_inputs(cfg, pool, demo_target_shards())
+    assert plain.curvature is None and plain.oga is None and [s.uid for s in plain.bank] == [s.uid for s in got.bank]

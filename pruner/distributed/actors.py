@@ -20,8 +20,7 @@ from ray.util.metrics import Counter
 from pruner.config import JobConfig
 from pruner.io.shards import RejectLog, iter_shard, not_a_tar
 from pruner.model.checkpoints import Trajectory
-from pruner.scorer import (Scorer, input_digests, pick_curvature_samples, pick_oga_subsample, pick_shared_inputs,
-                           uses_propagation)
+from pruner.scorer import Scorer, input_digests, pick_shared_inputs, uses_propagation
 from pruner.scores.shared import CheckpointShared
 
 log = logging.getLogger("pruner.actor")
@@ -49,9 +48,8 @@ class SharedComputer:
                  first: int = 0):
         self.cfg = _setup(cfg_dict, cpus)
         self.scorer = Scorer(self.cfg, traj, first=first)  # checkpoints first.. (see Scorer)
-        self.bank, self.target, self.reference = pick_shared_inputs(self.cfg, pool_urls, target_urls)
-        self.curvature = pick_curvature_samples(self.cfg, pool_urls) if uses_propagation(self.cfg) else None
-        self.pool_urls, self._oga = pool_urls, None
+        self.inputs = pick_shared_inputs(self.cfg, pool_urls, target_urls, curvature=uses_propagation(self.cfg),
+                                         oga="oga" in self.cfg.scores.methods)
 
     def ping(self) -> int:
         return os.getpid()
@@ -59,20 +57,14 @@ class SharedComputer:
     def input_digests(self) -> dict[str, str]:
         """What ``shared/inputs.json`` records of the samples picked here (pruner.scorer.input_digests), so the
         driver need not read and decode them as well on a job's first run."""
-        oga = self._oga_subsample() if "oga" in self.cfg.scores.methods else None
-        return input_digests(self.bank, self.target, self.reference, oga, self.curvature)
-
-    def _oga_subsample(self):
-        """The OGA forest's samples (pruner.scorer.pick_oga_subsample), read once, when first needed."""
-        if self._oga is None:
-            self._oga = pick_oga_subsample(self.cfg, self.pool_urls)
-        return self._oga
+        return input_digests(self.inputs)
 
     def compute(self, i: int) -> dict:
-        return self.scorer.compute_shared(i, self.bank, self.target, self.reference, self.curvature or ()).to_state()
+        bank, target, reference, curvature, _ = self.inputs
+        return self.scorer.compute_shared(i, bank, target, reference, curvature or ()).to_state()
 
     def oga_subsample_size(self) -> int:
-        return len(self._oga_subsample())
+        return len(self.inputs.oga)
 
     def oga_features(self, state_refs: list, start: int, stop: int):
         """Projected gradients [stop - start, k] of rows start:stop of the hash-selected OGA subsample at the last
@@ -80,7 +72,7 @@ class SharedComputer:
         (:func:`fetch_shared`). The driver splits the rows at multiples of the batch size, so every actor forms
         the batches one actor would (identical features whatever the number of actors)."""
         self.scorer.set_shared(fetch_shared(state_refs))
-        return self.scorer.last_checkpoint_features(self._oga_subsample()[start:stop])
+        return self.scorer.last_checkpoint_features(self.inputs.oga[start:stop])
 
 
 class ShardUnreadableError(OSError):

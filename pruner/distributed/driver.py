@@ -52,8 +52,7 @@ from pruner.model.checkpoints import Trajectory
 from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest
 from pruner.scores.shared import load_state, save_state
-from pruner.scorer import (ShardChangedError, input_digests, pick_curvature_samples, uses_propagation,
-                           pick_oga_subsample, pick_shared_inputs)
+from pruner.scorer import ShardChangedError, input_digests, pick_shared_inputs, uses_propagation
 
 log = logging.getLogger("pruner.driver")
 ACTOR_START_GRACE_S = 60.0  # after the first scoring actor is ready, wait at most this long for the others
@@ -154,9 +153,8 @@ def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayou
 def shared_input_digests(cfg: JobConfig, pool: list[str], target: list[str]) -> dict[str, str]:
     """:func:`pruner.scorer.input_digests` of the hash-picked samples behind a job's shared quantities. Reads those
     samples (the first ones of the pool in sorted shard order, and of the target set); loads no model."""
-    oga = pick_oga_subsample(cfg, pool) if "oga" in cfg.scores.methods else None
-    curvature = pick_curvature_samples(cfg, pool) if uses_propagation(cfg) else None
-    return input_digests(*pick_shared_inputs(cfg, pool, target), oga, curvature)
+    return input_digests(pick_shared_inputs(cfg, pool, target, curvature=uses_propagation(cfg),
+                                            oga="oga" in cfg.scores.methods))
 
 
 def _changed_inputs(record: Path, picked: dict[str, str]) -> list[str]:
