@@ -319,11 +319,10 @@ def policy_coresets(a, cfg_dict: dict, keys: list) -> dict:
     import pyarrow.parquet as pq
     from pruner.config import load_config
     from pruner.select.policies import select_policy
-    from pruner.select.rank import shard_score_files
     cfg_dict = json.loads(json.dumps(cfg_dict))
     cfg_dict["features"]["save"] = True
     layout, _, _ = run_prune_job(load_config(data=cfg_dict, check_paths=False))
-    files = [f for f in shard_score_files(layout.root) if pq.read_metadata(f).num_rows]
+    files = [f for f in layout.score_files() if pq.read_metadata(f).num_rows]
     uid_of_id = pa.concat_tables([pq.read_table(f, columns=["uid"]) for f in files])["uid"]
     uid_of_id = uid_of_id.to_numpy(zero_copy_only=False)  # sample id -> uid, the order of select_policy's mask
     pos = {k: i for i, k in enumerate(keys)}

@@ -208,7 +208,8 @@ def explore_scores(a, cfg, layout, traj, pool_order: list[str]) -> dict[str, np.
     from pruner.io.shards import expand_shard_specs
     from pruner.io.store import load_features
     from pruner.rescore import target_projections
-    from pruner.scores.propagation import adam_step_scale, curvature, propagated_directions
+    from pruner.model.checkpoints import adam_step_scale
+    from pruner.scores.propagation import curvature, propagated_directions
     pool = expand_shard_specs(cfg.data.shards)
     m = len(traj.checkpoints)
     feats = [[] for _ in range(m)]

@@ -23,7 +23,7 @@ from pruner.io.manifests import (UID_DTYPE, MaterializeError, kept_keys_filter, 
                                  uid_to_u128, verify_materialized, write_manifests)
 from pruner.io.shards import read_shard
 from pruner.select.policies import select_policy
-from pruner.select.rank import select, shard_score_files
+from pruner.select.rank import select
 from pruner.select.reduce import finalize
 
 PER_SHARD = 12
@@ -70,7 +70,7 @@ def job(tmp_path_factory):
                        layout.scores(url))
         urls.append(url)
         truth.update({(url, k): (u, sc, dict(m)) for (k, m), u, sc in zip(samples, uids, scores)})
-    files = shard_score_files(layout.root)
+    files = layout.score_files()
     sel = select(files, "diffin_target", keep_fraction=0.5)
     info = write_manifests(files, sel, layout.keep_dir)
     return {"layout": layout, "urls": urls, "truth": truth, "sel": sel, "info": info, "files": files}

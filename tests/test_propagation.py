@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruner.scores.propagation import Curvature, adam_step_scale, curvature, phi, propagated_directions
+from pruner.model.checkpoints import adam_step_scale
+from pruner.scores.propagation import Curvature, curvature, phi, propagated_directions
 
 
 def _quadratic(seed: int, d: int = 6, n: int = 40):

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pruner.select.rank import order_key, select, shard_score_files, write_ranking
+from pruner.io.layout import JobLayout
+from pruner.select.rank import order_key, select, write_ranking
 
 N = 2000
 
@@ -170,8 +171,8 @@ def test_errors_name_the_problem(pool, files, tmp_path):
     assert not (tmp_path / "r.parquet").exists()
 
 
-def test_shard_score_files_skips_rejects(tmp_path):
+def test_score_files_skips_rejects_sorted(tmp_path):
     (tmp_path / "shards").mkdir()
     for name in ("b-1.parquet", "a-2.parquet", "a-2.rejects.parquet", "a-2.c0.npy"):
         (tmp_path / "shards" / name).write_bytes(b"")
-    assert [p.name for p in shard_score_files(tmp_path)] == ["a-2.parquet", "b-1.parquet"]
+    assert [p.name for p in JobLayout(tmp_path).score_files()] == ["a-2.parquet", "b-1.parquet"]

@@ -45,9 +45,8 @@ from tqdm import tqdm
 from pruner.config import JobConfig, load_job_config
 from pruner.distributed.actors import ShardNotATarError, remote_classes
 from pruner.io.atomic import atomic_path, link_or_copy, write_json_atomic
-from pruner.io.layout import IDENTITY_KEY, JobLayout, shard_identities
+from pruner.io.layout import IDENTITY_KEY, JobLayout, JobRefusedError, shard_identities
 from pruner.io.store import save_features
-from pruner.jobs.jobdir import JobRefusedError
 from pruner.model.checkpoints import Trajectory
 from pruner.scores.combine import component_columns
 from pruner.scores.oga import fit_isolation_forest

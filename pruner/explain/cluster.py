@@ -37,7 +37,7 @@ from pruner.explain.index import _want_gpu, num_gpus, train_sample_ids
 from pruner.explain.pool import PoolFeatures, sample_labels, trusted_pipes
 from pruner.io.atomic import atomic_path, write_json_atomic
 from pruner.io.layout import CLUSTERS_JSON, CLUSTERS_PARQUET
-from pruner.select.reduce import method_columns
+from pruner.scores.combine import method_columns
 
 CLUSTER_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string()),
                             ("row", pa.int32()), ("cluster", pa.int32()), ("cosine", pa.float32()),

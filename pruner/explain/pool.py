@@ -1,7 +1,7 @@
 """A finished job's stored projected gradients, seen as one virtual matrix over the whole pool.
 
 Sample ids: the pool's samples are numbered 0..n-1 in the order of the per-shard score files
-(``shards/<id>.parquet``, sorted by name, as :func:`pruner.select.rank.shard_score_files` lists them), rows in
+(``shards/<id>.parquet``, sorted by name, as :meth:`pruner.io.layout.JobLayout.score_files` lists them), rows in
 file order; row j of a score file is row ``row[j]`` of each ``shards/<id>.c<i>.npy`` (fp16 [n_shard, k]).
 
 Two views of a sample z, from the features P g_i(z) at checkpoints i = 0..m-1 with learning-rate weights eta_i
@@ -32,7 +32,6 @@ from tqdm import tqdm
 from pruner.io.layout import JobLayout
 from pruner.io.shards import open_shard_stream, tar_samples
 from pruner.io.store import load_features
-from pruner.select.rank import shard_score_files
 
 WEIGHTINGS = ("tracin", "unit")
 
@@ -82,7 +81,7 @@ class PoolFeatures:
         root = Path(job_dir)
         etas = checkpoint_etas(root)
         files, counts, k = [], [], None
-        for f in shard_score_files(root):
+        for f in JobLayout(root).score_files():
             n = pq.read_metadata(f).num_rows
             if n == 0:
                 continue

@@ -52,7 +52,6 @@ from pruner.model.checkpoints import load_trajectory
 from pruner.model.loss import encode_pairs
 from pruner.scorer import Scorer
 from pruner.scores.shared import CheckpointShared, load_state
-from pruner.select.rank import shard_score_files
 
 CSV_COLUMNS = ("role", "rank", "uid", "key", "shard_url", "row", "score", "caption")
 
@@ -161,7 +160,7 @@ def pool_embeddings(job_dir: str | Path, encoder: Optional[QueryEncoder] = None,
     root = Path(job_dir)
     out_dir = root / EMBEDDINGS_DIR
     paths, pipes = [], trusted_pipes(root)
-    for f in shard_score_files(root):
+    for f in JobLayout(root).score_files():
         n = pq.read_metadata(f).num_rows
         if n == 0:
             continue

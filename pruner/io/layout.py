@@ -66,6 +66,10 @@ class JobLockedError(RuntimeError):
     """Another process holds the job directory's lock (:meth:`JobLayout.locked`)."""
 
 
+class JobRefusedError(ValueError):
+    """The job directory cannot be resumed as asked; the message names the cause and the fix."""
+
+
 def shard_identities(urls: Sequence[str]) -> dict[str, str | None]:
     """Each shard's identity: the :data:`IDENTITY_FIELDS` of its fsspec file info, as JSON. A shard re-written
     since (re-downloaded, repaired) has another one. Shards are listed a folder at a time (one listing call per
@@ -127,6 +131,11 @@ class JobLayout:
         changed = [u for u in pool if u in done and identities[u] is not None
                    and self.scored_identity(u) not in (None, identities[u])]
         return unscored, changed
+
+    def score_files(self) -> list[Path]:
+        """The per-shard score files ``shards/*.parquet`` (``*.rejects.parquet`` excluded), sorted by name: the
+        order every reader of a job's scores uses, so row positions mean the same to all of them."""
+        return sorted(p for p in self.shards_dir.glob("*.parquet") if not p.name.endswith(".rejects.parquet"))
 
     def rejects(self, url: str) -> Path:
         return self.shards_dir / f"{shard_id(url)}.rejects.parquet"

@@ -28,7 +28,7 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import fsspec
 import numpy as np
@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 
 from pruner.io.atomic import atomic_path, write_json_atomic
 from pruner.io.shards import printable, sample_uid, tar_samples, unsafe_name
-from pruner.select.rank import Selection
 
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset-file dtype: (high 64 bits, low 64 bits) of the 128-bit uid
 KEEP_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string()),
@@ -83,7 +82,18 @@ def _fallback_path(npy_path: Path) -> Path:
     return npy_path.with_suffix(".fallback.parquet")
 
 
-def write_manifests(shard_files: Iterable[str | Path], selection: Selection, keep_dir: str | Path,
+
+class KeepSet(Protocol):
+    """What the writers need of a selection (:class:`pruner.select.rank.Selection` is one): the score column it
+    ranks by, how many samples it keeps, and which rows of a score table are kept. A protocol, so that this I/O
+    layer does not import the selection layer above it."""
+
+    score: str
+    n_keep: int
+
+    def is_kept(self, scores, uids) -> np.ndarray: ...
+
+def write_manifests(shard_files: Iterable[str | Path], selection: KeepSet, keep_dir: str | Path,
                     pool: Iterable[str] = ()) -> dict:
     """Write manifest.json, uids.npy (+ uids.fallback.parquet) and keep.parquet under ``keep_dir`` from the score
     files the selection was made on. Each file is written atomically, and none is replaced unless all four were

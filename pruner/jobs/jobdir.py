@@ -15,14 +15,10 @@ from pathlib import Path
 
 from pruner.config import ConfigError, JobConfig
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
-from pruner.io.layout import JobLayout
+from pruner.io.layout import JobLayout, JobRefusedError
 from pruner.io.shards import check_shard_names, expand_shard_specs
 from pruner.model.checkpoints import Trajectory, load_trajectory
 from pruner.scores.weights import CheckpointWeights, checkpoint_weights
-
-
-class JobRefusedError(ValueError):
-    """The job directory cannot be resumed as asked; the message names the cause and the fix."""
 
 
 def file_digest(path: str) -> str:

@@ -17,8 +17,8 @@ import json
 import sys
 
 from pruner.config import ConfigError, JobConfig, check_checkpoint_weights, load_config
-from pruner.io.layout import JobLayout, JobLockedError
-from pruner.jobs.jobdir import JobRefusedError, ResolvedJob, create_job_dir, resolve_job
+from pruner.io.layout import JobLayout, JobLockedError, JobRefusedError
+from pruner.jobs.jobdir import ResolvedJob, create_job_dir, resolve_job
 from pruner.logs import log_file, setup_console
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from pruner.io.atomic import write_json_atomic
 
@@ -94,13 +94,28 @@ def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def adam_step_scale(exp_avg_sq: Sequence[torch.Tensor], steps: Sequence[int], beta2: float, eps: float) -> float:
+    """The factor by which Adam's update of a gradient exceeds the LR's: sum_p v_p / (sqrt(v_p) + eps) / sum_p v_p
+    over every element p of the given second-moment tensors, with v_p the bias-corrected second moment
+    ``exp_avg_sq / (1 - beta2^step)``. This is E[1 / (sqrt(v) + eps)] weighted by gradient energy v: the
+    per-parameter step sizes eta / (sqrt(v_p) + eps) averaged where the gradients, and so the Gauss-Newton matrix's
+    leading directions, are large. 1.0 when there is no gradient energy at all."""
+    num = den = 0.0
+    for v, step in zip(exp_avg_sq, steps):
+        if step <= 0:
+            continue
+        vhat = v.double() / (1.0 - beta2 ** float(step))
+        num += float((vhat / (vhat.sqrt() + eps)).sum())
+        den += float(vhat.sum())
+    return num / den if den > 0 else 1.0
+
+
 def optimizer_step_scale(path: str) -> float:
     """By how much the optimiser's update of a gradient exceeded the learning rate when the checkpoint was saved, from
     its optimiser state (OpenCLIP checkpoints and train-proxy's carry it): for Adam(W) the gradient-energy weighted
-    mean of 1 / (sqrt(v) + eps) over the second moments v (pruner.scores.propagation.adam_step_scale); for SGD with
+    mean of 1 / (sqrt(v) + eps) over the second moments v (:func:`adam_step_scale`); for SGD with
     momentum m, 1 / (1 - m) (the sum of the momentum's geometric series); 1.0 for plain SGD or a checkpoint without
     optimiser state. Read with ``weights_only`` and ``mmap``."""
-    from pruner.scores.propagation import adam_step_scale
     obj = _torch_load(path, mmap=True)
     opt = obj.get("optimizer") if isinstance(obj, dict) else None
     if not isinstance(opt, dict) or not opt.get("param_groups"):

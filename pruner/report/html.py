@@ -44,8 +44,7 @@ from pruner.explain.pool import read_text_members, trusted_pipes
 from pruner.io.atomic import write_bytes_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, iter_shard
-from pruner.select.rank import shard_score_files
-from pruner.select.reduce import method_columns
+from pruner.scores.combine import method_columns
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1150px;color:#1d232b;background:#fff}
@@ -183,7 +182,7 @@ def class_split(layout: JobLayout, max_shards: int, pipes: Container[str] = froz
     shards: kept as the ranking records it, classname from the ``.json`` metadata in the shard (text members
     only, up to the last scored key; a shard that cannot be read, or a ``pipe:`` one not in ``pipes``, is
     left out of the counts). Empty when no sample has a ``classname``."""
-    files = shard_score_files(layout.root)
+    files = layout.score_files()
     pick = [files[int(i)] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), max_shards)).round())] \
         if files else []
     counts = defaultdict(lambda: [0, 0])

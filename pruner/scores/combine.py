@@ -129,12 +129,21 @@ def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: 
     return out
 
 
+def _component_checkpoint(name: str) -> int | None:
+    """i for a ``c<i>_<component>`` column name (the naming of :func:`combine`), else None."""
+    head, sep, _ = name.partition("_")
+    return int(head[1:]) if sep and head[:1] == "c" and head[1:].isdigit() else None
+
+
 def component_columns(names: Sequence[str], m: int) -> list[str]:
     """The ``c<i>_<component>`` column names of checkpoints 0..m-1 among ``names`` (the naming of :func:`combine`)."""
-    def checkpoint(name: str) -> int:
-        head = name.partition("_")[0]
-        return int(head[1:]) if head[:1] == "c" and head[1:].isdigit() else m
-    return [c for c in names if checkpoint(c) < m]
+    return [c for c in names if (i := _component_checkpoint(c)) is not None and i < m]
+
+
+def method_columns(names: Sequence[str]) -> list[str]:
+    """The method score columns among a score table's or the ranking's column names: all but the sample, ranking
+    and ``c<i>_`` component columns."""
+    return [c for c in names if c not in SAMPLE_COLUMNS + RANKING_COLUMNS and _component_checkpoint(c) is None]
 
 
 def split_components(columns: Mapping[str, np.ndarray], m: int) -> list[dict[str, np.ndarray]]:

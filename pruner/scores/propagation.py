@@ -32,7 +32,7 @@ directly (:func:`curvature`). Everything stays k-dimensional: the shared state p
 forms anyway (and re-targeting reads from the stored features).
 
 The step sizes h_c are in the units of the update the optimiser applies to a gradient. For SGD that is the LR. For
-Adam(W) the update of parameter p is about eta / (sqrt(v_p) + eps) times its gradient; :func:`adam_step_scale`
+Adam(W) the update of parameter p is about eta / (sqrt(v_p) + eps) times its gradient; pruner.model.checkpoints.adam_step_scale
 turns the checkpoint's second moments into one factor for the whole gradient, weighted by gradient energy (where
 the Gauss-Newton matrix's leading directions lie).
 """
@@ -100,22 +100,6 @@ def propagated_directions(target: torch.Tensor, curvatures: Sequence[Curvature],
         out.append(b * k_c.apply(lambda e: phi(h * e), lam))
         lam = k_c.apply(lambda e: torch.exp(-h * e), lam)
     return out[::-1]
-
-
-def adam_step_scale(exp_avg_sq: Sequence[torch.Tensor], steps: Sequence[int], beta2: float, eps: float) -> float:
-    """The factor by which Adam's update of a gradient exceeds the LR's: sum_p v_p / (sqrt(v_p) + eps) / sum_p v_p
-    over every element p of the given second-moment tensors, with v_p the bias-corrected second moment
-    ``exp_avg_sq / (1 - beta2^step)``. This is E[1 / (sqrt(v) + eps)] weighted by gradient energy v: the
-    per-parameter step sizes eta / (sqrt(v_p) + eps) averaged where the gradients, and so the Gauss-Newton matrix's
-    leading directions, are large. 1.0 when there is no gradient energy at all."""
-    num = den = 0.0
-    for v, step in zip(exp_avg_sq, steps):
-        if step <= 0:
-            continue
-        vhat = v.double() / (1.0 - beta2 ** float(step))
-        num += float((vhat / (vhat.sqrt() + eps)).sum())
-        den += float(vhat.sum())
-    return num / den if den > 0 else 1.0
 
 
 def lanczos_apply(matvec, x: torch.Tensor, fn, steps: int = 30) -> torch.Tensor:

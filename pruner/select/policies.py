@@ -46,7 +46,7 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import expand_shard_specs
-from pruner.select.rank import NAN_KEY, Selection, _keep_size, _check_files, order_key, shard_score_files
+from pruner.select.rank import NAN_KEY, Selection, _keep_size, _check_files, order_key
 
 POLICIES = ("top_k", "cluster_balanced", "class_balanced")
 DEDUP_SPACES = ("gradient", "embedding")
@@ -300,7 +300,7 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
         raise ValueError(f"dedup_space {dedup_space!r}: one of {DEDUP_SPACES}")
     root = Path(job_dir)
     files = sorted(score_files) if score_files is not None else \
-        [f for f in shard_score_files(root) if pq.read_metadata(f).num_rows > 0]
+        [f for f in JobLayout(root).score_files() if pq.read_metadata(f).num_rows > 0]
     _check_files(files, score)
     uids, keys = _score_columns(files, score)
     counted = np.ones(len(keys), bool) if exclude is None else ~np.asarray(exclude, bool)

@@ -37,19 +37,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pruner.io.atomic import atomic_path
-from pruner.io.layout import JobLayout
 
 NAN_KEY = np.uint64(2**64 - 1)  # order key of NaN: after every number (no number maps to it)
 _SIGN = np.uint64(1 << 63)
 _UID_BINS = 257 * 257  # two uid bytes per pass; code 0 = "string ended", byte b -> b + 1
 _KEY = "__order_key"
 _KEPT = "__kept"  # a keep mask carried through write_ranking's sort
-
-
-def shard_score_files(job_root: str | Path) -> list[Path]:
-    """The per-shard score files ``<job>/shards/*.parquet`` (``*.rejects.parquet`` excluded), sorted by name."""
-    shards_dir = JobLayout(Path(job_root)).shards_dir
-    return sorted(p for p in shards_dir.glob("*.parquet") if not p.name.endswith(".rejects.parquet"))
 
 
 def order_key(scores) -> np.ndarray:

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import time
 from pathlib import Path
@@ -19,25 +18,19 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import RejectLog
-from pruner.scores.combine import RANKING_COLUMNS, SAMPLE_COLUMNS
+from pruner.scores.combine import method_columns
 from pruner.select.duplicates import find_duplicate_uids, without_rows
 from pruner.select.policies import apply_select_config
-from pruner.select.rank import select, shard_score_files, write_ranking
+from pruner.select.rank import select, write_ranking
 from pruner.select.stages import SELECT_SCORE, apply_filter, filter_selection, passing
 
 log = logging.getLogger(__name__)
 DUPLICATES = "duplicates.parquet"  # the samples left out because an earlier shard holds their uid
 DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("uid", "url", "key", "kept_url", "kept_key")])
-_COMPONENT = re.compile(r"^c\d+_")
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 # score columns whose values are influences on a loss (removal convention), so that the sum over the dropped
 # samples predicts the change of that loss caused by dropping them (data deletion, methods §1.3)
 INFLUENCE_COLUMNS = ("diffin_target", "diffin_train", "tracin_target")
-
-
-def method_columns(schema_names) -> list[str]:
-    """The method score columns among a score table's or the ranking's columns."""
-    return [c for c in schema_names if c not in SAMPLE_COLUMNS + RANKING_COLUMNS and not _COMPONENT.match(c)]
 
 
 def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
@@ -222,7 +215,7 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files
     duplicates' rows are never kept and not counted. Policies read the whole job directory (score files, stored
     features, clusters), so it must hold exactly the pool's shards (compared by path: every pool file exists, so any
     difference is a file on disk only; an empty one counts too, as it is a shard outside the pool all the same)."""
-    extra = sorted(set(shard_score_files(layout.root)) - set(pool_files))
+    extra = sorted(set(layout.score_files()) - set(pool_files))
     if extra:
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
                            f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
