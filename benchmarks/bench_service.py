@@ -95,7 +95,7 @@ def _read(path: str) -> str | None:
 
 def trajectory(workdir: Path) -> Path:
     from pruner.io.shards import DEMO_DIR
-    from pruner.train.proxy import main as train_main
+    from pruner.cli.train_proxy import main as train_main
     traj = workdir / "proxy" / "trajectory.json"
     if not traj.exists():
         status = train_main(["--shards", str(DEMO_DIR / "pool"), "--out", str(traj.parent), "--arch", "pruner-micro",

@@ -211,25 +211,31 @@ def job_config(a, seed: int, seed_dir: Path, traj: Path, pool_dir: Path, target_
 
 def job_inputs(cfg):
     """The bank, reference batches and target samples exactly as the prune job's SharedComputer picks them."""
+    pool, picked = job_shared_inputs(cfg)
+    return pool, picked.bank, picked.reference, picked.target
+
+
+def job_shared_inputs(cfg):
+    """(pool shard urls, pruner.scorer.SharedInputs): every shared-phase sample exactly as the prune job picks them,
+    with Diff-In's curvature subsample when its form uses one."""
     from pruner.io.shards import expand_shard_specs
-    from pruner.scorer import pick_shared_inputs
+    from pruner.scorer import pick_shared_inputs, uses_propagation
     pool = expand_shard_specs(cfg.data.shards)
-    picked = pick_shared_inputs(cfg, pool, expand_shard_specs(cfg.target.shards))
-    bank, target, reference = picked.bank, picked.target, picked.reference
-    return pool, bank, reference, target
+    return pool, pick_shared_inputs(cfg, pool, expand_shard_specs(cfg.target.shards),
+                                    curvature=uses_propagation(cfg), oga="oga" in cfg.scores.methods)
 
 
 def score_in_process(cfg, traj, device, subset_uids=None):
     """What the Ray job computes, in one process: shared quantities, OGA forest, every score column."""
-    from pruner.scorer import Scorer, iter_pool, pick_oga_subsample
+    from pruner.scorer import Scorer, iter_pool
     from pruner.scores.oga import fit_isolation_forest
-    pool, bank, reference, target = job_inputs(cfg)
+    pool, picked = job_shared_inputs(cfg)
     scorer = Scorer(cfg, traj, device=device)
-    shared = [scorer.compute_shared(i, bank, target, reference) for i in range(len(traj.checkpoints))]
+    shared = [scorer.compute_shared(i, picked.bank, picked.target, picked.reference, picked.curvature or ())
+              for i in range(len(traj.checkpoints))]
     scorer.set_shared(shared)
     if "oga" in cfg.scores.methods:
-        sub = pick_oga_subsample(cfg, pool)
-        scorer.forest = fit_isolation_forest(scorer.last_checkpoint_features(sub), seed=cfg.seed,
+        scorer.forest = fit_isolation_forest(scorer.last_checkpoint_features(picked.oga), seed=cfg.seed,
                                              trees=cfg.scores.oga.iforest_trees)
     samples = [s for s in iter_pool(pool) if subset_uids is None or s.uid in subset_uids]
     cols: dict[str, list] = {}

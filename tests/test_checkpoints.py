@@ -184,7 +184,7 @@ def test_prune_refuses_a_step_0_checkpoint_with_exit_1(tmp_path, micro_trajector
     import yaml
 
     from conftest import small_job_config
-    from pruner.jobs.prune import main
+    from pruner.cli.prune import main
     doc = json.loads(micro_trajectory.read_text())
     doc["checkpoints"][0]["step"] = 0
     doc["checkpoints"] = [{**c, "path": str(micro_trajectory.parent / c["path"])} for c in doc["checkpoints"]]

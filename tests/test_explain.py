@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import make_bad_corpus, sample, variant, write_shard
 
+from pruner.cli.explain import main as explain_main
 from pruner.config import load_config
-from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET, cluster_pool
+from pruner.explain.cluster import cluster_pool
 from pruner.explain.index import PoolIndex, choose_params, fill_index, new_index
 from pruner.explain.pool import PoolFeatures, read_text_members, sample_labels
-from pruner.explain.query import QueryEncoder, explain, main as explain_main
+from pruner.explain.query import QueryEncoder, explain
 from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards, demo_target_shards, shard_name
 from pruner.report.html import build_report
@@ -246,8 +247,8 @@ def test_spherical_kmeans_deterministic(job):
     np.testing.assert_array_equal(a, b)
     s = cluster_pool(root, 6, seed=1, typical=3)
     np.testing.assert_array_equal(s["_arrays"]["cluster"], a)
-    t = pq.read_table(root / CLUSTERS_PARQUET)
-    meta = json.loads((root / CLUSTERS_JSON).read_text())
+    t = pq.read_table(JobLayout(root).clusters_table)
+    meta = json.loads(JobLayout(root).clusters_summary.read_text())
     assert len(t) == s["n_samples"] and t["cluster"].to_numpy().max() < 6
     assert sum(c["size"] for c in meta["clusters"]) == len(t)
     assert meta["label_key"] == "classname"
@@ -333,7 +334,7 @@ def test_cluster_and_class_balanced_counts(job, pool):
     uids = pool.column("uid").to_pylist()
     s = select_policy(root, "cluster_balanced", "diffin_target", keep_fraction=0.4, n_clusters=6, seed=1,
                       keep_dir=root / "keep-cluster")
-    clusters = pq.read_table(root / CLUSTERS_PARQUET)
+    clusters = pq.read_table(JobLayout(root).clusters_table)
     by_uid = dict(zip(clusters["uid"].to_pylist(), clusters["cluster"].to_pylist()))
     _check_group_counts(root, s, by_uid, 0.4)
     # within each cluster the kept samples are its best by score
@@ -447,7 +448,7 @@ def test_finalize_top_k_unchanged(job, tmp_path):
 
 
 def test_cli_main(job, tmp_path, capsys):
-    from pruner.explain.cluster import main as cluster_main
+    from pruner.cli.cluster import main as cluster_main
     root, pairs = job
     out = tmp_path / "cli.json"
     assert explain_main([str(root), "--uid", pairs[0][0], "-k", "4", "--out", str(out), "--no-captions",

@@ -19,12 +19,13 @@ import pytest
 from PIL import Image, ImageStat
 from scipy.stats import spearmanr
 
+from pruner.cli.cluster import main as cluster_main
+from pruner.cli.explain import main as explain_main
+from pruner.cli.report import main
 from pruner.config import load_config
-from pruner.explain.cluster import main as cluster_main
-from pruner.explain.query import main as explain_main
 from pruner.io.layout import JobLayout
 from pruner.io.shards import demo_pool_shards
-from pruner.report.html import _cards, _fmt, attach_images, build_report, main, read_extremes, read_sample, spearman
+from pruner.report.html import _cards, _fmt, attach_images, build_report, read_extremes, read_sample, spearman
 from pruner.select.reduce import finalize
 from tests.conftest import copy_job, small_job_config
 

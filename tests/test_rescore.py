@@ -29,7 +29,8 @@ from pruner.io.shards import DEMO_DIR, demo_pool_shards
 from pruner.io.store import Int8Copies, load_features, quantize_rows, save_features
 from pruner.jobs.prune import run
 from pruner.model.checkpoints import load_trajectory, save_trajectory
-from pruner.rescore import _projected_dot, add_checkpoint, main, retarget
+from pruner.cli.rescore import main
+from pruner.rescore import _projected_dot, add_checkpoint, retarget
 
 METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga_iforest", "baseline_loss")
 

@@ -641,7 +641,7 @@ def test_shard_sorting_first_is_refused(reference, pool, capsys):
     """A shard that lands in the lake sorting before the scored ones changes the hash-picked bank, reference and OGA
     samples (the pool's first samples in sorted order): though every shared quantity is on disk, the re-run
     refuses, naming the shard and the fix (no traceback, exit status 1), and changes nothing."""
-    from pruner.jobs.prune import main
+    from pruner.cli.prune import main
     before = mtimes(reference.root)
     extra = pool / "aaa-000000.tar"
     shutil.copy(pool / "pool-000000.tar", extra)  # the same pairs under other uids (the shard file names them)
@@ -701,7 +701,7 @@ def test_second_driver_on_a_job_is_refused(head, reference, pool, pool_uids, mic
     """Two drivers on one job directory (a scheduled run starting while the previous run's Ray job still runs): the
     second is refused at once, naming the lock file and the fix (exit status 1, no traceback); the first completes
     with the reference ranking, and once it has exited the lock is free again."""
-    from pruner.jobs.prune import main
+    from pruner.cli.prune import main
     cfg_path = write_config(tmp_path, micro_trajectory, [pool])
     root = job_dir(cfg_path)
     seed_shared(root, reference.root)
@@ -716,7 +716,7 @@ def test_second_driver_on_a_job_is_refused(head, reference, pool, pool_uids, mic
     assert f"holds the lock {root / 'job.lock'}" in err and "Fix: wait for it to finish" in err
     # refused before any model, Ray or directory work: a fresh driver process, while the lock is held, has not even
     # imported torch or ray when it exits
-    code = (f"import sys; from pruner.jobs.prune import main; rc = main(['--config', {str(cfg_path)!r}]); "
+    code = (f"import sys; from pruner.cli.prune import main; rc = main(['--config', {str(cfg_path)!r}]); "
             f"assert rc == 1, rc; assert not {{'torch', 'ray'}} & set(sys.modules), 'imported torch or ray'")
     with JobLayout(root).locked():
         second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

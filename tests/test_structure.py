@@ -6,10 +6,12 @@ Layers, lowest first (a module may import its own package and any package of a l
 (the math of every method) and ``config`` (the job schema, which names the score columns); ``scorer`` (the
 orchestrator, no Ray); ``explain`` (reading a finished job's features) below ``select`` (ranking, policies,
 manifests' selection), which policies build on; ``deletion``; the Ray layer ``distributed``; the job entry
-``jobs``, ``rescore``, ``report``, ``train`` and ``demo`` scripts; ``cli`` on top.
+``jobs``, ``rescore``, ``report``, ``train`` and ``demo`` library modules; ``cli`` on top (the commands: argparse
+lives there and nowhere else).
 
 Every import counts, at module level or inside a function (a lazy import is still a dependency), except those under
-``if TYPE_CHECKING:`` (annotations only, never executed).
+``if TYPE_CHECKING:`` (annotations only, never executed) and under ``if __name__ == "__main__":`` (run only when the
+module is the program, as ``python -m pruner.jobs.prune`` is: a command entrypoint, not a dependency of the library).
 """
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ def module_name(path: Path) -> str:
 
 
 def runtime_imports(tree: ast.AST) -> list[str]:
-    """The pruner modules a module imports when it runs (``if TYPE_CHECKING:`` blocks skipped)."""
+    """The pruner modules a module imports when it runs as a library (``if TYPE_CHECKING:`` and
+    ``if __name__ == "__main__":`` blocks skipped)."""
     found = []
 
     def visit(node):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and ("TYPE_CHECKING" in ast.unparse(node.test)
+                                         or ast.unparse(node.test) == "__name__ == '__main__'"):
             for child in node.orelse:
                 visit(child)
             return
@@ -107,7 +111,17 @@ def test_no_import_cycle():
 def test_the_checks_see_a_cycle_and_an_upward_import():
     """The parser finds lazy imports and skips TYPE_CHECKING ones (so the tests above could fail)."""
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pruner.cli import main\n"
-                     "def f():\n    from pruner.select.rank import Selection\n    import pruner.io.shards\n")
+                     "def f():\n    from pruner.select.rank import Selection\n    import pruner.io.shards\n"
+                     "if __name__ == '__main__':\n    from pruner.cli.prune import main\n")
     assert runtime_imports(tree) == ["pruner.select.rank.Selection", "pruner.select.rank", "pruner.io.shards"]
     graph = import_graph()
     assert "pruner.scores.combine" in graph["pruner.config"]  # a real edge, found
+
+
+def test_argparse_only_in_the_commands():
+    """Library modules take arguments, not command lines: argparse is imported only under pruner/cli."""
+    users = sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py") if "cli" not in p.relative_to(ROOT).parts
+                   and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "argparse" in
+                           ([a.name for a in n.names] if isinstance(n, ast.Import) else [n.module])
+                           for n in ast.walk(ast.parse(p.read_text()))))
+    assert not users, f"argparse outside pruner/cli: {users}"

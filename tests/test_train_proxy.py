@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pruner.model.checkpoints import load_scoring_model, load_state_dict, load_trajectory
-from pruner.train.proxy import checkpoint_steps, count_samples, expand_shards, main, train_proxy
+from pruner.cli.train_proxy import main
+from pruner.train.proxy import checkpoint_steps, count_samples, expand_shards, train_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = [ROOT / "pruner" / "demo" / "pool", ROOT.parent / "shared" / "data" / "cifar10" / "train"]

@@ -1,6 +1,6 @@
 """Build the bundled demo shards from the shared CIFAR-10 WebDataset shards (run from the repository root):
 
-    python -m pruner.demo.make_demo [--src ../shared/data] [--out pruner/demo]
+    python -m pruner.cli.make_demo [--src ../shared/data] [--out pruner/demo]
 
 Also pool/sizes.json ({shard file: samples}: the shard table of DataComp's resharder and OpenCLIP's loader).
 
@@ -14,7 +14,6 @@ byte-identical files.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -94,14 +93,3 @@ def build(src: Path, out: Path) -> dict[str, int]:
     for name, data in files.items():
         write_bytes_atomic(out / name, data)
     return {name: len(data) for name, data in files.items()}
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help="shared data folder holding cifar10/")
-    ap.add_argument("--out", type=Path, default=HERE)
-    args = ap.parse_args()
-    sizes = build(args.src, args.out)
-    for name, size in sizes.items():
-        print(f"{size:>9,d}  {name}")
-    print(f"{sum(sizes.values()):>9,d}  total")

@@ -217,7 +217,7 @@ def shared_phase(cfg: JobConfig, layout: JobLayout, traj: Trajectory, pool: list
     m = len(traj.checkpoints)
     refs: dict[int, object] = {}
     todo = [i for i in range(first, m) if not layout.shared(i).exists()]
-    sub_path = layout.shared_dir / "oga_subsample.npy"
+    sub_path = layout.oga_subsample
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
     if todo or need_oga:
         cfg_dict = cfg.model_dump(mode="json")

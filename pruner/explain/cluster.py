@@ -20,12 +20,9 @@ label column (4 bytes per sample) + one shard's texts while reading labels and c
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import faiss
 import numpy as np
@@ -36,7 +33,7 @@ from tqdm import tqdm
 from pruner.explain.index import _want_gpu, num_gpus, train_sample_ids
 from pruner.explain.pool import PoolFeatures, sample_labels, trusted_pipes
 from pruner.io.atomic import atomic_path, write_json_atomic
-from pruner.io.layout import CLUSTERS_JSON, CLUSTERS_PARQUET
+from pruner.io.layout import JobLayout
 from pruner.scores.combine import method_columns
 
 CLUSTER_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.string()), ("shard_url", pa.string()),
@@ -149,7 +146,7 @@ def cluster_pool(job_dir: str | Path, n_clusters: int = 100, *, niter: int = 20,
         "seconds": time.time() - t0, "clusters": clusters,
     }
     if write:
-        with atomic_path(root / CLUSTERS_PARQUET) as tmp, pq.ParquetWriter(tmp, CLUSTER_SCHEMA) as w:
+        with atomic_path(JobLayout(root).clusters_table) as tmp, pq.ParquetWriter(tmp, CLUSTER_SCHEMA) as w:
             dense = labels.cast(pa.string())
             for fi, f in enumerate(pool.files):
                 a, b = int(pool.offsets[fi]), int(pool.offsets[fi + 1])
@@ -158,38 +155,5 @@ def cluster_pool(job_dir: str | Path, n_clusters: int = 100, *, niter: int = 20,
                                         "row": t["row"].cast(pa.int32()), "cluster": pa.array(cluster[a:b]),
                                         "cosine": pa.array(cosine[a:b]), "label": dense.slice(a, b - a)},
                                        schema=CLUSTER_SCHEMA))
-        write_json_atomic(root / CLUSTERS_JSON, summary)
+        write_json_atomic(JobLayout(root).clusters_summary, summary)
     return {**summary, "_arrays": {"cluster": cluster, "cosine": cosine, "labels": labels}}
-
-
-def build_parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    ap = ap or argparse.ArgumentParser(prog="pruner cluster", description=__doc__.splitlines()[0])
-    ap.add_argument("job", help="job directory <output_dir>/<name>-<id> of a finished prune job")
-    ap.add_argument("--clusters", type=int, default=100, help="number of clusters (default 100)")
-    ap.add_argument("--niter", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-size", type=int, default=262144, help="k-means training sample (at most)")
-    ap.add_argument("--typical", type=int, default=5, help="typical samples listed per cluster")
-    ap.add_argument("--label-key", default="classname", help="json metadata key of a class label ('' = none)")
-    ap.add_argument("--no-shards", action="store_true", help="do not read the shards (no labels, no captions)")
-    return ap
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        s = cluster_pool(args.job, args.clusters, niter=args.niter, seed=args.seed, train_size=args.train_size,
-                         typical=args.typical, label_key=args.label_key or None, read_shards=not args.no_shards)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pruner cluster: {e}", file=sys.stderr)
-        return 2
-    sizes = [c["size"] for c in s["clusters"]]
-    print(json.dumps({"job": args.job, "n_samples": s["n_samples"], "n_clusters": s["n_clusters"],
-                      "objective": s["objective"], "sizes": {"min": min(sizes), "max": max(sizes)},
-                      "written": [str(Path(args.job) / CLUSTERS_PARQUET), str(Path(args.job) / CLUSTERS_JSON)],
-                      "seconds": round(s["seconds"], 2)}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from pruner.explain.pool import PoolFeatures
 from pruner.io.atomic import atomic_path, write_json_atomic
+from pruner.io.layout import JobLayout
 
 KINDS = ("flat", "ivf_flat", "ivf_pq")
 FLAT_MAX_VECTORS = 1_000_000
@@ -187,8 +188,7 @@ class PoolIndex:
 
     @staticmethod
     def paths(job_dir: str | Path, kind: str) -> tuple[Path, Path]:
-        d = Path(job_dir) / "explain"
-        return d / f"index-{kind}.faiss", d / f"index-{kind}.json"
+        return JobLayout(Path(job_dir)).index_files(kind)
 
     @classmethod
     def open(cls, job_dir: str | Path, kind: str = "auto", *, rebuild: bool = False, save: bool = True,

@@ -25,12 +25,10 @@ Output: a dict listing per hit: role, rank, uid, key, shard_url, row, score, cap
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,7 +40,7 @@ import torch
 from PIL import Image
 
 from pruner.config import load_job_config
-from pruner.explain.index import KINDS, PoolIndex
+from pruner.explain.index import PoolIndex
 from pruner.explain.pool import PoolFeatures, checkpoint_etas, read_captions, trusted_pipes, weight_blocks
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
@@ -147,9 +145,6 @@ class QueryEncoder:
         return [(s / n).astype(np.float32).reshape(1, -1) for s in sums], n
 
 
-EMBEDDINGS_DIR = "explain/embeddings"
-
-
 def pool_embeddings(job_dir: str | Path, encoder: Optional[QueryEncoder] = None, batch_size: Optional[int] = None,
                     device: str = "auto") -> list[Path]:
     """CLIP embeddings of every pool sample at the job's last checkpoint, for near-duplicate search in embedding
@@ -158,13 +153,13 @@ def pool_embeddings(job_dir: str | Path, encoder: Optional[QueryEncoder] = None,
     cosine of two rows is the mean of the image and text cosines). Files already present with the right row count
     are kept. Costs one forward pass over the pool (shards re-read in score-file order; their keys must match)."""
     root = Path(job_dir)
-    out_dir = root / EMBEDDINGS_DIR
+    layout = JobLayout(root)
     paths, pipes = [], trusted_pipes(root)
-    for f in JobLayout(root).score_files():
+    for f in layout.score_files():
         n = pq.read_metadata(f).num_rows
         if n == 0:
             continue
-        out = out_dir / f"{f.stem}.npy"
+        out = layout.embedding_file(f)
         paths.append(out)
         if out.exists() and np.load(out, mmap_mode="r").shape[0] == n:
             continue
@@ -274,7 +269,7 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         "proponents": _hits("proponent", index, pro_s[0], pro_i[0], captions, pipes),
         "opponents": _hits("opponent", index, -opp_s[0], opp_i[0], captions, pipes),
     }
-    result["saved"] = str(JobLayout(Path(job_dir)).explain_results / f"{query['id']}.json")
+    result["saved"] = str(JobLayout(Path(job_dir)).explain_result(query["id"]))
     write_json_atomic(result["saved"], result)
     if out is not None:
         write_result(result, out)
@@ -293,50 +288,3 @@ def write_result(result: dict, out: str | Path) -> tuple[Path, Path]:
     write_json_atomic(out, result)
     write_bytes_atomic(csv_path, buf.getvalue().encode())
     return out, csv_path
-
-
-def build_parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    ap = ap or argparse.ArgumentParser(prog="pruner explain", description=__doc__.splitlines()[0])
-    ap.add_argument("job", help="job directory <output_dir>/<name>-<id> of a finished prune job")
-    ap.add_argument("--image", help="query image file (with --caption)")
-    ap.add_argument("--caption", help="query caption (with --image)")
-    ap.add_argument("--uid", help="explain a pool sample by uid (its stored vector)")
-    ap.add_argument("--target", action="append", default=[], metavar="SHARDS",
-                    help="a target WebDataset (dir, glob, brace pattern; repeatable): its mean projected gradient")
-    ap.add_argument("--job-target", action="store_true", help="the job's own target set (projected v_target)")
-    ap.add_argument("-k", type=int, default=10, help="proponents and opponents to list (default 10)")
-    ap.add_argument("--index", default="auto", choices=("auto",) + KINDS,
-                    help="auto: flat for small pools (<1M, <=4 GiB fp32), ivf_flat below 10M (<=16 GiB), else ivf_pq")
-    ap.add_argument("--nlist", type=int, default=None)
-    ap.add_argument("--nprobe", type=int, default=None)
-    ap.add_argument("--rerank", type=int, default=None,
-                    help="re-score rerank*k candidates exactly (default 16 for ivf_pq, 2 otherwise)")
-    ap.add_argument("--max-target-samples", type=int, default=None)
-    ap.add_argument("--no-captions", action="store_true", help="do not read captions from the shards")
-    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--rebuild-index", action="store_true")
-    ap.add_argument("--out", help="write the result here (JSON) and beside it as CSV; default: print JSON")
-    return ap
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = explain(args.job, image=args.image, caption=args.caption, uid=args.uid, target=args.target or None,
-                         job_target=args.job_target, k=args.k, kind=args.index, nprobe=args.nprobe,
-                         nlist=args.nlist, rerank=args.rerank, max_target_samples=args.max_target_samples,
-                         captions=not args.no_captions, device=args.device, rebuild_index=args.rebuild_index,
-                         out=args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pruner explain: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        print(f"pruner explain: wrote {args.out} and {Path(args.out).with_suffix('.csv')}")
-    else:
-        print(json.dumps(result, indent=2, default=str))
-    print(f"pruner explain: saved {result['saved']} (`pruner report {args.job}` shows it)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -224,7 +224,63 @@ class JobLayout:
     @property
     def explain_results(self) -> Path:
         """The folder of saved ``pruner explain`` results, one ``<query id>.json`` per query."""
-        return self.root / "explain" / "results"
+        return self.explain_dir / "results"
+
+    @property
+    def explain_dir(self) -> Path:
+        """``pruner explain``'s folder: faiss indexes, saved results, pool embeddings."""
+        return self.root / "explain"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """Pool CLIP embeddings for near-duplicate search, one ``<shard id>.npy`` per score file."""
+        return self.explain_dir / "embeddings"
+
+    def embedding_file(self, score_file: Path) -> Path:
+        """The pool embeddings row-aligned with one score file (``<shard id>.npy``)."""
+        return self.embeddings_dir / f"{Path(score_file).stem}.npy"
+
+    def index_files(self, kind: str) -> tuple[Path, Path]:
+        """(faiss index, its metadata JSON) of ``pruner explain``'s index of this kind."""
+        return self.explain_dir / f"index-{kind}.faiss", self.explain_dir / f"index-{kind}.json"
+
+    def explain_result(self, query_id: str) -> Path:
+        """A saved ``pruner explain`` result."""
+        return self.explain_results / f"{query_id}.json"
+
+    @property
+    def oga_subsample(self) -> Path:
+        """The OGA forest's subsample features (last checkpoint), kept so a resumed job refits the same forest."""
+        return self.shared_dir / "oga_subsample.npy"
+
+    @property
+    def clusters_table(self) -> Path:
+        """``pruner cluster``'s per-sample cluster ids and cosines (:mod:`pruner.explain.cluster`)."""
+        return self.root / CLUSTERS_PARQUET
+
+    @property
+    def duplicates(self) -> Path:
+        """The samples left out because an earlier shard holds their uid (written by the reduce step)."""
+        return self.root / "duplicates.parquet"
+
+    @property
+    def failed(self) -> Path:
+        """The shards that failed after their retries, with clean messages and tracebacks apart."""
+        return self.root / "failed.json"
+
+    @property
+    def report(self) -> Path:
+        """``pruner report``'s default output."""
+        return self.root / "report.html"
+
+    @property
+    def filtered_dir(self) -> Path:
+        """In the reduce step's staging folder: the score files restricted to the filter stage's survivors."""
+        return self.root / "filtered"
+
+    def retarget(self, tag: str) -> "JobLayout":
+        """The job directory of a re-target of this job (``pruner rescore --target``), inside it."""
+        return JobLayout(self.root / f"retarget-{tag}")
 
     @property
     def clusters_summary(self) -> Path:

@@ -1,8 +1,6 @@
-"""Entry point of a prune job: ``ray job submit --working-dir . -- python -m pruner.jobs.prune --config job.yaml``.
-
-Also used by ``pruner prune``. Exit status: 0 on success, 1 if any shard failed after its retries (the summary
-lists them; nothing is selected from a partial pool), the job directory cannot be resumed as asked, or another
-driver is running on it (the message names the cause and the fix), 2 for an invalid config.
+"""A prune job: score, then reduce (:func:`run`). Entrypoint:
+``ray job submit --working-dir . -- python -m pruner.jobs.prune --config job.yaml``, the same command as
+``pruner prune`` (:mod:`pruner.cli.prune`, which has the exit statuses).
 
 Idempotent: re-running a finished job (every shard scored and summary.json written, which the reduce step does
 last) starts no Ray instance and recomputes nothing; it prints the existing summary's counts. Re-running it with
@@ -11,15 +9,14 @@ tables, and config.yaml and summary.json then hold the new settings.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 
-from pruner.config import ConfigError, JobConfig, check_checkpoint_weights, load_config
-from pruner.io.layout import JobLayout, JobLockedError, JobRefusedError
+from pruner.config import JobConfig
+from pruner.io.layout import JobLayout
 from pruner.jobs.jobdir import ResolvedJob, create_job_dir, resolve_job
-from pruner.logs import log_file, setup_console
+from pruner.logs import log_file
 
 
 def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None = None) -> tuple[int, dict]:
@@ -53,12 +50,12 @@ def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list
             return 0, summary
         print("pruner: every shard is already scored; selecting again with this run's select settings", flush=True)
     if stats["shards_failed"]:
-        write_json_atomic(layout.root / "failed.json", stats)
+        write_json_atomic(layout.failed, stats)
         print(f"pruner: {len(stats['shards_failed'])} shard(s) failed: {sorted(stats['shards_failed'])}", flush=True)
         return 1, stats
     # finalize replaces config.yaml (its select settings), the ranking, keep/ and summary.json together, or none
     summary = finalize(cfg, layout, pool, stats)
-    (layout.root / "failed.json").unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
+    layout.failed.unlink(missing_ok=True)  # left by an earlier run whose failures are now fixed
     c = summary["counts"]
     n = stats["shards_changed"]
     changed = f"; {n} shard(s) scored again because they changed" if n else ""
@@ -71,36 +68,6 @@ def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list
     return 0, summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pruner prune", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="job YAML")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set select.keep_fraction=0.3 (repeatable)")
-    args = ap.parse_args(argv)
-    setup_console()
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    try:  # before any model, Ray or directory work: a second driver is refused at once
-        job = resolve_job(cfg)
-        job.layout.check_unlocked()
-        check_checkpoint_weights(cfg)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    except (JobLockedError, JobRefusedError) as e:
-        print(f"pruner: {e}", file=sys.stderr)
-        return 1
-    from pruner.distributed.driver import PlacementError
-    try:
-        status, _ = run(cfg, job=job)
-    except (JobLockedError, JobRefusedError, PlacementError) as e:
-        print(f"pruner: {e}", file=sys.stderr)
-        return 1
-    return status
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m pruner.jobs.prune`: the `ray job submit` entrypoint of deploy/ and the docs
+    from pruner.cli.prune import main
     sys.exit(main())

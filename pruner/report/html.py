@@ -22,7 +22,6 @@ progress bars (shards) on stderr.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import heapq
 import html
@@ -460,28 +459,6 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
 """
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>pruner report: '
            f'{html.escape(summary["job"])}</title><style>{CSS}</style></head><body>{body}</body></html>\n')
-    out = Path(out) if out else layout.root / "report.html"
+    out = Path(out) if out else layout.report
     write_bytes_atomic(out, doc.encode())
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pruner report", description="Write a self-contained HTML report of a "
-                                 "finished job (scores, method agreement, top/bottom pairs, saved explain results, "
-                                 "gradient clusters, rejects, keep/drop).")
-    ap.add_argument("job_dir", help="the job directory (<output_dir>/<name>-<job id>)")
-    ap.add_argument("--out", help="output file (default: <job dir>/report.html)")
-    ap.add_argument("--top", type=int, default=12, help="pairs shown as most helpful and as most harmful, and "
-                    "proponents and opponents shown per explained query")
-    args = ap.parse_args(argv)
-    try:
-        out = build_report(args.job_dir, args.out, top=args.top)
-    except FileNotFoundError as e:
-        print(f"pruner report: {e}", file=sys.stderr)
-        return 2
-    print(f"pruner report: wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

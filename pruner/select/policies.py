@@ -211,9 +211,10 @@ def _score_columns(files: Sequence[Path], score: str) -> tuple[pa.Array, np.ndar
 def cluster_groups(job_dir: Path, uids: pa.Array, n_clusters: int, seed: int) -> np.ndarray:
     """int32 [n] cluster of each sample from ``clusters.parquet``, (re)clustering (without reading the shards) when
     it is missing, stale (other samples) or made with other parameters."""
-    from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET, cluster_pool
+    from pruner.explain.cluster import cluster_pool
 
-    pq_path, js_path = job_dir / CLUSTERS_PARQUET, job_dir / CLUSTERS_JSON
+    layout = JobLayout(job_dir)
+    pq_path, js_path = layout.clusters_table, layout.clusters_summary
     if pq_path.exists() and js_path.exists():
         meta = json.loads(js_path.read_text())
         t = pq.read_table(pq_path, columns=["uid", "cluster"])
@@ -227,10 +228,10 @@ def cluster_groups(job_dir: Path, uids: pa.Array, n_clusters: int, seed: int) ->
 def class_groups(job_dir: Path, files: Sequence[Path], uids: pa.Array, label_key: str) -> tuple[np.ndarray, list]:
     """(int32 [n] label code, -1 = no label; label names) from ``clusters.parquet`` when it holds this label key
     for these samples, else by reading the shards' json members."""
-    from pruner.explain.cluster import CLUSTERS_JSON, CLUSTERS_PARQUET
     from pruner.explain.pool import sample_labels, trusted_pipes
 
-    pq_path, js_path = job_dir / CLUSTERS_PARQUET, job_dir / CLUSTERS_JSON
+    layout = JobLayout(job_dir)
+    pq_path, js_path = layout.clusters_table, layout.clusters_summary
     labels = None
     if pq_path.exists() and js_path.exists() and json.loads(js_path.read_text()).get("label_key") == label_key:
         t = pq.read_table(pq_path, columns=["uid", "label"])

@@ -25,7 +25,6 @@ from pruner.select.rank import select, write_ranking
 from pruner.select.stages import SELECT_SCORE, apply_filter, filter_selection, passing
 
 log = logging.getLogger(__name__)
-DUPLICATES = "duplicates.parquet"  # the samples left out because an earlier shard holds their uid
 DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("uid", "url", "key", "kept_url", "kept_key")])
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 # score columns whose values are influences on a loss (removal convention), so that the sum over the dropped
@@ -85,25 +84,26 @@ def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict
         raise RuntimeError(f"{len(missing)} shards have no score file (first: {missing[0]}); re-run the job")
     nonempty = [f for f in files if pq.read_metadata(f).num_rows > 0]
     dups = find_duplicate_uids(nonempty)
-    stage = layout.reduce_staging
-    shutil.rmtree(stage, ignore_errors=True)
-    (stage / "shards").mkdir(parents=True)
+    stage = JobLayout(layout.reduce_staging)
+    shutil.rmtree(stage.root, ignore_errors=True)
+    stage.shards_dir.mkdir(parents=True)
     try:
         summary = _reduce_into(cfg, layout, stage, pool, nonempty, dups, run_stats, t0)
         _commit(layout, stage, summary)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage.root, ignore_errors=True)
     return summary
 
 
-def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str], nonempty: list[Path], dups,
+def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list[str], nonempty: list[Path], dups,
                  run_stats: dict, t0: float) -> dict:
-    """Every output of the reduce step, written into ``stage`` (ranking.parquet, keep/, duplicates.parquet);
-    returns the summary. The ranking and manifests read the score files with the duplicates' rows removed (copies
-    in ``stage/shards`` of the few files that hold any)."""
-    view = [without_rows(f, dups.rows[f], stage / "shards" / f.name) if f in dups.rows else f for f in nonempty]
+    """Every output of the reduce step, written into the staging folder ``stage``, laid out as a job directory
+    (ranking.parquet, keep/, duplicates.parquet, config.yaml); returns the summary. The ranking and manifests read
+    the score files with the duplicates' rows removed (copies in the stage's shards/ of the few files that hold
+    any)."""
+    view = [without_rows(f, dups.rows[f], stage.shards_dir / f.name) if f in dups.rows else f for f in nonempty]
     s = cfg.select
-    keep_dir, ranking = stage / "keep", stage / "ranking.parquet"
+    keep_dir, ranking = stage.keep_dir, stage.ranking
     stages, fsel = [], None
     if s.filter_score is not None and s.filter_fraction > 0:
         fsel = filter_selection(view, s.filter_score, s.filter_fraction)
@@ -127,8 +127,8 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str]
     else:
         ranked_by = s.score
         if fsel is not None:
-            (stage / "filtered").mkdir()
-            view, record = apply_filter(view, s.score, fsel, s.filter_fraction, stage / "filtered")
+            stage.filtered_dir.mkdir()
+            view, record = apply_filter(view, s.score, fsel, s.filter_fraction, stage.filtered_dir)
             stages.append(record)
             ranked_by = SELECT_SCORE
         sel = select(view, ranked_by, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
@@ -146,11 +146,11 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: Path, pool: list[str]
                     f"sample {d['key']!r} in {d['url']}: uid {d['uid']!r} is also sample {d['kept_key']!r} of "
                     f"{d['kept_url']}, which sorts first and is the one ranked (fix: give every sample of the lake a "
                     f"unique json uid, or drop one of the copies)")
-    pq.write_table(pa.Table.from_pylist(dups.records, schema=DUPLICATES_SCHEMA), stage / DUPLICATES)
-    (stage / "config.yaml").write_bytes(cfg.to_yaml())
+    pq.write_table(pa.Table.from_pylist(dups.records, schema=DUPLICATES_SCHEMA), stage.duplicates)
+    stage.config.write_bytes(cfg.to_yaml())
     if dups:
         log.warning("%d sample(s) share a uid with a sample of an earlier shard and were left out (reject "
-                    "duplicate_uid, listed in %s), e.g. %s", len(dups), layout.root / DUPLICATES, dups.records[0])
+                    "duplicate_uid, listed in %s), e.g. %s", len(dups), layout.duplicates, dups.records[0])
     manifests = {**manifests, "paths": {n: str(layout.keep_dir / Path(p).name) for n, p in manifests["paths"].items()}}
     summary = {
         "job": layout.root.name, "select": s.model_dump(mode="json"), "score": s.score, "selection": selection,
@@ -184,22 +184,22 @@ def uid_warnings(manifests: dict, n_keep: int) -> list[str]:
             f"materialize) or keep/keep.parquet for these samples, or give the lake json uids"]
 
 
-def _commit(layout: JobLayout, stage: Path, summary: dict) -> None:
+def _commit(layout: JobLayout, stage: JobLayout, summary: dict) -> None:
     """Move the staged outputs into the job directory: summary.json goes first (so a crash while moving leaves the
     job unfinished), then the ranking, the keep set (its files replaced one by one, files the new keep set lacks,
     such as an earlier policy's policy.json, removed), the duplicates list and config.yaml (whose select settings are
     the ones applied); summary.json is written last."""
     layout.summary.unlink(missing_ok=True)
-    os.replace(stage / "ranking.parquet", layout.ranking)
+    os.replace(stage.ranking, layout.ranking)
     layout.keep_dir.mkdir(exist_ok=True)
-    new = {p.name for p in (stage / "keep").iterdir()}
-    for p in (stage / "keep").iterdir():
+    new = {p.name for p in stage.keep_dir.iterdir()}
+    for p in stage.keep_dir.iterdir():
         os.replace(p, layout.keep_dir / p.name)
     for p in layout.keep_dir.iterdir():
         if p.name not in new and p.is_file():
             p.unlink()
-    os.replace(stage / DUPLICATES, layout.root / DUPLICATES)
-    os.replace(stage / "config.yaml", layout.config)
+    os.replace(stage.duplicates, layout.duplicates)
+    os.replace(stage.config, layout.config)
     write_json_atomic(layout.summary, summary)
 
 
