@@ -192,14 +192,24 @@ def per_target_scores(feats, tfeats, shared, tj, k_use: int | None = None, last:
     return out
 
 
+def column_spearman(p: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each column pair of p, a [subsets, J] (ties ranked by their average, as
+    scipy.stats.spearmanr), 0 where a column is constant: Pearson on the ranks, all columns at once (the bootstrap
+    calls this 2,000 times per method, where a loop of scipy calls took minutes)."""
+    from scipy.stats import rankdata
+    rp, ra = rankdata(p, axis=0), rankdata(a, axis=0)
+    rp, ra = rp - rp.mean(0), ra - ra.mean(0)
+    den = np.sqrt((rp ** 2).sum(0) * (ra ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rp * ra).sum(0) / den
+    return np.where(den > 0, rho, 0.0)
+
+
 def lds(pred: np.ndarray, actual: np.ndarray, n_boot: int, rng) -> tuple[float, list[float], np.ndarray]:
     """(mean over target pairs of Spearman over subsets, its 95% bootstrap interval over subsets, per-pair values).
     pred, actual: [subsets, J]."""
-    from scipy.stats import spearmanr
-
     def mean_rho(p, a):
-        vals = [spearmanr(p[:, j], a[:, j]).statistic for j in range(p.shape[1])]
-        return np.array([v if np.isfinite(v) else 0.0 for v in vals])
+        return column_spearman(p, a)
     per = mean_rho(pred, actual)
     boots = []
     for _ in range(n_boot):

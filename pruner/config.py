@@ -7,6 +7,7 @@ Every section forbids unknown keys, so a typo fails with the key path instead of
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Literal, Optional
@@ -14,7 +15,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pruner.scores.combine import METHOD_COLUMNS, TARGET_SET_COLUMNS, score_columns
+from pruner.scores.combine import method_of, score_columns, target_set_columns
+from pruner.scores.methods import METHODS, register
 
 
 class ConfigError(ValueError):
@@ -145,10 +147,35 @@ class OGAConfig(_Section):
 
 
 class ScoresConfig(_Section):
-    methods: list[Literal["diffin", "tracin", "oga", "baselines"]] = Field(
-        default_factory=lambda: ["diffin", "tracin", "oga", "baselines"])
+    # plug-in score methods: modules defining METHOD = pruner.scores.methods.ScoreMethod(...), imported (and their
+    # method registered) when the config is validated, on the driver and on every actor, so each must be importable
+    # there (installed, or shipped with `ray job submit --working-dir`). Listed before ``methods``, which they extend.
+    plugins: list[str] = Field(default_factory=list)
+    methods: list[str] = Field(default_factory=lambda: ["diffin", "tracin", "oga", "baselines"])
     diffin: DiffInConfig = Field(default_factory=DiffInConfig)
     oga: OGAConfig = Field(default_factory=OGAConfig)
+
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, plugins: list[str]) -> list[str]:
+        for name in plugins:
+            try:
+                method = getattr(importlib.import_module(name), "METHOD")
+            except (ImportError, AttributeError) as e:
+                raise ValueError(f"plug-in {name!r}: {e} (fix: a module importable here and on the Ray actors that "
+                                 f"defines METHOD = pruner.scores.methods.ScoreMethod(...))") from None
+            if METHODS.get(method.name) is not method:
+                register(method)
+        return plugins
+
+    @field_validator("methods")
+    @classmethod
+    def _registered(cls, methods: list[str]) -> list[str]:
+        """Names of registered score methods (pruner.scores.methods: the built-ins and any plug-in)."""
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown score method(s) {unknown} (fix: use the registered ones, {list(METHODS)})")
+        return methods
 
 
 class SelectConfig(_Section):
@@ -214,7 +241,7 @@ def default_score(columns: list[str]) -> str:
 def default_filter(score: str, columns: list[str]) -> Optional[str]:
     """``select.filter_score: auto``: the CLIP score in front of a target-set score (it finds the mismatched pairs a
     target score keeps), none in front of a target-free one."""
-    return "baseline_clip_score" if score in TARGET_SET_COLUMNS and "baseline_clip_score" in columns else None
+    return "baseline_clip_score" if score in target_set_columns() and "baseline_clip_score" in columns else None
 
 
 class RayConfig(_Section):
@@ -271,7 +298,7 @@ class JobConfig(_Section):
             raise ValueError(f"select.filter_score {self.select.filter_score!r} is not a column the configured methods "
                              f"produce (fix: one of {columns}, or null for no filter stage)")
         if score not in columns:
-            method = next((m for m, cols in METHOD_COLUMNS.items() if score in cols), None)
+            method = method_of(score)
             if method is None:
                 why, fix = "is not a score column", ""
             elif method not in methods:
@@ -307,6 +334,8 @@ class JobConfig(_Section):
         if self.scores.diffin.form != "propagated":  # keys no other form reads: job ids of those forms stay as they were
             for k in ("curvature_samples", "curvature_rank"):
                 d["scores"]["diffin"].pop(k)
+        if not self.scores.plugins:  # added with plug-in methods: job ids of jobs without any stay as they were
+            d["scores"].pop("plugins")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ from pruner.io.shards import Sample, iter_shard, RejectLog
 from pruner.model.checkpoints import Trajectory, load_scoring_model, optimizer_step_scale
 from pruner.model.clip import create_clip
 from pruner.scores.combine import combine, split_components
+from pruner.scores.methods import METHODS
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import iforest_scores
 from pruner.scores.propagation import propagated_directions
@@ -139,7 +140,7 @@ def combine_columns(cfg: JobConfig, weights: Sequence[CheckpointWeights], forest
     pruner.scores.combine)."""
     exact = cfg.scores.diffin.form == "exact_increment"  # the propagated form's terms are weighted already
     cols = combine(comps, [w.eta for w in weights], [w.a_t for w in weights], list(uids), seed=cfg.seed,
-                   b_ts=[w.b_t for w in weights] if exact else None)
+                   b_ts=[w.b_t for w in weights] if exact else None, methods=cfg.scores.methods)
     if forest is not None:
         cols["oga_iforest"] = iforest_scores(forest, features_last)
     return cols
@@ -151,8 +152,9 @@ def computed_quantities(cfg: JobConfig) -> tuple[bool, bool]:
     Diff-In self target needs them too, and :class:`CheckpointScorer` turns them on for it). Neither is free
     (projections; per-sample norms), so a job that reads neither, such as ``scores.methods: [diffin]`` with
     ``features.save: false``, skips both (benchmarks/bench_diffin_cost.py)."""
-    methods, f = cfg.scores.methods, cfg.features
-    return "oga" in methods or f.save or f.save_hzg or uses_propagation(cfg), "tracin" in methods or "oga" in methods
+    methods, f = [METHODS[m] for m in cfg.scores.methods], cfg.features
+    return (any(m.needs_features for m in methods) or f.save or f.save_hzg or uses_propagation(cfg),
+            any(m.needs_norms for m in methods))
 
 
 def propagation_terms(shared: Sequence[CheckpointShared], weights: Sequence[CheckpointWeights],

@@ -13,7 +13,8 @@ import yaml
 from pruner.cli import main as cli_main
 from pruner.config import ConfigError, load_config, load_job_config
 from pruner.io.shards import DEMO_DIR
-from pruner.scores.combine import METHOD_COLUMNS, score_columns
+from pruner.scores.combine import score_columns
+from pruner.scores.methods import METHODS
 
 
 _MICRO: dict = {}
@@ -147,7 +148,7 @@ def test_score_choices_are_the_columns_a_job_writes(tmp_path):
                            comps, features, list("abcd"))
     written = sorted(c for c in cols if not c.startswith("c0_"))
     assert written == sorted(score_columns(cfg.scores.methods, cfg.scores.diffin.targets, True)) == \
-        sorted(c for columns in METHOD_COLUMNS.values() for c in columns)
+        sorted(c for m in METHODS.values() for c in m.columns)
     for column in written:
         assert load_config(path, [f"select.score={column}"]).select.score == column
 

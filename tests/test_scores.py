@@ -30,7 +30,8 @@ from pruner.grads.engine import PerSampleGradients
 from pruner.grads.vectors import dot, norm
 from pruner.model.clip import create_clip, linearize_clip
 from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_scale_of
-from pruner.scores.combine import combine, hash_unit
+from pruner.scores.combine import combine
+from pruner.scores.methods.baselines import hash_unit
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import fit_isolation_forest, iforest_scores
 from pruner.scores.shared import compute_shared

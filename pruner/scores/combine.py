@@ -1,4 +1,5 @@
-"""Combining per-checkpoint components into the method scores (one row per sample).
+"""Combining per-checkpoint components into the method scores (one row per sample): each method's combination is
+its own module under pruner.scores.methods; this module runs them, names the columns and documents them.
 
 Every *score column* is oriented "higher = more helpful = keep", so one ranking rule serves all methods:
 
@@ -52,77 +53,50 @@ so the column is -I(z,z), oriented like tracin_self.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping, Sequence
 
 import numpy as np
 
-#: The score columns of each method of ``scores.methods``: the table above, what :func:`combine` writes (and
-#: pruner.scorer.combine_columns, oga_iforest). :func:`score_columns` picks those a job produces.
-METHOD_COLUMNS: dict[str, tuple[str, ...]] = {
-    "diffin": ("diffin_target", "diffin_train", "diffin_self"),
-    "tracin": ("tracin_target", "tracin_pred", "tracin_self"),
-    "oga": ("oga_l2", "oga_l1", "oga_iforest"),
-    "baselines": ("baseline_loss", "baseline_clip_score", "baseline_random"),
-}
+from pruner.scores.methods import BUILTIN, METHODS, CombineWeights
+
 #: The columns of a score table that describe the sample rather than score it (pruner.scorer.Scorer.score_table),
 #: and those the ranking adds (pruner.select): everything else but the ``c<i>_`` components is a method score.
 SAMPLE_COLUMNS = ("uid", "key", "shard_url", "row", "caption", "url")
 RANKING_COLUMNS = ("rank", "kept", "select_score")
-#: The columns whose direction is a gradient over the target set (v_target, v_pred: pruner.scores.shared), formed
-#: only when the job has target samples.
-TARGET_SET_COLUMNS = ("diffin_target", "tracin_target", "tracin_pred")
+
+
+def method_of(column: str) -> str | None:
+    """The registered score method (pruner.scores.methods) that writes ``column``, or None."""
+    return next((name for name, m in METHODS.items() if column in m.columns), None)
+
+
+def target_set_columns() -> list[str]:
+    """The columns formed from the target set (a gradient over it: v_target, v_pred, pruner.scores.shared), absent
+    from jobs without target samples."""
+    return [c for m in METHODS.values() for c in m.target_set_columns]
 
 
 def score_columns(methods: Sequence[str], diffin_targets: Sequence[str], has_target: bool) -> list[str]:
     """The score columns a job with these ``scores.methods``, ``scores.diffin.targets`` and (non-)empty
-    ``target.shards`` produces, i.e. what ``select.score`` can rank by: :data:`METHOD_COLUMNS` of each method,
-    Diff-In's for its targets only, none of :data:`TARGET_SET_COLUMNS` without a target set."""
-    return [c for m in methods for c in METHOD_COLUMNS[m]
-            if (m != "diffin" or c.removeprefix("diffin_") in diffin_targets)
-            and (has_target or c not in TARGET_SET_COLUMNS)]
-
-
-def hash_unit(values: Sequence[str], salt: str) -> np.ndarray:
-    """Deterministic uniform [0, 1) per string, from sha1(salt + value)."""
-    return np.array([int.from_bytes(hashlib.sha1(f"{salt}:{v}".encode()).digest()[:8], "little") / 2.0 ** 64
-                     for v in values], dtype=np.float64)
+    ``target.shards`` produces, i.e. what ``select.score`` can rank by (each method's
+    :meth:`~pruner.scores.methods.ScoreMethod.produces`)."""
+    return [c for m in methods for c in METHODS[m].produces(diffin_targets, has_target)]
 
 
 def combine(per_ckpt: list[dict[str, np.ndarray]], etas: Sequence[float], a_ts: Sequence[float],
-            uids: Sequence[str], seed: int = 0, b_ts: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+            uids: Sequence[str], seed: int = 0, b_ts: Sequence[float] | None = None,
+            methods: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Method score columns plus ``c<i>_<component>`` columns, all float64 arrays [n].
 
-    ``b_ts`` given: Diff-In in the exact_increment form (first-order weights b_t), else the taylor form."""
+    Every built-in method writes the columns whose components are present (as the passes form them for the job),
+    plug-in methods (pruner.scores.methods.register) only when named in ``methods``; in registration order, so
+    score tables keep one column order. ``b_ts`` given: Diff-In in the exact_increment form (first-order weights
+    b_t), else the taylor form (the propagated form's components come weighted)."""
+    weights = CombineWeights(etas, a_ts, b_ts)
     out: dict[str, np.ndarray] = {}
-
-    def weighted(name: str, weights) -> np.ndarray | None:
-        if not all(name in c for c in per_ckpt):
-            return None
-        return sum(w * c[name] for w, c in zip(weights, per_ckpt))
-
-    for target, first in (("target", "tracin_target"), ("train", "tracin_train"), ("self", "sq_norm")):
-        prop = weighted(f"prop_{target}", [1.0] * len(per_ckpt))  # the propagated form: weighted per checkpoint
-        if prop is not None:
-            out[f"diffin_{target}"] = -prop if target == "self" else prop
-            continue
-        t1 = weighted(f"t1_{target}", a_ts)
-        second = weighted(f"t2_{target}", a_ts) if b_ts is None else weighted(first, b_ts)
-        if t1 is not None and second is not None:
-            out[f"diffin_{target}"] = (t1 + second) * (-1.0 if target == "self" and b_ts is not None else 1.0)
-    for name in ("target", "pred"):
-        v = weighted(f"tracin_{name}", etas)
-        if v is not None:
-            out[f"tracin_{name}"] = v
-    last = per_ckpt[-1]
-    if "sq_norm" in last:  # exact norms and projected features are formed only when the job reads them
-        out["tracin_self"] = -weighted("sq_norm", etas)
-        out["oga_l2"] = -np.sqrt(last["sq_norm"])
-    if "l1_feat" in last:
-        out["oga_l1"] = -last["l1_feat"]
-    out["baseline_loss"] = -last["loss"]
-    out["baseline_clip_score"] = last["clip_score"].copy()
-    out["baseline_random"] = hash_unit(uids, f"random-{seed}")
+    for name, method in METHODS.items():
+        if name in BUILTIN or name in methods:
+            out.update(method.combine(per_ckpt, weights, uids, seed))
     for i, comp in enumerate(per_ckpt):
         for name, arr in comp.items():
             out[f"c{i}_{name}"] = arr
