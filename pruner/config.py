@@ -147,7 +147,8 @@ class OGAConfig(_Section):
 
 
 class ScoresConfig(_Section):
-    # plug-in score methods: modules defining METHOD = pruner.scores.methods.ScoreMethod(...), imported (and their
+    # plug-in score methods: modules defining METHOD, a pruner.scores.methods.ScoreMethod subclass' instance with its
+    # combine, imported (and their
     # method registered) when the config is validated, on the driver and on every actor, so each must be importable
     # there (installed, or shipped with `ray job submit --working-dir`). Listed before ``methods``, which they extend.
     plugins: list[str] = Field(default_factory=list)
@@ -163,7 +164,7 @@ class ScoresConfig(_Section):
                 method = getattr(importlib.import_module(name), "METHOD")
             except (ImportError, AttributeError) as e:
                 raise ValueError(f"plug-in {name!r}: {e} (fix: a module importable here and on the Ray actors that "
-                                 f"defines METHOD = pruner.scores.methods.ScoreMethod(...))") from None
+                                 f"defines METHOD, an instance of a pruner.scores.methods.ScoreMethod subclass with its combine)") from None
             if METHODS.get(method.name) is not method:
                 register(method)
         return plugins

@@ -54,6 +54,7 @@ from pruner.io.shards import expand_shard_specs
 from pruner.io.store import Int8Copies, load_features
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs, propagation_terms, uses_propagation
+from pruner.scores.methods import BUILTIN, METHODS
 from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
 from pruner.select.reduce import finalize
 
@@ -239,6 +240,10 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
                          f"features, which a re-targeted job does not have (not supported yet; fix: select.policy "
                          f"class_balanced or top_k with dedup_space embedding, or re-run the job with the new "
                          f"target)")
+    plugins = [m for m in cfg.scores.methods if m not in BUILTIN and METHODS[m].target_set_columns]
+    if plugins:
+        raise ValueError(f"{job_dir}: the plug-in method(s) {plugins} score against the target set, which a "
+                         f"re-target does not recompute (fix: re-run the job with the new target)")
     pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     missing, changed = layout.stale_shards(pool, shard_identities(pool))
     problems = [f"{len(urls)} shard(s) {what}: {', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}"

@@ -31,11 +31,15 @@ def test_builtins_keep_the_column_order():
                     "baseline_loss", "baseline_clip_score", "baseline_random"]
 
 
-def test_register_refuses_a_taken_name_or_column(toy_registered):
+def test_register_refuses_a_taken_name_or_column_or_no_combine(toy_registered):
+    from toy_method import ToyMargin
     with pytest.raises(ValueError, match="already registered"):
-        register(ScoreMethod("tracin", ("other",)))
+        register(ToyMargin("tracin", ("other",)))
     with pytest.raises(ValueError, match="already belong"):
-        register(ScoreMethod("toy", ("oga_l2",)))
+        register(ToyMargin("toy", ("oga_l2",)))
+    with pytest.raises(ValueError, match="defines no combine"):  # refused at config time, not on the actors
+        register(ScoreMethod("toy", ("toy_margin",)))
+    assert "toy" not in METHODS
     with pytest.raises(ValueError, match="built-in"):
         unregister("oga")
 

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     traj = root / "proxy" / "trajectory.json"
     if not traj.exists():
         print(f"pruner demo: training the proxy trajectory into {traj.parent}", flush=True)
-        train_proxy([str(DEMO_DIR / "pool")], str(traj.parent), arch="pruner-micro", steps=args.proxy_steps,
-                    checkpoints=3, batch_size=32, seed=0)
+        done = train_proxy([str(DEMO_DIR / "pool")], str(traj.parent), arch="pruner-micro", steps=args.proxy_steps,
+                           checkpoints=3, batch_size=32, seed=0)
+        print(f"pruner demo: {traj.resolve()} ({len(done.checkpoints)} checkpoints)", flush=True)
     cfg_path = root / "job.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(demo_config(root.resolve(), traj.resolve()), sort_keys=False))

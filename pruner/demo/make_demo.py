@@ -93,3 +93,8 @@ def build(src: Path, out: Path) -> dict[str, int]:
     for name, data in files.items():
         write_bytes_atomic(out / name, data)
     return {name: len(data) for name, data in files.items()}
+
+
+if __name__ == "__main__":  # `python -m pruner.demo.make_demo`, the older spelling of the command
+    from pruner.cli.make_demo import main
+    raise SystemExit(main())

@@ -3,7 +3,7 @@ can write, what the per-sample passes must form for it (projected features, exac
 combines the per-checkpoint components into its columns (pruner.scores.combine calls every configured method).
 
 The built-in methods are registered in :data:`BUILTIN` order, the order of the columns in every score table. A new
-method is one module with a ``METHOD = ScoreMethod(...)`` (or a subclass) plus its test: add its module name to
+method is one module with a ``ScoreMethod`` subclass (its ``combine``) and ``METHOD = TheMethod(...)``, plus its test: add its module name to
 :data:`BUILTIN`, or call :func:`register` from outside the package (a plug-in; tests/test_methods.py shows one).
 Its combine reads the components the passes already form (pruner.scores.components: ``loss``, ``clip_score``,
 ``sq_norm``, ``l1_feat``, ``tracin_*``, ``t1_*``/``t2_*``, ``prop_*``); a new per-sample component is a change to
@@ -28,6 +28,9 @@ def register(method: ScoreMethod) -> ScoreMethod:
     values). Refuses a name or a column already taken, so no two methods write one column."""
     if method.name in METHODS:
         raise ValueError(f"score method {method.name!r} is already registered")
+    if type(method).combine is ScoreMethod.combine:
+        raise ValueError(f"score method {method.name!r} defines no combine (fix: a ScoreMethod subclass with its "
+                         f"combine, as tests/toy_method.py)")
     taken = {c for m in METHODS.values() for c in m.columns} & set(method.columns)
     if taken:
         raise ValueError(f"score method {method.name!r}: columns {sorted(taken)} already belong to another method")
