@@ -71,3 +71,31 @@ def test_a_toy_method_in_one_module_runs_in_a_real_job(tmp_path, micro_trajector
     kept = ranking[ranking["kept"]]
     assert len(kept) == len(ranking) // 2 and kept["toy_margin"].min() >= ranking[~ranking["kept"]]["toy_margin"].max()
     assert summary["score"] == "toy_margin"
+
+
+def test_retarget_refuses_a_plugin_scoring_against_the_target(tmp_path, micro_trajectory, monkeypatch):
+    """A re-target recomputes only the built-in target-set columns, so a job with a plug-in method that scores
+    against the target set is refused, naming the method and the fix, before any pass (its columns would be stale)."""
+    from pruner.rescore import retarget
+    (tmp_path / "toy_target_method.py").write_text(
+        "from pruner.scores.methods import ScoreMethod\n"
+        "class ToyTarget(ScoreMethod):\n"
+        "    def combine(self, per_ckpt, weights, uids, seed):\n"
+        "        return {}\n"
+        "METHOD = ToyTarget('toy_t', ('toy_t_target',), target_set_columns=('toy_t_target',))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = small_job_config(tmp_path, micro_trajectory)
+    cfg["scores"]["plugins"] = ["toy_target_method"]
+    cfg["scores"]["methods"] = ["baselines", "toy_t"]
+    cfg["select"] = {"score": "baseline_clip_score", "keep_fraction": 0.5}
+    try:
+        layout = JobLayout(tmp_path / "job")
+        layout.root.mkdir()
+        layout.config.write_bytes(load_config(data=cfg).to_yaml())
+        with pytest.raises(ValueError, match=r"plug-in method\(s\) \['toy_t'\] score against the target set.*fix: "
+                                             r"re-run the job"):
+            retarget(layout.root, [str(tmp_path / "nowhere")])
+        assert sorted(p.name for p in layout.root.iterdir()) == ["config.yaml"]  # nothing written
+    finally:
+        if "toy_t" in METHODS:
+            unregister("toy_t")
