@@ -219,41 +219,39 @@ def shared_phase(cfg: JobConfig, layout: JobLayout, traj: Trajectory, pool: list
     todo = [i for i in range(first, m) if not layout.shared(i).exists()]
     sub_path = layout.oga_subsample
     need_oga = "oga" in cfg.scores.methods and not sub_path.exists()
-    if todo or need_oga:
-        cfg_dict = cfg.model_dump(mode="json")
-        comps = [Shared.remote(cfg_dict, traj, pool, target, cpus, first)
-                 for _ in range(max(1, min(n_workers, len(todo) or n_workers)))]
-        try:  # killed however this ends: a pending resource request would otherwise stay queued
+    comps = []
+    try:  # the actors are killed however this ends: a pending resource request would otherwise stay queued
+        if todo or need_oga:
+            cfg_dict = cfg.model_dump(mode="json")
+            comps = [Shared.remote(cfg_dict, traj, pool, target, cpus, first)
+                     for _ in range(max(1, min(n_workers, len(todo) or n_workers)))]
             wait_placed([c.ping.remote() for c in comps], "the shared-quantity actors")
             if not layout.shared_inputs.exists():  # the record of what the shared quantities are computed from
                 write_json_atomic(layout.shared_inputs, picked or ray.get(comps[0].input_digests.remote()))
-            t0 = time.time()  # each ref is an actor's return value, owned by this driver: it outlives the actor
-            running = {comps[j % len(comps)].compute.remote(i): i for j, i in enumerate(todo)}
-            while running:
-                [ref], _ = ray.wait(list(running), num_returns=1)
-                i = running.pop(ref)
-                save_state(ray.get(ref), layout.shared(i))
-                refs[i] = ref
-                log.info("shared quantities of checkpoint %d (%d of %d) after %.1fs", i, len(todo) - len(running),
-                         len(todo), time.time() - t0)
-            for i in range(first, m):
-                if i not in refs:
-                    refs[i] = ray.put(load_state(layout.shared(i)))
-            if need_oga:  # saved, so a re-run refits the identical forest without rescoring the subsample
-                n = ray.get(comps[0].oga_subsample_size.remote())
-                b = cfg.features.batch_size
-                cuts = [min(n, b * -(-n * j // (len(comps) * b))) for j in range(len(comps) + 1)]
-                state_refs = [refs[i] for i in range(first, m)]
-                parts = ray.get([c.oga_features.remote(state_refs, lo, hi)
-                                 for c, lo, hi in zip(comps, cuts, cuts[1:]) if hi > lo])
-                with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, np.concatenate(parts).astype(np.float32, copy=False))
-        finally:
-            for c in comps:
-                ray.kill(c)
-    for i in range(first, m):
-        if i not in refs:
-            refs[i] = ray.put(load_state(layout.shared(i)))
+        t0 = time.time()  # each ref is an actor's return value, owned by this driver: it outlives the actor
+        running = {comps[j % len(comps)].compute.remote(i): i for j, i in enumerate(todo)}
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            i = running.pop(ref)
+            save_state(ray.get(ref), layout.shared(i))
+            refs[i] = ref
+            log.info("shared quantities of checkpoint %d (%d of %d) after %.1fs", i, len(todo) - len(running),
+                     len(todo), time.time() - t0)
+        for i in range(first, m):  # the saved ones, read
+            if i not in refs:
+                refs[i] = ray.put(load_state(layout.shared(i)))
+        if need_oga:  # saved, so a re-run refits the identical forest without rescoring the subsample
+            n = ray.get(comps[0].oga_subsample_size.remote())
+            b = cfg.features.batch_size
+            cuts = [min(n, b * -(-n * j // (len(comps) * b))) for j in range(len(comps) + 1)]
+            state_refs = [refs[i] for i in range(first, m)]
+            parts = ray.get([c.oga_features.remote(state_refs, lo, hi)
+                             for c, lo, hi in zip(comps, cuts, cuts[1:]) if hi > lo])
+            with atomic_path(sub_path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.concatenate(parts).astype(np.float32, copy=False))
+    finally:
+        for c in comps:
+            ray.kill(c)
     forest = None
     if "oga" in cfg.scores.methods:
         forest = fit_isolation_forest(np.load(sub_path), seed=cfg.seed, trees=cfg.scores.oga.iforest_trees)
