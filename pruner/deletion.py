@@ -29,15 +29,15 @@ import torch
 from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path
 from pruner.io.layout import JobLayout
-from pruner.io.shards import RejectLog, iter_shard
+from pruner.io.shards import RejectLog, expand_shard_specs, iter_shard
 from pruner.model.checkpoints import load_trajectory
 from pruner.model.clip import open_clip_state
 from pruner.model.loss import bank_loss
 from pruner.scorer import Scorer, pick_curvature_samples, pick_shared_inputs
+from pruner.scores.combine import INFLUENCE_COLUMNS
 from pruner.scores.propagation import lanczos_apply, phi
 from pruner.scores.shared import CheckpointShared, reference_hvp, weighted_gradient
 
-INFLUENCE = ("diffin_target", "diffin_train", "tracin_target")
 
 
 def read_uids(layout: JobLayout, spec: str) -> set[str]:
@@ -59,7 +59,7 @@ def predict(layout: JobLayout, uids: set[str]) -> dict:
     """{"n": samples found, "missing": uids not in the job, "predicted_change": {column: loss change}} from
     ranking.parquet (one pass, by row groups)."""
     pf = pq.ParquetFile(layout.ranking)
-    cols = [c for c in INFLUENCE if c in pf.schema_arrow.names]
+    cols = [c for c in INFLUENCE_COLUMNS if c in pf.schema_arrow.names]
     sums, found = dict.fromkeys(cols, 0.0), set()
     for g in range(pf.num_row_groups):
         t = pf.read_row_group(g, columns=["uid"] + cols).to_pydict()
@@ -67,15 +67,20 @@ def predict(layout: JobLayout, uids: set[str]) -> dict:
         found.update(np.asarray(t["uid"], object)[hit].tolist())
         for c in cols:
             sums[c] += float(np.nansum(np.asarray(t[c], np.float64)[hit]))
-    n_pool = _pool_n(layout)
+    n_pool = _pool_n(_checkpoint_weights(layout))
     if "tracin_target" in sums:
         sums["tracin_target"] /= n_pool  # eta_i is the LR summed over the interval; 1/N of it per sample
     return {"n": len(found), "missing": len(uids - found), "predicted_change": sums}
 
 
-def _pool_n(layout: JobLayout) -> float:
-    c = json.loads(layout.trajectory.read_text())["checkpoints"][0]
-    return float(c["eta"]) / float(c["b_t"])
+def _checkpoint_weights(layout: JobLayout) -> list[dict]:
+    """The job's per-checkpoint weights (eta, a_t, b_t, ...) as its trajectory.json records them."""
+    return json.loads(layout.trajectory.read_text())["checkpoints"]
+
+
+def _pool_n(weights: list[dict]) -> float:
+    """N, the pool size the weights were formed with (b_t = eta / N)."""
+    return float(weights[0]["eta"]) / float(weights[0]["b_t"])
 
 
 def _samples(cfg: JobConfig, layout: JobLayout, uids: set[str]):
@@ -110,17 +115,14 @@ def parameter_update(job_dir: str | Path, uids: set[str], lanczos_steps: int = 3
     traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     scorer = Scorer(cfg, traj, device=device)
     states = [CheckpointShared.load(layout.shared(i), scorer.device) for i in range(len(traj.checkpoints))]
-    weights = json.loads(layout.trajectory.read_text())["checkpoints"]
-    n_pool = _pool_n(layout)
+    weights = _checkpoint_weights(layout)
+    n_pool = _pool_n(weights)
     deleted = list(scorer.uid_batches(_samples(cfg, layout, uids)))
+    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
     if form == "propagated":
-        from pruner.io.shards import expand_shard_specs
-        curv = list(scorer.uid_batches(pick_curvature_samples(cfg, expand_shard_specs(cfg.data.shards,
-                                                                                      cfg.data.allow_pipe))))
+        curv = list(scorer.uid_batches(pick_curvature_samples(cfg, pool)))
     else:
-        from pruner.io.shards import expand_shard_specs
-        reference = pick_shared_inputs(cfg, expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe), [],
-                                       bank=False).reference
+        reference = pick_shared_inputs(cfg, pool, [], bank=False).reference
         ref_batches = [scorer.tensors(r) for r in reference]
     acc, diag = None, []
     for i, (engine, st, w) in enumerate(zip(scorer.engines, states, weights)):
@@ -156,6 +158,7 @@ def parameter_update(job_dir: str | Path, uids: set[str], lanczos_steps: int = 3
     v = _flat(states[-1].vectors["v_target"], list(last.params())) if "v_target" in states[-1].vectors else None
     return delta, last.model, {"form": form, "n": sum(b[0].shape[0] for b in deleted), "per_checkpoint": diag,
                                "norm_delta": float(acc.norm()), "n_pool": n_pool,
+                               "step": traj.checkpoints[-1].step,
                                "first_order_target_change": None if v is None else float(v @ acc)}
 
 
@@ -167,9 +170,7 @@ def write_update(job_dir: str | Path, uids: set[str], out: str | Path, lanczos_s
     with torch.no_grad():
         for n, d in delta.items():
             params[n].add_(d.to(params[n].device))
-    cfg = load_job_config(JobLayout(Path(job_dir)).config)
-    traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
     with atomic_path(Path(out)) as tmp:
-        torch.save({"epoch": 1, "step": traj.checkpoints[-1].step, "name": "pruner-deletion",
+        torch.save({"epoch": 1, "step": diag["step"], "name": "pruner-deletion",
                     "state_dict": open_clip_state(model)}, tmp)
     return diag

@@ -111,13 +111,6 @@ def uses_propagation(cfg: JobConfig) -> bool:
     return "diffin" in cfg.scores.methods and d.form == "propagated" and bool(d.targets)
 
 
-def pick_oga_subsample(cfg: JobConfig, pool_urls: Sequence[str]) -> list[Sample]:
-    """The samples the OGA Isolation Forest is fitted on: the first ``scores.oga.iforest_sample`` samples of the
-    pool in sorted shard order, in hash order."""
-    n = cfg.scores.oga.iforest_sample
-    return pick_pool_samples(cfg, pool_urls, {"oga": (n, n)})["oga"]
-
-
 def input_digests(inputs: SharedInputs) -> dict[str, str]:
     """sha256 of the uids of the samples behind a job's shared quantities, in the order they are used: ``bank``,
     ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's subsample), with

@@ -271,7 +271,7 @@ def test_shared_input_picks_match_sorting_the_head(tmp_path):
     and the target is the first max_samples target samples."""
     from conftest import small_job_config
     from pruner.config import JobConfig
-    from pruner.scorer import iter_pool, pick_curvature_samples, pick_oga_subsample, pick_shared_inputs
+    from pruner.scorer import iter_pool, pick_curvature_samples, pick_shared_inputs
     raw = small_job_config(tmp_path, tmp_path / "trajectory.json",
                            features={"bank_size": 100}, scores={"diffin": {"reference_batch_size": 30,
                                                                           "reference_batches": 2,
@@ -294,6 +294,5 @@ def test_shared_input_picks_match_sorting_the_head(tmp_path):
     assert [s.uid for s in got.oga] == brute("oga", 300, 300)
     assert [s.uid for s in got.target] == [s.uid for s in iter_pool(demo_target_shards())][:64]
     assert [s.uid for s in pick_curvature_samples(cfg, pool)] == brute("curvature", 150, 600)
-    assert [s.uid for s in pick_oga_subsample(cfg, pool)] == brute("oga", 300, 300)
     plain = pick_shared_inputs(cfg, pool, demo_target_shards())
     assert plain.curvature is None and plain.oga is None and [s.uid for s in plain.bank] == [s.uid for s in got.bank]

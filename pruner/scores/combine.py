@@ -63,6 +63,9 @@ from pruner.scores.methods import BUILTIN, METHODS, CombineWeights
 #: and those the ranking adds (pruner.select): everything else but the ``c<i>_`` components is a method score.
 SAMPLE_COLUMNS = ("uid", "key", "shard_url", "row", "caption", "url")
 RANKING_COLUMNS = ("rank", "kept", "select_score")
+#: Score columns whose values are influences on a loss (removal convention), so that their sum over a set of samples
+#: predicts the change of that loss caused by removing the set (data deletion, methods §1.3; pruner.deletion).
+INFLUENCE_COLUMNS = ("diffin_target", "diffin_train", "tracin_target")
 
 
 def method_of(column: str) -> str | None:

@@ -18,7 +18,7 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import RejectLog
-from pruner.scores.combine import method_columns
+from pruner.scores.combine import INFLUENCE_COLUMNS, method_columns
 from pruner.select.duplicates import find_duplicate_uids, without_rows
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, write_ranking
@@ -27,9 +27,6 @@ from pruner.select.stages import SELECT_SCORE, apply_filter, filter_selection, p
 log = logging.getLogger(__name__)
 DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("uid", "url", "key", "kept_url", "kept_key")])
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
-# score columns whose values are influences on a loss (removal convention), so that the sum over the dropped
-# samples predicts the change of that loss caused by dropping them (data deletion, methods §1.3)
-INFLUENCE_COLUMNS = ("diffin_target", "diffin_train", "tracin_target")
 
 
 def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
