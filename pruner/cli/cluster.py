@@ -34,10 +34,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pruner cluster: {e}", file=sys.stderr)
         return 2
-    sizes = [c["size"] for c in s["clusters"]]
+    sizes, layout = [c["size"] for c in s["clusters"]], JobLayout(Path(args.job))
     print(json.dumps({"job": args.job, "n_samples": s["n_samples"], "n_clusters": s["n_clusters"],
                       "objective": s["objective"], "sizes": {"min": min(sizes), "max": max(sizes)},
-                      "written": [str(JobLayout(Path(args.job)).clusters_table), str(JobLayout(Path(args.job)).clusters_summary)],
+                      "written": [str(layout.clusters_table), str(layout.clusters_summary)],
                       "seconds": round(s["seconds"], 2)}, indent=2))
     return 0
 

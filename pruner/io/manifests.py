@@ -82,7 +82,6 @@ def _fallback_path(npy_path: Path) -> Path:
     return npy_path.with_suffix(".fallback.parquet")
 
 
-
 class KeepSet(Protocol):
     """What the writers need of a selection (:class:`pruner.select.rank.Selection` is one): the score column it
     ranks by, how many samples it keeps, and which rows of a score table are kept. A protocol, so that this I/O
@@ -92,6 +91,7 @@ class KeepSet(Protocol):
     n_keep: int
 
     def is_kept(self, scores, uids) -> np.ndarray: ...
+
 
 def write_manifests(shard_files: Iterable[str | Path], selection: KeepSet, keep_dir: str | Path,
                     pool: Iterable[str] = ()) -> dict:
