@@ -13,7 +13,7 @@ evaluation uses the TEST split only, so target and evaluation images never overl
 
 Pipeline: train the proxy (pruner.train.proxy.train_proxy = ``pruner train-proxy``, open_clip_train, AdamW,
 warm-up + cosine, ``--checkpoints`` evenly spaced checkpoints); score the pool with every method through the Ray
-service (pruner.jobs.prune.run), or in-process with pruner.scorer.Scorer under ``--no-ray``; then
+service (pruner.jobs.prune.run), or by the job's local runner in this process under ``--no-ray``; then
 
 (a) detection: AUROC / average precision (positive = swapped, suspiciousness = -score) and the share of swapped
     pairs among the lowest-ranked 10/20/30%; per image class (and by class frequency with ``--rare-classes``).
@@ -130,7 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--retrieval-size", type=int, default=1000, help="test pairs for retrieval recall")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 is fastest on a busy 2-core box)")
-    p.add_argument("--no-ray", action="store_true", help="score in-process with pruner.scorer.Scorer (no Ray)")
+    p.add_argument("--no-ray", action="store_true", help="score by the job's local runner (pruner prune --local): no Ray")
     p.add_argument("--actors", type=int, default=2, help="Ray scoring actors (CPU)")
     p.add_argument("--bank-size", type=int, default=1024)
     p.add_argument("--k", type=int, default=1024, help="projected gradient dimension (OGA)")
@@ -225,38 +225,35 @@ def job_shared_inputs(cfg):
                                     curvature=uses_propagation(cfg), oga="oga" in cfg.scores.methods)
 
 
-def score_in_process(cfg, traj, device, subset_uids=None):
-    """What the Ray job computes, in one process: shared quantities, OGA forest, every score column."""
-    from pruner.scorer import Scorer, iter_pool
-    from pruner.scores.oga import fit_isolation_forest
-    pool, picked = job_shared_inputs(cfg)
-    scorer = Scorer(cfg, traj, device=device)
-    shared = [scorer.compute_shared(i, picked.bank, picked.target, picked.reference, picked.curvature or ())
-              for i in range(len(traj.checkpoints))]
-    scorer.set_shared(shared)
-    if "oga" in cfg.scores.methods:
-        scorer.forest = fit_isolation_forest(scorer.last_checkpoint_features(picked.oga), seed=cfg.seed,
-                                             trees=cfg.scores.oga.iforest_trees)
-    samples = [s for s in iter_pool(pool) if subset_uids is None or s.uid in subset_uids]
+def score_subset(cfg, traj, device, subset_uids):
+    """Every score column of the pool samples in ``subset_uids`` (an ablation's sample), from the job's own scorer
+    in this process (pruner.distributed.local.LocalScoring: the job's shared stage, then its Scorer)."""
+    from pruner.distributed.local import LocalScoring
+    from pruner.io.shards import expand_shard_specs
+    from pruner.scorer import iter_pool
+    pool = expand_shard_specs(cfg.data.shards)
+    local = LocalScoring(cfg, traj, pool, expand_shard_specs(cfg.target.shards), device=device)
+    local.shared_stage()
+    samples = [s for s in iter_pool(pool) if s.uid in subset_uids]
     cols: dict[str, list] = {}
     for i in range(0, len(samples), 500):
-        c, _ = scorer.score(samples[i:i + 500])
+        c, _ = local.scorer.score(samples[i:i + 500])
         for k, v in c.items():
             cols.setdefault(k, []).append(v)
     out = {k: np.concatenate(v) for k, v in cols.items()}
     out["uid"] = np.array([s.uid for s in samples])
-    return out, shared, scorer.weights
+    return out
 
 
-def run_prune_job(cfg):
-    """Run (or resume) the prune job through the Ray service (pruner.jobs.prune.run, a private local Ray).
-    Returns (job layout, trajectory, summary)."""
+def run_prune_job(cfg, local: bool = False):
+    """Run (or resume) the prune job (pruner.jobs.prune.run): through the Ray service (a private local Ray), or
+    with ``local`` by the local runner in this process. Returns (job layout, trajectory, summary)."""
     from pruner.jobs.jobdir import prepare
     from pruner.jobs.prune import run
     for k, v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
                  ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):
         os.environ.setdefault(k, v)
-    status, summary = run(cfg)
+    status, summary = run(cfg, local=local)
     try:
         import ray
         if ray.is_initialized():
@@ -269,16 +266,17 @@ def run_prune_job(cfg):
     return layout, traj, summary
 
 
-def score_with_ray(cfg):
+def score_job(cfg, local: bool = False):
+    """(score columns by name plus ``uid``, shared quantities per checkpoint, (step, eta, a_t) per checkpoint, the
+    job's summary) of the prune job, run by :func:`run_prune_job`."""
     import pyarrow.parquet as pq
     from pruner.scores.combine import RANKING_COLUMNS, SAMPLE_COLUMNS
     from pruner.scores.shared import CheckpointShared
-    layout, traj, summary = run_prune_job(cfg)
+    layout, traj, summary = run_prune_job(cfg, local)
     t = pq.read_table(layout.ranking).to_pydict()
     cols = {k: np.asarray(v, np.float64) for k, v in t.items() if k not in SAMPLE_COLUMNS + RANKING_COLUMNS}
     cols["uid"] = np.asarray(t["uid"])
-    shared = [CheckpointShared.from_state(torch.load(layout.shared(i), map_location="cpu", weights_only=True))
-              for i in range(len(traj.checkpoints))]
+    shared = [CheckpointShared.load(layout.shared(i)) for i in range(len(traj.checkpoints))]
     tj = json.loads(layout.trajectory.read_text())
     weights = [(c["step"], c["eta"], c["a_t"]) for c in tj["checkpoints"]]
     return cols, shared, weights, summary
@@ -297,17 +295,13 @@ def cached_scores(a, cfg, traj, seed_dir: Path):
                   for i in range(meta["checkpoints"])]
         return cols, shared, [tuple(w) for w in meta["weights"]], meta
     t0 = time.time()
-    summary = None
-    if a.no_ray:
-        cols, shared, weights = score_in_process(cfg, traj, a.device)
-    else:
-        cols, shared, weights, summary = score_with_ray(cfg)
+    cols, shared, weights, summary = score_job(cfg, local=a.no_ray)
     sd.mkdir(parents=True, exist_ok=True)
     np.savez(sd / "columns.npz", **cols)
     for i, s in enumerate(shared):
         torch.save(s.to_state(), sd / f"shared-{i}.pt")
     meta = {"checkpoints": len(shared), "weights": [list(w) for w in weights], "seconds": time.time() - t0,
-            "service": "in-process Scorer" if a.no_ray else "Ray (pruner.jobs.prune.run)",
+            "service": "pruner.jobs.prune.run, " + ("local runner" if a.no_ray else "Ray"),
             "predicted_target_loss_change_from_dropped":
                 (summary or {}).get("predicted_target_loss_change_from_dropped"),
             "job_selection": (summary or {}).get("selection")}
@@ -487,7 +481,7 @@ def ablations(a, seed, seed_dir, traj_path, pool_dir, target_dir, traj, uid_all,
             sec, _, key = k.partition("__")
             base[sec][key] = v
         cfg = load_config(data=base, check_paths=False)
-        cols, _, _ = score_in_process(cfg, use_traj, a.device, subset_uids=subset)
+        cols = score_subset(cfg, use_traj, a.device, subset)
         lab = dict(zip(uid_all, swapped_all))
         y = np.array([lab[u] for u in cols["uid"]])
         done[name] = {"n": int(len(y)), "seconds": time.time() - t0, "auroc": {

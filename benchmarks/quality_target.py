@@ -207,6 +207,7 @@ def explore_scores(a, cfg, layout, traj, pool_order: list[str]) -> dict[str, np.
 
     from pruner.io.shards import expand_shard_specs
     from pruner.io.store import load_features
+    from pruner.jobfiles import JobFiles
     from pruner.rescore import target_projections
     from pruner.model.checkpoints import adam_step_scale
     from pruner.scores.propagation import curvature, propagated_directions
@@ -224,7 +225,7 @@ def explore_scores(a, cfg, layout, traj, pool_order: list[str]) -> dict[str, np.
     rng = np.random.default_rng(50_000)
     sub = np.sort(rng.choice(len(uids), min(a.curvature_samples, len(uids)), replace=False))
     curv = [curvature(f[sub]) for f in feats]
-    projs = target_projections(cfg, layout, list(cfg.target.shards), device="cpu")
+    projs = target_projections(JobFiles(layout), list(cfg.target.shards), device="cpu")
     tj = json.loads(layout.trajectory.read_text())["checkpoints"]
     h = [float(c["eta"]) for c in tj]  # lr * updates: the summed step size
     b = [float(c["b_t"]) for c in tj]

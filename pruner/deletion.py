@@ -17,7 +17,6 @@ Cost of an update: per checkpoint one gradient pass over the set, and 2 x ``lanc
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -26,17 +25,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pruner.config import JobConfig, load_job_config
+from pruner.config import JobConfig
 from pruner.io.atomic import atomic_path
 from pruner.io.layout import JobLayout
-from pruner.io.shards import RejectLog, expand_shard_specs, iter_shard
-from pruner.model.checkpoints import load_trajectory
+from pruner.io.shards import RejectLog, iter_shard
+from pruner.jobfiles import JobFiles
 from pruner.model.clip import open_clip_state
 from pruner.model.loss import bank_loss
 from pruner.scorer import Scorer, pick_curvature_samples, pick_shared_inputs
-from pruner.scores.combine import INFLUENCE_COLUMNS
+from pruner.scores.combine import INFLUENCE_COLUMNS, removal_prediction
 from pruner.scores.propagation import lanczos_apply, phi
-from pruner.scores.shared import CheckpointShared, reference_hvp, weighted_gradient
+from pruner.scores.shared import reference_hvp, weighted_gradient
 
 
 
@@ -67,20 +66,8 @@ def predict(layout: JobLayout, uids: set[str]) -> dict:
         found.update(np.asarray(t["uid"], object)[hit].tolist())
         for c in cols:
             sums[c] += float(np.nansum(np.asarray(t[c], np.float64)[hit]))
-    n_pool = _pool_n(_checkpoint_weights(layout))
-    if "tracin_target" in sums:
-        sums["tracin_target"] /= n_pool  # eta_i is the LR summed over the interval; 1/N of it per sample
-    return {"n": len(found), "missing": len(uids - found), "predicted_change": sums}
-
-
-def _checkpoint_weights(layout: JobLayout) -> list[dict]:
-    """The job's per-checkpoint weights (eta, a_t, b_t, ...) as its trajectory.json records them."""
-    return json.loads(layout.trajectory.read_text())["checkpoints"]
-
-
-def _pool_n(weights: list[dict]) -> float:
-    """N, the pool size the weights were formed with (b_t = eta / N)."""
-    return float(weights[0]["eta"]) / float(weights[0]["b_t"])
+    return {"n": len(found), "missing": len(uids - found),
+            "predicted_change": removal_prediction(sums, JobFiles(layout).pool_size())}
 
 
 def _samples(cfg: JobConfig, layout: JobLayout, uids: set[str]):
@@ -106,19 +93,19 @@ def parameter_update(job_dir: str | Path, uids: set[str], lanczos_steps: int = 3
                      device: str = "cpu") -> tuple[dict, torch.nn.Module, dict]:
     """(delta {parameter name: tensor} of the scored parameters, the last checkpoint's linearised model, diagnostics):
     module docstring."""
-    layout = JobLayout(Path(job_dir))
-    cfg = load_job_config(layout.config)
+    job = JobFiles(job_dir)
+    cfg, layout = job.config, job.layout
     form = cfg.scores.diffin.form
     if form not in ("propagated", "exact_increment"):
         raise ValueError(f"{job_dir}: the parameter update is written for Diff-In's propagated and exact_increment "
                          f"forms, not {form!r} (fix: run the job with scores.diffin.form: propagated)")
-    traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    traj = job.trajectory()
     scorer = Scorer(cfg, traj, device=device)
-    states = [CheckpointShared.load(layout.shared(i), scorer.device) for i in range(len(traj.checkpoints))]
-    weights = _checkpoint_weights(layout)
-    n_pool = _pool_n(weights)
+    states = [job.shared(i, scorer.device) for i in range(len(traj.checkpoints))]
+    weights = job.checkpoint_records
+    n_pool = job.pool_size()
     deleted = list(scorer.uid_batches(_samples(cfg, layout, uids)))
-    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    pool = job.pool()
     if form == "propagated":
         curv = list(scorer.uid_batches(pick_curvature_samples(cfg, pool)))
     else:

@@ -47,15 +47,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pruner.config import JobConfig, load_job_config
 from pruner.io.atomic import atomic_path, write_bytes_atomic
 from pruner.io.layout import JobLayout, shard_identities
-from pruner.io.shards import expand_shard_specs
 from pruner.io.store import Int8Copies, load_features
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs, propagation_terms, uses_propagation
 from pruner.scores.methods import BUILTIN, METHODS
-from pruner.scores.shared import CheckpointShared, reference_hvp, target_gradients
+from pruner.jobfiles import JobFiles
+from pruner.scores.shared import reference_hvp, target_gradients
 from pruner.select.reduce import finalize
 
 
@@ -68,14 +67,6 @@ def _of_target(column: str) -> bool:
     """Whether a score column depends on the target set: ``diffin_target``, ``tracin_target``, ``tracin_pred`` (its
     prediction-score variant, from v_pred of the same target samples) and their ``c<i>_`` components."""
     return column.endswith(("_target", "_pred"))
-
-
-def load_job(job_dir: str | Path) -> tuple[JobConfig, JobLayout]:
-    layout = JobLayout(Path(job_dir))
-    if not layout.config.exists():
-        raise FileNotFoundError(f"{job_dir} is not a pruner job directory (no config.yaml)")
-    cfg = load_job_config(layout.config)
-    return cfg, layout
 
 
 def _projected_dot(path: Path, vectors: torch.Tensor, chunk: int = 512, int8: Int8Copies | None = None) -> np.ndarray:
@@ -193,24 +184,20 @@ def retarget_shard(layout: JobLayout, url: str, n: int, projs: list[dict], diffi
     return tracin, diffin if diffin_form else None, tracin_pred if pred else None
 
 
-def target_projections(cfg: JobConfig, layout: JobLayout, target_specs: Sequence[str],
-                       device: str = "auto") -> list[dict]:
+def target_projections(job: JobFiles, target_specs: Sequence[str], device: str = "auto") -> list[dict]:
     """Per checkpoint: {"Pv": [k], "Pu": [k], "Pp": [k], "eta", "a_t", "b_t"} for a new target set (one pass over
     the target); Pp is P v_pred, the prediction-score target of tracin_pred. Like a full run, whatever the job's
     methods: the scorer forms tracin_target and tracin_pred whenever there is a target set."""
-    traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    cfg, traj = job.config, job.trajectory()
     scorer = Scorer(cfg, traj, device=device)
-    states = [CheckpointShared.load(layout.shared(i), scorer.device) for i in range(len(traj.checkpoints))]
-    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
-    target = expand_shard_specs(list(target_specs), cfg.data.allow_pipe)
-    picked = pick_shared_inputs(cfg, pool, target, bank=False)
+    states = [job.shared(i, scorer.device) for i in range(len(traj.checkpoints))]
+    picked = pick_shared_inputs(cfg, job.pool(), job.shard_urls(target_specs), bank=False)
     target_samples, reference = picked.target, picked.reference
     target_batches = list(scorer.uid_batches(target_samples))
     ref_batches = [scorer.tensors(r) for r in reference]
     # the weights the job's other columns were combined with, as trajectory.json records them (a job scored before a
     # change of the weighting rule keeps its own; every job whose shared states load above records b_t)
-    weights = [{key: float(r[key]) for key in ("eta", "a_t", "b_t")}
-               for r in json.loads(layout.trajectory.read_text())["checkpoints"]]
+    weights = [{key: float(r[key]) for key in ("eta", "a_t", "b_t")} for r in job.checkpoint_records]
     propagated = uses_propagation(cfg)
     out = []
     for i, (engine, shared) in enumerate(zip(scorer.engines, states)):
@@ -234,7 +221,8 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
              precision: str = "int8") -> Path:
     """Re-score a finished job for a new target set into ``<job>/retarget-<hash>/`` and rank by it there.
     ``precision``: the stored features' copy the CPU pass reads (:data:`PRECISIONS`; on CUDA always fp16)."""
-    cfg, layout = load_job(job_dir)
+    job = JobFiles(job_dir)
+    cfg, layout = job.config, job.layout
     if cfg.select.needs_features:
         raise ValueError(f"{job_dir}: select.policy {cfg.select.policy!r} / gradient-space dedup reads stored "
                          f"features, which a re-targeted job does not have (not supported yet; fix: select.policy "
@@ -244,7 +232,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     if plugins:
         raise ValueError(f"{job_dir}: the plug-in method(s) {plugins} score against the target set, which a "
                          f"re-target does not recompute (fix: re-run the job with the new target)")
-    pool = expand_shard_specs(cfg.data.shards, cfg.data.allow_pipe)
+    pool = job.pool()
     missing, changed = layout.stale_shards(pool, shard_identities(pool))
     problems = [f"{len(urls)} shard(s) {what}: {', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}"
                 for urls, what in ((missing, "were never scored by the job (the lake grew since it ran)"),
@@ -254,7 +242,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
                          f"`pruner prune --config {layout.config}`, so it scores them; then re-target)")
     if precision not in PRECISIONS:  # before any gradient pass
         raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
-    projs = target_projections(cfg, layout, target_specs, device)
+    projs = target_projections(job, target_specs, device)
     use_int8 = precision == "int8" and not projs[0]["Pv"].is_cuda  # what the pass reads names the output
     tag = hashlib.sha256(json.dumps([sorted(target_specs), "int8" if use_int8 else "fp16"]).encode()).hexdigest()[:12]
     new = layout.retarget(tag)
@@ -269,6 +257,7 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     cfg2 = cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
                                   "select": cfg.select.model_copy(update={"score": score})})
     write_bytes_atomic(new.config, cfg2.to_yaml())  # read by the reduce step (trusted pipe: commands)
+    write_bytes_atomic(new.trajectory, layout.trajectory.read_bytes())  # the weights its scores are combined with
     finalize(cfg2, new, pool, {"retarget_of": str(layout.root), "projected_estimates": True,
                                "diffin_available": diffin_form is not None,
                                "features_read": "int8" if use_int8 else "fp16"})
@@ -299,22 +288,23 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
     """Extend a finished job's trajectory by one later checkpoint; returns the new job directory.
 
     A prune job over the longer trajectory that reuses the finished one (``prior`` of
-    :func:`pruner.distributed.driver.score_all`): the scoring actors load and compute only the new checkpoint
+    :func:`pruner.jobs.prune.run`, checked by pruner.jobs.resume): the scoring actors load and compute only the new checkpoint
     and combine its components with the stored ones, so the result equals a full re-run on the longer
     trajectory. Resumable like any job: re-running the same command finishes an interrupted extension."""
     from dataclasses import replace
 
     from pruner.jobs.prune import run
 
-    cfg, layout = load_job(job_dir)
+    job = JobFiles(job_dir)
+    cfg, layout = job.config, job.layout
     if uses_propagation(cfg):
         raise ValueError(f"{job_dir}: Diff-In's propagated form carries the last checkpoint's target gradient back "
                          f"through every earlier interval, so a later checkpoint changes every checkpoint's term, "
                          f"not only its own: extending the job would rescore it all (fix: run a full job with the "
                          f"longer trajectory, or use scores.diffin.form: exact_increment for jobs extended this way)")
-    old = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+    old = job.trajectory()
     done = tuple(CheckpointInfo(c["path"], c["step"], c["lr"], c["lr_mean"])  # what the job scored, as it recorded it
-                 for c in json.loads(layout.trajectory.read_text())["checkpoints"])
+                 for c in job.checkpoint_records)
     info = load_trajectory(checkpoints=[checkpoint]).checkpoints[0]
     info = replace(info, step=step if step is not None else info.step, lr=lr if lr is not None else info.lr,
                    lr_mean=lr_mean if lr_mean is not None else info.lr_mean)

@@ -115,7 +115,7 @@ def input_digests(inputs: SharedInputs) -> dict[str, str]:
     """sha256 of the uids of the samples behind a job's shared quantities, in the order they are used: ``bank``,
     ``reference`` (the reference batches), ``target`` and, with OGA, ``oga`` (the Isolation Forest's subsample), with
     Diff-In's propagated form ``curvature``; what ``shared/inputs.json`` records
-    (pruner.distributed.driver.check_shared_inputs)."""
+    (pruner.jobs.resume.check_shared_inputs)."""
     picked = {"bank": inputs.bank, "reference": [s for batch in inputs.reference for s in batch],
               "target": inputs.target}
     if inputs.oga is not None:

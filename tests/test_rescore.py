@@ -160,7 +160,7 @@ def test_extension_refuses_a_changed_shard_and_a_foreign_prefix(tmp_path, micro_
     """Extending a job checks its inputs: a shard that no longer reads as the scored samples, and a finished job
     whose config is another, or whose checkpoints (records, file digests) are not the first ones of the new
     trajectory, are refused by name."""
-    from pruner.distributed.driver import reused_checkpoints
+    from pruner.jobs.resume import reused_checkpoints
     from pruner.scorer import Scorer, ShardChangedError
     from pruner.io.shards import RejectLog, iter_shard
 
@@ -451,6 +451,11 @@ def test_delete_predicts_and_writes_the_parameter_update(tmp_path, micro_traject
     assert pred["n"] == len(dropped) == 500 and pred["missing"] == 0
     assert pred["predicted_change"]["diffin_target"] == pytest.approx(dropped["diffin_target"].sum(), rel=1e-12)
     assert f"diffin_target {pred['predicted_change']['diffin_target']:+.6g}" in printed
+    # the job's summary predicts the same for its dropped set, TracIn's column with its 1/N share per sample too
+    summary = json.loads(layout.summary.read_text())["predicted_target_loss_change_from_dropped"]
+    assert summary.keys() == pred["predicted_change"].keys() and "tracin_target" in summary
+    for column, value in pred["predicted_change"].items():
+        assert summary[column] == pytest.approx(value, rel=1e-9), column
     subset = tmp_path / "some.parquet"  # a file of uids works the same way
     pq.write_table(pa.table({"uid": dropped["uid"].tolist()[:7] + ["not-a-uid"]}), subset)
     some = predict(layout, read_uids(layout, str(subset)))

@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own package and any package of a lower layer, never a higher one):
 ``io`` (shards, the job directory layout, manifests, atomic writes) and ``logs`` know nothing of models; ``model``
 (open_clip wrappers, losses, checkpoints) and ``grads`` (per-sample gradient features) are pure torch; ``scores``
-(the math of every method) and ``config`` (the job schema, which names the score columns); ``scorer`` (the
+(the math of every method) and ``config`` (the job schema, which names the score columns); ``jobfiles`` (reading
+a job directory); ``scorer`` (the
 orchestrator, no Ray); ``explain`` (reading a finished job's features) below ``select`` (ranking, policies,
 manifests' selection), which policies build on; ``deletion``; the Ray layer ``distributed``; the job entry
 ``jobs``, ``rescore``, ``report``, ``train`` and ``demo`` library modules; ``cli`` on top (the commands: argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import pruner
 
 ROOT = Path(pruner.__file__).resolve().parent
-LAYERS = [{"io", "logs"}, {"model"}, {"grads"}, {"scores"}, {"config"}, {"scorer"}, {"explain"}, {"select"},
+LAYERS = [{"io", "logs"}, {"model"}, {"grads"}, {"scores"}, {"config"}, {"jobfiles"}, {"scorer"}, {"explain"}, {"select"},
           {"deletion"}, {"distributed"}, {"jobs"}, {"rescore"}, {"report", "train", "demo"}, {"cli"}]
 LEVEL = {pkg: i for i, group in enumerate(LAYERS) for pkg in group}
 

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="job YAML")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set select.keep_fraction=0.3 (repeatable)")
+    ap.add_argument("--local", action="store_true",
+                    help="score in this process, without Ray (the same outputs; for one machine, notebooks, debugging)")
     return ap
 
 
@@ -45,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (JobLockedError, JobRefusedError) as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1
-    from pruner.distributed.driver import PlacementError  # imports Ray: only once the job will run
+    from pruner.distributed.pool import PlacementError  # imports Ray: only once the job will run
     try:
-        status, _ = run(cfg, job=job)
+        status, _ = run(cfg, job=job, local=args.local)
     except (JobLockedError, JobRefusedError, PlacementError) as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1

@@ -4,13 +4,13 @@ removing a set of samples does to the target loss (data deletion) and write Diff
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pruner.cli import COMMANDS
 from pruner.deletion import predict, read_uids, write_update
 from pruner.io.layout import JobLayout
+from pruner.jobfiles import JobFiles
 from pruner.rescore import PRECISIONS, add_checkpoint, retarget
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as e:  # refusals and failures name their cause (PlacementError too)
         print(f"pruner rescore: {e}", file=sys.stderr)
         return 1
-    summary = json.loads(JobLayout(out).summary.read_text())
+    summary = JobFiles(out).summary()
     print(f"pruner rescore: {out} (kept {summary['counts']['kept']} of {summary['counts']['samples']})")
     return 0
 

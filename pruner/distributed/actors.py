@@ -1,24 +1,19 @@
-"""Ray actors: thin wrappers that move shards into a :class:`pruner.scorer.Scorer` and results back out.
+"""Ray actors: thin wrappers that move shards into a :class:`pruner.scorer.Scorer` and results back out
+(:func:`pruner.distributed.shard_tasks.score_shard`, which the local runner calls too).
 
 Actors return results to the driver (which writes them), so a multi-node cluster needs no shared
-filesystem for outputs; only the input shards must be readable from every node. A shard that cannot be opened
-at all (the reader's ``unreadable_shard``) fails its task instead of scoring as an empty shard, so it is reported
-rather than silently selecting from a partial pool: :class:`ShardUnreadableError` when the cause may pass (missing
-on this node, permission or network error; the driver retries it, possibly on another node), :class:`ShardNotATarError`
-when its bytes are not a tar archive (empty or garbage file; reported at once, as no retry can help). Bad samples
-inside a readable shard stay rejects.
+filesystem for outputs; only the input shards must be readable from every node.
 """
 from __future__ import annotations
 
 import logging
 import os
-import time
 
 import ray
 from ray.util.metrics import Counter
 
 from pruner.config import JobConfig
-from pruner.io.shards import RejectLog, iter_shard, not_a_tar
+from pruner.distributed.shard_tasks import score_shard
 from pruner.model.checkpoints import Trajectory
 from pruner.scorer import Scorer, input_digests, pick_shared_inputs, uses_propagation
 from pruner.scores.shared import CheckpointShared
@@ -75,14 +70,6 @@ class SharedComputer:
         return self.scorer.last_checkpoint_features(self.inputs.oga[start:stop])
 
 
-class ShardUnreadableError(OSError):
-    """The shard could not be opened as a tar archive on this worker (see the module docstring)."""
-
-
-class ShardNotATarError(ShardUnreadableError):
-    """The shard's bytes are not a tar archive at all (empty or garbage file): the driver does not retry it."""
-
-
 class ShardScorer:
     """Scores whole shards. Constructed with the config and trajectory only (it loads the models), so a restarted
     actor is ready again; the shared quantities and the OGA forest come with each task as object refs (nested in a
@@ -107,19 +94,11 @@ class ShardScorer:
         if not self.scorer.scorers:
             self.scorer.set_shared(fetch_shared(shared[0]))
             self.scorer.forest = ray.get(shared[1])
-        t0 = time.time()
-        rejects = RejectLog()
-        samples = list(iter_shard(url, rejects, allow_pipe=self.cfg.data.allow_pipe,
-                                  max_samples=self.cfg.data.max_samples_per_shard))
-        unreadable = [r["detail"] for r in rejects.records if r["reason"] == "unreadable_shard"]
-        if unreadable:
-            raise (ShardNotATarError if not_a_tar(rejects.open_error) else ShardUnreadableError)(unreadable[0])
-        table, feats, hzg = self.scorer.score_table(samples, url, prior)
-        dt = time.time() - t0
-        self.samples_scored.inc(len(samples))
+        result = score_shard(self.scorer, self.cfg, url, prior)
+        self.samples_scored.inc(result[-1]["n"])
         self.shards_done.inc()
-        return url, table, feats if self.cfg.features.save else [], hzg, rejects.to_table(), {
-            "n": len(samples), "seconds": dt, "rejects": rejects.counts(), "actor_pid": self.pid}
+        result[-1]["actor_pid"] = self.pid
+        return result
 
 
 def remote_classes(num_gpus: float, num_cpus: float, max_restarts: int):

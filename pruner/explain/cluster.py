@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pruner.explain.index import _want_gpu, num_gpus, train_sample_ids
-from pruner.explain.pool import PoolFeatures, sample_labels, trusted_pipes
+from pruner.explain.pool import PoolFeatures, sample_labels
+from pruner.jobfiles import JobFiles
 from pruner.io.atomic import atomic_path, write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.scores.combine import method_columns
@@ -107,7 +108,7 @@ def cluster_pool(job_dir: str | Path, n_clusters: int = 100, *, niter: int = 20,
     typical_ids = {c: order[first[c]:first[c] + min(typical, int(sizes[c]))] for c in range(n_clusters)}
     want = np.concatenate(list(typical_ids.values())) if typical_ids else np.zeros(0, np.int64)
     if read_shards:
-        labels, captions = sample_labels(pool.files, label_key, want, trusted_pipes(root))
+        labels, captions = sample_labels(pool.files, label_key, want, JobFiles(root).trusted_pipes())
     else:
         labels, captions = pa.nulls(pool.n, pa.dictionary(pa.int32(), pa.string())), {}
     has_labels = labels.null_count < len(labels)

@@ -26,23 +26,14 @@ from typing import Container, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from tqdm import tqdm
 
 from pruner.io.layout import JobLayout
 from pruner.io.shards import open_shard_stream, tar_samples
 from pruner.io.store import load_features
+from pruner.jobfiles import JobFiles
 
 WEIGHTINGS = ("tracin", "unit")
-
-
-def checkpoint_etas(job_dir: str | Path) -> list[float]:
-    """eta_i of every checkpoint of a job, as its ``trajectory.json`` records them (the weights its scores used)."""
-    layout = JobLayout(Path(job_dir))
-    if not layout.trajectory.exists():
-        raise FileNotFoundError(f"{layout.trajectory} does not exist: {layout.root} is not a scored job directory "
-                                f"(fix: point to <output_dir>/<name>-<id> of a finished `pruner prune`)")
-    return [float(c["eta"]) for c in json.loads(layout.trajectory.read_text())["checkpoints"]]
 
 
 def weight_blocks(blocks: Sequence[np.ndarray], etas: Sequence[float], weighting: str = "tracin") -> np.ndarray:
@@ -79,7 +70,7 @@ class PoolFeatures:
         """Check the feature files (shapes, dtype, row alignment) and build the id table. Raises
         FileNotFoundError naming a missing file (a job run with ``features.save: false`` has none)."""
         root = Path(job_dir)
-        etas = checkpoint_etas(root)
+        etas = JobFiles(root).etas()
         files, counts, k = [], [], None
         for f in JobLayout(root).score_files():
             n = pq.read_metadata(f).num_rows
@@ -181,27 +172,13 @@ def feature_path(score_file: Path, checkpoint: int) -> Path:
 
 # -- captions and metadata straight from the shards ---------------------------------------------------------
 
-def trusted_pipes(job_dir: str | Path) -> frozenset[str]:
-    """The ``pipe:`` commands a job's ``config.yaml`` lists in ``data.shards``, if it sets ``data.allow_pipe``: the
-    ones the job ran, and so the only ones reading captions, labels and images back from its shards may run. A
-    ``pipe:`` URL found anywhere else (a score file, a saved explain result) is not run: those files are data, and
-    whoever can write them must not get commands run. Reads the two keys alone (no validation of the rest)."""
-    path = JobLayout(Path(job_dir)).config
-    data = (yaml.safe_load(path.read_text()) or {}).get("data") if path.exists() else None
-    if not isinstance(data, dict) or data.get("allow_pipe") is not True:
-        return frozenset()
-    shards = data.get("shards")
-    specs = [shards] if isinstance(shards, str) else shards if isinstance(shards, list) else []
-    return frozenset(s for s in specs if isinstance(s, str) and s.startswith("pipe:"))
-
-
 def read_text_members(url: str, keys: Optional[Iterable[str]] = None,
                       allow_pipe: bool = False) -> dict[str, dict]:
     """``{key: {"caption": str | None, "meta": dict}}`` for the samples of one shard that have a ``.txt`` or ``.json``
     member (only ``keys`` if given), streaming the tar and reading the bytes of those members only. Samples are
     grouped as :func:`pruner.io.shards.tar_samples` does; a repeated key keeps its first occurrence, as the reader
     does. Unreadable members give ``None`` / ``{}``. Stops once every wanted key has been read complete.
-    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command (:func:`trusted_pipes`)."""
+    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command (pruner.jobfiles.JobFiles.trusted_pipes)."""
     want = None if keys is None else set(keys)
     out: dict[str, dict] = {}
     seen: set[str] = set()
@@ -241,7 +218,7 @@ def _meta(raw: Optional[bytes]) -> dict:
 
 def _read_texts(keys: Sequence[str], urls: Sequence[str], pipes: Container[str]) -> dict[str, dict[str, dict]]:
     """``{url: read_text_members(url, its keys)}`` for samples given as parallel lists of keys and shard URLs; a
-    ``pipe:`` URL is run only if it is one of ``pipes`` (:func:`trusted_pipes`)."""
+    ``pipe:`` URL is run only if it is one of ``pipes`` (pruner.jobfiles.JobFiles.trusted_pipes)."""
     by_url: dict[str, set[str]] = {}
     for key, url in zip(keys, urls):
         by_url.setdefault(url, set()).add(key)

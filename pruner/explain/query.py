@@ -39,17 +39,16 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pruner.config import load_job_config
 from pruner.explain.index import PoolIndex
-from pruner.explain.pool import PoolFeatures, checkpoint_etas, read_captions, trusted_pipes, weight_blocks
+from pruner.explain.pool import PoolFeatures, read_captions, weight_blocks
 from pruner.io.atomic import write_bytes_atomic, write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, Sample, expand_shard_specs, iter_shard
 from pruner.io.store import save_features
-from pruner.model.checkpoints import load_trajectory
+from pruner.jobfiles import JobFiles
 from pruner.model.loss import encode_pairs
 from pruner.scorer import Scorer
-from pruner.scores.shared import CheckpointShared, load_state
+from pruner.scores.shared import CheckpointShared
 
 CSV_COLUMNS = ("role", "rank", "uid", "key", "shard_url", "row", "score", "caption")
 
@@ -63,23 +62,18 @@ class QueryEncoder:
     """
 
     def __init__(self, job_dir: str | Path, device: str = "auto"):
-        self.layout = JobLayout(Path(job_dir))
-        cfg = load_job_config(self.layout.config)
+        job = JobFiles(job_dir)
+        self.layout, cfg = job.layout, job.config
         if cfg.features.loss != "bank":
             raise ValueError(f"{self.layout.config}: features.loss is {cfg.features.loss!r}; a single query pair has "
                              f"no batch-mates, so only jobs scored with the bank loss can be explained")
-        traj = load_trajectory(file=cfg.trajectory.file, checkpoints=cfg.trajectory.checkpoints or None)
+        traj = job.trajectory()
         # only the features are needed: no Diff-In directions, so no parameter-sized vectors beyond G
         lean = cfg.model_copy(update={"scores": cfg.scores.model_copy(update={"methods": ["tracin"]})})
         self.cfg = cfg
         self.scorer = Scorer(lean, traj, device)
-        m = len(traj.checkpoints)
-        missing = [str(self.layout.shared(i)) for i in range(m) if not self.layout.shared(i).exists()]
-        if missing:
-            raise FileNotFoundError(f"shared quantities {missing} are missing (fix: finish the job first)")
-        self.states = [load_state(self.layout.shared(i), mmap=True)
-                       for i in range(m)]
-        self.etas = checkpoint_etas(self.layout.root)  # the pool's weights (trajectory.json), not the linked states'
+        self.states = [job.shared_state(i, mmap=True) for i in range(len(traj.checkpoints))]
+        self.etas = job.etas()  # the pool's weights (trajectory.json), not the linked states'
         dev = self.scorer.device
         self.scorer.set_shared([CheckpointShared.from_state({**s, "vectors": {"G": s["vectors"]["G"]}}, dev)
                                 for s in self.states])
@@ -154,7 +148,7 @@ def pool_embeddings(job_dir: str | Path, encoder: Optional[QueryEncoder] = None,
     are kept. Costs one forward pass over the pool (shards re-read in score-file order; their keys must match)."""
     root = Path(job_dir)
     layout = JobLayout(root)
-    paths, pipes = [], trusted_pipes(root)
+    paths, pipes = [], JobFiles(root).trusted_pipes()
     for f in layout.score_files():
         n = pq.read_metadata(f).num_rows
         if n == 0:
@@ -257,7 +251,7 @@ def explain(job_dir: str | Path, *, image: Optional[str] = None, caption: Option
         query = {"type": "job_target", "vector": "projected v_target of shared/ckpt-<i>.pt (the job's target set)"}
     pro_s, pro_i = index.search(q, k, rerank)
     opp_s, opp_i = index.search(-q, k, rerank)
-    pipes = trusted_pipes(job_dir) if captions else frozenset()
+    pipes = JobFiles(job_dir).trusted_pipes() if captions else frozenset()
     query["id"] = query_id(query)
     result = {
         "job": str(Path(job_dir)), "query": query, "k": int(k),

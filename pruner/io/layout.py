@@ -1,4 +1,5 @@
-"""The one definition of a job's output directory and of shard identities.
+"""The one definition of a job's output directory and of shard identities (reading its files:
+pruner.jobfiles.JobFiles).
 
     <output_dir>/<job name>-<job id>/
         config.yaml                 the resolved config that produced this directory (select: the last applied)

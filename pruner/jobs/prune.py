@@ -10,37 +10,52 @@ tables, and config.yaml and summary.json then hold the new settings.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 
 from pruner.config import JobConfig
 from pruner.io.layout import JobLayout
+from pruner.jobfiles import JobFiles
 from pruner.jobs.jobdir import ResolvedJob, create_job_dir, resolve_job
 from pruner.logs import log_file
 
 
-def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None = None) -> tuple[int, dict]:
+def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None = None,
+        local: bool = False) -> tuple[int, dict]:
     """Score, then reduce. Returns (exit status, summary-or-stats). ``prior``: a finished job this one extends by
-    later checkpoints (pruner.distributed.driver.score_all); ``job``: the config's job directory when the caller has
-    resolved it (:func:`pruner.jobs.jobdir.resolve_job`). The job directory's lock is held for the whole run
-    (``prior``'s shared), so a second driver on it is refused (:class:`pruner.io.layout.JobLockedError`)."""
+    later checkpoints (pruner.jobs.resume); ``job``: the config's job directory when the caller has resolved it
+    (:func:`pruner.jobs.jobdir.resolve_job`); ``local``: score in this process (pruner.distributed.local) instead of
+    on Ray actors: the same files, the same bytes. The job directory's lock is held for the whole run (``prior``'s
+    shared), so a second driver on it is refused (:class:`pruner.io.layout.JobLockedError`).
+
+    The walk: resolve the job directory (pruner.jobs.jobdir), plan what to score with the resume and extension
+    checks (pruner.jobs.resume), hand the plan to a runner (pruner.distributed.driver or .local), reduce the score
+    tables into the ranking and keep set (pruner.select.reduce)."""
     job = job or resolve_job(cfg)
     create_job_dir(cfg, job)
     layout = job.layout
     print(f"pruner: job directory {layout.root}", flush=True)
     with layout.locked(), prior.locked(exclusive=False) if prior is not None else contextlib.nullcontext(), \
             log_file(layout.log_file):
-        return _run_locked(cfg, layout, job.pool, job.target, job.traj, prior)
+        return _run_locked(cfg, layout, job, prior, local)
 
 
-def _run_locked(cfg: JobConfig, layout: JobLayout, pool: list[str], target: list[str], traj,
-                prior: JobLayout | None) -> tuple[int, dict]:
-    from pruner.distributed.driver import score_all
+def _run_locked(cfg: JobConfig, layout: JobLayout, job: ResolvedJob, prior: JobLayout | None,
+                local: bool) -> tuple[int, dict]:
     from pruner.io.atomic import write_json_atomic
+    from pruner.jobs.resume import plan_scoring
     from pruner.select.reduce import finalize
 
-    stats = score_all(cfg, layout, pool, target, traj, prior)
-    summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
+    pool = job.pool
+    plan = plan_scoring(cfg, layout, pool, job.target, prior)
+    if not plan.pending:
+        stats = plan.stats(layout)
+    elif local:
+        from pruner.distributed.local import score_pending
+        stats = score_pending(cfg, layout, job.traj, plan)
+    else:  # imports Ray only when there is something to score
+        from pruner.distributed.driver import score_pending
+        stats = score_pending(cfg, layout, job.traj, plan)
+    summary = JobFiles(layout).summary()
     if (stats["shards_skipped"] == stats["shards_total"] and layout.ranking.exists()
             and summary.get("counts", {}).get("shards") == len(pool)):
         if summary.get("select") == cfg.select.model_dump(mode="json"):

@@ -16,7 +16,7 @@ groups (exact when the ranking fits); the per-class split reads at most ``class_
 at most the ``max_explain`` newest explain results and the 100 largest clusters are shown.
 Images are read back from the shards by (shard URL, key) (``pruner.io.shards.iter_shard``), class names from their
 text members only; a ``pipe:`` URL is run only if the job's config lists it with ``data.allow_pipe``, as the job
-ran it (pruner.explain.pool.trusted_pipes).
+ran it (pruner.jobfiles.JobFiles.trusted_pipes).
 Untrusted text (captions, keys, reject details) is HTML-escaped. Reading images and the per-class split show
 progress bars (shards) on stderr.
 """
@@ -39,10 +39,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pruner.explain.pool import read_text_members, trusted_pipes
+from pruner.explain.pool import read_text_members
 from pruner.io.atomic import write_bytes_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.shards import RejectLog, iter_shard
+from pruner.jobfiles import JobFiles
 from pruner.scores.combine import method_columns
 
 CSS = """
@@ -133,7 +134,7 @@ def attach_images(rows: list[dict], convert: Callable = thumb_uri, pipes: Contai
     ``note`` (why there is no image) to each row, reading each shard once and only up to the last wanted key.
     Rows are matched by (shard_url, key); several rows may name the same sample (the most helpful and most harmful
     lists overlap when the pool holds fewer than twice the rows shown), each gets it. A ``pipe:`` URL is run only if
-    it is one of ``pipes`` (the commands the job's config lists: pruner.explain.pool.trusted_pipes)."""
+    it is one of ``pipes`` (the commands the job's config lists: pruner.jobfiles.JobFiles.trusted_pipes)."""
     by_shard: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         r.update(image=None, caption="", note="not found in its shard")
@@ -400,7 +401,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     for p in (layout.summary, layout.ranking):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist (fix: point to the directory of a finished job)")
-    summary = json.loads(layout.summary.read_text())
+    summary = JobFiles(layout).summary()
     score, counts = summary["score"], summary["counts"]
     pf = pq.ParquetFile(layout.ranking)
     methods = method_columns(pf.schema_arrow.names)
@@ -408,7 +409,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
     explained, n_explained = read_explain_results(layout, max_explain)
-    pipes = trusted_pipes(layout.root)
+    pipes = JobFiles(layout).trusted_pipes()
     attach_images(head + tail + explain_cards(explained, top), pipes=pipes)  # each shard read once
     classes = class_split(layout, class_shards, pipes)
     clusters = json.loads(layout.clusters_summary.read_text()) if layout.clusters_summary.exists() else None

@@ -68,6 +68,16 @@ RANKING_COLUMNS = ("rank", "kept", "select_score")
 INFLUENCE_COLUMNS = ("diffin_target", "diffin_train", "tracin_target")
 
 
+def removal_prediction(sums: dict[str, float], n_pool: float | None) -> dict[str, float]:
+    """The predicted loss change of removing a set of samples, per influence column, from the sums of its columns
+    over the set: Diff-In's columns carry b_t = eta_t / N already; TracIn's eta_t is the learning rate summed over
+    the interval, of which one sample's share is 1/N, so its sum is divided by ``n_pool`` (N, the pool size the
+    checkpoint weights were formed with; without it, TracIn's prediction is left out rather than given N times
+    too large)."""
+    return {c: v / n_pool if c == "tracin_target" else v for c, v in sums.items()
+            if c != "tracin_target" or n_pool}
+
+
 def method_of(column: str) -> str | None:
     """The registered score method (pruner.scores.methods) that writes ``column``, or None."""
     return next((name for name, m in METHODS.items() if column in m.columns), None)

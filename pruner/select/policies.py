@@ -41,11 +41,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pruner.config import load_job_config
 from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
-from pruner.io.shards import expand_shard_specs
+from pruner.jobfiles import JobFiles
 from pruner.select.rank import NAN_KEY, Selection, _keep_size, _check_files, order_key
 
 POLICIES = ("top_k", "cluster_balanced", "class_balanced")
@@ -190,14 +189,6 @@ def write_keep_set(score_files: Sequence[Path], keep: np.ndarray, keep_dir: str 
 
 # -- policies on a job directory -------------------------------------------------------------------------------
 
-def job_pool(job_dir: str | Path) -> list[str]:
-    """The shard URLs of a job directory: those its ``config.yaml`` (``data.shards``) expands to that have a score
-    file, i.e. the pool as the job scored it (an empty score file names no URL)."""
-    layout = JobLayout(Path(job_dir))
-    data = load_job_config(layout.config).data
-    return [u for u in expand_shard_specs(data.shards, data.allow_pipe) if layout.scores(u).exists()]
-
-
 def _score_columns(files: Sequence[Path], score: str) -> tuple[pa.Array, np.ndarray]:
     """(uid [n] string, order key [n] uint64) over the files, in id order."""
     uids, keys = [], []
@@ -228,7 +219,7 @@ def cluster_groups(job_dir: Path, uids: pa.Array, n_clusters: int, seed: int) ->
 def class_groups(job_dir: Path, files: Sequence[Path], uids: pa.Array, label_key: str) -> tuple[np.ndarray, list]:
     """(int32 [n] label code, -1 = no label; label names) from ``clusters.parquet`` when it holds this label key
     for these samples, else by reading the shards' json members."""
-    from pruner.explain.pool import sample_labels, trusted_pipes
+    from pruner.explain.pool import sample_labels
 
     layout = JobLayout(job_dir)
     pq_path, js_path = layout.clusters_table, layout.clusters_summary
@@ -238,7 +229,7 @@ def class_groups(job_dir: Path, files: Sequence[Path], uids: pa.Array, label_key
         if len(t) == len(uids) and t["uid"].combine_chunks().equals(uids):
             labels = t["label"].combine_chunks().dictionary_encode()
     if labels is None:
-        labels, _ = sample_labels(files, label_key, pipes=trusted_pipes(job_dir))
+        labels, _ = sample_labels(files, label_key, pipes=JobFiles(job_dir).trusted_pipes())
     if labels.null_count == len(labels):
         raise ValueError(f"no sample has a json {label_key!r} field: class_balanced needs class labels "
                          f"(fix: set select.label_key, or use cluster_balanced)")
@@ -287,7 +278,7 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, and
     ``pool``: its shard URLs (all listed in the manifest), when the caller has already listed them (the reduce
     step); by default listed here from ``<job>/shards`` and, for ``pool``, from the job's ``config.yaml``
-    (:func:`job_pool`). ``exclude``: bool [n] in id order, samples that are not part of the pool (the later copies of
+    (pruner.jobfiles.JobFiles.pool). ``exclude``: bool [n] in id order, samples that are not part of the pool (the later copies of
     a duplicated uid, :mod:`pruner.select.duplicates`): never kept, and not counted in the budget or the groups.
     ``ineligible``: bool [n] in id order, samples of the pool that are never kept but count (those set apart by the
     filter stage, :mod:`pruner.select.stages`)."""
@@ -373,7 +364,7 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     }
     if write:
         keep_dir = Path(keep_dir) if keep_dir is not None else JobLayout(root).keep_dir
-        summary["manifests"] = write_keep_set(files, keep, keep_dir, job_pool(root) if pool is None else pool)
+        summary["manifests"] = write_keep_set(files, keep, keep_dir, JobFiles(root).pool(scored_only=True) if pool is None else pool)
         write_json_atomic(keep_dir / "policy.json", summary)
     summary["keep"] = keep
     return summary

@@ -18,7 +18,8 @@ from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
 from pruner.io.shards import RejectLog
-from pruner.scores.combine import INFLUENCE_COLUMNS, method_columns
+from pruner.jobfiles import JobFiles
+from pruner.scores.combine import INFLUENCE_COLUMNS, method_columns, removal_prediction
 from pruner.select.duplicates import find_duplicate_uids, without_rows
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, write_ranking
@@ -29,7 +30,7 @@ DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("uid", "url", "key", "
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
-def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
+def _summarise_ranking(path: Path, n_pool: float | None, max_rows: int = 1_000_000) -> dict:
     """Score quantiles per method (exact up to max_rows samples, else on a uniform hash subsample) and the
     summed influence of the dropped samples; memory bounded by one row group + the subsample."""
     pf = pq.ParquetFile(path)
@@ -54,7 +55,7 @@ def _summarise_ranking(path: Path, max_rows: int = 1_000_000) -> dict:
         v = v[np.isfinite(v)]
         quant[c] = {str(q): float(np.quantile(v, q)) for q in QUANTILES} if len(v) else {}
     return {"score_quantiles": quant, "quantiles_exact": frac >= 1,
-            "predicted_target_loss_change_from_dropped": dropped_sum}
+            "predicted_target_loss_change_from_dropped": removal_prediction(dropped_sum, n_pool)}
 
 
 def finalize(cfg: JobConfig, layout: JobLayout, pool: list[str], run_stats: dict) -> dict:
@@ -163,7 +164,8 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
     if policy is not None:
         summary["policy"] = policy
     summary["warnings"] = uid_warnings(manifests, n_keep)
-    summary.update(_summarise_ranking(ranking))
+    n_pool = JobFiles(layout).pool_size() if layout.trajectory.exists() else None  # the weights' N (b_t = eta / N)
+    summary.update(_summarise_ranking(ranking, n_pool))
     return summary
 
 
