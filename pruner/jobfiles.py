@@ -57,10 +57,12 @@ class JobFiles:
         """eta_i per checkpoint (the learning rate summed over its interval), as the job's scores used them."""
         return [float(c["eta"]) for c in self.checkpoint_records]
 
-    def pool_size(self) -> float:
-        """N, the pool size the weights were formed with (b_t = eta / N)."""
+    def pool_size(self) -> float | None:
+        """N, the pool size the weights were formed with (b_t = eta / N); None when the first checkpoint's weights
+        are 0 (a zero learning rate over its interval), which leave N undetermined."""
         first = self.checkpoint_records[0]
-        return float(first["eta"]) / float(first["b_t"])
+        b = float(first["b_t"])
+        return float(first["eta"]) / b if b else None
 
     def trajectory(self) -> Trajectory:
         """The checkpoints the config names (their files and metadata)."""
@@ -77,6 +79,12 @@ class JobFiles:
     def shard_urls(self, specs: list[str]) -> list[str]:
         """Other shard specs (a target set) expanded as the job's config allows (``data.allow_pipe``)."""
         return expand_shard_specs(list(specs), self.config.data.allow_pipe)
+
+    def require_shared(self, m: int) -> None:
+        """FileNotFoundError naming every missing shared state of checkpoints 0..m-1 (before any is loaded)."""
+        missing = [str(self.layout.shared(i)) for i in range(m) if not self.layout.shared(i).exists()]
+        if missing:
+            raise FileNotFoundError(f"shared quantities {missing} are missing (fix: finish the job first)")
 
     def shared_state(self, i: int, mmap: bool = False) -> dict:
         """Checkpoint i's saved shared quantities as plain tensors (weights_only; ``mmap``: memory-mapped)."""

@@ -50,10 +50,10 @@ from tqdm import tqdm
 from pruner.io.atomic import atomic_path, write_bytes_atomic
 from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.store import Int8Copies, load_features
+from pruner.jobfiles import JobFiles
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs, propagation_terms, uses_propagation
 from pruner.scores.methods import BUILTIN, METHODS
-from pruner.jobfiles import JobFiles
 from pruner.scores.shared import reference_hvp, target_gradients
 from pruner.select.reduce import finalize
 
@@ -287,10 +287,9 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
                    lr_mean: float | None = None) -> Path:
     """Extend a finished job's trajectory by one later checkpoint; returns the new job directory.
 
-    A prune job over the longer trajectory that reuses the finished one (``prior`` of
-    :func:`pruner.jobs.prune.run`, checked by pruner.jobs.resume): the scoring actors load and compute only the new checkpoint
-    and combine its components with the stored ones, so the result equals a full re-run on the longer
-    trajectory. Resumable like any job: re-running the same command finishes an interrupted extension."""
+    A prune job over the longer trajectory that reuses the finished one (``prior`` of :func:`pruner.jobs.prune.run`,
+    checked by pruner.jobs.resume): the scoring actors load and compute only the new checkpoint and combine its
+    components with the stored ones, so the result equals a full re-run on the longer trajectory. Resumable like any job: re-running the same command finishes an interrupted extension."""
     from dataclasses import replace
 
     from pruner.jobs.prune import run

@@ -76,7 +76,8 @@ def test_local_runner_writes_what_the_ray_runner_writes(tmp_path, micro_trajecto
     a, b = resolve_job(ray_cfg), resolve_job(load_config(local_path))
     assert a.layout.root.name == b.layout.root.name  # the runner is not part of the job id
     summary_b = json.loads(b.layout.summary.read_text())
-    assert summary_b["run"]["actors"] == 0 and summary_b["run"]["samples_scored_this_run"] == summary["counts"]["samples"]
+    assert summary_b["run"]["actors"] == 0
+    assert summary_b["run"]["samples_scored_this_run"] == summary["counts"]["samples"]
     assert_same_job_files(a.layout, b.layout, a.pool)
 
 
@@ -170,12 +171,20 @@ def test_retrying_pool_retries_gives_up_and_reports(private_ray, tmp_path):
     assert retried == [1, 3, 3, 5]
 
 
-def test_the_local_path_imports_no_ray():
-    """A job run by the local runner needs no Ray installed or started: the modules on its path (the job, the plan,
-    the local runner, the reduce step, the command) import none."""
+def test_a_local_job_imports_no_ray(tmp_path, micro_trajectory):
+    """`pruner prune --local` needs no Ray installed or started: a whole job run by it (a subprocess: score, reduce,
+    exit 0) never imports Ray."""
+    import os
     import subprocess
     import sys
-    code = ("import sys; import pruner.cli.prune, pruner.jobs.prune, pruner.jobs.resume, pruner.distributed.local, "
-            "pruner.select.reduce; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    cfg = small_job_config(tmp_path, micro_trajectory, scores={"methods": ["tracin", "baselines"]},
+                           select={"score": "tracin_target", "keep_fraction": 0.5})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = ("import sys; from pruner.cli.prune import main; rc = main(['--config', sys.argv[1], '--local']); "
+            "print('RAY', sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RAY []" in done.stdout, done.stdout[-2000:]
+    assert resolve_job(load_config(path)).layout.ranking.exists()

@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     except (JobLockedError, JobRefusedError) as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1
-    from pruner.distributed.pool import PlacementError  # imports Ray: only once the job will run
+    refusals: tuple = (JobLockedError, JobRefusedError)
+    if not args.local:  # imports Ray: only once the job will run on it
+        from pruner.distributed.pool import PlacementError
+        refusals += (PlacementError,)
     try:
         status, _ = run(cfg, job=job, local=args.local)
-    except (JobLockedError, JobRefusedError, PlacementError) as e:
+    except refusals as e:
         print(f"pruner: {e}", file=sys.stderr)
         return 1
     return status

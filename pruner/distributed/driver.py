@@ -138,8 +138,6 @@ def _metrics() -> dict:
                                      description="shards given up after ray.max_retries retries")}
 
 
-
-
 def score_pending(cfg: JobConfig, layout: JobLayout, traj: Trajectory, plan: ScoringPlan) -> dict:
     """Score ``plan.pending`` on Ray actors and write each result; returns the run statistics (failed shards
     included). With ``plan.first`` > 0 (extending a job) only the later checkpoints are loaded and computed, and each

@@ -46,22 +46,25 @@ def placement_guard(timeout_s: float, need: str):
 class RetryingActorPool:
     """Runs ``submit(actor, item)`` (an ObjectRef) for every item on ``actors`` (Ray actor handles with a ``ping``
     method), with the retries of the module docstring. ``on_result(item, value)`` handles a result and returns how
-    many units (samples) it completed; a ValueError from it is a failed attempt. ``on_failure(item, error, attempt,
-    given_up)`` is told of every failed attempt (``error``: the exception; ``attempt``: its number, None when the
-    item was given up unattempted because no actor is left)."""
+    many units (``unit``: samples) it completed; a ValueError from it is a failed attempt. ``on_failure(item,
+    error, attempt, given_up)`` is told of every failed attempt (``error``: the exception; ``attempt``: its number,
+    None when the item was given up unattempted because no actor is left). ``desc`` names the items and ``what``
+    the actors in the progress bar and the placement error."""
 
     def __init__(self, actors: Sequence, *, max_retries: int, wait_placed: Callable, final: tuple = (),
-                 start_grace_s: float = ACTOR_START_GRACE_S, desc: str = "shards"):
+                 start_grace_s: float = ACTOR_START_GRACE_S, desc: str = "shards", unit: str = "samples",
+                 what: str = "scoring actors"):
         self.actors, self.max_retries, self.wait_placed = list(actors), max_retries, wait_placed
-        self.final, self.start_grace_s, self.desc = final, start_grace_s, desc
+        self.final, self.start_grace_s = final, start_grace_s
+        self.desc, self.unit, self.what = desc, unit, what
 
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
 
     def run(self, items: Sequence, submit: Callable, on_result: Callable, on_failure: Callable) -> dict:
-        """Process every item; returns {"actor_start_seconds", "actors_ready_at_start", "run_seconds", "units_done"}. The actors
-        are killed when it ends, however it ends."""
+        """Process every item; returns {"actor_start_seconds", "actors_ready_at_start", "run_seconds",
+        "units_done"}. The actors are killed when it ends, however it ends."""
         t_start = time.time()
         # inflight: object ref -> (item, actor) for a task, (None, actor) for a readiness probe (ping) of a new actor
         # or of one whose task died with it: an actor takes items only once its probe has answered
@@ -81,7 +84,7 @@ class RetryingActorPool:
             on_failure(item, error, n, give_up)
 
         try:
-            self.wait_placed(list(inflight), f"none of the {len(self.actors)} scoring actors")
+            self.wait_placed(list(inflight), f"none of the {len(self.actors)} {self.what}")
             while queue or any(item is not None for item, _ in inflight.values()):
                 waited = time.time() - first_ready if first_ready is not None else 0.0
                 if t1 is None and (not inflight or waited > self.start_grace_s):
@@ -93,8 +96,8 @@ class RetryingActorPool:
                     inflight[submit(actor, item)] = (item, actor)
                 if not inflight:  # every actor is dead for good: give up the rest instead of waiting forever
                     while queue:
-                        on_failure(queue.popleft(), RuntimeError("no scoring actor left (every actor died more often "
-                                                                 "than max_restarts)"), None, True)
+                        on_failure(queue.popleft(), RuntimeError(f"no {self.what.rstrip('s')} left (every actor died "
+                                                                 f"more often than max_restarts)"), None, True)
                         bar.update(1)
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=None if t1 is not None else 1.0)
@@ -123,12 +126,13 @@ class RetryingActorPool:
                     idle.append(actor)
                     try:
                         done += on_result(item, value)
-                    except ValueError as e:  # e.g. features that overflow float16: deterministic, fails every retry
-                        failed(item, e, retry=True)
+                    except ValueError as e:  # a result that cannot be kept (e.g. features that overflow float16):
+                        failed(item, e, retry=True)  # a failed attempt like any other, retried
                         continue
                     bar.update(1)
-                    bar.set_postfix(samples=done, rate=f"{done / max(time.time() - t1, 1e-9):.1f}/s")
+                    bar.set_postfix({self.unit: done, "rate": f"{done / max(time.time() - t1, 1e-9):.1f}/s"})
+            timing.update(run_seconds=time.time() - (t1 or time.time()), units_done=done)  # before the actors go
         finally:
             bar.close()
             self.kill()
-        return {**timing, "run_seconds": time.time() - (t1 or time.time()), "units_done": done}
+        return timing

@@ -117,9 +117,12 @@ def save_oga_subsample(layout: JobLayout, features: np.ndarray) -> None:
         np.save(fh, features.astype(np.float32, copy=False))
 
 
+def fit_forest(cfg: JobConfig, features: np.ndarray):
+    """The OGA Isolation Forest on the subsample's features [n, k] (fixed random_state: every run and runner fits
+    the identical forest)."""
+    return fit_isolation_forest(features, seed=cfg.seed, trees=cfg.scores.oga.iforest_trees)
+
+
 def job_forest(cfg: JobConfig, layout: JobLayout):
-    """The OGA Isolation Forest fitted on the saved subsample (fixed random_state: every run and runner fits the
-    identical forest), or None without OGA."""
-    if "oga" not in cfg.scores.methods:
-        return None
-    return fit_isolation_forest(np.load(layout.oga_subsample), seed=cfg.seed, trees=cfg.scores.oga.iforest_trees)
+    """The forest of the job's saved OGA subsample (:func:`fit_forest`), or None without OGA."""
+    return fit_forest(cfg, np.load(layout.oga_subsample)) if "oga" in cfg.scores.methods else None

@@ -68,6 +68,7 @@ class QueryEncoder:
             raise ValueError(f"{self.layout.config}: features.loss is {cfg.features.loss!r}; a single query pair has "
                              f"no batch-mates, so only jobs scored with the bank loss can be explained")
         traj = job.trajectory()
+        job.require_shared(len(traj.checkpoints))  # all named, before any model loads
         # only the features are needed: no Diff-In directions, so no parameter-sized vectors beyond G
         lean = cfg.model_copy(update={"scores": cfg.scores.model_copy(update={"methods": ["tracin"]})})
         self.cfg = cfg

@@ -38,11 +38,12 @@ def reused_checkpoints(prior: JobLayout | None, cfg: JobConfig, layout: JobLayou
     The samples the shared quantities are computed from are checked by :func:`check_shared_inputs`."""
     if prior is None:
         return 0
-    prior_cfg = JobFiles(prior).config
+    prior_files = JobFiles(prior)
+    prior_cfg = prior_files.config
     if cfg.model_copy(update={"trajectory": prior_cfg.trajectory}).fingerprint() != prior_cfg.fingerprint():
         raise ValueError(f"{prior.root} was scored with another config than this job's (beyond the trajectory): its "
                          f"components would not combine with the new ones (fix: run a full job)")
-    done, mine = JobFiles(prior).checkpoint_records, JobFiles(layout).checkpoint_records
+    done, mine = prior_files.checkpoint_records, JobFiles(layout).checkpoint_records
     keys = ("path", "step", "lr", "lr_mean") + (("sha256",) if all("sha256" in d for d in done + mine) else ())
     if len(done) >= len(mine):
         raise ValueError(f"{prior.root} already scored {len(done)} checkpoints; this trajectory has {len(mine)} "

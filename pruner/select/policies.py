@@ -278,8 +278,9 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     order, dropped from policy.json). ``score_files``: the job's non-empty score files sorted by name, and
     ``pool``: its shard URLs (all listed in the manifest), when the caller has already listed them (the reduce
     step); by default listed here from ``<job>/shards`` and, for ``pool``, from the job's ``config.yaml``
-    (pruner.jobfiles.JobFiles.pool). ``exclude``: bool [n] in id order, samples that are not part of the pool (the later copies of
-    a duplicated uid, :mod:`pruner.select.duplicates`): never kept, and not counted in the budget or the groups.
+    (pruner.jobfiles.JobFiles.pool). ``exclude``: bool [n] in id order, samples that are not part of the pool (the
+    later copies of a duplicated uid, :mod:`pruner.select.duplicates`): never kept, and not counted in the budget or
+    the groups.
     ``ineligible``: bool [n] in id order, samples of the pool that are never kept but count (those set apart by the
     filter stage, :mod:`pruner.select.stages`)."""
     if policy not in POLICIES:
@@ -364,7 +365,8 @@ def select_policy(job_dir: str | Path, policy: str = "cluster_balanced", score: 
     }
     if write:
         keep_dir = Path(keep_dir) if keep_dir is not None else JobLayout(root).keep_dir
-        summary["manifests"] = write_keep_set(files, keep, keep_dir, JobFiles(root).pool(scored_only=True) if pool is None else pool)
+        pool = JobFiles(root).pool(scored_only=True) if pool is None else pool
+        summary["manifests"] = write_keep_set(files, keep, keep_dir, pool)
         write_json_atomic(keep_dir / "policy.json", summary)
     summary["keep"] = keep
     return summary

@@ -32,7 +32,8 @@ QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 def _summarise_ranking(path: Path, n_pool: float | None, max_rows: int = 1_000_000) -> dict:
     """Score quantiles per method (exact up to max_rows samples, else on a uniform hash subsample) and the
-    summed influence of the dropped samples; memory bounded by one row group + the subsample."""
+    predicted target-loss change of removing the dropped samples (their summed influence columns, TracIn's divided
+    by ``n_pool``: scores.combine.removal_prediction); memory bounded by one row group + the subsample."""
     pf = pq.ParquetFile(path)
     cols = method_columns(pf.schema_arrow.names)
     n = pf.metadata.num_rows
@@ -226,12 +227,18 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files
 
 
 def _versions() -> dict:
-    import open_clip
-    import pyarrow
-    import ray
+    """The versions of the packages behind the scores: torch's own (with its build tag, e.g. +cu130), the others
+    from their installed metadata, so nothing else is imported (a job run by the local runner never imports Ray;
+    None for a package that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    import pruner
-    return {"pruner": getattr(pruner, "__version__", "0.1.0"), "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+    def installed(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+    return {"pruner": installed("pruner") or "0.1.0", "torch": torch.__version__,
+            "open_clip": installed("open_clip_torch"), "ray": installed("ray"), "pyarrow": installed("pyarrow"),
             "python": platform.python_version()}
