@@ -123,7 +123,8 @@ def main(argv=None) -> int:
                     r = rows.setdefault(sname, {}).setdefault(f"keep_{f}", [])
                     r.append({"problem": f"seed {seed} {name}", "useful": float(useful[idx].mean()),
                               "swapped": float(prob.swapped[idx].mean()),
-                              "useful_per_class": [int((useful[idx] & (prob.labels[idx] == c)).sum()) for c in classes]})
+                              "useful_per_class": [int((useful[idx] & (prob.labels[idx] == c)).sum())
+                                                   for c in classes]})
             print(f"seed {seed} {name}: done", flush=True)
     out = {"variants": {s: {b: {"useful": float(np.mean([x["useful"] for x in v])),
                                 "swapped": float(np.mean([x["swapped"] for x in v])), "problems": v}

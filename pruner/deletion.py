@@ -38,7 +38,6 @@ from pruner.scores.propagation import lanczos_apply, phi
 from pruner.scores.shared import reference_hvp, weighted_gradient
 
 
-
 def read_uids(layout: JobLayout, spec: str) -> set[str]:
     """The uids to delete: ``dropped`` (the samples the job's selection drops), or a Parquet file with a ``uid``
     column (keep.parquet, a ranking filtered by hand, ...)."""

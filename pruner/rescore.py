@@ -289,7 +289,8 @@ def add_checkpoint(job_dir: str | Path, checkpoint: str, step: int | None = None
 
     A prune job over the longer trajectory that reuses the finished one (``prior`` of :func:`pruner.jobs.prune.run`,
     checked by pruner.jobs.resume): the scoring actors load and compute only the new checkpoint and combine its
-    components with the stored ones, so the result equals a full re-run on the longer trajectory. Resumable like any job: re-running the same command finishes an interrupted extension."""
+    components with the stored ones, so the result equals a full re-run on the longer trajectory. Resumable like any
+    job: re-running the same command finishes an interrupted extension."""
     from dataclasses import replace
 
     from pruner.jobs.prune import run

@@ -23,8 +23,8 @@ from pathlib import Path
 import pruner
 
 ROOT = Path(pruner.__file__).resolve().parent
-LAYERS = [{"io", "logs"}, {"model"}, {"grads"}, {"scores"}, {"config"}, {"jobfiles"}, {"scorer"}, {"explain"}, {"select"},
-          {"deletion"}, {"distributed"}, {"jobs"}, {"rescore"}, {"report", "train", "demo"}, {"cli"}]
+LAYERS = [{"io", "logs"}, {"model"}, {"grads"}, {"scores"}, {"config"}, {"jobfiles"}, {"scorer"}, {"explain"},
+          {"select"}, {"deletion"}, {"distributed"}, {"jobs"}, {"rescore"}, {"report", "train", "demo"}, {"cli"}]
 LEVEL = {pkg: i for i, group in enumerate(LAYERS) for pkg in group}
 
 

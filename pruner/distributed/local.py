@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from functools import cached_property
 
 from tqdm import tqdm
 
@@ -37,15 +38,12 @@ class LocalScoring:
                  device: str = "auto"):
         self.cfg, self.traj, self.pool, self.target, self.first = cfg, traj, pool, target, first
         self.scorer = Scorer(cfg, traj, device=device, first=first)
-        self._inputs = None
 
-    @property
+    @cached_property
     def inputs(self):
         """The samples behind the shared quantities (pruner.scorer.pick_shared_inputs), read once when needed."""
-        if self._inputs is None:
-            self._inputs = pick_shared_inputs(self.cfg, self.pool, self.target, curvature=uses_propagation(self.cfg),
-                                              oga="oga" in self.cfg.scores.methods)
-        return self._inputs
+        return pick_shared_inputs(self.cfg, self.pool, self.target, curvature=uses_propagation(self.cfg),
+                                  oga="oga" in self.cfg.scores.methods)
 
     def _state(self, i: int, layout: JobLayout | None) -> dict:
         if layout is not None and layout.shared(i).exists():

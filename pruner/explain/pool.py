@@ -178,7 +178,8 @@ def read_text_members(url: str, keys: Optional[Iterable[str]] = None,
     member (only ``keys`` if given), streaming the tar and reading the bytes of those members only. Samples are
     grouped as :func:`pruner.io.shards.tar_samples` does; a repeated key keeps its first occurrence, as the reader
     does. Unreadable members give ``None`` / ``{}``. Stops once every wanted key has been read complete.
-    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command (pruner.jobfiles.JobFiles.trusted_pipes)."""
+    ``url``: a path, fsspec URL or, with ``allow_pipe``, a ``pipe:`` command
+    (pruner.jobfiles.JobFiles.trusted_pipes)."""
     want = None if keys is None else set(keys)
     out: dict[str, dict] = {}
     seen: set[str] = set()

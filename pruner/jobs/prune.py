@@ -36,16 +36,15 @@ def run(cfg: JobConfig, prior: JobLayout | None = None, job: ResolvedJob | None 
     print(f"pruner: job directory {layout.root}", flush=True)
     with layout.locked(), prior.locked(exclusive=False) if prior is not None else contextlib.nullcontext(), \
             log_file(layout.log_file):
-        return _run_locked(cfg, layout, job, prior, local)
+        return _run_locked(cfg, job, prior, local)
 
 
-def _run_locked(cfg: JobConfig, layout: JobLayout, job: ResolvedJob, prior: JobLayout | None,
-                local: bool) -> tuple[int, dict]:
+def _run_locked(cfg: JobConfig, job: ResolvedJob, prior: JobLayout | None, local: bool) -> tuple[int, dict]:
     from pruner.io.atomic import write_json_atomic
     from pruner.jobs.resume import plan_scoring
     from pruner.select.reduce import finalize
 
-    pool = job.pool
+    layout, pool = job.layout, job.pool
     plan = plan_scoring(cfg, layout, pool, job.target, prior)
     if not plan.pending:
         stats = plan.stats(layout)

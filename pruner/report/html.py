@@ -401,7 +401,8 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     for p in (layout.summary, layout.ranking):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist (fix: point to the directory of a finished job)")
-    summary = JobFiles(layout).summary()
+    job = JobFiles(layout)
+    summary = job.summary()
     score, counts = summary["score"], summary["counts"]
     pf = pq.ParquetFile(layout.ranking)
     methods = method_columns(pf.schema_arrow.names)
@@ -409,7 +410,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     n_sample = len(sample["kept"])
     head, tail = read_extremes(pf, ["key", "shard_url", "rank", "kept", score], score, top)
     explained, n_explained = read_explain_results(layout, max_explain)
-    pipes = JobFiles(layout).trusted_pipes()
+    pipes = job.trusted_pipes()
     attach_images(head + tail + explain_cards(explained, top), pipes=pipes)  # each shard read once
     classes = class_split(layout, class_shards, pipes)
     clusters = json.loads(layout.clusters_summary.read_text()) if layout.clusters_summary.exists() else None

@@ -227,18 +227,20 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files
 
 
 def _versions() -> dict:
-    """The versions of the packages behind the scores: torch's own (with its build tag, e.g. +cu130), the others
-    from their installed metadata, so nothing else is imported (a job run by the local runner never imports Ray;
+    """The versions of the packages behind the scores: pruner's and torch's own (torch's with its build tag, e.g.
+    +cu130), the others from their installed metadata, so nothing else is imported (a job run by the local runner never imports Ray;
     None for a package that is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
+
+    import pruner
 
     def installed(dist: str) -> str | None:
         try:
             return version(dist)
         except PackageNotFoundError:
             return None
-    return {"pruner": installed("pruner") or "0.1.0", "torch": torch.__version__,
+    return {"pruner": pruner.__version__, "torch": torch.__version__,
             "open_clip": installed("open_clip_torch"), "ray": installed("ray"), "pyarrow": installed("pyarrow"),
             "python": platform.python_version()}
