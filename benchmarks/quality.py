@@ -144,6 +144,8 @@ def parse_args(argv=None):
                         "deletion check's parameter update (d) measure; with exact_increment run --no-deletion)")
     p.add_argument("--filter-fraction", type=float, default=0.2, help="default_score: the default pipeline's filter "
                    "stage (select.filter_fraction) by CLIP score, then diffin_target")
+    p.add_argument("--niche-alpha", type=float, default=1e-3, help="default_score: the niche test's level "
+                   "(select.niche_alpha; applies to the propagated form)")
     p.add_argument("--ablations", default="", help="comma list of rescoring ablations for Diff-In detection: "
                    "in_batch_loss, fd_eps_1e-3, fd_eps_1e-1, hvp_eps_1e-3, last_checkpoint (on a subsample)")
     p.add_argument("--ablation-samples", type=int, default=1500)
@@ -537,8 +539,9 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
     order = np.array([pos[k] for k in keys])  # columns -> pool order
     cols = {k: v[order] for k, v in cols.items()}
     uids = np.array(keys)
-    cols["default_score"] = ql.pipeline_score(cols["diffin_target"], cols["baseline_clip_score"], uids,
-                                              a.filter_fraction)
+    niche_alpha = a.niche_alpha if cfg.niche_test_applies else None  # as the product's config resolves it
+    cols["default_score"], niche = ql.pipeline_score(cols["diffin_target"], cols["baseline_clip_score"], uids,
+                                                     a.filter_fraction, niche_alpha)
     methods = [m for m in ALL_METHODS + DETECT_EXTRA + ["default_score"] if m in cols]
 
     # -- (a) detection -------------------------------------------------------------------------------------------
@@ -553,6 +556,7 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
         if prob.rare_classes:
             res["auroc_by_frequency"][m] = ql.auroc_by_group(cols[m], swapped, freq, {0: "frequent", 1: "rare"})
     res["diagnostics"] = free_diagnostics(cols, weights, swapped, uids, prob.caption_class)
+    res["default_score_niche_test"] = niche
     res["scoring"] = {k: smeta.get(k) for k in ("service", "seconds")}
     res["proxy"] = {"checkpoints": [{"step": c.step, "lr": c.lr, "lr_mean": c.lr_mean} for c in traj.checkpoints],
                     "train_loss": [c.get("train_loss") for c in json.loads(traj_path.read_text())["checkpoints"]]}

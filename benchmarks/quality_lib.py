@@ -367,10 +367,24 @@ def detection(score: np.ndarray, swapped: np.ndarray, uids: Sequence[str], fract
             "found_at": found}
 
 
-def pipeline_score(score: np.ndarray, filter_score: np.ndarray, uids, fraction: float) -> np.ndarray:
-    """The default pipeline's order as one score (pruner.select.stages, the product's select_score): the samples
+def pipeline_score(score: np.ndarray, filter_score: np.ndarray, uids, fraction: float,
+                   niche_alpha: float | None = None) -> tuple[np.ndarray, dict | None]:
+    """The default pipeline's order as one score and its niche test's record (None without ``niche_alpha``):
+    when the niche test (pruner.select.niche, as the reduce step runs it) finds no niche in ``score``, the order is
+    ``filter_score`` itself; else the filter stage's (pruner.select.stages, the product's select_score): the samples
     outside the lowest ``fraction`` by ``filter_score`` (ties by uid) keep ``score``; the others rank below all of
     them, by ``filter_score``."""
+    record = None
+    if niche_alpha is not None:
+        from pruner.select.niche import niche_test_values
+        test = niche_test_values(score, "diffin_target", niche_alpha)
+        record = test.record()
+        if not test.niche:
+            return np.asarray(filter_score, np.float64), record
+    return _filter_stage_score(score, filter_score, uids, fraction), record
+
+
+def _filter_stage_score(score: np.ndarray, filter_score: np.ndarray, uids, fraction: float) -> np.ndarray:
     order = rank_order(filter_score, uids)  # best first
     passed = np.zeros(len(score), bool)
     passed[order[: len(score) - int(math.floor(fraction * len(score) + 1e-9))]] = True

@@ -188,6 +188,12 @@ class SelectConfig(_Section):
     (help to the target); without one, the pool is ranked by ``baseline_clip_score``, the best target-free score
     measured (benchmarks/RESULTS.md, "Quality"). ``filter_score: null`` turns the filter stage off.
 
+    The niche test (``niche_alpha``, pruner.select.niche): in front of ``diffin_target`` (the propagated form) with a
+    filter stage, the reduce step first tests whether the target score singles out samples that help the target more
+    than the bulk of the pool (a niche of the pool, where help to the target beats a quality filter) at level
+    ``niche_alpha``; when none stand out (a target drawn like the pool itself), the pipeline keeps its filter stage
+    only: the pool is ranked by ``filter_score``. summary.json records the test. ``niche_alpha: null`` turns it off.
+
     ``policy`` ``top_k`` keeps the global best (pruner.select.rank); ``cluster_balanced`` / ``class_balanced``
     keep the same share of every gradient cluster (``n_clusters``, spherical k-means on the stored features) or
     of every class (the json field ``label_key``), best first within each (pruner.select.policies).
@@ -200,6 +206,8 @@ class SelectConfig(_Section):
     # the filter stage: samples whose filter_score is among the lowest filter_fraction of the pool are never kept
     filter_score: Optional[str] = "auto"
     filter_fraction: float = Field(default=0.2, ge=0, lt=1)
+    # the niche test's level (pruner.select.niche); applies to diffin_target (propagated form) behind a filter stage
+    niche_alpha: Optional[float] = Field(default=1e-3, gt=0, lt=1)
     keep_fraction: Optional[float] = Field(default=None, gt=0, le=1)
     keep_count: Optional[int] = Field(default=None, gt=0)
     threshold: Optional[float] = None
@@ -295,6 +303,14 @@ class JobConfig(_Section):
         if self.select.filter_score == "auto":
             self.select.filter_score = default_filter(self.select.score, columns)
         score = self.select.score
+        if self.select.niche_alpha is not None and not self.niche_test_applies:
+            if "niche_alpha" in self.select.model_fields_set:
+                raise ValueError(f"select.niche_alpha tests diffin_target of scores.diffin.form 'propagated' behind a "
+                                 f"filter stage, but select.score is {score!r}, the form "
+                                 f"{self.scores.diffin.form!r} and select.filter_score "
+                                 f"{self.select.filter_score!r} (fix: set select.niche_alpha: null; the first-order "
+                                 f"scores show no niche: pruner.select.niche)")
+            self.select.niche_alpha = None
         if self.select.filter_score is not None and self.select.filter_score not in columns:
             raise ValueError(f"select.filter_score {self.select.filter_score!r} is not a column the configured methods "
                              f"produce (fix: one of {columns}, or null for no filter stage)")
@@ -320,6 +336,12 @@ class JobConfig(_Section):
                              "features, but features.save is false (fix: set features.save: true, or use "
                              "select.dedup_space: embedding / policy class_balanced)")
         return self
+
+    @property
+    def niche_test_applies(self) -> bool:
+        """True when the niche test can run: ranking by diffin_target of the propagated form behind a filter stage."""
+        return (self.select.score == "diffin_target" and self.scores.diffin.form == "propagated"
+                and self.select.filter_score is not None)
 
     def to_yaml(self) -> bytes:
         """The resolved config as a job directory's ``config.yaml`` holds it (read back by :func:`load_job_config`)."""

@@ -73,13 +73,23 @@ def _run_locked(cfg: JobConfig, job: ResolvedJob, prior: JobLayout | None, local
     c = summary["counts"]
     n = stats["shards_changed"]
     changed = f"; {n} shard(s) scored again because they changed" if n else ""
-    filtered = "".join(f"; the filter stage set apart the {st['set_apart']} lowest by {st['score']} first"
-                       for st in summary.get("stages", []) if st["stage"] == "filter")
+    filtered = "".join(_stage_note(st) for st in summary.get("stages", []))
     print(f"pruner: kept {c['kept']} of {c['samples']} samples by {summary['score']}{filtered} "
           f"({c['rejected']} rejected by the reader{changed}); summary: {layout.summary}", flush=True)
     for w in summary.get("warnings", []):
         print(f"pruner: WARNING: {w}", file=sys.stderr, flush=True)
     return 0, summary
+
+
+def _stage_note(st: dict) -> str:
+    """One stage of summary.json in the prune command's last line (nothing for the final top-k / policy)."""
+    if st["stage"] == "filter":
+        return f"; the filter stage set apart the {st['set_apart']} lowest by {st['score']} first"
+    if st["stage"] == "niche_test":
+        found = "found" if st["niche"] else "found none, so the filter score ranked the pool"
+        return (f"; the niche test of {st['score']} {found} (excess {st['excess']} samples, bound "
+                f"{st['bound']:.0f} at level {st['alpha']:g})")
+    return ""
 
 
 if __name__ == "__main__":  # `python -m pruner.jobs.prune`: the `ray job submit` entrypoint of deploy/ and the docs

@@ -393,6 +393,17 @@ def _class_section(counts: dict, read: int, total: int) -> str:
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def _stage_fact(st: dict) -> list[str]:
+    """The report's line for a filter stage or niche test of summary.json."""
+    if st["stage"] == "filter":
+        return ["filter stage", f"set apart {st['set_apart']} of {st['set_apart'] + st['passed']} (the lowest "
+                f"{st['fraction']:g} by {st['score']}); they rank below the others"]
+    verdict = ("a niche: ranked by it" if st["niche"] else
+               "no niche (a target like the pool itself): the filter score ranked the pool")
+    return ["niche test", f"{st['score']}: {st['upper_tail']} samples stand out, {st['excess']} more than the mirrored "
+            f"lower tail (bound {st['bound']:.0f} at level {st['alpha']:g}, {st['samples']} samples): {verdict}"]
+
+
 def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 12, max_rows: int = 200_000,
                  max_groups: int = 64, class_shards: int = 16, max_explain: int = 20) -> Path:
     """Write the report of the finished job in ``job_dir`` to ``out`` (default ``<job dir>/report.html``)
@@ -420,9 +431,7 @@ def build_report(job_dir: str | Path, out: str | Path | None = None, top: int = 
     facts = [["job", summary["job"]], ["selection score", score],
              ["selection", ", ".join(f"{k}={v}" for k, v in (summary["selection"] or _policy_facts(summary)).items()
                                      if k != "score")],
-             *[[f"{st['stage']} stage", f"set apart {st['set_apart']} of {st['set_apart'] + st['passed']} (the lowest "
-                f"{st['fraction']:g} by {st['score']}); they rank below the others"]
-               for st in summary.get("stages", []) if st["stage"] == "filter"],
+             *[_stage_fact(st) for st in summary.get("stages", []) if st["stage"] in ("filter", "niche_test")],
              ["samples", counts["samples"]], ["kept", counts["kept"]], ["dropped", counts["dropped"]],
              ["rejected by the reader", counts["rejected"]], ["shards", counts["shards"]],
              ["actors / GPUs", f'{run.get("actors", "–")} / {run.get("gpus", "–")}'],

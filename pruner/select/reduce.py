@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pruner.config import JobConfig
+from pruner.config import JobConfig, SelectConfig
 from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
@@ -21,6 +21,7 @@ from pruner.io.shards import RejectLog
 from pruner.jobfiles import JobFiles
 from pruner.scores.combine import INFLUENCE_COLUMNS, method_columns, removal_prediction
 from pruner.select.duplicates import find_duplicate_uids, without_rows
+from pruner.select.niche import niche_test
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, write_ranking
 from pruner.select.stages import SELECT_SCORE, apply_filter, filter_selection, passing
@@ -101,9 +102,9 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
     the score files with the duplicates' rows removed (copies in the stage's shards/ of the few files that hold
     any)."""
     view = [without_rows(f, dups.rows[f], stage.shards_dir / f.name) if f in dups.rows else f for f in nonempty]
-    s = cfg.select
+    s, stages = _niche_stage(cfg.select, view)  # the select settings the ranking applies
     keep_dir, ranking = stage.keep_dir, stage.ranking
-    stages, fsel = [], None
+    fsel = None
     if s.filter_score is not None and s.filter_fraction > 0:
         fsel = filter_selection(view, s.filter_score, s.filter_fraction)
     policy = None
@@ -114,8 +115,8 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
                                          for f in sorted(nonempty)])
             stages.append({"stage": "filter", "score": s.filter_score, "fraction": s.filter_fraction,
                            "cutoff": fsel.cutoff_score, "passed": fsel.n_keep, "set_apart": fsel.n_total - fsel.n_keep})
-        policy, n_total, n_keep = _apply_policy(cfg, layout, pool, [layout.scores(u) for u in pool], nonempty, dups,
-                                                keep_dir, ineligible)
+        policy, n_total, n_keep = _apply_policy(cfg, s, layout, pool, [layout.scores(u) for u in pool], nonempty,
+                                                dups, keep_dir, ineligible)
         keep = policy.pop("keep")  # over the rows of the sorted score files, as select_policy reads them
         if dups:
             keep = keep[~dups.mask(sorted(nonempty))]
@@ -152,7 +153,8 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
                     "duplicate_uid, listed in %s), e.g. %s", len(dups), layout.duplicates, dups.records[0])
     manifests = {**manifests, "paths": {n: str(layout.keep_dir / Path(p).name) for n, p in manifests["paths"].items()}}
     summary = {
-        "job": layout.root.name, "select": s.model_dump(mode="json"), "score": s.score, "selection": selection,
+        "job": layout.root.name, "select": cfg.select.model_dump(mode="json"), "score": s.score,
+        "selection": selection,
         "stages": stages,
         "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
                    "dropped": n_total - n_keep, "rejected": len(rejects)},
@@ -208,7 +210,22 @@ def _ranking_meta(cfg: JobConfig, layout: JobLayout) -> dict[str, str]:
     return {"pruner.job": layout.root.name, "pruner.select": json.dumps(cfg.select.model_dump(mode="json"))}
 
 
-def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
+def _niche_stage(s: SelectConfig, view: list[Path]) -> tuple[SelectConfig, list[dict]]:
+    """The select settings the ranking applies and the niche test's stage record (none when ``niche_alpha`` is null):
+    ``s`` itself when the target score shows a niche, else the filter stage alone (rank by ``filter_score``, no
+    filter stage in front of it: the order is the same). pruner.select.niche says why."""
+    if s.niche_alpha is None:
+        return s, []
+    test = niche_test(view, s.score, s.niche_alpha)
+    log.info("niche test of %s: excess %d samples against the bound %.0f at level %g (n %d): %s", s.score,
+             test.excess, test.bound, s.niche_alpha, test.samples,
+             "a niche, ranked by it" if test.niche else f"no niche, ranked by {s.filter_score}")
+    if test.niche:
+        return s, [test.record()]
+    return s.model_copy(update={"score": s.filter_score, "filter_score": None}), [test.record()]
+
+
+def _apply_policy(cfg: JobConfig, s: SelectConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
                   nonempty: list[Path], dups, keep_dir: Path,
                   ineligible: np.ndarray | None = None) -> tuple[dict, int, int]:
     """(policy summary with its bool [n] "keep" over the rows of ``nonempty`` in order, n_total, n_keep); the
@@ -218,10 +235,10 @@ def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files
     extra = sorted(set(layout.score_files()) - set(pool_files))
     if extra:
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
-                           f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
+                           f"{extra[0]}); select.policy {s.policy!r} / dedup work on "
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
     exclude = dups.mask(sorted(nonempty)) if dups else None
-    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty, pool=pool,
+    policy = apply_select_config(layout.root, s, seed=cfg.seed, score_files=nonempty, pool=pool,
                                  keep_dir=keep_dir, exclude=exclude, ineligible=ineligible)
     return policy, policy["n_total"], policy["n_keep"]
 

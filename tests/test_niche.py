@@ -1,0 +1,157 @@
+"""pruner.select.niche: the tail-excess statistic against a brute-force count, its false-positive rate on symmetric
+pools, its power on a pool with a niche, and the reduce step's use of it on real shards and score files."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from corpus import sample, write_shard
+
+from pruner.config import load_config
+from pruner.io.layout import JobLayout
+from pruner.io.shards import read_shard
+from pruner.select.niche import excess_bound, niche_test, tail_excess
+from pruner.select.reduce import finalize
+
+
+def brute_excess(scores: np.ndarray) -> tuple[int, int]:
+    """(max over t in {0} and every |c| of #{c > t} - #{c < -t}, #{c > t} there), counted directly; c about the
+    upper median of the finite scores."""
+    s = np.sort(scores[np.isfinite(scores)])[::-1]
+    c = s - s[(len(s) + 1) // 2 - 1]
+    best = None
+    for t in np.concatenate([[0.0], np.abs(c)]):
+        e, u = int((c > t).sum() - (c < -t).sum()), int((c > t).sum())
+        if best is None or e > best[0]:
+            best = (e, u)
+    return best
+
+
+def score_files(root, scores: np.ndarray, n_files: int = 3) -> list:
+    """``scores`` split over ``n_files`` real score files (uid, diffin_target)."""
+    paths = []
+    for j, part in enumerate(np.array_split(np.arange(len(scores)), n_files)):
+        p = root / f"s{j}.parquet"
+        pq.write_table(pa.table({"uid": [f"u{i:05d}" for i in part], "diffin_target": scores[part]}), p)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_excess_matches_brute_force(tmp_path, seed):
+    """Exact path (every |c| a threshold): equal to the direct count; subsampled thresholds (max_rows < n): never
+    above it and at most the samples between two thresholds below; NaN scores are left out."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.standard_t(3, 700), rng.normal(3.0, 0.5, 60 * seed), np.round(rng.normal(0, 1, 40), 1)])
+    x[rng.choice(len(x), 7, replace=False)] = np.nan
+    files = score_files(tmp_path, x)
+    excess, upper = brute_excess(x)
+    test = niche_test(files, "diffin_target", 0.01)
+    assert (test.excess, test.upper_tail) == (excess, upper)
+    finite = np.sort(x[np.isfinite(x)])[::-1]
+    assert test.samples == int((finite != finite[(len(finite) + 1) // 2 - 1]).sum())
+    sub = niche_test(files, "diffin_target", 0.01, max_rows=100)
+    assert sub.samples == test.samples and excess - len(x) / 100 * 3 <= sub.excess <= excess
+
+
+def test_in_memory_and_batched_counts_agree():
+    rng = np.random.default_rng(5)
+    c = rng.normal(0, 1, 500)
+    t = np.unique(np.concatenate([[0.0], np.abs(c)]))
+    assert tail_excess([c], t) == tail_excess(np.array_split(c, 7), t)
+
+
+@pytest.mark.parametrize("draw", [lambda r, n: r.normal(0, 1, n), lambda r, n: r.laplace(0, 1, n),
+                                  lambda r, n: r.standard_t(3, n)], ids=["normal", "laplace", "t3"])
+def test_false_positive_rate_on_symmetric_pools(draw):
+    """Pools drawn symmetric around their median: the test at level 0.05 calls a niche in at most 8% of 300 pools
+    (the bridge bound's rate is about 5%)."""
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(300):
+        x = draw(rng, 1000)
+        c = x - np.sort(x)[::-1][499]
+        e, _, n = tail_excess([c], np.unique(np.concatenate([[0.0], np.abs(c)])))
+        hits += e > excess_bound(n, 0.05)
+    assert hits / 300 <= 0.08
+
+
+def test_power_on_a_pool_with_a_niche():
+    """10% of the pool shifted 3 sd up (a niche that helps the target, twice the smallest one the test can find
+    at n 2000: the bound, 83 samples): found at level 1e-3 in every one of 50 pools; its upper tail holds most of
+    the niche."""
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        x = np.concatenate([rng.normal(0, 1, 1800), rng.normal(3, 0.5, 200)])
+        c = x - np.sort(x)[::-1][999]
+        e, upper, n = tail_excess([c], np.unique(np.concatenate([[0.0], np.abs(c)])))
+        assert e > excess_bound(n, 1e-3) and upper >= 160
+
+
+def _job(root, diffin: np.ndarray, clip: np.ndarray):
+    """A scored job on two real tar shards (samples read back by pruner's reader) with score files holding
+    ``diffin`` and ``clip`` in pool order; its config: the default pipeline with a target set."""
+    n = len(diffin)
+    pool = [str(write_shard(root / "pool" / f"{j}.tar", [sample(f"s{j}-{i:04d}") for i in range(n // 2)]))
+            for j in range(2)]
+    layout = JobLayout(root / "job")
+    layout.shards_dir.mkdir(parents=True)
+    for j, url in enumerate(pool):
+        samples, rejects = read_shard(url)
+        part = slice(j * (n // 2), (j + 1) * (n // 2))
+        pq.write_table(pa.table({"uid": [x.uid for x in samples], "key": [x.key for x in samples],
+                                 "shard_url": [url] * len(samples), "row": pa.array(range(len(samples)), pa.int32()),
+                                 "diffin_target": diffin[part], "baseline_clip_score": clip[part]}),
+                       layout.scores(url))
+        rejects.write(layout.rejects(url))
+    cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
+                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.1}},
+                      check_paths=False)
+    layout.config.write_bytes(cfg.to_yaml())
+    return cfg, layout, pool
+
+
+@pytest.mark.parametrize("niche", [True, False])
+def test_reduce_ranks_by_the_filter_score_when_the_target_shows_no_niche(tmp_path, niche):
+    """The default pipeline (filter stage, diffin_target, niche test at 1e-3) on 400 samples: with a niche (40
+    samples far above a symmetric bulk) the ranking is the filter stage then diffin_target, and the kept 10% is the
+    niche; without one (a symmetric bulk) the pool is ranked by the filter score alone. summary.json records the
+    test and the score that ranked; its select settings stay the configured ones."""
+    rng = np.random.default_rng(3)
+    diffin = rng.normal(0, 1, 400)
+    if niche:
+        diffin[rng.choice(400, 40, replace=False)] += 8.0
+    clip = rng.normal(0, 1, 400)
+    cfg, layout, pool = _job(tmp_path, diffin, clip)
+    assert cfg.select.score == "diffin_target" and cfg.select.filter_score == "baseline_clip_score"
+    summary = finalize(cfg, layout, pool, {})
+    test = summary["stages"][0]
+    assert test["stage"] == "niche_test" and test["niche"] is niche and test["alpha"] == 1e-3
+    assert test["samples"] == 399 and (test["excess"] > test["bound"]) is niche
+    rows = pq.read_table(layout.ranking).to_pylist()
+    kept = {r["uid"] for r in rows if r["kept"]}
+    assert len(kept) == 40 and summary["select"] == cfg.select.model_dump(mode="json")
+    if niche:
+        assert [s["stage"] for s in summary["stages"]] == ["niche_test", "filter", "top_k"]
+        assert summary["score"] == "diffin_target"
+        passed = sorted(rows, key=lambda r: (-r["baseline_clip_score"], r["uid"]))[:320]  # floor(0.8 x 400)
+        assert kept == {r["uid"] for r in sorted(passed, key=lambda r: -r["diffin_target"])[:40]}
+    else:
+        assert [s["stage"] for s in summary["stages"]] == ["niche_test", "top_k"]
+        assert summary["score"] == "baseline_clip_score"
+        assert kept == {r["uid"] for r in sorted(rows, key=lambda r: -r["baseline_clip_score"])[:40]}
+        assert [r["baseline_clip_score"] for r in rows] == sorted((r["baseline_clip_score"] for r in rows),
+                                                                  reverse=True)
+
+
+def test_niche_alpha_is_refused_where_the_test_does_not_apply():
+    base = {"data": {"shards": ["/x"]}, "target": {"shards": ["/t"]}, "trajectory": {"checkpoints": ["c.pt"]}}
+    assert load_config(data=base, check_paths=False).select.niche_alpha == 1e-3
+    for extra in ({"select": {"score": "tracin_target"}}, {"scores": {"diffin": {"form": "exact_increment"}}},
+                  {"select": {"filter_score": None}}):
+        cfg = load_config(data={**base, **extra}, check_paths=False)
+        assert cfg.select.niche_alpha is None  # the default: off where it does not apply
+        with pytest.raises(ValueError, match="niche_alpha"):
+            sel = {**extra.get("select", {}), "niche_alpha": 0.01}
+            load_config(data={**base, **extra, "select": sel}, check_paths=False)
