@@ -1,6 +1,7 @@
-"""Benchmark the reduce step: ``select`` (exact top-k), ``write_ranking`` (external merge sort) and
-``write_manifests`` (keep manifests, DataComp subset file, keep table) on synthetic score files, each phase in a
-FRESH subprocess so its peak RSS (``ru_maxrss``) is its own.
+"""Benchmark the reduce step: ``select`` (exact top-k), ``write_ranking`` (external merge sort),
+``write_manifests`` (keep manifests, DataComp subset file, keep table) and ``niche_test`` (pruner.select.niche, in
+front of the default pipeline's ranking) on synthetic score files, each phase in a FRESH subprocess so its peak RSS
+(``ru_maxrss``) is its own.
 
     .venv/bin/python benchmarks/bench_ranking.py --n 10000000 --files 100 --repeats 3
     .venv/bin/python benchmarks/bench_ranking.py --n 2000000 --files 100 --uids fallback --out ...
@@ -78,6 +79,7 @@ def _phase(args) -> None:
     import pyarrow.parquet  # noqa: F401
 
     from pruner.io.manifests import write_manifests
+    from pruner.select.niche import niche_test
     from pruner.select.rank import Selection, select, write_ranking
 
     data_dir = Path(args.data_dir)
@@ -90,6 +92,8 @@ def _phase(args) -> None:
         tiny = [data_dir / "tiny" / "0-bench.parquet"]
         write_ranking(tiny, SCORE, data_dir / "tiny" / "out" / "ranking.parquet",
                       select(tiny, SCORE, keep_fraction=args.keep_fraction))
+    elif args.phase == "niche_test":
+        out["niche_test"] = niche_test(files, SCORE, 1e-3).record()
     elif args.phase == "select":
         out["selection"] = select(files, SCORE, keep_fraction=args.keep_fraction).as_dict()
     elif args.phase == "write_ranking":
@@ -133,7 +137,7 @@ def main() -> None:
     p.add_argument("--data-dir", help="where the synthetic files go (default: a temporary folder, removed after)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ranking.json"))
     p.add_argument("--phase", choices=["generate", "baseline", "baseline_io", "select", "write_ranking",
-                                            "write_manifests"],
+                                            "write_manifests", "niche_test"],
                    help=argparse.SUPPRESS)
     p.add_argument("--selection", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,6 +155,7 @@ def main() -> None:
         selection = json.dumps(sel[0]["selection"])
         wr = [_run("write_ranking", data_dir, selection=selection) for _ in range(args.repeats)]
         wm = [_run("write_manifests", data_dir, selection=selection) for _ in range(args.repeats)]
+        nt = [_run("niche_test", data_dir) for _ in range(args.repeats)]
         ranking_mb = (data_dir / "out" / "ranking.parquet").stat().st_size / 2**20
     finally:
         if not args.data_dir:
@@ -170,11 +175,14 @@ def main() -> None:
         "write_ranking_seconds": med(wr, "seconds"), "write_ranking_peak_rss_mb": med(wr, "peak_rss_mb"),
         "write_manifests_seconds": med(wm, "seconds"), "write_manifests_peak_rss_mb": med(wm, "peak_rss_mb"),
         "manifests": wm[0]["manifests"],
+        "niche_test_seconds": med(nt, "seconds"), "niche_test_peak_rss_mb": med(nt, "peak_rss_mb"),
+        "niche_test": nt[0]["niche_test"],
         "select_cpu_seconds": med(sel, "cpu_seconds"), "write_ranking_cpu_seconds": med(wr, "cpu_seconds"),
         "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "cpu_count": os.cpu_count(),
         "runs": {f"{name}_{k}": [round(r[k], 3) for r in runs]
-                 for name, runs in (("select", sel), ("write_ranking", wr), ("write_manifests", wm))
+                 for name, runs in (("select", sel), ("write_ranking", wr), ("write_manifests", wm),
+                                    ("niche_test", nt))
                  for k in ("seconds", "cpu_seconds", "peak_rss_mb", "vmhwm_mb")},
     }
     runs_1e8 = round(args.files * scale)
@@ -198,7 +206,8 @@ def main() -> None:
             "output row group, independent of n and of the number of shards: the peak RSS stays as measured. "
             "Disk: input + runs + output, ~3x the input.")}
     write_json_atomic(args.out, result)
-    if args.n == 10_000_000 and args.uids == "hex":
+    default_out = Path(args.out) == ROOT / "benchmarks" / "results" / "ranking.json"
+    if args.n == 10_000_000 and args.uids == "hex" and default_out:
         record_in_service(result)
     print(json.dumps(result, indent=2))
 

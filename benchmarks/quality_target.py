@@ -25,8 +25,11 @@ Selections. Baselines: ``random``, ``clip_score`` and ``loss`` (the proxy's last
 target image), ``intersection`` and ``intersection_nn`` (the CLIP-score top-k within the 2k most similar: the
 DataComp-style intersection of an image-based and a CLIP-score filter). Influence: every ``--influence`` column of
 the job (``tracin_target``, ``diffin_target`` in the job's form, ...), and the same after a filter stage
-(``filter>X``: drop the lowest ``--filter-fraction`` by CLIP score, rank the rest by X). ``--explore`` adds Diff-In
-forms computed here from the job's stored features (pruner.scores.propagation) before they are a job option.
+(``filter>X``: drop the lowest ``--filter-fraction`` by CLIP score, rank the rest by X). The default pipeline,
+``filter>diffin_target:propagated``, runs the product's niche test first (``--niche-alpha``; without a niche it is
+the CLIP-score top-k, as the reduce step ranks); each problem records the test under ``niche_test``. ``--explore``
+adds Diff-In forms computed here from the job's stored features (pruner.scores.propagation) before they are a job
+option.
 
 Result: ``--out`` (JSON, atomic) with ``target_zero_shot`` (selection -> {"keep_<f>": mean N-way accuracy over
 seeds and targets}), ``best_baseline``, ``default_score``, ``per_problem`` and the configuration; a markdown table on
@@ -89,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--explore", default="", help="comma list of Diff-In forms computed from stored features: "
                    "propagated, propagated_adam, propagated_own")
     p.add_argument("--filter-fraction", type=float, default=0.2, help="the filter stage's share dropped by CLIP score")
+    p.add_argument("--niche-alpha", type=float, default=1e-3, help="the default pipeline's niche test level "
+                   "(select.niche_alpha)")
     p.add_argument("--arch", default="pruner-micro")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
@@ -377,6 +382,12 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
             sels[m] = (lambda col: lambda k: top_k(cols[col], uids, k))(m)
             sels[f"filter>{m}"] = (lambda col: lambda k: filtered(cols[col], cols["baseline_clip_score"], uids, k,
                                                                   a.filter_fraction))(m)
+        if DEFAULT_PIPELINE in sels:  # the product's niche test in front of it (pruner.select.niche)
+            from pruner.select.niche import niche_test_values
+            test = niche_test_values(cols["diffin_target:propagated"], "diffin_target", a.niche_alpha)
+            prob_res["niche_test"] = test.record()
+            if not test.niche:
+                sels[DEFAULT_PIPELINE] = lambda k: top_k(cols["baseline_clip_score"], uids, k)
         for sname, fn in sels.items():
             if a.only and sname not in a.only:
                 continue

@@ -16,14 +16,26 @@ the same filter stage unless named otherwise:
   that pair's own projected gradient; benchmarks/counterfactual.py's per-pair scores), each pool sample ranked by
   its best rank under any target pair (round-robin over the target pairs): local targets instead of the mean;
 - ``cover_classes``: the same over the target classes' mean gradients (uses the target's class labels, which a
-  user may not have: an upper reference for coverage).
+  user may not have: an upper reference for coverage);
+- ``tail_then_clip``: the samples of diffin_target's standing-out tail among those passing the filter stage (the
+  niche test's ``upper_tail``, pruner.select.niche) first, best first, then the rest by CLIP score (spend what the
+  niche does not need on the cleanest pairs);
+- ``head_<h>_then_clip``: the best h x budget by the default pipeline, then the rest by CLIP score;
+- references that know the ground truth (what no selection can beat by much): ``oracle_clean``, the default's
+  order with every swapped pair skipped; ``oracle_useful_then_clip``, every useful pair, then the CLIP-score top of
+  the correctly captioned rest.
 
-Result: ``--out`` (JSON): per variant and budget, the mean over problems of the useful and swapped shares and the
-per-problem values. RESULTS.md discusses them.
+``--retrain`` also trains each variant's coreset from scratch as the run did (its cache in the run's work dir, so
+the default's coresets are not trained again) and records target zero-shot, with the paired difference to the
+run's best baseline (``--run-json``, the run's result file). Every problem records the default's niche test.
+
+Result: ``--out`` (JSON): per variant and budget, the mean over problems of the useful and swapped shares (and
+target zero-shot with ``--retrain``) and the per-problem values. RESULTS.md discusses them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -48,6 +60,25 @@ def best_rank_order(scores: np.ndarray) -> np.ndarray:
     for j in range(scores.shape[1]):
         ranks[np.argsort(-scores[:, j], kind="stable"), j] = np.arange(n)
     return np.lexsort((-scores.mean(1), ranks.min(1)))
+
+
+def other_scores(job_dir: str, keys: list[str]) -> dict[str, np.ndarray]:
+    """The first-order target scores of a problem, aligned to ``keys``: tracin_target of the propagated form's job and
+    diffin_target of the exact_increment form's job (the run's other job of the problem, when it has one)."""
+    from pruner.io.layout import JobLayout
+    out = {}
+    for jd in sorted(Path(job_dir).parent.iterdir()):
+        layout = JobLayout(jd)
+        text = layout.config.read_text()
+        col, name = (("tracin_target", "tracin_target") if "form: propagated" in text else
+                     ("diffin_target", "diffin_target:exact_increment") if "form: exact_increment" in text else
+                     (None, None))
+        if col is None:
+            continue
+        t = pq.read_table(layout.ranking, columns=["uid", col]).to_pydict()
+        pos = {u: i for i, u in enumerate(t["uid"])}
+        out[name] = np.asarray(t[col], float)[[pos[k] for k in keys]]
+    return out
 
 
 def problem_scores(job_dir: str, keys: list[str], target_labels: dict[str, int]):
@@ -80,62 +111,124 @@ def problem_scores(job_dir: str, keys: list[str], target_labels: dict[str, int])
 
 
 def main(argv=None) -> int:
+    from pruner.io.layout import JobLayout
+    from pruner.select.niche import niche_test_values
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", required=True, help="a quality_target.py --work-dir with finished jobs")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--filter-fraction", type=float, default=0.2)
+    p.add_argument("--niche-alpha", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--retrain", action="store_true", help="train every variant's coreset and record zero-shot")
+    p.add_argument("--run-json", default=str(ROOT / "benchmarks" / "results" / "quality_target.json"),
+                   help="the run's result file (its best baseline per problem, for --retrain's paired differences)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_target_variants.json"))
     a = p.parse_args(argv)
     qa = qt.parse_args(["--work-dir", a.work_dir, "--seeds", a.seeds])  # the run's problem settings (defaults)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     data = Path(qa.data_dir)
     train = ql.read_split(data, "train")
     n_cls = len(ql.load_classnames(data)["classnames"])
+    test_split, classnames = (ql.read_split(data, "test"), ql.load_classnames(data)) if a.retrain else (None, None)
+    run = json.loads(Path(a.run_json).read_text()) if a.retrain else None
     rows: dict[str, dict[str, list]] = {}
+    niche_tests = {}
     for seed in qa.seed_list:
         prob = ql.build_problem(train, qa.pool_size, 0, qa.noise, seed, n_cls, qa.rare_classes, qa.rare_weight)
         keys = np.array(prob.keys)
+        pool_by_key = {s.key: s for s in prob.pool}
         for classes in qt.pick_targets(qa, seed, prob.rare_classes, n_cls):
             name = "t" + "-".join(map(str, classes))
             jobs = sorted((Path(a.work_dir) / f"seed-{seed}" / name / "jobs").iterdir())
-            job_dir = next(str(j) for j in jobs if (j / "config.yaml").read_text().count("form: propagated"))
+            job_dir = next(str(j) for j in jobs if JobLayout(j).config.read_text().count("form: propagated"))
             labels = {s.key: s.label for s in qt.target_samples(train, set(prob.keys), classes, qa.per_class, seed)}
             d, clip, per_pair, tl = problem_scores(job_dir, prob.keys, labels)
             n = len(keys)
+            niche = niche_test_values(d, "diffin_target", a.niche_alpha)
+            niche_tests[f"seed {seed} {name}"] = {
+                "diffin_target": niche.record(),
+                **{c: niche_test_values(v, c, a.niche_alpha).record()
+                   for c, v in other_scores(job_dir, prob.keys).items()}}
             passed = qt.top_k(clip, keys, n - int(math.floor(a.filter_fraction * n)))
             per_class = np.stack([per_pair[:, tl == c].mean(1) for c in classes], 1)
             pair_order = passed[best_rank_order(per_pair[passed])]
             class_order = passed[best_rank_order(per_class[passed])]
+            default_order = passed[qt.top_k(d[passed], keys[passed], len(passed))]
+            useful = np.isin(prob.labels, classes) & ~prob.swapped
+            tail = niche_test_values(d[passed], "diffin_target", a.niche_alpha).upper_tail
 
             def inter(k, mult):
                 cand = passed[qt.top_k(d[passed], keys[passed], min(len(passed), int(mult * k)))]
                 return cand[qt.top_k(clip[cand], keys[cand], k)]
 
+            def then_clip(head, k):
+                """``head`` (at most k, in order), then the CLIP-score top of every other sample."""
+                head = head[:k]
+                rest = np.setdiff1d(np.arange(n), head)
+                return np.concatenate([head, rest[qt.top_k(clip[rest], keys[rest], k - len(head))]])
+
+            def oracle_useful(k):
+                """Every useful pair (the CLIP-score top of them if more than k), then the CLIP-score top of the
+                correctly captioned rest."""
+                u, c = np.nonzero(useful)[0], np.nonzero(~useful & ~prob.swapped)[0]
+                u = u[qt.top_k(clip[u], keys[u], min(k, len(u)))]
+                return np.concatenate([u, c[qt.top_k(clip[c], keys[c], k - len(u))]])
+
             sels = {"default": lambda k: qt.filtered(d, clip, keys, k, a.filter_fraction),
                     **{f"filter_{f}": (lambda f: lambda k: qt.filtered(d, clip, keys, k, f))(f)
                        for f in (0.0, 0.1, 0.3, 0.4)},
                     "diffin_x_clip_1.5": lambda k: inter(k, 1.5), "diffin_x_clip_2": lambda k: inter(k, 2.0),
-                    "cover_pairs": lambda k: pair_order[:k], "cover_classes": lambda k: class_order[:k]}
-            useful = np.isin(prob.labels, classes) & ~prob.swapped
+                    "cover_pairs": lambda k: pair_order[:k], "cover_classes": lambda k: class_order[:k],
+                    "tail_then_clip": lambda k: then_clip(default_order[:tail], k),
+                    "head_0.7_then_clip": lambda k: then_clip(default_order[:int(0.7 * k)], k),
+                    "oracle_clean": lambda k: default_order[~prob.swapped[default_order]][:k],
+                    "oracle_useful_then_clip": oracle_useful}
+            if not niche.niche:  # the product then ranks by the filter score alone (pruner.select.niche)
+                sels["default"] = lambda k: qt.top_k(clip, keys, k)
+            ev = qt.TargetEval(qa.arch, test_split, classnames, classes, qa.retrieval_size, seed) if a.retrain else None
             for sname, fn in sels.items():
                 for f in (0.3, 0.1):
-                    idx = fn(int(math.floor(f * n + 1e-9)))
+                    k = int(math.floor(f * n + 1e-9))
+                    idx = fn(k)
+                    assert len(np.unique(idx)) == len(idx) == k, (sname, f)
                     r = rows.setdefault(sname, {}).setdefault(f"keep_{f}", [])
-                    r.append({"problem": f"seed {seed} {name}", "useful": float(useful[idx].mean()),
-                              "swapped": float(prob.swapped[idx].mean()),
-                              "useful_per_class": [int((useful[idx] & (prob.labels[idx] == c)).sum())
-                                                   for c in classes]})
-            print(f"seed {seed} {name}: done", flush=True)
-    out = {"variants": {s: {b: {"useful": float(np.mean([x["useful"] for x in v])),
-                                "swapped": float(np.mean([x["swapped"] for x in v])), "problems": v}
-                            for b, v in per.items()} for s, per in rows.items()},
-           "work_dir": a.work_dir, "filter_fraction": a.filter_fraction,
+                    row = {"problem": f"seed {seed} {name}", "useful": float(useful[idx].mean()),
+                           "swapped": float(prob.swapped[idx].mean()),
+                           "useful_per_class": [int((useful[idx] & (prob.labels[idx] == c)).sum()) for c in classes]}
+                    if a.retrain and not sname.startswith(("filter_", "diffin_x", "cover")):
+                        res = qt.retrain(qa, seed, Path(a.work_dir) / "runs" / f"seed-{seed}", pool_by_key,
+                                         sorted(keys[i] for i in idx), ev, name)
+                        row["target_zero_shot"] = res["zero_shot_target"]
+                        pp = next(x for x in run["per_problem"] if x["seed"] == seed and x["classes"] == classes)
+                        best = run["best_baseline"][f"keep_{f}"]
+                        row["minus_best_baseline"] = res["zero_shot_target"] - \
+                            pp["selections"][best][f"keep_{f}"]["zero_shot_target"]
+                    r.append(row)
+            print(f"seed {seed} {name}: done (niche test: {niche.record()})", flush=True)
+
+    def summary(v):
+        out = {"useful": float(np.mean([x["useful"] for x in v])), "swapped": float(np.mean([x["swapped"] for x in v])),
+               "problems": v}
+        if all("target_zero_shot" in x for x in v):
+            diff = [x["minus_best_baseline"] for x in v]
+            out.update(target_zero_shot=float(np.mean([x["target_zero_shot"] for x in v])),
+                       minus_best_baseline=float(np.mean(diff)), minus_best_baseline_sd=float(np.std(diff, ddof=1)),
+                       wins=int(sum(x > 0 for x in diff)))
+        return out
+
+    out = {"variants": {s: {b: summary(v) for b, v in per.items()} for s, per in rows.items()},
+           "niche_tests": niche_tests, "work_dir": a.work_dir, "filter_fraction": a.filter_fraction,
+           "best_baseline": run["best_baseline"] if run else None,
            "command": " ".join([".venv/bin/python", "benchmarks/quality_target_variants.py"] + (argv or sys.argv[1:]))}
     ql.write_json(Path(a.out), out)
-    print("| variant | useful kept 30% | swapped 30% | useful kept 10% | swapped 10% |\n|---|---|---|---|---|")
+    print("| variant | useful kept 30% | swapped 30% | useful kept 10% | swapped 10% | ZS 30% (vs best baseline) | "
+          "ZS 10% (vs best baseline) |\n|---|---|---|---|---|---|---|")
     for s, per in out["variants"].items():
+        zs = [f"{100 * per[b]['target_zero_shot']:.1f} ({100 * per[b]['minus_best_baseline']:+.1f} ± "
+              f"{100 * per[b]['minus_best_baseline_sd']:.1f}, {per[b]['wins']}/{len(per[b]['problems'])})"
+              if "target_zero_shot" in per[b] else "" for b in ("keep_0.3", "keep_0.1")]
         print(f"| {s} | {100 * per['keep_0.3']['useful']:.1f} | {100 * per['keep_0.3']['swapped']:.1f} | "
-              f"{100 * per['keep_0.1']['useful']:.1f} | {100 * per['keep_0.1']['swapped']:.1f} |")
+              f"{100 * per['keep_0.1']['useful']:.1f} | {100 * per['keep_0.1']['swapped']:.1f} | {zs[0]} | {zs[1]} |")
     return 0
 
 
