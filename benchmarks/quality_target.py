@@ -26,8 +26,10 @@ target image), ``intersection`` and ``intersection_nn`` (the CLIP-score top-k wi
 DataComp-style intersection of an image-based and a CLIP-score filter). Influence: every ``--influence`` column of
 the job (``tracin_target``, ``diffin_target`` in the job's form, ...), and the same after a filter stage
 (``filter>X``: drop the lowest ``--filter-fraction`` by CLIP score, rank the rest by X). The default pipeline,
-``filter>diffin_target:propagated``, runs the product's niche test first (``--niche-alpha``; without a niche it is
-the CLIP-score top-k, as the reduce step ranks); each problem records the test under ``niche_test``. ``--explore``
+``filter>diffin_target:propagated``, is the product's (quality_lib.pipeline_score): after the filter stage, the niche
+test (``--niche-alpha``) of diffin_target; the samples that stand out lead, the rest follow by CLIP score (all of
+them without a niche); each problem records the test under ``niche_test``, and ``filter>diffin_target (no niche
+test)`` is the pipeline without it. ``--explore``
 adds Diff-In forms computed here from the job's stored features (pruner.scores.propagation) before they are a job
 option.
 
@@ -382,12 +384,13 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
             sels[m] = (lambda col: lambda k: top_k(cols[col], uids, k))(m)
             sels[f"filter>{m}"] = (lambda col: lambda k: filtered(cols[col], cols["baseline_clip_score"], uids, k,
                                                                   a.filter_fraction))(m)
-        if DEFAULT_PIPELINE in sels:  # the product's niche test in front of it (pruner.select.niche)
-            from pruner.select.niche import niche_test_values
-            test = niche_test_values(cols["diffin_target:propagated"], "diffin_target", a.niche_alpha)
-            prob_res["niche_test"] = test.record()
-            if not test.niche:
-                sels[DEFAULT_PIPELINE] = lambda k: top_k(cols["baseline_clip_score"], uids, k)
+        if DEFAULT_PIPELINE in sels:  # the product's pipeline: filter stage, niche test (pruner.select.stages)
+            pipe, prob_res["niche_test"] = ql.pipeline_score(cols["diffin_target:propagated"],
+                                                             cols["baseline_clip_score"], uids, a.filter_fraction,
+                                                             a.niche_alpha)
+            sels[DEFAULT_PIPELINE] = lambda k: top_k(pipe, uids, k)
+            sels["filter>diffin_target (no niche test)"] = lambda k: filtered(
+                cols["diffin_target:propagated"], cols["baseline_clip_score"], uids, k, a.filter_fraction)
         for sname, fn in sels.items():
             if a.only and sname not in a.only:
                 continue

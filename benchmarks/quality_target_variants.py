@@ -8,8 +8,11 @@ swapped ones than the default pipeline?
 Reads each problem's prune job (Diff-In's propagated form, features saved) from ``--work-dir``. Variants, all after
 the same filter stage unless named otherwise:
 
-- ``default``: the default pipeline (drop the lowest ``--filter-fraction`` by CLIP score, top-k by diffin_target);
-- ``filter_<f>``: the same with a filter stage of f (is the fixed 20% too small or too large?);
+- ``default``: the default pipeline (quality_lib.pipeline_score: the filter stage sets apart the lowest
+  ``--filter-fraction`` by CLIP score; the passing samples that stand out in diffin_target by the niche test lead,
+  the rest follow by CLIP score);
+- ``filter_then_diffin``: the pipeline before the niche test (the filter stage, then top-k by diffin_target), and
+  ``filter_<f>``: that with a filter stage of f (is the fixed 20% too small or too large?);
 - ``diffin_x_clip_<m>``: the CLIP-score top-k among the m*k best by diffin_target (an intersection with influence as
   the relevance filter, as DataComp intersects image similarity with CLIP score);
 - ``cover_pairs``: Diff-In's propagated influence on each target pair separately (pruner.scores.propagation with
@@ -17,16 +20,14 @@ the same filter stage unless named otherwise:
   its best rank under any target pair (round-robin over the target pairs): local targets instead of the mean;
 - ``cover_classes``: the same over the target classes' mean gradients (uses the target's class labels, which a
   user may not have: an upper reference for coverage);
-- ``tail_then_clip``: the samples of diffin_target's standing-out tail among those passing the filter stage (the
-  niche test's ``upper_tail``, pruner.select.niche) first, best first, then the rest by CLIP score (spend what the
-  niche does not need on the cleanest pairs);
-- ``head_<h>_then_clip``: the best h x budget by the default pipeline, then the rest by CLIP score;
+- ``head_<h>_then_clip``: the best h x budget by ``filter_then_diffin``, then the rest by CLIP score (a head sized
+  by the budget instead of by the niche);
 - references that know the ground truth (what no selection can beat by much): ``oracle_clean``, the default's
   order with every swapped pair skipped; ``oracle_useful_then_clip``, every useful pair, then the CLIP-score top of
   the correctly captioned rest.
 
 ``--retrain`` also trains each variant's coreset from scratch as the run did (its cache in the run's work dir, so
-the default's coresets are not trained again) and records target zero-shot, with the paired difference to the
+coresets already trained are not trained again) and records target zero-shot, with the paired difference to the
 run's best baseline (``--run-json``, the run's result file). Every problem records the default's niche test.
 
 Result: ``--out`` (JSON): per variant and budget, the mean over problems of the useful and swapped shares (and
@@ -155,7 +156,6 @@ def main(argv=None) -> int:
             class_order = passed[best_rank_order(per_class[passed])]
             default_order = passed[qt.top_k(d[passed], keys[passed], len(passed))]
             useful = np.isin(prob.labels, classes) & ~prob.swapped
-            tail = niche_test_values(d[passed], "diffin_target", a.niche_alpha).upper_tail
 
             def inter(k, mult):
                 cand = passed[qt.top_k(d[passed], keys[passed], min(len(passed), int(mult * k)))]
@@ -174,17 +174,16 @@ def main(argv=None) -> int:
                 u = u[qt.top_k(clip[u], keys[u], min(k, len(u)))]
                 return np.concatenate([u, c[qt.top_k(clip[c], keys[c], k - len(u))]])
 
-            sels = {"default": lambda k: qt.filtered(d, clip, keys, k, a.filter_fraction),
+            pipe, _ = ql.pipeline_score(d, clip, keys, a.filter_fraction, a.niche_alpha)
+            sels = {"default": lambda k: qt.top_k(pipe, keys, k),
+                    "filter_then_diffin": lambda k: qt.filtered(d, clip, keys, k, a.filter_fraction),
                     **{f"filter_{f}": (lambda f: lambda k: qt.filtered(d, clip, keys, k, f))(f)
                        for f in (0.0, 0.1, 0.3, 0.4)},
                     "diffin_x_clip_1.5": lambda k: inter(k, 1.5), "diffin_x_clip_2": lambda k: inter(k, 2.0),
                     "cover_pairs": lambda k: pair_order[:k], "cover_classes": lambda k: class_order[:k],
-                    "tail_then_clip": lambda k: then_clip(default_order[:tail], k),
                     "head_0.7_then_clip": lambda k: then_clip(default_order[:int(0.7 * k)], k),
                     "oracle_clean": lambda k: default_order[~prob.swapped[default_order]][:k],
                     "oracle_useful_then_clip": oracle_useful}
-            if not niche.niche:  # the product then ranks by the filter score alone (pruner.select.niche)
-                sels["default"] = lambda k: qt.top_k(clip, keys, k)
             ev = qt.TargetEval(qa.arch, test_split, classnames, classes, qa.retrieval_size, seed) if a.retrain else None
             for sname, fn in sels.items():
                 for f in (0.3, 0.1):

@@ -188,11 +188,13 @@ class SelectConfig(_Section):
     (help to the target); without one, the pool is ranked by ``baseline_clip_score``, the best target-free score
     measured (benchmarks/RESULTS.md, "Quality"). ``filter_score: null`` turns the filter stage off.
 
-    The niche test (``niche_alpha``, pruner.select.niche): in front of ``diffin_target`` (the propagated form) with a
-    filter stage, the reduce step first tests whether the target score singles out samples that help the target more
-    than the bulk of the pool (a niche of the pool, where help to the target beats a quality filter) at level
-    ``niche_alpha``; when none stand out (a target drawn like the pool itself), the pipeline keeps its filter stage
-    only: the pool is ranked by ``filter_score``. summary.json records the test. ``niche_alpha: null`` turns it off.
+    The niche test (``niche_alpha``, pruner.select.niche and .stages): behind the filter stage, in front of the
+    top-k of ``diffin_target`` (the propagated form), the reduce step tests at level ``niche_alpha`` whether the
+    target score singles out samples that help the target more than the bulk of the pool does (a niche of the pool,
+    where help to the target beats a quality filter). The samples that stand out lead the ranking, by the target
+    score; every other sample follows by ``filter_score``. A target drawn like the pool itself shows no niche, and
+    the pool is ranked by ``filter_score`` alone. summary.json records the test. ``niche_alpha: null`` turns it off
+    (the filter stage, then the target score ranks the rest).
 
     ``policy`` ``top_k`` keeps the global best (pruner.select.rank); ``cluster_balanced`` / ``class_balanced``
     keep the same share of every gradient cluster (``n_clusters``, spherical k-means on the stored features) or
@@ -306,10 +308,11 @@ class JobConfig(_Section):
         if self.select.niche_alpha is not None and not self.niche_test_applies:
             if "niche_alpha" in self.select.model_fields_set:
                 raise ValueError(f"select.niche_alpha tests diffin_target of scores.diffin.form 'propagated' behind a "
-                                 f"filter stage, but select.score is {score!r}, the form "
-                                 f"{self.scores.diffin.form!r} and select.filter_score "
-                                 f"{self.select.filter_score!r} (fix: set select.niche_alpha: null; the first-order "
-                                 f"scores show no niche: pruner.select.niche)")
+                                 f"filter stage, kept by top-k, but select.score is {score!r}, the form "
+                                 f"{self.scores.diffin.form!r}, select.filter_score {self.select.filter_score!r} "
+                                 f"and select.policy {self.select.policy!r} (dedup "
+                                 f"{self.select.dedup_threshold}) (fix: set select.niche_alpha: null; the "
+                                 f"first-order scores show no niche: pruner.select.niche)")
             self.select.niche_alpha = None
         if self.select.filter_score is not None and self.select.filter_score not in columns:
             raise ValueError(f"select.filter_score {self.select.filter_score!r} is not a column the configured methods "
@@ -339,9 +342,10 @@ class JobConfig(_Section):
 
     @property
     def niche_test_applies(self) -> bool:
-        """True when the niche test can run: ranking by diffin_target of the propagated form behind a filter stage."""
+        """True when the niche test can run: the top-k of diffin_target of the propagated form behind a filter stage
+        (policies and dedup keep their own order within groups)."""
         return (self.select.score == "diffin_target" and self.scores.diffin.form == "propagated"
-                and self.select.filter_score is not None)
+                and self.select.filter_score is not None and not self.select.uses_policy)
 
     def to_yaml(self) -> bytes:
         """The resolved config as a job directory's ``config.yaml`` holds it (read back by :func:`load_job_config`)."""

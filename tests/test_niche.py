@@ -118,18 +118,20 @@ def _job(root, diffin: np.ndarray, clip: np.ndarray):
                        layout.scores(url))
         rejects.write(layout.rejects(url))
     cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
-                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.1}},
+                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.3}},
                       check_paths=False)
     layout.config.write_bytes(cfg.to_yaml())
     return cfg, layout, pool
 
 
 @pytest.mark.parametrize("niche", [True, False])
-def test_reduce_ranks_by_the_filter_score_when_the_target_shows_no_niche(tmp_path, niche):
-    """The default pipeline (filter stage, diffin_target, niche test at 1e-3) on 400 samples: with a niche (40
-    samples far above a symmetric bulk) the ranking is the filter stage then diffin_target, and the kept 10% is the
-    niche; without one (a symmetric bulk) the pool is ranked by the filter score alone. summary.json records the
-    test and the score that ranked; its select settings stay the configured ones."""
+def test_reduce_leads_with_the_niche_then_ranks_by_the_filter_score(tmp_path, niche):
+    """The default pipeline (filter stage, niche test at 1e-3 on the passing samples' diffin_target, keep 30%) on
+    400 samples. With a niche (40 samples far above a symmetric bulk): the passing samples of its standing-out tail
+    lead by diffin_target, every other sample follows by the filter score, and the keep set is the head plus the
+    best of the rest by the filter score. Without one (a symmetric bulk): the pool is ranked by the filter score
+    alone. summary.json records the stages and the score that ranked; its select settings stay the configured
+    ones."""
     rng = np.random.default_rng(3)
     diffin = rng.normal(0, 1, 400)
     if niche:
@@ -138,30 +140,30 @@ def test_reduce_ranks_by_the_filter_score_when_the_target_shows_no_niche(tmp_pat
     cfg, layout, pool = _job(tmp_path, diffin, clip)
     assert cfg.select.score == "diffin_target" and cfg.select.filter_score == "baseline_clip_score"
     summary = finalize(cfg, layout, pool, {})
-    test = summary["stages"][0]
-    assert test["stage"] == "niche_test" and test["niche"] is niche and test["alpha"] == 1e-3
-    assert test["samples"] == 399 and (test["excess"] > test["bound"]) is niche
+    assert [s["stage"] for s in summary["stages"]] == ["filter", "niche_test", "top_k"]
+    test = summary["stages"][1]
+    assert test["niche"] is niche and test["alpha"] == 1e-3 and test["score"] == "diffin_target"
+    assert test["samples"] == 319 and (test["excess"] > test["bound"]) is niche  # the 320 passing, less the median
+    assert summary["select"] == cfg.select.model_dump(mode="json") and test["rest_by"] == "baseline_clip_score"
     rows = pq.read_table(layout.ranking).to_pylist()
-    kept = {r["uid"] for r in rows if r["kept"]}
-    assert len(kept) == 40 and summary["select"] == cfg.select.model_dump(mode="json")
+    by_clip = lambda rs: sorted(rs, key=lambda r: (-r["baseline_clip_score"], r["uid"]))  # noqa: E731
+    passed = by_clip(rows)[:320]  # floor(0.8 x 400) pass the filter stage
+    head = sorted(passed, key=lambda r: (-r["diffin_target"], r["uid"]))[:test["head"]]
     if niche:
-        assert [s["stage"] for s in summary["stages"]] == ["niche_test", "filter", "top_k"]
-        assert summary["score"] == "diffin_target"
-        passed = sorted(rows, key=lambda r: (-r["baseline_clip_score"], r["uid"]))[:320]  # floor(0.8 x 400)
-        assert kept == {r["uid"] for r in sorted(passed, key=lambda r: -r["diffin_target"])[:40]}
+        assert 28 <= test["head"] == test["upper_tail"] <= 45 and summary["score"] == "diffin_target"
+        assert sum(r["diffin_target"] > 4 for r in head) >= 0.9 * len(head)  # the niche's own samples
     else:
-        assert [s["stage"] for s in summary["stages"]] == ["niche_test", "top_k"]
-        assert summary["score"] == "baseline_clip_score"
-        assert kept == {r["uid"] for r in sorted(rows, key=lambda r: -r["baseline_clip_score"])[:40]}
-        assert [r["baseline_clip_score"] for r in rows] == sorted((r["baseline_clip_score"] for r in rows),
-                                                                  reverse=True)
+        assert test["head"] == 0 and summary["score"] == "baseline_clip_score"
+    rest = by_clip([r for r in rows if r["uid"] not in {h["uid"] for h in head}])
+    assert [r["uid"] for r in rows] == [r["uid"] for r in head + rest]
+    assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in (head + rest)[:120]}
 
 
 def test_niche_alpha_is_refused_where_the_test_does_not_apply():
     base = {"data": {"shards": ["/x"]}, "target": {"shards": ["/t"]}, "trajectory": {"checkpoints": ["c.pt"]}}
     assert load_config(data=base, check_paths=False).select.niche_alpha == 1e-3
     for extra in ({"select": {"score": "tracin_target"}}, {"scores": {"diffin": {"form": "exact_increment"}}},
-                  {"select": {"filter_score": None}}):
+                  {"select": {"filter_score": None}}, {"select": {"policy": "class_balanced"}}):
         cfg = load_config(data={**base, **extra}, check_paths=False)
         assert cfg.select.niche_alpha is None  # the default: off where it does not apply
         with pytest.raises(ValueError, match="niche_alpha"):

@@ -398,8 +398,8 @@ def _stage_fact(st: dict) -> list[str]:
     if st["stage"] == "filter":
         return ["filter stage", f"set apart {st['set_apart']} of {st['set_apart'] + st['passed']} (the lowest "
                 f"{st['fraction']:g} by {st['score']}); they rank below the others"]
-    verdict = ("a niche: ranked by it" if st["niche"] else
-               "no niche (a target like the pool itself): the filter score ranked the pool")
+    verdict = (f"a niche: those {st['head']} lead the ranking, the rest follow by {st['rest_by']}" if st["head"] else
+               f"no niche (a target like the pool itself): {st['rest_by']} ranked the pool")
     return ["niche test", f"{st['score']}: {st['upper_tail']} samples stand out, {st['excess']} more than the mirrored "
             f"lower tail (bound {st['bound']:.0f} at level {st['alpha']:g}, {st['samples']} samples): {verdict}"]
 

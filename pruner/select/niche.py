@@ -97,12 +97,13 @@ def niche_test_values(values: np.ndarray, score: str, alpha: float) -> NicheTest
     return _test(score, alpha, *tail_excess([c], np.unique(np.concatenate([[0.0], np.abs(c)]))))
 
 
-def niche_test(files: Sequence[Path], score: str, alpha: float, max_rows: int = 1 << 20,
-               batch_rows: int = 1 << 16) -> NicheTest:
-    """The niche test of column ``score`` over the score ``files`` (module docstring): exact in memory up to
-    ``max_rows`` scores, else streamed (one counting pass, :func:`select`'s passes for the median, one pass for the
-    thresholds' subsample and one counting them). Files are read in path order, so the subsample does not depend
-    on the order they are given in."""
+def niche_test(files: Sequence[Path], score: str, alpha: float, floor: float | None = None,
+               max_rows: int = 1 << 20, batch_rows: int = 1 << 16) -> NicheTest:
+    """The niche test of column ``score`` over the score ``files`` (module docstring), over the finite scores
+    ``>= floor`` when given (the filter stage's staged select_score: its passing samples are exactly those, the best
+    of the column, so the median is still :func:`select`'s cut-off): exact in memory up to ``max_rows`` scores, else
+    streamed (one counting pass, select's passes for the median, one pass for the thresholds' subsample and one
+    counting them). Files are read in path order, so the subsample does not depend on the order they are given in."""
     files = sorted(files, key=str)
     n_rows = sum(pq.read_metadata(f).num_rows for f in files)
     stride = max(1, math.ceil(n_rows / max_rows))
@@ -111,7 +112,7 @@ def niche_test(files: Sequence[Path], score: str, alpha: float, max_rows: int = 
         for f in files:
             for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[score]):
                 v = b.column(0).to_numpy(zero_copy_only=False).astype(np.float64)
-                yield v[np.isfinite(v)]
+                yield v[np.isfinite(v) & (v >= floor)] if floor is not None else v[np.isfinite(v)]
 
     if stride == 1:
         return niche_test_values(np.concatenate([np.zeros(0), *batches()]), score, alpha)

@@ -21,10 +21,9 @@ from pruner.io.shards import RejectLog
 from pruner.jobfiles import JobFiles
 from pruner.scores.combine import INFLUENCE_COLUMNS, method_columns, removal_prediction
 from pruner.select.duplicates import find_duplicate_uids, without_rows
-from pruner.select.niche import niche_test
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, write_ranking
-from pruner.select.stages import SELECT_SCORE, apply_filter, filter_selection, passing
+from pruner.select.stages import SELECT_SCORE, apply_filter, apply_niche, filter_selection, passing
 
 log = logging.getLogger(__name__)
 DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("uid", "url", "key", "kept_url", "kept_key")])
@@ -102,9 +101,9 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
     the score files with the duplicates' rows removed (copies in the stage's shards/ of the few files that hold
     any)."""
     view = [without_rows(f, dups.rows[f], stage.shards_dir / f.name) if f in dups.rows else f for f in nonempty]
-    s, stages = _niche_stage(cfg.select, view)  # the select settings the ranking applies
+    s = cfg.select
     keep_dir, ranking = stage.keep_dir, stage.ranking
-    fsel = None
+    stages, fsel = [], None
     if s.filter_score is not None and s.filter_fraction > 0:
         fsel = filter_selection(view, s.filter_score, s.filter_fraction)
     policy = None
@@ -120,22 +119,32 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
         keep = policy.pop("keep")  # over the rows of the sorted score files, as select_policy reads them
         if dups:
             keep = keep[~dups.mask(sorted(nonempty))]
-        ranked_by = s.score
+        ranked_by = score = s.score
         write_ranking(sorted(view, key=lambda f: f.name), ranked_by, ranking, keep, metadata=_ranking_meta(cfg, layout))
         manifests = policy.pop("manifests")
         selection = None
     else:
-        ranked_by = s.score
-        if fsel is not None:
+        ranked_by, floor, score = s.score, None, s.score
+        if fsel is not None or s.niche_alpha is not None:
             stage.filtered_dir.mkdir()
-            view, record = apply_filter(view, s.score, fsel, s.filter_fraction, stage.filtered_dir)
+        if fsel is not None:
+            view, record, floor = apply_filter(view, s.score, fsel, s.filter_fraction, stage.filtered_dir)
             stages.append(record)
             ranked_by = SELECT_SCORE
+        if s.niche_alpha is not None:
+            view, ranked_by, record = apply_niche(view, ranked_by, s.score, s.filter_score, s.niche_alpha, floor,
+                                                  stage.filtered_dir)
+            stages.append(record)
+            score = s.score if record["head"] else s.filter_score
+            log.info("niche test of %s: excess %d samples against the bound %.0f at level %g: %s", s.score,
+                     record["excess"], record["bound"], s.niche_alpha,
+                     f"the {record['head']} samples that stand out lead, the rest by {s.filter_score}"
+                     if record["head"] else f"no niche, ranked by {s.filter_score}")
         sel = select(view, ranked_by, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
         write_ranking(view, ranked_by, ranking, sel, metadata=_ranking_meta(cfg, layout))
         manifests = write_manifests(view, sel, keep_dir, pool)
         selection, n_total, n_keep = sel.as_dict(), sel.n_total, sel.n_keep
-    stages.append({"stage": "policy" if s.uses_policy else "top_k", "score": s.score, "kept": n_keep,
+    stages.append({"stage": "policy" if s.uses_policy else "top_k", "score": score, "kept": n_keep,
                    "ranked_by": ranked_by})
     rejects = RejectLog()
     for u in pool:
@@ -153,7 +162,7 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
                     "duplicate_uid, listed in %s), e.g. %s", len(dups), layout.duplicates, dups.records[0])
     manifests = {**manifests, "paths": {n: str(layout.keep_dir / Path(p).name) for n, p in manifests["paths"].items()}}
     summary = {
-        "job": layout.root.name, "select": cfg.select.model_dump(mode="json"), "score": s.score,
+        "job": layout.root.name, "select": s.model_dump(mode="json"), "score": score,
         "selection": selection,
         "stages": stages,
         "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
@@ -208,21 +217,6 @@ def _commit(layout: JobLayout, stage: JobLayout, summary: dict) -> None:
 def _ranking_meta(cfg: JobConfig, layout: JobLayout) -> dict[str, str]:
     """ranking.parquet's schema metadata: the job and the select settings that ranked it."""
     return {"pruner.job": layout.root.name, "pruner.select": json.dumps(cfg.select.model_dump(mode="json"))}
-
-
-def _niche_stage(s: SelectConfig, view: list[Path]) -> tuple[SelectConfig, list[dict]]:
-    """The select settings the ranking applies and the niche test's stage record (none when ``niche_alpha`` is null):
-    ``s`` itself when the target score shows a niche, else the filter stage alone (rank by ``filter_score``, no
-    filter stage in front of it: the order is the same). pruner.select.niche says why."""
-    if s.niche_alpha is None:
-        return s, []
-    test = niche_test(view, s.score, s.niche_alpha)
-    log.info("niche test of %s: excess %d samples against the bound %.0f at level %g (n %d): %s", s.score,
-             test.excess, test.bound, s.niche_alpha, test.samples,
-             "a niche, ranked by it" if test.niche else f"no niche, ranked by {s.filter_score}")
-    if test.niche:
-        return s, [test.record()]
-    return s.model_copy(update={"score": s.filter_score, "filter_score": None}), [test.record()]
 
 
 def _apply_policy(cfg: JobConfig, s: SelectConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
