@@ -26,9 +26,10 @@ the same filter stage unless named otherwise:
   order with every swapped pair skipped; ``oracle_useful_then_clip``, every useful pair, then the CLIP-score top of
   the correctly captioned rest.
 
-``--retrain`` also trains each variant's coreset from scratch as the run did (its cache in the run's work dir, so
-coresets already trained are not trained again) and records target zero-shot, with the paired difference to the
-run's best baseline (``--run-json``, the run's result file). Every problem records the default's niche test.
+``--retrain`` also trains the coresets of ``default``, ``filter_then_diffin``, ``head_*`` and the references from
+scratch as the run did (its cache in the run's work dir, so coresets already trained are not trained again) and
+records target zero-shot, with the paired difference to the run's best baseline (``--run-json``, the run's result
+file). Every problem records the niche test of diffin_target over the pool for each form (``niche_tests``).
 
 Result: ``--out`` (JSON): per variant and budget, the mean over problems of the useful and swapped shares (and
 target zero-shot with ``--retrain``) and the per-problem values. RESULTS.md discusses them.
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
                     row = {"problem": f"seed {seed} {name}", "useful": float(useful[idx].mean()),
                            "swapped": float(prob.swapped[idx].mean()),
                            "useful_per_class": [int((useful[idx] & (prob.labels[idx] == c)).sum()) for c in classes]}
-                    if a.retrain and not sname.startswith(("filter_", "diffin_x", "cover")):
+                    if a.retrain and not sname.startswith(("filter_0", "diffin_x", "cover")):
                         res = qt.retrain(qa, seed, Path(a.work_dir) / "runs" / f"seed-{seed}", pool_by_key,
                                          sorted(keys[i] for i in idx), ev, name)
                         row["target_zero_shot"] = res["zero_shot_target"]
