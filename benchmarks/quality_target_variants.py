@@ -124,8 +124,13 @@ def main(argv=None) -> int:
     p.add_argument("--retrain", action="store_true", help="train every variant's coreset and record zero-shot")
     p.add_argument("--run-json", default=str(ROOT / "benchmarks" / "results" / "quality_target.json"),
                    help="the run's result file (its best baseline per problem, for --retrain's paired differences)")
+    p.add_argument("--into-run", help="with --retrain: write the run's result file again to this path with the default "
+                   "pipeline's retrained rows as its default (the run's own default becomes "
+                   "'filter>diffin_target (no niche test)') and its summary recomputed")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_target_variants.json"))
     a = p.parse_args(argv)
+    if a.into_run and not a.retrain:
+        p.error("--into-run needs --retrain")
     qa = qt.parse_args(["--work-dir", a.work_dir, "--seeds", a.seeds])  # the run's problem settings (defaults)
     torch.set_num_threads(a.threads)
     data = Path(qa.data_dir)
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     test_split, classnames = (ql.read_split(data, "test"), ql.load_classnames(data)) if a.retrain else (None, None)
     run = json.loads(Path(a.run_json).read_text()) if a.retrain else None
     rows: dict[str, dict[str, list]] = {}
-    niche_tests = {}
+    niche_tests, merged = {}, {}
     for seed in qa.seed_list:
         prob = ql.build_problem(train, qa.pool_size, 0, qa.noise, seed, n_cls, qa.rare_classes, qa.rare_weight)
         keys = np.array(prob.keys)
@@ -175,7 +180,8 @@ def main(argv=None) -> int:
                 u = u[qt.top_k(clip[u], keys[u], min(k, len(u)))]
                 return np.concatenate([u, c[qt.top_k(clip[c], keys[c], k - len(u))]])
 
-            pipe, _ = ql.pipeline_score(d, clip, keys, a.filter_fraction, a.niche_alpha)
+            pipe, niche_tests[f"seed {seed} {name}"]["default_pipeline"] = ql.pipeline_score(
+                d, clip, keys, a.filter_fraction, a.niche_alpha)
             sels = {"default": lambda k: qt.top_k(pipe, keys, k),
                     "filter_then_diffin": lambda k: qt.filtered(d, clip, keys, k, a.filter_fraction),
                     **{f"filter_{f}": (lambda f: lambda k: qt.filtered(d, clip, keys, k, f))(f)
@@ -199,6 +205,11 @@ def main(argv=None) -> int:
                         res = qt.retrain(qa, seed, Path(a.work_dir) / "runs" / f"seed-{seed}", pool_by_key,
                                          sorted(keys[i] for i in idx), ev, name)
                         row["target_zero_shot"] = res["zero_shot_target"]
+                        if sname == "default":  # the run's row for --into-run, as quality_target.run_seed writes it
+                            merged.setdefault((seed, tuple(classes)), {})[f"keep_{f}"] = {
+                                "target_share": float(useful[idx].mean()),
+                                "swapped_share": float(prob.swapped[idx].mean()),
+                                "target_class_share": float(np.isin(prob.labels[idx], classes).mean()), **res}
                         pp = next(x for x in run["per_problem"] if x["seed"] == seed and x["classes"] == classes)
                         best = run["best_baseline"][f"keep_{f}"]
                         row["minus_best_baseline"] = res["zero_shot_target"] - \
@@ -221,6 +232,16 @@ def main(argv=None) -> int:
            "best_baseline": run["best_baseline"] if run else None,
            "command": " ".join([".venv/bin/python", "benchmarks/quality_target_variants.py"] + (argv or sys.argv[1:]))}
     ql.write_json(Path(a.out), out)
+    if a.into_run:
+        problems = run["per_problem"]
+        for pp in problems:
+            sel = pp["selections"]
+            sel["filter>diffin_target (no niche test)"] = sel.pop(qt.DEFAULT_PIPELINE)
+            sel[qt.DEFAULT_PIPELINE] = merged[(pp["seed"], tuple(pp["classes"]))]
+            pp["niche_test"] = niche_tests[f"seed {pp['seed']} t{'-'.join(map(str, pp['classes']))}"]["default_pipeline"]
+        command = (run["command"] + " ; then, once the niche test existed, on its stored jobs and cache: "
+                   + out["command"])
+        ql.write_json(Path(a.into_run), qt.summarize(problems, run["config"], command, run["wall_time_s"]))
     print("| variant | useful kept 30% | swapped 30% | useful kept 10% | swapped 10% | ZS 30% (vs best baseline) | "
           "ZS 10% (vs best baseline) |\n|---|---|---|---|---|---|---|")
     for s, per in out["variants"].items():
