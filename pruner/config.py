@@ -305,15 +305,6 @@ class JobConfig(_Section):
         if self.select.filter_score == "auto":
             self.select.filter_score = default_filter(self.select.score, columns)
         score = self.select.score
-        if self.select.niche_alpha is not None and not self.niche_test_applies:
-            if "niche_alpha" in self.select.model_fields_set:
-                raise ValueError(f"select.niche_alpha tests diffin_target of scores.diffin.form 'propagated' behind a "
-                                 f"filter stage, kept by top-k, but select.score is {score!r}, the form "
-                                 f"{self.scores.diffin.form!r}, select.filter_score {self.select.filter_score!r} "
-                                 f"and select.policy {self.select.policy!r} (dedup "
-                                 f"{self.select.dedup_threshold}) (fix: set select.niche_alpha: null; the "
-                                 f"first-order scores show no niche: pruner.select.niche)")
-            self.select.niche_alpha = None
         if self.select.filter_score is not None and self.select.filter_score not in columns:
             raise ValueError(f"select.filter_score {self.select.filter_score!r} is not a column the configured methods "
                              f"produce (fix: one of {columns}, or null for no filter stage)")
@@ -334,6 +325,17 @@ class JobConfig(_Section):
             raise ValueError("features.save_hzg stores P H_z G_B, a term of scores.diffin.form 'taylor' only "
                              "(fix: drop save_hzg: the exact_increment form re-targets from the stored features "
                              "alone, or set scores.diffin.form: taylor)")
+        if self.select.niche_alpha is not None and not self.niche_test_applies:
+            default = SelectConfig.model_fields["niche_alpha"].default
+            if "niche_alpha" in self.select.model_fields_set and self.select.niche_alpha != default:
+                raise ValueError(f"select.niche_alpha tests diffin_target of scores.diffin.form 'propagated' behind a "
+                                 f"filter stage, kept by top-k to a budget, but select.score is {score!r}, the form "
+                                 f"{self.scores.diffin.form!r}, select.filter_score {self.select.filter_score!r}, "
+                                 f"select.policy {self.select.policy!r}, dedup_threshold "
+                                 f"{self.select.dedup_threshold} and threshold {self.select.threshold} (fix: set "
+                                 f"select.niche_alpha: null; the first-order scores show no niche: "
+                                 f"pruner.select.niche)")
+            self.select.niche_alpha = None  # the default (a job's config.yaml holds it too) where it cannot run
         if self.select.needs_features and not self.features.save:
             raise ValueError("select.policy cluster_balanced and gradient-space dedup read the stored gradient "
                              "features, but features.save is false (fix: set features.save: true, or use "
@@ -342,10 +344,12 @@ class JobConfig(_Section):
 
     @property
     def niche_test_applies(self) -> bool:
-        """True when the niche test can run: the top-k of diffin_target of the propagated form behind a filter stage
-        (policies and dedup keep their own order within groups)."""
+        """True when the niche test can run: the top-k of diffin_target of the propagated form to a budget behind a
+        filter stage (policies and dedup keep their own order within groups; a threshold is on the score's own
+        scale, which the pipeline's order does not keep)."""
         return (self.select.score == "diffin_target" and self.scores.diffin.form == "propagated"
-                and self.select.filter_score is not None and not self.select.uses_policy)
+                and self.select.filter_score is not None and not self.select.uses_policy
+                and self.select.threshold is None)
 
     def to_yaml(self) -> bytes:
         """The resolved config as a job directory's ``config.yaml`` holds it (read back by :func:`load_job_config`)."""
@@ -480,7 +484,7 @@ def check_checkpoint_weights(cfg: JobConfig) -> None:
 #: stage. Applied only when re-opening a job (:func:`load_job_config`).
 JOB_LEGACY_DEFAULTS = {"features.single_token_k": 0, "features.single_token_direct": False,
                        "scores.diffin.base_pass": "exact", "scores.diffin.form": "taylor",
-                       "select.filter_score": None}
+                       "select.filter_score": None, "select.niche_alpha": None}
 
 
 def load_job_config(path: str | Path) -> JobConfig:

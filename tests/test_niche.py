@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from corpus import sample, write_shard
 
 from pruner.config import load_config
@@ -127,7 +128,8 @@ def _job(root, diffin: np.ndarray, clip: np.ndarray):
 @pytest.mark.parametrize("niche", [True, False])
 def test_reduce_leads_with_the_niche_then_ranks_by_the_filter_score(tmp_path, niche):
     """The default pipeline (filter stage, niche test at 1e-3 on the passing samples' diffin_target, keep 30%) on
-    400 samples. With a niche (40 samples far above a symmetric bulk): the passing samples of its standing-out tail
+    400 samples, one with no target score (never kept). With a niche (80 samples far above a symmetric bulk, about
+    64 of them passing the filter against a bound of 33): the passing samples of its standing-out tail
     lead by diffin_target, every other sample follows by the filter score, and the keep set is the head plus the
     best of the rest by the filter score. Without one (a symmetric bulk): the pool is ranked by the filter score
     alone. summary.json records the stages and the score that ranked; its select settings stay the configured
@@ -135,37 +137,91 @@ def test_reduce_leads_with_the_niche_then_ranks_by_the_filter_score(tmp_path, ni
     rng = np.random.default_rng(3)
     diffin = rng.normal(0, 1, 400)
     if niche:
-        diffin[rng.choice(400, 40, replace=False)] += 8.0
+        diffin[rng.choice(400, 80, replace=False)] += 8.0
     clip = rng.normal(0, 1, 400)
+    broken = int(np.argmax(clip))  # the best filter score, but no target score: never kept
+    diffin[broken] = np.nan
     cfg, layout, pool = _job(tmp_path, diffin, clip)
     assert cfg.select.score == "diffin_target" and cfg.select.filter_score == "baseline_clip_score"
     summary = finalize(cfg, layout, pool, {})
     assert [s["stage"] for s in summary["stages"]] == ["filter", "niche_test", "top_k"]
     test = summary["stages"][1]
     assert test["niche"] is niche and test["alpha"] == 1e-3 and test["score"] == "diffin_target"
-    assert test["samples"] == 319 and (test["excess"] > test["bound"]) is niche  # the 320 passing, less the median
+    assert test["samples"] == 318 and (test["excess"] > test["bound"]) is niche  # 320 passing, less NaN and median
     assert summary["select"] == cfg.select.model_dump(mode="json") and test["rest_by"] == "baseline_clip_score"
     rows = pq.read_table(layout.ranking).to_pylist()
+    assert rows[-1]["key"] == f"s{broken // 200}-{broken % 200:04d}"
+    assert np.isnan(rows[-1]["select_score"]) and not rows[-1]["kept"]
+    rows = rows[:-1]
     by_clip = lambda rs: sorted(rs, key=lambda r: (-r["baseline_clip_score"], r["uid"]))  # noqa: E731
-    passed = by_clip(rows)[:320]  # floor(0.8 x 400) pass the filter stage
+    passed = by_clip(rows)[:319]  # floor(0.8 x 400) pass the filter stage, one of them the broken sample
     head = sorted(passed, key=lambda r: (-r["diffin_target"], r["uid"]))[:test["head"]]
     if niche:
-        assert 28 <= test["head"] == test["upper_tail"] <= 45 and summary["score"] == "diffin_target"
+        assert 55 <= test["head"] == test["upper_tail"] <= 90 and summary["score"] == "diffin_target"
         assert sum(r["diffin_target"] > 4 for r in head) >= 0.9 * len(head)  # the niche's own samples
+        assert min(r["select_score"] for r in head) >= 0 > max(r["select_score"] for r in rows[len(head):])
     else:
         assert test["head"] == 0 and summary["score"] == "baseline_clip_score"
+        assert all(r["select_score"] == r["baseline_clip_score"] for r in rows)
     rest = by_clip([r for r in rows if r["uid"] not in {h["uid"] for h in head}])
     assert [r["uid"] for r in rows] == [r["uid"] for r in head + rest]
     assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in (head + rest)[:120]}
 
 
 def test_niche_alpha_is_refused_where_the_test_does_not_apply():
+    """Off by default where it cannot run (also when a job's config.yaml holds the default there, as it does after
+    a --set that moves the job there); another explicit level there is an error naming the fix."""
     base = {"data": {"shards": ["/x"]}, "target": {"shards": ["/t"]}, "trajectory": {"checkpoints": ["c.pt"]}}
     assert load_config(data=base, check_paths=False).select.niche_alpha == 1e-3
     for extra in ({"select": {"score": "tracin_target"}}, {"scores": {"diffin": {"form": "exact_increment"}}},
-                  {"select": {"filter_score": None}}, {"select": {"policy": "class_balanced"}}):
+                  {"select": {"filter_score": None}}, {"select": {"policy": "class_balanced"}},
+                  {"select": {"threshold": 0.0}}, {"select": {"dedup_threshold": 0.9}}):
         cfg = load_config(data={**base, **extra}, check_paths=False)
         assert cfg.select.niche_alpha is None  # the default: off where it does not apply
-        with pytest.raises(ValueError, match="niche_alpha"):
-            sel = {**extra.get("select", {}), "niche_alpha": 0.01}
-            load_config(data={**base, **extra, "select": sel}, check_paths=False)
+        sel = {**extra.get("select", {}), "niche_alpha": 1e-3}
+        assert load_config(data={**base, **extra, "select": sel}, check_paths=False).select.niche_alpha is None
+        with pytest.raises(ValueError, match="niche_alpha.*fix: set select.niche_alpha: null"):
+            load_config(data={**base, **extra, "select": {**sel, "niche_alpha": 0.01}}, check_paths=False)
+
+
+def test_jobs_written_before_the_niche_test_reopen_without_it(tmp_path):
+    """A job's config.yaml without niche_alpha (written before it existed) reopens with it off, the pipeline the
+    job ran (pruner.config.JOB_LEGACY_DEFAULTS)."""
+    from pruner.config import load_job_config
+    base = {"data": {"shards": ["/x"]}, "target": {"shards": ["/t"]}, "trajectory": {"checkpoints": ["c.pt"]},
+            "scores": {"diffin": {"form": "propagated"}}, "select": {"filter_score": "baseline_clip_score"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base))
+    assert load_job_config(tmp_path / "config.yaml").select.niche_alpha is None
+
+
+def test_bound_values():
+    """sqrt(n ln(1/alpha) / 2) for a balanced walk; (b + sqrt(b^2 + 2 n ln(1/alpha))) / 2 for one ending at b."""
+    assert excess_bound(2000, 1e-3) == pytest.approx(83.112, abs=1e-3)
+    assert excess_bound(2000, 1e-3, 100) == pytest.approx((100 + (100**2 + 4000 * np.log(1e3)) ** 0.5) / 2)
+    assert excess_bound(2000, 1e-3, 100) == pytest.approx(146.994, abs=1e-3)
+
+
+def test_streamed_test_on_the_filter_stages_staged_column(tmp_path):
+    """The pipeline's use of the streamed path: the test of the staged select_score above the filter stage's floor
+    (max_rows below the pool: the median by select, thresholds from a subsample) against the exact test of the
+    passing samples' scores: the same n and balance, an excess never above the exact one and at most the samples
+    between two thresholds below it."""
+    from pruner.select.stages import apply_filter, filter_selection
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(0, 1, 1800), rng.normal(4, 0.5, 200)])
+    files = []
+    for j, part in enumerate(np.array_split(rng.permutation(2000), 4)):
+        p = tmp_path / f"s{j}.parquet"
+        pq.write_table(pa.table({"uid": [f"u{i:05d}" for i in part], "diffin_target": x[part],
+                                 "baseline_clip_score": rng.normal(0, 1, len(part))}), p)
+        files.append(p)
+    fsel = filter_selection(files, "baseline_clip_score", 0.2)
+    (tmp_path / "staged").mkdir()
+    staged, _, floor = apply_filter(files, "diffin_target", fsel, 0.2, tmp_path / "staged")
+    passed = np.concatenate([pq.read_table(f)["diffin_target"].to_numpy()[
+        fsel.is_kept(pq.read_table(f)["baseline_clip_score"].to_numpy(), pq.read_table(f)["uid"])] for f in files])
+    exact = niche_test_values(passed, "diffin_target", 1e-3)
+    streamed = niche_test(staged, "select_score", 1e-3, floor=floor, max_rows=160, batch_rows=64)
+    assert len(passed) == 1600 and exact.niche and streamed.niche
+    assert (streamed.samples, streamed.balance) == (exact.samples, exact.balance)
+    assert exact.excess - 3 * 2000 / 160 <= streamed.excess <= exact.excess

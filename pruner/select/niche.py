@@ -120,7 +120,11 @@ def niche_test(files: Sequence[Path], score: str, alpha: float, floor: float | N
     if n_finite == 0:
         return NicheTest(score, alpha, 0, 0, 0, 0, 0.0)
     median = select(files, score, keep_count=(n_finite + 1) // 2).cutoff_score
-    sub = np.concatenate([v[::stride] for v in batches()]) - median
+    sub, pos = [], 0
+    for v in batches():  # every stride-th finite score of the pool, counted across batches
+        sub.append(v[(-pos) % stride::stride])
+        pos += len(v)
+    sub = np.concatenate(sub) - median
     thresholds = np.unique(np.concatenate([[0.0], np.abs(sub)]))
     return _test(score, alpha, *tail_excess((v - median for v in batches()), thresholds))
 

@@ -132,8 +132,9 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
             stages.append(record)
             ranked_by = SELECT_SCORE
         if s.niche_alpha is not None:
-            view, ranked_by, record = apply_niche(view, ranked_by, s.score, s.filter_score, s.niche_alpha, floor,
-                                                  stage.filtered_dir)
+            view, record = apply_niche(view, ranked_by, s.score, s.filter_score, s.niche_alpha, floor,
+                                       stage.filtered_dir)
+            ranked_by = SELECT_SCORE
             stages.append(record)
             score = s.score if record["head"] else s.filter_score
             log.info("niche test of %s: excess %d samples against the bound %.0f at level %g: %s", s.score,

@@ -13,8 +13,8 @@ ranking's rank is the pipeline's order. Passing is exact: the filter's cut-off i
 selection (:func:`pruner.select.rank.select`) of ``1 - fraction`` of the pool by the filter score (ties by uid).
 
 The niche stage (``select.niche_alpha``, :func:`apply_niche`) follows on the passing samples: the ones that stand out
-in the target score lead, and every other sample follows by the filter score; it rewrites ``select_score`` the same
-way (one more pass over the staged copies).
+in the target score lead, and every other sample follows by the filter score (all of them without a niche); it
+rewrites ``select_score`` to that order (one more read and write of the staged copies).
 """
 from __future__ import annotations
 
@@ -47,16 +47,16 @@ def apply_filter(files: Sequence[Path], score: str, fsel: Selection, fraction: f
                  out_dir: Path) -> tuple[list[Path], dict, float]:
     """Copies of the score ``files`` in ``out_dir`` with the column :data:`SELECT_SCORE` (module docstring), the
     stage's record for summary.json (the filter score, fraction, cut-off and how many samples it set apart) and the
-    smallest select_score of a passing sample (every passing sample's select_score is at least that, every other
-    one's below it)."""
-    low = math.inf
+    floor of the passing samples: the smallest finite select_score among them (each finite select_score of a passing
+    sample is at least that, every other sample's below it; inf when no passing sample has a finite score)."""
+    floor = math.inf
     for f in files:  # the smallest select.score among the passing samples
         t = pq.read_table(f, columns=list(dict.fromkeys(["uid", score, fsel.score])))
         s = t[score].to_numpy(zero_copy_only=False)[passing(fsel, t)]
         s = s[np.isfinite(s)]
         if len(s):
-            low = min(low, float(s.min()))
-    low = 0.0 if math.isinf(low) else low
+            floor = min(floor, float(s.min()))
+    low = 0.0 if math.isinf(floor) else floor
     cut = fsel.cutoff_score if fsel.n_keep else 0.0
     out = []
     for f in files:
@@ -69,27 +69,26 @@ def apply_filter(files: Sequence[Path], score: str, fsel: Selection, fraction: f
         out.append(path)
     stage = {"stage": "filter", "score": fsel.score, "fraction": fraction, "cutoff": fsel.cutoff_score,
              "passed": fsel.n_keep, "set_apart": fsel.n_total - fsel.n_keep}
-    return out, stage, low
+    return out, stage, floor
 
 
 def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: str, alpha: float,
-                floor: float | None, out_dir: Path) -> tuple[list[Path], str, dict]:
+                floor: float | None, out_dir: Path) -> tuple[list[Path], dict]:
     """The niche test's stage (pruner.select.niche) of the target ``score``, read from ``column`` of ``files`` (the
-    score itself, or the filter stage's staged select_score with its passing ``floor``): (files, the column that ranks them, the stage's record
-    for summary.json, with ``head``: how many samples lead the ranking).
+    score itself, or the filter stage's staged select_score with its passing ``floor``): copies of the files in
+    ``out_dir`` (replacing staged ones there) whose :data:`SELECT_SCORE` is the pipeline's order, and the stage's
+    record for summary.json (with ``head``: how many samples lead the ranking, and ``rest_by``).
 
-    A niche: its standing-out tail (the test's ``upper_tail`` best samples by ``column``, exact with ties by uid)
-    leads the ranking, best first, and every other sample follows by ``filter_score``, best first: copies of the
-    files in ``out_dir`` (replacing staged ones there) whose :data:`SELECT_SCORE` is ``column - c`` for the head (c:
-    its cut-off, so >= 0) and ``f - max f - 1`` for the others (< 0; NaN where the filter score is NaN). Beyond the
-    niche the budget goes to what the filter finds cleanest: equal target accuracy, a third fewer mismatched pairs at
-    keep 30% (benchmarks/RESULTS.md, issue 21). No niche: the files unchanged, ranked by ``filter_score``."""
+    A niche: its stand-out tail (the test's ``upper_tail`` best samples by ``column``, exact with ties by uid) leads,
+    ``select_score = column - c`` (c: the tail's cut-off, so >= 0); every other sample follows by ``filter_score``,
+    ``min(f - max f - 1, -1)`` (< 0; max over the finite f). Beyond the niche the budget goes to what the filter
+    finds cleanest rather than to samples of small, noisy help to the target (benchmarks/RESULTS.md, issue 21). No
+    niche: every sample by ``filter_score`` (``select_score = f``). Either way a sample whose target score or filter
+    score is not finite gets NaN: never kept, as in the filter stage."""
     test = niche_test(files, column, alpha, floor=floor)
     head_n = test.upper_tail if test.niche else 0
     record = {**test.record(), "score": score, "head": head_n, "rest_by": filter_score}
-    if not head_n:
-        return list(files), filter_score, record
-    head = select(files, column, keep_count=head_n)
+    head = select(files, column, keep_count=head_n) if head_n else None
     top = -math.inf
     for f in files:
         v = pq.read_table(f, columns=[filter_score])[filter_score].to_numpy(zero_copy_only=False)
@@ -100,12 +99,18 @@ def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: st
     out = []
     for f in files:
         t = pq.read_table(f)
-        lead = head.is_kept(t[column].to_numpy(zero_copy_only=False), t["uid"])
-        derived = np.where(lead, t[column].to_numpy(zero_copy_only=False) - head.cutoff_score,
-                           t[filter_score].to_numpy(zero_copy_only=False) - top - 1.0)
+        target = t[score].to_numpy(zero_copy_only=False).astype(np.float64)
+        fs = t[filter_score].to_numpy(zero_copy_only=False).astype(np.float64)
+        if head is None:
+            derived = fs.copy()
+        else:
+            lead = head.is_kept(t[column].to_numpy(zero_copy_only=False), t["uid"])
+            derived = np.where(lead, t[column].to_numpy(zero_copy_only=False) - head.cutoff_score,
+                               np.minimum(fs - top - 1.0, -1.0))
+        derived[~(np.isfinite(target) & np.isfinite(fs))] = np.nan
         if SELECT_SCORE in t.column_names:
             t = t.drop_columns([SELECT_SCORE])
         path = out_dir / f.name
         pq.write_table(t.append_column(SELECT_SCORE, pa.array(derived, pa.float64())), path)
         out.append(path)
-    return out, SELECT_SCORE, record
+    return out, record
