@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", required=True, help="a quality_target.py --work-dir with finished jobs")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=300, help="the run's --steps (proxy and retrainings)")
+    p.add_argument("--variants", default="", help="only these variants (comma list; default all)")
     p.add_argument("--filter-fraction", type=float, default=0.2)
     p.add_argument("--niche-alpha", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.into_run and not a.retrain:
         p.error("--into-run needs --retrain")
-    qa = qt.parse_args(["--work-dir", a.work_dir, "--seeds", a.seeds])  # the run's problem settings (defaults)
+    qa = qt.parse_args(["--work-dir", a.work_dir, "--seeds", a.seeds, "--steps", str(a.steps)])  # the run's settings
     torch.set_num_threads(a.threads)
     data = Path(qa.data_dir)
     train = ql.read_split(data, "train")
@@ -193,6 +195,8 @@ def main(argv=None) -> int:
                     "oracle_useful_then_clip": oracle_useful}
             ev = qt.TargetEval(qa.arch, test_split, classnames, classes, qa.retrieval_size, seed) if a.retrain else None
             for sname, fn in sels.items():
+                if a.variants and sname not in a.variants.split(","):
+                    continue
                 for f in (0.3, 0.1):
                     k = int(math.floor(f * n + 1e-9))
                     idx = fn(k)
