@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pruner.config import JobConfig, SelectConfig
+from pruner.config import JobConfig
 from pruner.io.atomic import write_json_atomic
 from pruner.io.layout import JobLayout
 from pruner.io.manifests import write_manifests
@@ -114,8 +114,8 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
                                          for f in sorted(nonempty)])
             stages.append({"stage": "filter", "score": s.filter_score, "fraction": s.filter_fraction,
                            "cutoff": fsel.cutoff_score, "passed": fsel.n_keep, "set_apart": fsel.n_total - fsel.n_keep})
-        policy, n_total, n_keep = _apply_policy(cfg, s, layout, pool, [layout.scores(u) for u in pool], nonempty,
-                                                dups, keep_dir, ineligible)
+        policy, n_total, n_keep = _apply_policy(cfg, layout, pool, [layout.scores(u) for u in pool], nonempty, dups,
+                                                keep_dir, ineligible)
         keep = policy.pop("keep")  # over the rows of the sorted score files, as select_policy reads them
         if dups:
             keep = keep[~dups.mask(sorted(nonempty))]
@@ -163,8 +163,7 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
                     "duplicate_uid, listed in %s), e.g. %s", len(dups), layout.duplicates, dups.records[0])
     manifests = {**manifests, "paths": {n: str(layout.keep_dir / Path(p).name) for n, p in manifests["paths"].items()}}
     summary = {
-        "job": layout.root.name, "select": s.model_dump(mode="json"), "score": score,
-        "selection": selection,
+        "job": layout.root.name, "select": s.model_dump(mode="json"), "score": score, "selection": selection,
         "stages": stages,
         "counts": {"shards": len(pool), "samples": n_total, "kept": n_keep,
                    "dropped": n_total - n_keep, "rejected": len(rejects)},
@@ -220,7 +219,7 @@ def _ranking_meta(cfg: JobConfig, layout: JobLayout) -> dict[str, str]:
     return {"pruner.job": layout.root.name, "pruner.select": json.dumps(cfg.select.model_dump(mode="json"))}
 
 
-def _apply_policy(cfg: JobConfig, s: SelectConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
+def _apply_policy(cfg: JobConfig, layout: JobLayout, pool: list[str], pool_files: list[Path],
                   nonempty: list[Path], dups, keep_dir: Path,
                   ineligible: np.ndarray | None = None) -> tuple[dict, int, int]:
     """(policy summary with its bool [n] "keep" over the rows of ``nonempty`` in order, n_total, n_keep); the
@@ -230,10 +229,10 @@ def _apply_policy(cfg: JobConfig, s: SelectConfig, layout: JobLayout, pool: list
     extra = sorted(set(layout.score_files()) - set(pool_files))
     if extra:
         raise RuntimeError(f"{layout.shards_dir} holds score files of shards outside the pool (first: "
-                           f"{extra[0]}); select.policy {s.policy!r} / dedup work on "
+                           f"{extra[0]}); select.policy {cfg.select.policy!r} / dedup work on "
                            f"the whole job directory (fix: remove them, or use policy top_k without dedup)")
     exclude = dups.mask(sorted(nonempty)) if dups else None
-    policy = apply_select_config(layout.root, s, seed=cfg.seed, score_files=nonempty, pool=pool,
+    policy = apply_select_config(layout.root, cfg.select, seed=cfg.seed, score_files=nonempty, pool=pool,
                                  keep_dir=keep_dir, exclude=exclude, ineligible=ineligible)
     return policy, policy["n_total"], policy["n_keep"]
 

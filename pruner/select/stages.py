@@ -88,14 +88,15 @@ def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: st
     test = niche_test(files, column, alpha, floor=floor)
     head_n = test.upper_tail if test.niche else 0
     record = {**test.record(), "score": score, "head": head_n, "rest_by": filter_score}
-    head = select(files, column, keep_count=head_n) if head_n else None
-    top = -math.inf
-    for f in files:
-        v = pq.read_table(f, columns=[filter_score])[filter_score].to_numpy(zero_copy_only=False)
-        v = v[np.isfinite(v)]
-        if len(v):
-            top = max(top, float(v.max()))
-    top = 0.0 if math.isinf(top) else top
+    head, top = None, -math.inf
+    if head_n:  # the head's cut-off, and the largest finite filter score to put the rest below it
+        head = select(files, column, keep_count=head_n)
+        for f in files:
+            v = pq.read_table(f, columns=[filter_score])[filter_score].to_numpy(zero_copy_only=False)
+            v = v[np.isfinite(v)]
+            if len(v):
+                top = max(top, float(v.max()))
+        top = 0.0 if math.isinf(top) else top
     out = []
     for f in files:
         t = pq.read_table(f)
