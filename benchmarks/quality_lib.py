@@ -12,7 +12,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -312,9 +312,10 @@ def last_checkpoint(run_dir: Path) -> str:
 
 def train_run(run_dir: Path, samples: Sequence[RawSample], *, arch: str, steps: int, batch_size: int, lr: float,
               seed: int, device: str, checkpoints: int = 1, log_every: int = 100, optimizer: str = "adamw",
-              momentum: float = 0.9) -> Path:
-    """Train the proxy architecture from scratch on ``samples`` with pruner's train_proxy (open_clip_train);
-    cached: a run directory holding trajectory.json is reused. Returns the run directory."""
+              momentum: float = 0.9, pretrained: Optional[str] = None) -> Path:
+    """Train the proxy architecture on ``samples`` with pruner's train_proxy (open_clip_train), from scratch or
+    from the ``pretrained`` checkpoint file; cached: a run directory holding trajectory.json is reused. Returns the
+    run directory."""
     from pruner.train.proxy import train_proxy
     if (run_dir / "trajectory.json").exists():
         return run_dir
@@ -323,7 +324,7 @@ def train_run(run_dir: Path, samples: Sequence[RawSample], *, arch: str, steps: 
     shards = write_shards(samples, run_dir / "shards", "part")
     train_proxy([str(run_dir / "shards")], str(run_dir), arch=arch, steps=steps, batch_size=batch_size, lr=lr,
                 checkpoints=checkpoints, pool_size=len(samples), seed=seed, device=device, log_every=log_every,
-                optimizer=optimizer, momentum=momentum)
+                optimizer=optimizer, momentum=momentum, pretrained=pretrained)
     for p in shards:
         Path(p).unlink()
     return run_dir

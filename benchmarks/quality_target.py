@@ -20,6 +20,13 @@ selection below at each ``--keep-fractions`` budget; each coreset is retrained f
 steps as the proxy (retrainings are cached by the hash of their key set, so selections that keep the same
 samples share one run).
 
+A clearly trained proxy (``--pretrain-steps``): the CLIP model a data team filters with already knows the domain
+(it was trained on other data). The proxy is then first trained ``--pretrain-steps`` on ``--pretrain-size`` clean
+pairs of the train split outside the pool and every target set (all classes, class-balanced, seeded), and its
+trajectory is a ``--steps`` fine-tune of that model on the pool at ``--finetune-lr`` (pruner train-proxy
+``--pretrained``). The coresets are still retrained from scratch, as before. Each problem records the pretrained
+model's own zero-shot under ``pretrained_proxy``.
+
 Selections. Baselines: ``random``, ``clip_score`` and ``loss`` (the proxy's last checkpoint), ``similarity``
 (cosine of the pool image's embedding with the mean target image embedding), ``similarity_nn`` (with the nearest
 target image), ``intersection`` and ``intersection_nn`` (the CLIP-score top-k within the 2k most similar: the
@@ -101,6 +108,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoints", type=int, default=3)
+    p.add_argument("--pretrain-steps", type=int, default=0, help="pretrain the proxy this many steps on clean pairs "
+                   "outside the pool, then fine-tune it on the pool (0: the proxy is trained on the pool from scratch)")
+    p.add_argument("--pretrain-size", type=int, default=20000, help="clean pretraining pairs (--pretrain-steps)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="the proxy's peak LR on the pool after "
+                   "pretraining (--pretrain-steps; the coresets' retraining keeps --lr)")
     p.add_argument("--bank-size", type=int, default=1024)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--curvature-samples", type=int, default=2048, help="--explore: subsample for the sketched K")
@@ -127,8 +139,17 @@ SETTINGS = ("data_dir", "pool_size", "noise", "rare_classes", "rare_weight", "ta
             "per_class", "arch", "steps", "batch_size", "lr", "checkpoints", "bank_size", "k")
 
 
+PRETRAIN_SETTINGS = ("pretrain_steps", "pretrain_size", "finetune_lr")
+
+
+def settings(a) -> dict:
+    """What the work dir's caches depend on (the pretraining settings only when there is pretraining, so that the
+    from-scratch runs keep their work dirs)."""
+    return {k: getattr(a, k) for k in SETTINGS + (PRETRAIN_SETTINGS if a.pretrain_steps else ())}
+
+
 def settings_hash(a) -> str:
-    return hashlib.sha256(json.dumps({k: getattr(a, k) for k in SETTINGS}, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(settings(a), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,6 +172,17 @@ def target_samples(train, pool_keys: set, classes: list[int], per_class: int, se
         cand = [s for s in train if s.label == c and s.key not in pool_keys]
         out += [cand[i] for i in np.sort(rng.choice(len(cand), per_class, replace=False))]
     return out
+
+
+def pretrain_samples(train, exclude: set, size: int, seed: int):
+    """``size`` clean train pairs outside ``exclude`` (the pool and every target set), class-balanced, seeded."""
+    rest = [s for s in train if s.key not in exclude]
+    rng = np.random.default_rng(70_000 + seed)
+    by_class: dict[int, list] = {}
+    for i in rng.permutation(len(rest)):
+        by_class.setdefault(rest[i].label, []).append(rest[i])
+    per = size // len(by_class)
+    return sorted((s for c in sorted(by_class) for s in by_class[c][:per]), key=lambda s: s.key)
 
 
 def job_config(a, seed: int, out_dir: Path, traj: Path, pool_dir: Path, target_dir: Path, n_target: int,
@@ -330,18 +362,26 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
     if not (sd / "pool.json").exists():
         ql.write_shards(prob.pool, pool_dir, "pool")
         ql.write_json(sd / "pool.json", {"keys": keys, "swapped": prob.swapped.tolist(), "rare": prob.rare_classes})
-    proxy = ql.train_run(sd / "proxy", prob.pool, arch=a.arch, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                         seed=seed, device="cpu", checkpoints=a.checkpoints, log_every=100)
+    targets = [(classes, target_samples(train, set(keys), classes, a.per_class, seed))
+               for classes in pick_targets(a, seed, prob.rare_classes, n_cls)]
+    pretrained, lr = None, a.lr
+    if a.pretrain_steps:
+        pre = pretrain_samples(train, set(keys) | {s.key for _, t in targets for s in t}, a.pretrain_size, seed)
+        pretrained = ql.last_checkpoint(ql.train_run(sd / "pretrain", pre, arch=a.arch, steps=a.pretrain_steps,
+                                                     batch_size=a.batch_size, lr=a.lr, seed=seed, device="cpu",
+                                                     log_every=500))
+        lr = a.finetune_lr
+    proxy = ql.train_run(sd / "proxy", prob.pool, arch=a.arch, steps=a.steps, batch_size=a.batch_size, lr=lr,
+                         seed=seed, device="cpu", checkpoints=a.checkpoints, log_every=100, pretrained=pretrained)
     traj_path = proxy / "trajectory.json"
     traj = load_trajectory(file=str(traj_path))
     proxy_model = ql.load_model(traj.checkpoints[-1].path, a.arch, "cpu")
     from pruner.model.clip import create_clip
     _, preprocess, _ = create_clip(a.arch)
     out = []
-    for classes in pick_targets(a, seed, prob.rare_classes, n_cls):
+    for classes, tgt in targets:
         name = "t" + "-".join(map(str, classes))
         td = sd / name
-        tgt = target_samples(train, set(keys), classes, a.per_class, seed)
         if not (td / "target").exists():
             ql.write_shards(tgt, td / "target", "target", min_shards=1)
         cols, score_s = {}, {}
@@ -370,6 +410,8 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
         prob_res = {"seed": seed, "classes": classes, "rare_in_target": [c for c in classes if c in prob.rare_classes],
                     "scoring_seconds": score_s, "proxy": ev(proxy_model), "diagnostics": diag,
                     "selections": {}}
+        if pretrained:
+            prob_res["pretrained_proxy"] = ev(ql.load_model(pretrained, a.arch, "cpu"))
         influence = a.influence_list + [f"diffin_target:{f}" for f in a.form_list] + \
             [f"diffin_{f}" for f in a.explore_list]
         sels: dict[str, callable] = {}
@@ -455,6 +497,10 @@ def summarize(problems: list[dict], config: dict, command: str, wall: float) -> 
     r["problems"] = [{"seed": p["seed"], "classes": p["classes"], "rare_in_target": p["rare_in_target"]}
                      for p in problems]
     r["proxy_zero_shot_target"] = float(np.mean([p["proxy"]["zero_shot_target"] for p in problems]))
+    r["proxy_zero_shot_10way"] = float(np.mean([p["proxy"]["zero_shot_10way"] for p in problems]))
+    if all("pretrained_proxy" in p for p in problems):
+        r["pretrained_proxy_zero_shot_10way"] = float(np.mean([p["pretrained_proxy"]["zero_shot_10way"]
+                                                               for p in problems]))
     r["config"] = config
     r["per_problem"] = problems
     r["command"], r["wall_time_s"] = command, wall
@@ -479,8 +525,9 @@ def markdown(r) -> str:
         row += [pct(r["target_share"].get(s, {}).get(k)) for k in keep]
         row += [pct(r["swapped_share"].get(s, {}).get(k)) for k in keep]
         L.append("| " + " | ".join(row) + " |")
-    L.append(f"\nproxy (full noisy pool) target zero-shot: {pct(r['proxy_zero_shot_target'])}; "
-             f"best baseline: {r.get('best_baseline')}")
+    L.append(f"\nproxy (full noisy pool) target zero-shot: {pct(r['proxy_zero_shot_target'])}, 10-way "
+             f"{pct(r.get('proxy_zero_shot_10way'))} (pretrained, before the pool: "
+             f"{pct(r.get('pretrained_proxy_zero_shot_10way'))}); best baseline: {r.get('best_baseline')}")
     for name, by_keep in [("default - best baseline", r.get("default_vs_best_baseline", {}))] + \
             list(r.get("diffin_vs_tracin", {}).items()):
         L.append(f"{name}: " + "; ".join(f"{k[5:]}: {v['mean_points']:+.1f} ± {v['sd_points']:.1f} points "
@@ -517,7 +564,7 @@ def main(argv=None) -> int:
     classnames = ql.load_classnames(data)
     train, test = ql.read_split(data, "train"), ql.read_split(data, "test")
     problems = [p for seed in a.seed_list for p in run_seed(a, seed, work, train, test, classnames)]
-    config = {k: getattr(a, k) for k in SETTINGS} | {
+    config = settings(a) | {
         "keep_fractions": a.keep_list, "influence": a.influence_list, "diffin_forms": a.form_list,
         "explore": a.explore_list,
         "filter_fraction": a.filter_fraction, "curvature_samples": a.curvature_samples,

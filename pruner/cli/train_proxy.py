@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shards", type=int, help="train on this many shards drawn at random (seeded); default all")
     p.add_argument("--pool-size", type=int, help="N for a_t (default: samples in the training shards, counted)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", help="start from these weights instead of from scratch: an open_clip pretrained "
+                   "tag of --arch (e.g. laion2b_s34b_b79k for ViT-B-32; downloaded) or a local checkpoint file")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", default="auto", help="auto (amp on CUDA, fp32 on CPU) or an open_clip precision")
     p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 4 on CUDA)")
@@ -51,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.shards, a.out, arch=a.arch, config_file=a.config_file, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
         warmup=a.warmup, weight_decay=a.wd, optimizer=a.optimizer, momentum=a.momentum, checkpoints=a.checkpoints,
         random_checkpoints=a.random_checkpoints, max_shards=a.max_shards, pool_size=a.pool_size, seed=a.seed,
+        pretrained=a.pretrained,
         checkpoint_at=[int(s) for s in a.checkpoint_steps.split(",")] if a.checkpoint_steps else None,
         device=a.device, precision=a.precision, workers=a.workers, log_every=a.log_every)
     print(str(Path(a.out).resolve() / "trajectory.json"), f"({len(traj.checkpoints)} checkpoints)")

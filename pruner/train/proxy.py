@@ -1,5 +1,11 @@
-"""``pruner train-proxy``: train a small open_clip model from scratch on a seeded random subset of the pool's
-shards and save the checkpoint trajectory that Diff-In / TracIn sum over.
+"""``pruner train-proxy``: train a small open_clip model on a seeded random subset of the pool's shards, from
+scratch or from pretrained weights, and save the checkpoint trajectory that Diff-In / TracIn sum over.
+
+From pretrained weights (``pretrained``: an open_clip pretrained tag such as ``laion2b_s34b_b79k`` for ViT-B-32,
+or a local checkpoint file, e.g. another run's ``step_*.pt``) the trajectory is a fine-tune on the pool: the
+proxy already knows the domain, as the CLIP model a data team filters with does, and the checkpoints record how
+training on this pool moves it (theta_0 is the pretrained model). open_clip loads a local file with
+``torch.load(weights_only=True)``.
 
 Training is OpenCLIP's own trainer, ``open_clip_train.main.main`` (WebDataset input, AdamW or a timm optimiser,
 warm-up + cosine schedule, contrastive loss, AMP on GPU), run in-process with one "epoch" of ``steps`` updates
@@ -223,6 +229,21 @@ def proxy_arch(arch: Optional[str], config_file: Optional[str]) -> str:
     return stem
 
 
+def _pretrained_source(arch: str, pretrained: Optional[str]) -> Optional[str]:
+    """``pretrained`` as open_clip_train takes it: a local file (resolved; it must hold a state dict of ``arch``,
+    which open_clip checks when it loads it) or one of open_clip's pretrained tags for ``arch``."""
+    if not pretrained:
+        return None
+    if Path(pretrained).is_file():
+        return str(Path(pretrained).resolve())
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise ValueError(f"--pretrained {pretrained!r} is neither a file nor an open_clip pretrained tag of {arch} "
+                         f"(fix: give a checkpoint file, e.g. another run's train/checkpoints/step_*.pt, or one of "
+                         f"{tags or 'the tags open_clip.list_pretrained() lists for another arch'})")
+    return pretrained
+
+
 def _quiet_console(setup_logging, *args, **kwargs) -> None:
     """open_clip_train's setup_logging, whose console handler then shows only what pruner's console shows
     (pruner.logs.PrunerProgress: train-proxy's progress lines, everyone's warnings); its log file (train/out.log)
@@ -238,10 +259,11 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
                 weight_decay: float = 0.1, optimizer: str = "adamw", momentum: float = 0.9,
                 checkpoints: int = 3, random_checkpoints: int = 0, checkpoint_at: Optional[Sequence[int]] = None,
                 max_shards: Optional[int] = None, pool_size: Optional[int] = None, seed: int = 0,
-                device: str = "auto", precision: str = "auto", workers: Optional[int] = None,
+                pretrained: Optional[str] = None, device: str = "auto", precision: str = "auto", workers: Optional[int] = None,
                 log_every: int = 10) -> Trajectory:
-    """Train a proxy CLIP from scratch with open_clip_train and write ``<out_dir>/trajectory.json``; return it.
-    ``arch`` / ``config_file``: :func:`proxy_arch`.
+    """Train a proxy CLIP with open_clip_train and write ``<out_dir>/trajectory.json``; return it.
+    ``arch`` / ``config_file``: :func:`proxy_arch`. ``pretrained``: start from these weights (an open_clip
+    pretrained tag of ``arch`` or a local checkpoint file; module docstring) instead of from scratch.
 
     ``steps`` optimiser updates of ``batch_size`` samples, LR warm-up over ``warmup`` steps (default steps // 10)
     then cosine decay to 0. Training data: ``max_shards`` shards drawn at random (seeded) from ``shards`` (all by
@@ -275,6 +297,7 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown arch {arch!r} (fix: pruner-tiny, pruner-micro, an open_clip name such as "
                          f"ViT-B-32, or a --config-file whose file name is <arch>.json)")
+    pretrained = _pretrained_source(arch, pretrained)
     if pool_size is None:
         pool_size = count_samples(urls)
 
@@ -286,7 +309,10 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
             "--report-to", ""]
     if optimizer == "sgd":
         args += ["--opt", "timm/momentum", "--momentum", str(momentum)]
-    log.info(f"train-proxy: {arch} on {len(urls)} shards ({pool_size} samples), {steps} steps of {batch_size}, "
+    if pretrained:
+        args += ["--pretrained", pretrained]
+    log.info(f"train-proxy: {arch}{f' from {pretrained}' if pretrained else ''} on {len(urls)} shards "
+             f"({pool_size} samples), {steps} steps of {batch_size}, "
              f"{optimizer} lr {lr}, device {device}, checkpoints at steps {save_steps}")
     recorder = _Recorder(save_steps, steps, log_every)
     with _open_clip_train_patched(recorder, seed) as ocm:
@@ -302,7 +328,7 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
         "lr_schedule": recorder.lrs,
         "train": {"shards": urls, "batch_size": batch_size, "lr": lr, "warmup": warmup, "lr_scheduler": "cosine",
                   "weight_decay": weight_decay, "momentum": momentum if optimizer == "sgd" else None,
-                  "device": device, "precision": precision, "workers": workers},
+                  "device": device, "precision": precision, "workers": workers, "pretrained": pretrained},
     })
     log.info(f"train-proxy wrote {out / 'trajectory.json'} ({len(recorder.saved)} checkpoints)")
     return load_trajectory(file=str(out / "trajectory.json"))
