@@ -137,3 +137,29 @@ def test_config_file_names_the_architecture(tmp_path, capfd):
     assert load_config(data=base).model.arch == "my-micro"
     with pytest.raises(ConfigError, match="arch 'pruner-tiny' does not match config_file"):
         load_config(data={**base, "model": {"config_file": str(cfg_file), "arch": "pruner-tiny"}})
+
+
+@needs_pool
+def test_pretrained_checkpoint_is_the_start(run, tmp_path):
+    """`--pretrained <checkpoint>` starts from those weights: at LR 0 (AdamW's decoupled decay scales with the LR,
+    so nothing moves) the fine-tune's checkpoint equals the pretrained one exactly, where a run from scratch differs;
+    the trajectory records the resolved file. A name that is neither a file nor a tag is refused before training."""
+    _, traj = run
+    start = traj.checkpoints[-1].path
+    argv = ["--shards", str(POOL), "--out", str(tmp_path / "ft"), "--arch", "pruner-micro", "--steps", "2",
+            "--lr", "0", "--checkpoint-steps", "2", "--max-shards", "1", "--pretrained", start]
+    assert main(argv) == 0
+    ft = load_trajectory(file=str(tmp_path / "ft" / "trajectory.json"))
+    a, b = load_state_dict(start), load_state_dict(ft.checkpoints[-1].path)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(argv[:-2] + ["--out", str(tmp_path / "scratch")]) == 0
+    scratch = load_state_dict(load_trajectory(file=str(tmp_path / "scratch" / "trajectory.json")).checkpoints[-1].path)
+    assert not torch.equal(scratch["visual.proj"], b["visual.proj"])
+    doc = json.loads((tmp_path / "ft" / "trajectory.json").read_text())
+    assert doc["train"]["pretrained"] == str(Path(start).resolve())
+    assert json.loads((Path(traj.checkpoints[0].path).parents[2] / "trajectory.json").read_text())[
+        "train"]["pretrained"] is None
+    with pytest.raises(ValueError, match=r"--pretrained 'nope' is neither a file nor an open_clip pretrained tag "
+                                         r"of pruner-micro \(fix: give a checkpoint file"):
+        train_proxy([str(POOL)], str(tmp_path / "bad"), **{**KW, "pretrained": "nope"})
+    assert not (tmp_path / "bad").exists()
