@@ -314,8 +314,8 @@ def train_run(run_dir: Path, samples: Sequence[RawSample], *, arch: str, steps: 
               seed: int, device: str, checkpoints: int = 1, log_every: int = 100, optimizer: str = "adamw",
               momentum: float = 0.9, pretrained: Optional[str] = None) -> Path:
     """Train the proxy architecture on ``samples`` with pruner's train_proxy (open_clip_train), from scratch or
-    from the ``pretrained`` checkpoint file; cached: a run directory holding trajectory.json is reused. Returns the
-    run directory."""
+    from ``pretrained`` (a checkpoint file or an open_clip tag); cached: a run directory holding trajectory.json is
+    reused. Returns the run directory."""
     from pruner.train.proxy import train_proxy
     if (run_dir / "trajectory.json").exists():
         return run_dir

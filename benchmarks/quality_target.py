@@ -182,6 +182,9 @@ def pretrain_samples(train, exclude: set, size: int, seed: int):
     for i in rng.permutation(len(rest)):
         by_class.setdefault(rest[i].label, []).append(rest[i])
     per = size // len(by_class)
+    short = {c: len(v) for c, v in by_class.items() if len(v) < per}
+    if short:
+        raise SystemExit(f"--pretrain-size {size}: classes {short} have fewer than {per} pairs outside the pool")
     return sorted((s for c in sorted(by_class) for s in by_class[c][:per]), key=lambda s: s.key)
 
 
@@ -371,11 +374,13 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
                                                      batch_size=a.batch_size, lr=a.lr, seed=seed, device="cpu",
                                                      log_every=500))
         lr = a.finetune_lr
-    proxy = ql.train_run(sd / "proxy", prob.pool, arch=a.arch, steps=a.steps, batch_size=a.batch_size, lr=lr,
-                         seed=seed, device="cpu", checkpoints=a.checkpoints, log_every=100, pretrained=pretrained)
+    proxy = ql.train_run(sd / ("proxy-pretrained" if pretrained else "proxy"), prob.pool, arch=a.arch,
+                         steps=a.steps, batch_size=a.batch_size, lr=lr, seed=seed, device="cpu",
+                         checkpoints=a.checkpoints, log_every=100, pretrained=pretrained)
     traj_path = proxy / "trajectory.json"
     traj = load_trajectory(file=str(traj_path))
     proxy_model = ql.load_model(traj.checkpoints[-1].path, a.arch, "cpu")
+    pretrained_model = ql.load_model(pretrained, a.arch, "cpu") if pretrained else None
     from pruner.model.clip import create_clip
     _, preprocess, _ = create_clip(a.arch)
     out = []
@@ -410,8 +415,8 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
         prob_res = {"seed": seed, "classes": classes, "rare_in_target": [c for c in classes if c in prob.rare_classes],
                     "scoring_seconds": score_s, "proxy": ev(proxy_model), "diagnostics": diag,
                     "selections": {}}
-        if pretrained:
-            prob_res["pretrained_proxy"] = ev(ql.load_model(pretrained, a.arch, "cpu"))
+        if pretrained_model is not None:
+            prob_res["pretrained_proxy"] = ev(pretrained_model)
         influence = a.influence_list + [f"diffin_target:{f}" for f in a.form_list] + \
             [f"diffin_{f}" for f in a.explore_list]
         sels: dict[str, callable] = {}
@@ -525,9 +530,11 @@ def markdown(r) -> str:
         row += [pct(r["target_share"].get(s, {}).get(k)) for k in keep]
         row += [pct(r["swapped_share"].get(s, {}).get(k)) for k in keep]
         L.append("| " + " | ".join(row) + " |")
+    pre = r.get("pretrained_proxy_zero_shot_10way")
     L.append(f"\nproxy (full noisy pool) target zero-shot: {pct(r['proxy_zero_shot_target'])}, 10-way "
-             f"{pct(r.get('proxy_zero_shot_10way'))} (pretrained, before the pool: "
-             f"{pct(r.get('pretrained_proxy_zero_shot_10way'))}); best baseline: {r.get('best_baseline')}")
+             f"{pct(r.get('proxy_zero_shot_10way'))}"
+             f"{'' if pre is None else f' (pretrained, before the pool: {pct(pre)})'}"
+             f"; best baseline: {r.get('best_baseline')}")
     for name, by_keep in [("default - best baseline", r.get("default_vs_best_baseline", {}))] + \
             list(r.get("diffin_vs_tracin", {}).items()):
         L.append(f"{name}: " + "; ".join(f"{k[5:]}: {v['mean_points']:+.1f} ± {v['sd_points']:.1f} points "

@@ -1,6 +1,7 @@
 """pruner train-proxy: short real open_clip_train runs (pruner-micro, CPU) on real WebDataset shards, whose
 checkpoints and trajectory must load with pruner.model.checkpoints."""
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from pruner.model.checkpoints import load_scoring_model, load_state_dict, load_trajectory
 from pruner.cli.train_proxy import main
-from pruner.train.proxy import checkpoint_steps, count_samples, expand_shards, train_proxy
+from pruner.train.proxy import checkpoint_steps, count_samples, expand_shards, pretrained_source, train_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = [ROOT / "pruner" / "demo" / "pool", ROOT.parent / "shared" / "data" / "cifar10" / "train"]
@@ -143,8 +144,9 @@ def test_config_file_names_the_architecture(tmp_path, capfd):
 def test_pretrained_checkpoint_is_the_start(run, tmp_path):
     """`--pretrained <checkpoint>` starts from those weights: at LR 0 (AdamW's decoupled decay scales with the LR,
     so nothing moves) the fine-tune's checkpoint equals the pretrained one exactly, where a run from scratch differs;
-    the trajectory records the resolved file. A name that is neither a file nor a tag is refused before training."""
-    _, traj = run
+    the trajectory records the resolved file. A checkpoint of another architecture, or a name that is neither a file
+    nor a tag, is refused before anything is written."""
+    out, traj = run
     start = traj.checkpoints[-1].path
     argv = ["--shards", str(POOL), "--out", str(tmp_path / "ft"), "--arch", "pruner-micro", "--steps", "2",
             "--lr", "0", "--checkpoint-steps", "2", "--max-shards", "1", "--pretrained", start]
@@ -157,9 +159,43 @@ def test_pretrained_checkpoint_is_the_start(run, tmp_path):
     assert not torch.equal(scratch["visual.proj"], b["visual.proj"])
     doc = json.loads((tmp_path / "ft" / "trajectory.json").read_text())
     assert doc["train"]["pretrained"] == str(Path(start).resolve())
-    assert json.loads((Path(traj.checkpoints[0].path).parents[2] / "trajectory.json").read_text())[
-        "train"]["pretrained"] is None
-    with pytest.raises(ValueError, match=r"--pretrained 'nope' is neither a file nor an open_clip pretrained tag "
-                                         r"of pruner-micro \(fix: give a checkpoint file"):
+    assert json.loads((out / "trajectory.json").read_text())["train"]["pretrained"] is None
+
+    from pruner.model.clip import create_clip
+    tiny = tmp_path / "tiny.pt"
+    torch.save({"state_dict": create_clip("pruner-tiny")[0].state_dict()}, tiny)
+    with pytest.raises(ValueError, match=r"--pretrained: checkpoint .*tiny\.pt does not fit model\.arch "
+                                         r"'pruner-micro': .*other shapes"):
+        train_proxy([str(POOL)], str(tmp_path / "bad"), **{**KW, "pretrained": str(tiny)})
+    with pytest.raises(ValueError, match=r"--pretrained 'nope' is neither an open_clip pretrained tag of pruner-micro "
+                                         r"nor a file \(fix: give a checkpoint file"):
         train_proxy([str(POOL)], str(tmp_path / "bad"), **{**KW, "pretrained": "nope"})
     assert not (tmp_path / "bad").exists()
+
+
+def test_pretrained_tags_that_scoring_would_not_reproduce():
+    """open_clip tags (no download: only their recorded configs are read): accepted in any spelling when the scoring
+    model (the architecture without pretrained weights) has the tag's activation and preprocessing; refused, with
+    the tags that fit, when they differ (OpenAI's QuickGELU weights on ViT-B-32, ViT-L-14's laion2b mean/std of 0.5)
+    or for SigLIP."""
+    assert pretrained_source("ViT-B-32", "LAION2B-S34B-B79K") == "laion2b_s34b_b79k"
+    assert pretrained_source("ViT-B-32-quickgelu", "openai") == "openai"
+    assert pretrained_source("ViT-B-32", None) is None
+    with pytest.raises(ValueError, match=r"openai: trained with QuickGELU, unlike --arch ViT-B-32 \(fix: another tag "
+                                         r"of ViT-B-32: \[.*'laion2b_s34b_b79k'.*\], or --arch ViT-B-32-quickgelu\)"):
+        pretrained_source("ViT-B-32", "openai")
+    with pytest.raises(ValueError, match=r"laion2b_s32b_b82k: trained with other image preprocessing .*mean "
+                                         r"\(0\.5, 0\.5, 0\.5\) vs"):
+        pretrained_source("ViT-L-14", "laion2b_s32b_b82k")
+    with pytest.raises(ValueError, match="SigLIP model"):
+        pretrained_source("ViT-B-16-SigLIP", "webli")
+
+
+def test_shards_without_pairs_are_refused(tmp_path):
+    """A shard with no image-caption pair is refused up front (open_clip_train would wait forever for a batch)."""
+    (tmp_path / "a.txt").write_text("a caption without an image")
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
+        tf.add(tmp_path / "a.txt", arcname="a.txt")
+    with pytest.raises(ValueError, match=r"no image-caption pairs .*bad\.tar.*fix: check --shards"):
+        train_proxy([str(tmp_path / "bad.tar")], str(tmp_path / "out"), **{**KW, "max_shards": None})
+    assert not (tmp_path / "out").exists()

@@ -142,11 +142,16 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def check_checkpoints(traj: Trajectory, arch: str, config_file: Optional[str] = None) -> list[str]:
-    """One line per checkpoint of ``traj`` that a job could not score, naming the file and the fix: it cannot be read
-    without executing code (``weights_only``: a pickle-bearing file is refused, never run), holds NaN/Inf weights,
-    or does not fit the architecture (missing or unexpected tensors, other shapes). Reads every checkpoint's
-    tensors once and builds the model once (no weights loaded into it); [] when all are fine. The pre-flight check of
-    ``validate-config`` and ``pruner prune``, so that a bad checkpoint stops a job before any Ray work."""
+    """One line per checkpoint of ``traj`` that a job could not score (:func:`check_checkpoint_files`). The pre-flight
+    check of ``validate-config`` and ``pruner prune``, so that a bad checkpoint stops a job before any Ray work."""
+    return check_checkpoint_files([ck.path for ck in traj.checkpoints], arch, config_file)
+
+
+def check_checkpoint_files(paths: Sequence[str], arch: str, config_file: Optional[str] = None) -> list[str]:
+    """One line per checkpoint file that cannot be loaded into ``arch``, naming the file and the fix: it cannot be
+    read without executing code (``weights_only``: a pickle-bearing file is refused, never run), holds NaN/Inf
+    weights, or does not fit the architecture (missing or unexpected tensors, other shapes). Reads every file's
+    tensors once and builds the model once (no weights loaded into it); [] when all are fine."""
     from pruner.model.clip import create_clip
     try:
         model, _, _ = create_clip(arch, config_file)
@@ -154,9 +159,9 @@ def check_checkpoints(traj: Trajectory, arch: str, config_file: Optional[str] = 
         return [f"model.arch {arch!r}: {e}"]
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = []
-    for ck in traj.checkpoints:
+    for path in paths:
         try:
-            sd = load_state_dict(ck.path)
+            sd = load_state_dict(path)
         except (OSError, ValueError) as e:
             problems.append(str(e))
             continue
@@ -167,7 +172,7 @@ def check_checkpoints(traj: Trajectory, arch: str, config_file: Optional[str] = 
             what = "; ".join(f"{n} {v[:3]}{' ...' if len(v) > 3 else ''}" for n, v in
                              (("missing", missing), ("unexpected", unexpected),
                               ("other shapes", [f"{k} {tuple(sd[k].shape)} vs {want[k]}" for k in shapes])) if v)
-            problems.append(f"checkpoint {ck.path} does not fit model.arch {arch!r}: {what} (fix: set model.arch "
+            problems.append(f"checkpoint {path} does not fit model.arch {arch!r}: {what} (fix: set model.arch "
                             f"(and model.config_file) to the architecture the checkpoint was trained with; "
                             f"train-proxy records it in trajectory.json)")
     return problems

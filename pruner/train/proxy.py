@@ -1,4 +1,4 @@
-"""``pruner train-proxy``: train a small open_clip model on a seeded random subset of the pool's shards, from
+"""``pruner train-proxy``: train an open_clip model on a seeded random subset of the pool's shards, from
 scratch or from pretrained weights, and save the checkpoint trajectory that Diff-In / TracIn sum over.
 
 From pretrained weights (``pretrained``: an open_clip pretrained tag such as ``laion2b_s34b_b79k`` for ViT-B-32,
@@ -43,6 +43,7 @@ import glob
 import inspect
 import logging
 import random
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -229,19 +230,69 @@ def proxy_arch(arch: Optional[str], config_file: Optional[str]) -> str:
     return stem
 
 
-def _pretrained_source(arch: str, pretrained: Optional[str]) -> Optional[str]:
-    """``pretrained`` as open_clip_train takes it: a local file (resolved; it must hold a state dict of ``arch``,
-    which open_clip checks when it loads it) or one of open_clip's pretrained tags for ``arch``."""
+def pretrained_source(arch: str, pretrained: Optional[str], config_file: Optional[str] = None) -> Optional[str]:
+    """``pretrained`` as open_clip_train takes it, checked before any training (open_clip would otherwise fail inside
+    the run, or train weights that pruner's scoring model does not reproduce). In open_clip's own order:
+
+    * an open_clip pretrained tag of ``arch`` (any case, ``-`` or ``_``), returned in open_clip's spelling. It must
+      match what pruner scores with: pruner.model.clip.create_clip builds ``arch`` without pretrained weights, so with
+      the architecture's activation and image preprocessing; a tag trained with the other activation (QuickGELU or
+      not), or another mean, std, interpolation or resize mode, is refused (the scores would be taken on another
+      model). SigLIP models are refused: train-proxy trains with the CLIP loss;
+    * else a local checkpoint file that loads into ``arch`` (pruner.model.checkpoints.check_checkpoint_files: read
+      with ``weights_only``, finite, the architecture's tensors and shapes), returned resolved.
+    """
     if not pretrained:
         return None
-    if Path(pretrained).is_file():
-        return str(Path(pretrained).resolve())
+    from open_clip.factory import get_model_config
+
+    tag = pretrained.lower().replace("-", "_")
     tags = open_clip.list_pretrained_tags_by_model(arch)
-    if pretrained not in tags:
-        raise ValueError(f"--pretrained {pretrained!r} is neither a file nor an open_clip pretrained tag of {arch} "
-                         f"(fix: give a checkpoint file, e.g. another run's train/checkpoints/step_*.pt, or one of "
-                         f"{tags or 'the tags open_clip.list_pretrained() lists for another arch'})")
-    return pretrained
+    if tag in tags:
+        model_cfg = get_model_config(arch) or {}
+        problem = _tag_problem(arch, tag, model_cfg)
+        if problem:
+            fit = [t for t in tags if not _tag_problem(arch, t, model_cfg)]
+            fix = f"another tag of {arch}: {fit}" if fit else "another --arch"
+            if "QuickGELU" in problem:
+                fix += f", or --arch {_other_gelu(arch)}"
+            raise ValueError(f"--pretrained {tag}: {problem} (fix: {fix})")
+        return tag
+    if Path(pretrained).is_file():
+        from pruner.model.checkpoints import check_checkpoint_files
+        problems = check_checkpoint_files([pretrained], arch, config_file)
+        if problems:
+            raise ValueError(f"--pretrained: {problems[0]}")
+        return str(Path(pretrained).resolve())
+    raise ValueError(f"--pretrained {pretrained!r} is neither an open_clip pretrained tag of {arch} nor a file (fix: "
+                     f"give a checkpoint file, e.g. another run's train/checkpoints/step_*.pt, or one of "
+                     f"{tags or 'the tags open_clip.list_pretrained() lists for another arch'})")
+
+
+def _tag_problem(arch: str, tag: str, model_cfg: dict) -> Optional[str]:
+    """Why pruner's scoring model of ``arch`` would not reproduce the weights of ``tag`` (see pretrained_source), or
+    None."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if "init_logit_bias" in model_cfg:
+        return f"{arch} is a SigLIP model, and train-proxy trains with the CLIP loss"
+    if bool(cfg.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
+        return f"trained with{'' if cfg.get('quick_gelu') else 'out'} QuickGELU, unlike --arch {arch}"
+    base = {**asdict(PreprocessCfg()), **model_cfg.get("preprocess_cfg", {})}
+    norm = (lambda v: tuple(v) if isinstance(v, (list, tuple)) else v)
+    differ = [k for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg and norm(cfg[k]) != norm(base[k])]
+    if differ:
+        return (f"trained with other image preprocessing than pruner scores {arch} with "
+                f"({', '.join(f'{k} {cfg[k]} vs {base[k]}' for k in differ)})")
+    return None
+
+
+def _other_gelu(arch: str) -> str:
+    """The same architecture with the other activation (open_clip's ``-quickgelu`` variants)."""
+    return arch.removesuffix("-quickgelu") if arch.endswith("-quickgelu") else f"{arch}-quickgelu"
 
 
 def _quiet_console(setup_logging, *args, **kwargs) -> None:
@@ -259,11 +310,12 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
                 weight_decay: float = 0.1, optimizer: str = "adamw", momentum: float = 0.9,
                 checkpoints: int = 3, random_checkpoints: int = 0, checkpoint_at: Optional[Sequence[int]] = None,
                 max_shards: Optional[int] = None, pool_size: Optional[int] = None, seed: int = 0,
-                pretrained: Optional[str] = None, device: str = "auto", precision: str = "auto", workers: Optional[int] = None,
-                log_every: int = 10) -> Trajectory:
+                pretrained: Optional[str] = None, device: str = "auto", precision: str = "auto",
+                workers: Optional[int] = None, log_every: int = 10) -> Trajectory:
     """Train a proxy CLIP with open_clip_train and write ``<out_dir>/trajectory.json``; return it.
     ``arch`` / ``config_file``: :func:`proxy_arch`. ``pretrained``: start from these weights (an open_clip
-    pretrained tag of ``arch`` or a local checkpoint file; module docstring) instead of from scratch.
+    pretrained tag of ``arch`` or a local checkpoint file, checked by :func:`pretrained_source`) instead of from
+    scratch. A run that fails leaves no run folder behind.
 
     ``steps`` optimiser updates of ``batch_size`` samples, LR warm-up over ``warmup`` steps (default steps // 10)
     then cosine decay to 0. Training data: ``max_shards`` shards drawn at random (seeded) from ``shards`` (all by
@@ -297,9 +349,12 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown arch {arch!r} (fix: pruner-tiny, pruner-micro, an open_clip name such as "
                          f"ViT-B-32, or a --config-file whose file name is <arch>.json)")
-    pretrained = _pretrained_source(arch, pretrained)
+    pretrained = pretrained_source(arch, pretrained, config_file)
     if pool_size is None:
         pool_size = count_samples(urls)
+        if not pool_size:  # open_clip_train would wait forever for a first batch
+            raise ValueError(f"no image-caption pairs (an image and a .txt caption under one key) in {urls[:3]}"
+                             f"{' ...' if len(urls) > 3 else ''} (fix: check --shards)")
 
     args = ["--train-data", "::".join(urls), "--dataset-type", "webdataset",
             "--train-num-samples", str(steps * batch_size), "--batch-size", str(batch_size), "--epochs", "1",
@@ -315,9 +370,14 @@ def train_proxy(shards: Sequence[str], out_dir: str, *, arch: Optional[str] = No
              f"({pool_size} samples), {steps} steps of {batch_size}, "
              f"{optimizer} lr {lr}, device {device}, checkpoints at steps {save_steps}")
     recorder = _Recorder(save_steps, steps, log_every)
-    with _open_clip_train_patched(recorder, seed) as ocm:
-        if ocm.main(args) is not None or len(recorder.lrs) != steps:
-            raise RuntimeError(f"open_clip_train did not complete {steps} steps (see {out / RUN_NAME / 'out.log'})")
+    try:
+        with _open_clip_train_patched(recorder, seed) as ocm:
+            if ocm.main(args) is not None or len(recorder.lrs) != steps:
+                raise RuntimeError(f"open_clip_train did not complete {steps} steps "
+                                   f"(see {out / RUN_NAME / 'out.log'})")
+    except BaseException:  # a failed run leaves no half-written run folder, so the same command can be run again
+        shutil.rmtree(out / RUN_NAME, ignore_errors=True)
+        raise
     for f in (out / RUN_NAME / "checkpoints").glob("epoch_*.pt"):
         f.unlink()
 
