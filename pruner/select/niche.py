@@ -92,7 +92,7 @@ def niche_test_values(values: np.ndarray, score: str, alpha: float) -> NicheTest
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
     if len(v) == 0:
-        return NicheTest(score, alpha, 0, 0, 0, 0, 0.0)
+        return _test(score, alpha, 0, 0, 0, 0)
     c = v - np.sort(v)[::-1][(len(v) + 1) // 2 - 1]  # about the upper median, as select's cut-off
     return _test(score, alpha, *tail_excess([c], np.unique(np.concatenate([[0.0], np.abs(c)]))))
 
@@ -118,7 +118,7 @@ def niche_test(files: Sequence[Path], score: str, alpha: float, floor: float | N
         return niche_test_values(np.concatenate([np.zeros(0), *batches()]), score, alpha)
     n_finite = sum(len(v) for v in batches())
     if n_finite == 0:
-        return NicheTest(score, alpha, 0, 0, 0, 0, 0.0)
+        return _test(score, alpha, 0, 0, 0, 0)
     median = select(files, score, keep_count=(n_finite + 1) // 2).cutoff_score
     sub, pos = [], 0
     for v in batches():  # every stride-th finite score of the pool, counted across batches

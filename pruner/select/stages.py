@@ -105,8 +105,8 @@ def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: st
         if head is None:
             derived = fs.copy()
         else:
-            lead = head.is_kept(t[column].to_numpy(zero_copy_only=False), t["uid"])
-            derived = np.where(lead, t[column].to_numpy(zero_copy_only=False) - head.cutoff_score,
+            ranked = t[column].to_numpy(zero_copy_only=False)
+            derived = np.where(head.is_kept(ranked, t["uid"]), ranked - head.cutoff_score,
                                np.minimum(fs - top - 1.0, -1.0))
         derived[~(np.isfinite(target) & np.isfinite(fs))] = np.nan
         if SELECT_SCORE in t.column_names:

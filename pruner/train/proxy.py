@@ -54,7 +54,7 @@ import torch
 
 from pruner.io.atomic import atomic_path, write_json_atomic
 from pruner.logs import PrunerProgress
-from pruner.model.checkpoints import Trajectory, load_trajectory
+from pruner.model.checkpoints import Trajectory, check_checkpoint_files, load_trajectory
 from pruner.model.clip import register_configs
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,6 @@ def pretrained_source(arch: str, pretrained: Optional[str], config_file: Optiona
             raise ValueError(f"--pretrained {tag}: {problem} (fix: {fix})")
         return tag
     if Path(pretrained).is_file():
-        from pruner.model.checkpoints import check_checkpoint_files
         problems = check_checkpoint_files([pretrained], arch, config_file)
         if problems:
             raise ValueError(f"--pretrained: {problems[0]}")
