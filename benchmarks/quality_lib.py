@@ -372,21 +372,17 @@ def pipeline_score(score: np.ndarray, filter_score: np.ndarray, uids, fraction: 
                    niche_alpha: float | None = None) -> tuple[np.ndarray, dict | None]:
     """The default pipeline's order as one score (descending = the product's ranking, pruner.select.stages) and its
     niche test's record (None without ``niche_alpha``). The filter stage passes all but the lowest ``fraction`` by
-    ``filter_score`` (ties by uid). With ``niche_alpha``: the niche test (pruner.select.niche) of ``score`` over the
-    passing samples; its standing-out tail (``upper_tail`` best passing samples by ``score``, ties by uid) leads, and
-    every other sample follows by ``filter_score`` (all of them when there is no niche). Without: the passing
-    samples by ``score``, then the others by ``filter_score``."""
+    ``filter_score`` (ties by uid), the passing samples are ranked by ``score`` and the others follow by
+    ``filter_score``. With ``niche_alpha``: the niche test (pruner.select.niche) of ``score`` over the passing
+    samples decides; without a niche every sample is ranked by ``filter_score``."""
+    staged = _filter_stage_score(score, filter_score, uids, fraction)
     if niche_alpha is None:
-        return _filter_stage_score(score, filter_score, uids, fraction), None
+        return staged, None
     from pruner.select.niche import niche_test_values
     order = rank_order(filter_score, uids)
     passed = order[: len(score) - int(math.floor(fraction * len(score) + 1e-9))]
     test = niche_test_values(score[passed], "diffin_target", niche_alpha)
-    head_n = test.upper_tail if test.niche else 0
-    head = passed[rank_order(score[passed], np.asarray(uids)[passed])[:head_n]]
-    out = np.asarray(filter_score, np.float64) - np.nanmax(filter_score) - 1.0
-    out[head] = score[head] - (score[head].min() if head_n else 0.0)
-    return out, {**test.record(), "head": head_n}
+    return (staged if test.niche else np.asarray(filter_score, np.float64)), test.record()
 
 
 def _filter_stage_score(score: np.ndarray, filter_score: np.ndarray, uids, fraction: float) -> np.ndarray:

@@ -34,8 +34,8 @@ DataComp-style intersection of an image-based and a CLIP-score filter). Influenc
 the job (``tracin_target``, ``diffin_target`` in the job's form, ...), and the same after a filter stage
 (``filter>X``: drop the lowest ``--filter-fraction`` by CLIP score, rank the rest by X). The default pipeline,
 ``filter>diffin_target:propagated``, is the product's (quality_lib.pipeline_score): after the filter stage, the niche
-test (``--niche-alpha``) of diffin_target; the samples that stand out lead, the rest follow by CLIP score (all of
-them without a niche); each problem records the test under ``niche_test``, and ``filter>diffin_target (no niche
+test (``--niche-alpha``) of diffin_target; with a niche the passing samples are ranked by diffin_target, without one
+every sample by CLIP score; each problem records the test under ``niche_test``, and ``filter>diffin_target (no niche
 test)`` is the pipeline without it. ``--explore``
 adds Diff-In forms computed here from the job's stored features (pruner.scores.propagation) before they are a job
 option.

@@ -9,8 +9,8 @@ Reads each problem's prune job (Diff-In's propagated form, features saved) from 
 the same filter stage unless named otherwise:
 
 - ``default``: the default pipeline (quality_lib.pipeline_score: the filter stage sets apart the lowest
-  ``--filter-fraction`` by CLIP score; the passing samples that stand out in diffin_target by the niche test lead,
-  the rest follow by CLIP score);
+  ``--filter-fraction`` by CLIP score; the niche test of diffin_target over the passing samples: with a niche
+  they are ranked by diffin_target, without one every sample by CLIP score);
 - ``filter_then_diffin``: the pipeline before the niche test (the filter stage, then top-k by diffin_target), and
   ``filter_<f>``: that with a filter stage of f (is the fixed 20% too small or too large?);
 - ``diffin_x_clip_<m>``: the CLIP-score top-k among the m*k best by diffin_target (an intersection with influence as
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", required=True, help="a quality_target.py --work-dir with finished jobs")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=300, help="the run's --steps (proxy and retrainings)")
+    p.add_argument("--pool-size", type=int, default=5000, help="the run's --pool-size")
+    p.add_argument("--per-class", type=int, default=10, help="the run's --per-class")
     p.add_argument("--variants", default="", help="only these variants (comma list; default all)")
     p.add_argument("--filter-fraction", type=float, default=0.2)
     p.add_argument("--niche-alpha", type=float, default=1e-3)
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.into_run and not a.retrain:
         p.error("--into-run needs --retrain")
-    qa = qt.parse_args(["--work-dir", a.work_dir, "--seeds", a.seeds, "--steps", str(a.steps)])  # the run's settings
+    qa = qt.parse_args(["--work-dir", a.work_dir, "--seeds", a.seeds, "--steps", str(a.steps),
+                        "--pool-size", str(a.pool_size), "--per-class", str(a.per_class)])  # the run's settings
     torch.set_num_threads(a.threads)
     data = Path(qa.data_dir)
     train = ql.read_split(data, "train")

@@ -126,14 +126,13 @@ def _job(root, diffin: np.ndarray, clip: np.ndarray):
 
 
 @pytest.mark.parametrize("niche", [True, False])
-def test_reduce_leads_with_the_niche_then_ranks_by_the_filter_score(tmp_path, niche):
+def test_reduce_ranks_by_the_target_score_only_where_there_is_a_niche(tmp_path, niche):
     """The default pipeline (filter stage, niche test at 1e-3 on the passing samples' diffin_target, keep 30%) on
     400 samples, one with no target score (never kept). With a niche (80 samples far above a symmetric bulk, about
-    64 of them passing the filter against a bound of 33): the passing samples of its standing-out tail
-    lead by diffin_target, every other sample follows by the filter score, and the keep set is the head plus the
-    best of the rest by the filter score. Without one (a symmetric bulk): the pool is ranked by the filter score
-    alone. summary.json records the stages and the score that ranked; its select settings stay the configured
-    ones."""
+    64 of them passing the filter against a bound of 33): the passing samples are ranked by diffin_target, the ones
+    set apart follow by the filter score, and the keep set is the top of the passing samples by diffin_target.
+    Without one (a symmetric bulk): the pool is ranked by the filter score alone. summary.json records the stages
+    and the score that ranked; its select settings stay the configured ones."""
     rng = np.random.default_rng(3)
     diffin = rng.normal(0, 1, 400)
     if niche:
@@ -148,24 +147,25 @@ def test_reduce_leads_with_the_niche_then_ranks_by_the_filter_score(tmp_path, ni
     test = summary["stages"][1]
     assert test["niche"] is niche and test["alpha"] == 1e-3 and test["score"] == "diffin_target"
     assert test["samples"] == 318 and (test["excess"] > test["bound"]) is niche  # 320 passing, less NaN and median
-    assert summary["select"] == cfg.select.model_dump(mode="json") and test["rest_by"] == "baseline_clip_score"
+    assert summary["select"] == cfg.select.model_dump(mode="json")
+    want = "diffin_target" if niche else "baseline_clip_score"
+    assert test["ranked_by"] == summary["score"] == want
+    if niche:
+        assert 55 <= test["upper_tail"] <= 90
     rows = pq.read_table(layout.ranking).to_pylist()
     assert rows[-1]["key"] == f"s{broken // 200}-{broken % 200:04d}"
     assert np.isnan(rows[-1]["select_score"]) and not rows[-1]["kept"]
     rows = rows[:-1]
     by_clip = lambda rs: sorted(rs, key=lambda r: (-r["baseline_clip_score"], r["uid"]))  # noqa: E731
     passed = by_clip(rows)[:319]  # floor(0.8 x 400) pass the filter stage, one of them the broken sample
-    head = sorted(passed, key=lambda r: (-r["diffin_target"], r["uid"]))[:test["head"]]
     if niche:
-        assert 55 <= test["head"] == test["upper_tail"] <= 90 and summary["score"] == "diffin_target"
-        assert sum(r["diffin_target"] > 4 for r in head) >= 0.9 * len(head)  # the niche's own samples
-        assert min(r["select_score"] for r in head) >= 0 > max(r["select_score"] for r in rows[len(head):])
+        expected = sorted(passed, key=lambda r: (-r["diffin_target"], r["uid"])) + by_clip(rows)[319:]
+        assert sum(r["diffin_target"] > 4 for r in expected[:60]) == 60  # the niche's own samples lead
     else:
-        assert test["head"] == 0 and summary["score"] == "baseline_clip_score"
+        expected = by_clip(rows)
         assert all(r["select_score"] == r["baseline_clip_score"] for r in rows)
-    rest = by_clip([r for r in rows if r["uid"] not in {h["uid"] for h in head}])
-    assert [r["uid"] for r in rows] == [r["uid"] for r in head + rest]
-    assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in (head + rest)[:120]}
+    assert [r["uid"] for r in rows] == [r["uid"] for r in expected]
+    assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in expected[:120]}
 
 
 def test_niche_alpha_is_refused_where_the_test_does_not_apply():
@@ -225,3 +225,17 @@ def test_streamed_test_on_the_filter_stages_staged_column(tmp_path):
     assert len(passed) == 1600 and exact.niche and streamed.niche
     assert (streamed.samples, streamed.balance) == (exact.samples, exact.balance)
     assert exact.excess - 3 * 2000 / 160 <= streamed.excess <= exact.excess
+
+
+def test_report_line_of_the_niche_stage_new_and_earlier_records():
+    """The report states what ranked: the new record's ``ranked_by``; a summary.json reduced by the earlier rule
+    (its stand-out tail led, the rest by ``rest_by``) still reads as what it did."""
+    from pruner.report.html import _stage_fact
+    base = {"stage": "niche_test", "score": "diffin_target", "upper_tail": 70, "excess": 60, "bound": 33.0,
+            "alpha": 1e-3, "samples": 318}
+    assert _stage_fact({**base, "niche": True, "ranked_by": "diffin_target"})[1].endswith(
+        "a niche: diffin_target ranked the passing samples")
+    assert _stage_fact({**base, "niche": False, "ranked_by": "baseline_clip_score"})[1].endswith(
+        "baseline_clip_score ranked the pool")
+    assert _stage_fact({**base, "niche": True, "head": 70, "rest_by": "baseline_clip_score"})[1].endswith(
+        "those 70 led the ranking, the rest followed by baseline_clip_score")

@@ -86,8 +86,8 @@ def _stage_note(st: dict) -> str:
     if st["stage"] == "filter":
         return f"; the filter stage set apart the {st['set_apart']} lowest by {st['score']} first"
     if st["stage"] == "niche_test":
-        found = (f"found {st['head']} samples standing out, which lead, the rest by {st['rest_by']}" if st["head"]
-                 else f"found none, so {st['rest_by']} ranked the pool")
+        found = (f"found one ({st['upper_tail']} samples stand out), so {st['ranked_by']} ranked the passing samples"
+                 if st["niche"] else f"found none, so {st['ranked_by']} ranked the pool")
         return (f"; the niche test of {st['score']} {found} (excess {st['excess']} samples, bound "
                 f"{st['bound']:.0f} at level {st['alpha']:g})")
     return ""

@@ -398,8 +398,12 @@ def _stage_fact(st: dict) -> list[str]:
     if st["stage"] == "filter":
         return ["filter stage", f"set apart {st['set_apart']} of {st['set_apart'] + st['passed']} (the lowest "
                 f"{st['fraction']:g} by {st['score']}); they rank below the others"]
-    verdict = (f"a niche: those {st['head']} lead the ranking, the rest follow by {st['rest_by']}" if st["head"] else
-               f"no niche (a target like the pool itself): {st['rest_by']} ranked the pool")
+    if "ranked_by" not in st:  # a job reduced by the earlier rule: the stand-out tail led, the rest by rest_by
+        verdict = (f"a niche: those {st['head']} led the ranking, the rest followed by {st['rest_by']}" if st["head"]
+                   else f"no niche (a target like the pool itself): {st['rest_by']} ranked the pool")
+    else:
+        verdict = (f"a niche: {st['ranked_by']} ranked the passing samples" if st["niche"] else
+                   f"no niche (a target like the pool itself): {st['ranked_by']} ranked the pool")
     return ["niche test", f"{st['score']}: {st['upper_tail']} samples stand out, {st['excess']} more than the mirrored "
             f"lower tail (bound {st['bound']:.0f} at level {st['alpha']:g}, {st['samples']} samples): {verdict}"]
 

@@ -12,9 +12,9 @@ So ``select`` / ``write_ranking`` / ``write_manifests`` run unchanged on the sta
 ranking's rank is the pipeline's order. Passing is exact: the filter's cut-off is an exact bounded-memory
 selection (:func:`pruner.select.rank.select`) of ``1 - fraction`` of the pool by the filter score (ties by uid).
 
-The niche stage (``select.niche_alpha``, :func:`apply_niche`) follows on the passing samples: the ones that stand out
-in the target score lead, and every other sample follows by the filter score (all of them without a niche); it
-rewrites ``select_score`` to that order (one more read and write of the staged copies).
+The niche stage (``select.niche_alpha``, :func:`apply_niche`) follows on the passing samples: with a niche in the
+target score that order stands; without one (a target drawn like the pool), every sample is ranked by the filter
+score instead (one more read and write of the staged copies).
 """
 from __future__ import annotations
 
@@ -75,40 +75,25 @@ def apply_filter(files: Sequence[Path], score: str, fsel: Selection, fraction: f
 def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: str, alpha: float,
                 floor: float | None, out_dir: Path) -> tuple[list[Path], dict]:
     """The niche test's stage (pruner.select.niche) of the target ``score``, read from ``column`` of ``files`` (the
-    score itself, or the filter stage's staged select_score with its passing ``floor``): copies of the files in
-    ``out_dir`` (replacing staged ones there) whose :data:`SELECT_SCORE` is the pipeline's order, and the stage's
-    record for summary.json (with ``head``: how many samples lead the ranking, and ``rest_by``).
+    filter stage's staged select_score, with its passing ``floor``): does the target score single out samples that
+    help the target more than the bulk of the pool does? Returns the files to rank by :data:`SELECT_SCORE` and the
+    stage's record for summary.json (with ``ranked_by``: the score that orders the passing samples).
 
-    A niche: its stand-out tail (the test's ``upper_tail`` best samples by ``column``, exact with ties by uid) leads,
-    ``select_score = column - c`` (c: the tail's cut-off, so >= 0); every other sample follows by ``filter_score``,
-    ``min(f - max f - 1, -1)`` (< 0; max over the finite f). Beyond the niche the budget goes to what the filter
-    finds cleanest rather than to samples of small, noisy help to the target (benchmarks/RESULTS.md, issue 21). No
-    niche: every sample by ``filter_score`` (``select_score = f``). Either way a sample whose target score or filter
-    score is not finite gets NaN: never kept, as in the filter stage."""
+    A niche: the filter stage's order stands, the passing samples by the target score, and ``files`` are returned
+    as they are. No niche (a target drawn like the pool itself): copies in ``out_dir`` (replacing staged ones there)
+    with ``select_score = filter_score``, every sample by the filter score, which is the better ranking there
+    (benchmarks/RESULTS.md, issue 21). A sample whose target score or filter score is not finite gets NaN: never
+    kept, as in the filter stage."""
     test = niche_test(files, column, alpha, floor=floor)
-    head_n = test.upper_tail if test.niche else 0
-    record = {**test.record(), "score": score, "head": head_n, "rest_by": filter_score}
-    head, top = None, -math.inf
-    if head_n:  # the head's cut-off, and the largest finite filter score to put the rest below it
-        head = select(files, column, keep_count=head_n)
-        for f in files:
-            v = pq.read_table(f, columns=[filter_score])[filter_score].to_numpy(zero_copy_only=False)
-            v = v[np.isfinite(v)]
-            if len(v):
-                top = max(top, float(v.max()))
-        top = 0.0 if math.isinf(top) else top
+    record = {**test.record(), "score": score, "ranked_by": score if test.niche else filter_score}
+    if test.niche:
+        return list(files), record
     out = []
     for f in files:
         t = pq.read_table(f)
         target = t[score].to_numpy(zero_copy_only=False).astype(np.float64)
-        fs = t[filter_score].to_numpy(zero_copy_only=False).astype(np.float64)
-        if head is None:
-            derived = fs.copy()
-        else:
-            ranked = t[column].to_numpy(zero_copy_only=False)
-            derived = np.where(head.is_kept(ranked, t["uid"]), ranked - head.cutoff_score,
-                               np.minimum(fs - top - 1.0, -1.0))
-        derived[~(np.isfinite(target) & np.isfinite(fs))] = np.nan
+        derived = t[filter_score].to_numpy(zero_copy_only=False).astype(np.float64)
+        derived[~(np.isfinite(target) & np.isfinite(derived))] = np.nan
         if SELECT_SCORE in t.column_names:
             t = t.drop_columns([SELECT_SCORE])
         path = out_dir / f.name
