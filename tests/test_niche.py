@@ -102,9 +102,10 @@ def test_power_on_a_pool_with_a_niche():
         assert test.niche and test.upper_tail >= 160
 
 
-def _job(root, diffin: np.ndarray, clip: np.ndarray):
+def _job(root, diffin: np.ndarray, clip: np.ndarray, **select):
     """A scored job on two real tar shards (samples read back by pruner's reader) with score files holding
-    ``diffin`` and ``clip`` in pool order; its config: the default pipeline with a target set."""
+    ``diffin`` and ``clip`` in pool order; its config: the default pipeline with a target set (``select``: more
+    select settings)."""
     n = len(diffin)
     pool = [str(write_shard(root / "pool" / f"{j}.tar", [sample(f"s{j}-{i:04d}") for i in range(n // 2)]))
             for j in range(2)]
@@ -119,7 +120,7 @@ def _job(root, diffin: np.ndarray, clip: np.ndarray):
                        layout.scores(url))
         rejects.write(layout.rejects(url))
     cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
-                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.3}},
+                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.3, **select}},
                       check_paths=False)
     layout.config.write_bytes(cfg.to_yaml())
     return cfg, layout, pool
@@ -166,6 +167,33 @@ def test_reduce_ranks_by_the_target_score_only_where_there_is_a_niche(tmp_path, 
         assert all(r["select_score"] == r["baseline_clip_score"] for r in rows)
     assert [r["uid"] for r in rows] == [r["uid"] for r in expected]
     assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in expected[:120]}
+
+
+@pytest.mark.parametrize("niche", [True, False])
+def test_reduce_with_no_filter_stage_ranks_by_the_test_s_verdict(tmp_path, niche):
+    """filter_fraction 0: no filter stage, the test runs on the whole pool. A niche: the pool is ranked by
+    diffin_target itself (the column the reduce step was given); none: by the filter score. The sample with no
+    target score is never kept."""
+    rng = np.random.default_rng(5)
+    diffin = rng.normal(0, 1, 400)
+    if niche:
+        diffin[rng.choice(400, 80, replace=False)] += 8.0
+    clip = rng.normal(0, 1, 400)
+    broken = int(np.argmax(clip))
+    diffin[broken] = np.nan
+    cfg, layout, pool = _job(tmp_path, diffin, clip, filter_fraction=0.0)
+    summary = finalize(cfg, layout, pool, {})
+    assert [s["stage"] for s in summary["stages"]] == ["niche_test", "top_k"]
+    test = summary["stages"][0]
+    assert test["niche"] is niche and test["samples"] == 398  # 400, less NaN and median
+    want = "diffin_target" if niche else "baseline_clip_score"
+    assert test["ranked_by"] == summary["score"] == want
+    rows = pq.read_table(layout.ranking).to_pylist()
+    assert rows[-1]["key"] == f"s{broken // 200}-{broken % 200:04d}" and not rows[-1]["kept"]
+    kept = {r["uid"] for r in rows if r["kept"]}
+    finite = [r for r in rows if np.isfinite(r["diffin_target"])]
+    best = sorted(finite, key=lambda r: (-r[want], r["uid"]))[:120]
+    assert len(kept) == 120 and kept == {r["uid"] for r in best}
 
 
 def test_niche_alpha_is_refused_where_the_test_does_not_apply():

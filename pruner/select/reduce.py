@@ -134,7 +134,8 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
         if s.niche_alpha is not None:
             view, record = apply_niche(view, ranked_by, s.score, s.filter_score, s.niche_alpha, floor,
                                        stage.filtered_dir)
-            ranked_by = SELECT_SCORE
+            if not record["niche"]:  # rewritten to the filter score; a niche keeps the order it was given
+                ranked_by = SELECT_SCORE
             stages.append(record)
             score = record["ranked_by"]
             log.info("niche test of %s: excess %d samples against the bound %.0f at level %g: %s", s.score,
