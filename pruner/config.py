@@ -192,7 +192,8 @@ class SelectConfig(_Section):
     top-k of ``diffin_target`` (the propagated form), the reduce step tests at level ``niche_alpha`` whether the
     target score singles out samples that help the target more than the bulk of the pool does (a niche of the pool,
     where help to the target beats a quality filter). A niche: the passing samples are ranked by the target
-    score. A target drawn like the pool itself shows no niche, and the pool is ranked by ``filter_score`` alone. summary.json records the test. ``niche_alpha: null`` turns it off
+    score. A target drawn like the pool itself shows no niche, and the pool is ranked by ``filter_score`` alone.
+    summary.json records the test. ``niche_alpha: null`` turns it off
     (the filter stage, then the target score ranks the rest).
 
     ``policy`` ``top_k`` keeps the global best (pruner.select.rank); ``cluster_balanced`` / ``class_balanced``

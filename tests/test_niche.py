@@ -120,7 +120,7 @@ def _job(root, diffin: np.ndarray, clip: np.ndarray, **select):
                        layout.scores(url))
         rejects.write(layout.rejects(url))
     cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
-                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.3, **select}},
+                            "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_fraction": 0.3} | select},
                       check_paths=False)
     layout.config.write_bytes(cfg.to_yaml())
     return cfg, layout, pool
@@ -196,6 +196,26 @@ def test_reduce_with_no_filter_stage_ranks_by_the_test_s_verdict(tmp_path, niche
     assert len(kept) == 120 and kept == {r["uid"] for r in best}
 
 
+@pytest.mark.parametrize("niche", [True, False])
+def test_a_set_apart_sample_with_no_target_score_is_never_kept(tmp_path, niche):
+    """keep 90% of 400 behind the 20% filter stage: the budget reaches into the set-apart samples, and the one
+    among them with no target score (NaN) is never kept, with a niche or without."""
+    rng = np.random.default_rng(7)
+    diffin = rng.normal(0, 1, 400)
+    if niche:
+        diffin[rng.choice(400, 80, replace=False)] += 8.0
+    clip = rng.normal(0, 1, 400)
+    worst = int(np.argmax(-clip))  # the lowest filter score: set apart
+    diffin[worst] = np.nan
+    cfg, layout, pool = _job(tmp_path, diffin, clip, keep_fraction=0.9)
+    summary = finalize(cfg, layout, pool, {})
+    assert summary["stages"][1]["niche"] is niche
+    rows = {r["key"]: r for r in pq.read_table(layout.ranking).to_pylist()}
+    row = rows[f"s{worst // 200}-{worst % 200:04d}"]
+    assert np.isnan(row["select_score"]) and not row["kept"]
+    assert sum(r["kept"] for r in rows.values()) == 360
+
+
 def test_niche_alpha_is_refused_where_the_test_does_not_apply():
     """Off by default where it cannot run (also when a job's config.yaml holds the default there, as it does after
     a --set that moves the job there); another explicit level there is an error naming the fix."""
@@ -262,7 +282,7 @@ def test_report_line_of_the_niche_stage_new_and_earlier_records():
     base = {"stage": "niche_test", "score": "diffin_target", "upper_tail": 70, "excess": 60, "bound": 33.0,
             "alpha": 1e-3, "samples": 318}
     assert _stage_fact({**base, "niche": True, "ranked_by": "diffin_target"})[1].endswith(
-        "a niche: diffin_target ranked the passing samples")
+        "a niche: diffin_target ranked")
     assert _stage_fact({**base, "niche": False, "ranked_by": "baseline_clip_score"})[1].endswith(
         "baseline_clip_score ranked the pool")
     assert _stage_fact({**base, "niche": True, "head": 70, "rest_by": "baseline_clip_score"})[1].endswith(

@@ -86,7 +86,7 @@ def _stage_note(st: dict) -> str:
     if st["stage"] == "filter":
         return f"; the filter stage set apart the {st['set_apart']} lowest by {st['score']} first"
     if st["stage"] == "niche_test":
-        found = (f"found one ({st['upper_tail']} samples stand out), so {st['ranked_by']} ranked the passing samples"
+        found = (f"found one ({st['upper_tail']} samples stand out), so {st['ranked_by']} ranked"
                  if st["niche"] else f"found none, so {st['ranked_by']} ranked the pool")
         return (f"; the niche test of {st['score']} {found} (excess {st['excess']} samples, bound "
                 f"{st['bound']:.0f} at level {st['alpha']:g})")

@@ -402,7 +402,7 @@ def _stage_fact(st: dict) -> list[str]:
         verdict = (f"a niche: those {st['head']} led the ranking, the rest followed by {st['rest_by']}" if st["head"]
                    else f"no niche (a target like the pool itself): {st['rest_by']} ranked the pool")
     else:
-        verdict = (f"a niche: {st['ranked_by']} ranked the passing samples" if st["niche"] else
+        verdict = (f"a niche: {st['ranked_by']} ranked" if st["niche"] else
                    f"no niche (a target like the pool itself): {st['ranked_by']} ranked the pool")
     return ["niche test", f"{st['score']}: {st['upper_tail']} samples stand out, {st['excess']} more than the mirrored "
             f"lower tail (bound {st['bound']:.0f} at level {st['alpha']:g}, {st['samples']} samples): {verdict}"]

@@ -62,8 +62,9 @@ def apply_filter(files: Sequence[Path], score: str, fsel: Selection, fraction: f
     for f in files:
         t = pq.read_table(f)
         ok = passing(fsel, t)
-        derived = np.where(ok, t[score].to_numpy(zero_copy_only=False),
-                           low - 1.0 - (cut - t[fsel.score].to_numpy(zero_copy_only=False)))
+        target = t[score].to_numpy(zero_copy_only=False).astype(np.float64)
+        derived = np.where(ok, target, low - 1.0 - (cut - t[fsel.score].to_numpy(zero_copy_only=False)))
+        derived[~np.isfinite(target)] = np.nan  # no target score: never kept, set apart or not
         path = out_dir / f.name
         pq.write_table(t.append_column(SELECT_SCORE, pa.array(derived, pa.float64())), path)
         out.append(path)
@@ -79,10 +80,10 @@ def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: st
     help the target more than the bulk of the pool does? Returns the files to rank by :data:`SELECT_SCORE` and the
     stage's record for summary.json (with ``ranked_by``: the score that orders the passing samples).
 
-    A niche: the filter stage's order stands, the passing samples by the target score, and ``files`` are returned
-    as they are. No niche (a target drawn like the pool itself): copies in ``out_dir`` (replacing staged ones there)
+    A niche: the order of ``column`` stands (behind a filter stage: the passing samples by the target score), and
+    ``files`` are returned as they are, with the filter stage's NaN rule. No niche (a target drawn like the pool itself): copies in ``out_dir`` (replacing staged ones there)
     with ``select_score = filter_score``, every sample by the filter score, which is the better ranking there
-    (benchmarks/RESULTS.md, issue 21). A sample whose target score or filter score is not finite gets NaN: never
+    (benchmarks/RESULTS.md, issue 21); a sample whose target score or filter score is not finite gets NaN: never
     kept, as in the filter stage."""
     test = niche_test(files, column, alpha, floor=floor)
     record = {**test.record(), "score": score, "ranked_by": score if test.niche else filter_score}
