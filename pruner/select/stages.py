@@ -81,10 +81,10 @@ def apply_niche(files: Sequence[Path], column: str, score: str, filter_score: st
     stage's record for summary.json (with ``ranked_by``: the score that orders the passing samples).
 
     A niche: the order of ``column`` stands (behind a filter stage: the passing samples by the target score), and
-    ``files`` are returned as they are, with the filter stage's NaN rule. No niche (a target drawn like the pool itself): copies in ``out_dir`` (replacing staged ones there)
-    with ``select_score = filter_score``, every sample by the filter score, which is the better ranking there
-    (benchmarks/RESULTS.md, issue 21); a sample whose target score or filter score is not finite gets NaN: never
-    kept, as in the filter stage."""
+    ``files`` are returned as they are, with the filter stage's NaN rule. No niche (a target drawn like the pool
+    itself): copies in ``out_dir`` (replacing staged ones there) with ``select_score = filter_score``, every sample
+    by the filter score, which is the better ranking there (benchmarks/RESULTS.md, issue 21); a sample whose target
+    score or filter score is not finite gets NaN: never kept, as in the filter stage."""
     test = niche_test(files, column, alpha, floor=floor)
     record = {**test.record(), "score": score, "ranked_by": score if test.niche else filter_score}
     if test.niche:
