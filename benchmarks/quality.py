@@ -67,6 +67,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import quality_lib as ql  # noqa: E402
+from pruner.config import TARGET_FREE_SCORE  # noqa: E402
 
 log = logging.getLogger("quality")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -143,7 +144,7 @@ def parse_args(argv=None):
                    help="scores.diffin.form of the scoring job (default taylor: the form the recorded table and the "
                         "deletion check's parameter update (d) measure; with exact_increment run --no-deletion)")
     p.add_argument("--filter-fraction", type=float, default=0.2, help="default_score: the default pipeline's filter "
-                   "stage (select.filter_fraction) by CLIP score, then diffin_target")
+                   "stage (select.filter_fraction) by pruner.config.TARGET_FREE_SCORE, then diffin_target")
     p.add_argument("--niche-alpha", type=float, default=1e-3, help="default_score: the niche test's level "
                    "(select.niche_alpha; applies to the propagated form)")
     p.add_argument("--ablations", default="", help="comma list of rescoring ablations for Diff-In detection: "
@@ -540,7 +541,7 @@ def run_seed(a, seed: int, work: Path, train_split, test_split, classnames) -> d
     cols = {k: v[order] for k, v in cols.items()}
     uids = np.array(keys)
     niche_alpha = a.niche_alpha if cfg.niche_test_applies else None  # as the product's config resolves it
-    cols["default_score"], niche = ql.pipeline_score(cols["diffin_target"], cols["baseline_clip_score"], uids,
+    cols["default_score"], niche = ql.pipeline_score(cols["diffin_target"], cols[TARGET_FREE_SCORE], uids,
                                                      a.filter_fraction, niche_alpha)
     methods = [m for m in ALL_METHODS + DETECT_EXTRA + ["default_score"] if m in cols]
 

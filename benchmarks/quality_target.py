@@ -32,12 +32,13 @@ Selections. Baselines: ``random``, ``clip_score`` and ``loss`` (the proxy's last
 target image), ``intersection`` and ``intersection_nn`` (the CLIP-score top-k within the 2k most similar: the
 DataComp-style intersection of an image-based and a CLIP-score filter). Influence: every ``--influence`` column of
 the job (``tracin_target``, ``diffin_target`` in the job's form, ...), and the same after a filter stage
-(``filter>X``: drop the lowest ``--filter-fraction`` by CLIP score, rank the rest by X). The default pipeline,
-``filter>diffin_target:propagated``, is the product's (quality_lib.pipeline_score): after the filter stage, the niche
-test (``--niche-alpha``) of diffin_target; with a niche the passing samples are ranked by diffin_target, without one
-every sample by CLIP score; each problem records the test under ``niche_test``, and ``filter>diffin_target (no niche
-test)`` is the pipeline without it. ``--explore``
-adds Diff-In forms computed here from the job's stored features (pruner.scores.propagation) before they are a job
+(``filter>X``: drop the lowest ``--filter-fraction`` by the product's filter statistic,
+pruner.config.TARGET_FREE_SCORE: the proxy's loss, in runs before 2026-12-07 the CLIP score; rank the rest by X).
+The default pipeline, ``filter>diffin_target:propagated``, is the product's (quality_lib.pipeline_score): after the
+filter stage, the niche test (``--niche-alpha``) of diffin_target; with a niche the passing samples are ranked by
+diffin_target, without one every sample by the filter statistic; each problem records the test under
+``niche_test``, and ``filter>diffin_target (no niche test)`` is the pipeline without it. ``--explore`` adds Diff-In
+forms computed here from the job's stored features (pruner.scores.propagation) before they are a job
 option.
 
 Result: ``--out`` (JSON, atomic) with ``target_zero_shot`` (selection -> {"keep_<f>": mean N-way accuracy over
@@ -68,6 +69,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import quality_lib as ql  # noqa: E402
+from pruner.config import TARGET_FREE_SCORE  # noqa: E402
 
 log = logging.getLogger("quality_target")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -232,13 +234,13 @@ def intersection(clip, sim, uids, k: int) -> np.ndarray:
     return cand[top_k(clip[cand], uids[cand], k)]
 
 
-def filtered(score, clip, uids, k: int, frac: float) -> np.ndarray:
-    """The filter stage then the score: the top-k by ``score`` among the samples outside the lowest ``frac`` by CLIP
-    score (all of them when fewer than k pass)."""
-    n_pass = len(clip) - int(math.floor(frac * len(clip)))
-    passed = top_k(clip, uids, n_pass)
+def filtered(score, filter_score, uids, k: int, frac: float) -> np.ndarray:
+    """The filter stage then the score: the top-k by ``score`` among the samples outside the lowest ``frac`` by
+    ``filter_score`` (all of them when fewer than k pass)."""
+    n_pass = len(filter_score) - int(math.floor(frac * len(filter_score)))
+    passed = top_k(filter_score, uids, n_pass)
     if len(passed) < k:
-        return top_k(clip, uids, k)
+        return top_k(filter_score, uids, k)
     return passed[top_k(score[passed], uids[passed], k)]
 
 
@@ -429,15 +431,15 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
         sels["intersection_nn"] = lambda k: intersection(cols["baseline_clip_score"], cols["similarity_nn"], uids, k)
         for m in influence:
             sels[m] = (lambda col: lambda k: top_k(cols[col], uids, k))(m)
-            sels[f"filter>{m}"] = (lambda col: lambda k: filtered(cols[col], cols["baseline_clip_score"], uids, k,
+            sels[f"filter>{m}"] = (lambda col: lambda k: filtered(cols[col], cols[TARGET_FREE_SCORE], uids, k,
                                                                   a.filter_fraction))(m)
         if DEFAULT_PIPELINE in sels:  # the product's pipeline: filter stage, niche test (pruner.select.stages)
             pipe, prob_res["niche_test"] = ql.pipeline_score(cols["diffin_target:propagated"],
-                                                             cols["baseline_clip_score"], uids, a.filter_fraction,
+                                                             cols[TARGET_FREE_SCORE], uids, a.filter_fraction,
                                                              a.niche_alpha)
             sels[DEFAULT_PIPELINE] = lambda k: top_k(pipe, uids, k)
             sels["filter>diffin_target (no niche test)"] = lambda k: filtered(
-                cols["diffin_target:propagated"], cols["baseline_clip_score"], uids, k, a.filter_fraction)
+                cols["diffin_target:propagated"], cols[TARGET_FREE_SCORE], uids, k, a.filter_fraction)
         for sname, fn in sels.items():
             if a.only and sname not in a.only:
                 continue

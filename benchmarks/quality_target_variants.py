@@ -6,25 +6,26 @@ swapped ones than the default pipeline?
     .venv/bin/python benchmarks/quality_target_variants.py --work-dir /tmp/qt/full
 
 Reads each problem's prune job (Diff-In's propagated form, features saved) from ``--work-dir``. Variants, all after
-the same filter stage unless named otherwise:
+the same filter stage unless named otherwise. "The filter statistic" is the product's, pruner.config.TARGET_FREE_SCORE
+(the proxy's loss; the CLIP score in runs before 2026-12-07, when the names below were given):
 
 - ``default``: the default pipeline (quality_lib.pipeline_score: the filter stage sets apart the lowest
-  ``--filter-fraction`` by CLIP score; the niche test of diffin_target over the passing samples: with a niche
-  they are ranked by diffin_target, without one every sample by CLIP score);
+  ``--filter-fraction`` by the filter statistic; the niche test of diffin_target over the passing samples: with a
+  niche they are ranked by diffin_target, without one every sample by the filter statistic);
 - ``filter_then_diffin``: the pipeline before the niche test (the filter stage, then top-k by diffin_target), and
   ``filter_<f>``: that with a filter stage of f (is the fixed 20% too small or too large?);
-- ``diffin_x_clip_<m>``: the CLIP-score top-k among the m*k best by diffin_target (an intersection with influence as
-  the relevance filter, as DataComp intersects image similarity with CLIP score);
+- ``diffin_x_clip_<m>``: the filter statistic's top-k among the m*k best by diffin_target (an intersection with
+  influence as the relevance filter, as DataComp intersects image similarity with CLIP score);
 - ``cover_pairs``: Diff-In's propagated influence on each target pair separately (pruner.scores.propagation with
   that pair's own projected gradient; benchmarks/counterfactual.py's per-pair scores), each pool sample ranked by
   its best rank under any target pair (round-robin over the target pairs): local targets instead of the mean;
 - ``cover_classes``: the same over the target classes' mean gradients (uses the target's class labels, which a
   user may not have: an upper reference for coverage);
-- ``head_<h>_then_clip``: the best h x budget by ``filter_then_diffin``, then the rest by CLIP score (a head sized
-  by the budget instead of by the niche);
+- ``head_<h>_then_clip``: the best h x budget by ``filter_then_diffin``, then the rest by the filter statistic (a
+  head sized by the budget instead of by the niche);
 - references that know the ground truth (what no selection can beat by much): ``oracle_clean``, the default's
-  order with every swapped pair skipped; ``oracle_useful_then_clip``, every useful pair, then the CLIP-score top of
-  the correctly captioned rest.
+  order with every swapped pair skipped; ``oracle_useful_then_clip``, every useful pair, then the filter
+  statistic's top of the correctly captioned rest.
 
 ``--retrain`` also trains the coresets of ``default``, ``filter_then_diffin``, ``head_*`` and the references from
 scratch as the run did (its cache in the run's work dir, so coresets already trained are not trained again) and
@@ -52,6 +53,7 @@ import torch  # noqa: E402
 
 import quality_lib as ql  # noqa: E402
 import quality_target as qt  # noqa: E402
+from pruner.config import TARGET_FREE_SCORE  # noqa: E402
 
 
 def best_rank_order(scores: np.ndarray) -> np.ndarray:
@@ -84,8 +86,8 @@ def other_scores(job_dir: str, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 def problem_scores(job_dir: str, keys: list[str], target_labels: dict[str, int]):
-    """(diffin_target, CLIP score, per-target-pair propagated influence [n, J], target pair labels [J]) of one
-    problem's job, aligned to ``keys``."""
+    """(diffin_target, the filter statistic (pruner.config.TARGET_FREE_SCORE), per-target-pair propagated influence
+    [n, J], target pair labels [J]) of one problem's job, aligned to ``keys``."""
     from counterfactual import per_target_scores, target_features
     from pruner.io.store import load_features
     from pruner.jobfiles import JobFiles
@@ -101,14 +103,14 @@ def problem_scores(job_dir: str, keys: list[str], target_labels: dict[str, int])
     pos = {u: i for i, u in enumerate(uids)}
     order = np.array([pos[k] for k in keys])
     feats = [torch.from_numpy(np.concatenate(f)[order]).double() for f in feats]
-    t = pq.read_table(layout.ranking, columns=["uid", "diffin_target", "baseline_clip_score"]).to_pydict()
+    t = pq.read_table(layout.ranking, columns=["uid", "diffin_target", TARGET_FREE_SCORE]).to_pydict()
     rpos = {u: i for i, u in enumerate(t["uid"])}
     rorder = np.array([rpos[k] for k in keys])
     shared = [job.shared(i) for i in range(m)]
     target = list(iter_pool(job.shard_urls(cfg.target.shards)))[: cfg.target.max_samples]
     per_pair = per_target_scores(feats, target_features(cfg, traj, shared, target), shared,
                                  job.checkpoint_records)["diffin_propagated"]
-    return (np.asarray(t["diffin_target"], float)[rorder], np.asarray(t["baseline_clip_score"], float)[rorder],
+    return (np.asarray(t["diffin_target"], float)[rorder], np.asarray(t[TARGET_FREE_SCORE], float)[rorder],
             per_pair, np.array([target_labels[s.key] for s in target]))
 
 
@@ -154,14 +156,14 @@ def main(argv=None) -> int:
             jobs = sorted((Path(a.work_dir) / f"seed-{seed}" / name / "jobs").iterdir())
             job_dir = next(str(j) for j in jobs if JobLayout(j).config.read_text().count("form: propagated"))
             labels = {s.key: s.label for s in qt.target_samples(train, set(prob.keys), classes, qa.per_class, seed)}
-            d, clip, per_pair, tl = problem_scores(job_dir, prob.keys, labels)
+            d, filt, per_pair, tl = problem_scores(job_dir, prob.keys, labels)
             n = len(keys)
             niche = niche_test_values(d, "diffin_target", a.niche_alpha)
             niche_tests[f"seed {seed} {name}"] = {
                 "diffin_target": niche.record(),
                 **{c: niche_test_values(v, c, a.niche_alpha).record()
                    for c, v in other_scores(job_dir, prob.keys).items()}}
-            passed = qt.top_k(clip, keys, n - int(math.floor(a.filter_fraction * n)))
+            passed = qt.top_k(filt, keys, n - int(math.floor(a.filter_fraction * n)))
             per_class = np.stack([per_pair[:, tl == c].mean(1) for c in classes], 1)
             pair_order = passed[best_rank_order(per_pair[passed])]
             class_order = passed[best_rank_order(per_class[passed])]
@@ -170,26 +172,26 @@ def main(argv=None) -> int:
 
             def inter(k, mult):
                 cand = passed[qt.top_k(d[passed], keys[passed], min(len(passed), int(mult * k)))]
-                return cand[qt.top_k(clip[cand], keys[cand], k)]
+                return cand[qt.top_k(filt[cand], keys[cand], k)]
 
             def then_clip(head, k):
                 """``head`` (at most k, in order), then the CLIP-score top of every other sample."""
                 head = head[:k]
                 rest = np.setdiff1d(np.arange(n), head)
-                return np.concatenate([head, rest[qt.top_k(clip[rest], keys[rest], k - len(head))]])
+                return np.concatenate([head, rest[qt.top_k(filt[rest], keys[rest], k - len(head))]])
 
             def oracle_useful(k):
                 """Every useful pair (the CLIP-score top of them if more than k), then the CLIP-score top of the
                 correctly captioned rest."""
                 u, c = np.nonzero(useful)[0], np.nonzero(~useful & ~prob.swapped)[0]
-                u = u[qt.top_k(clip[u], keys[u], min(k, len(u)))]
-                return np.concatenate([u, c[qt.top_k(clip[c], keys[c], k - len(u))]])
+                u = u[qt.top_k(filt[u], keys[u], min(k, len(u)))]
+                return np.concatenate([u, c[qt.top_k(filt[c], keys[c], k - len(u))]])
 
             pipe, niche_tests[f"seed {seed} {name}"]["default_pipeline"] = ql.pipeline_score(
-                d, clip, keys, a.filter_fraction, a.niche_alpha)
+                d, filt, keys, a.filter_fraction, a.niche_alpha)
             sels = {"default": lambda k: qt.top_k(pipe, keys, k),
-                    "filter_then_diffin": lambda k: qt.filtered(d, clip, keys, k, a.filter_fraction),
-                    **{f"filter_{f}": (lambda f: lambda k: qt.filtered(d, clip, keys, k, f))(f)
+                    "filter_then_diffin": lambda k: qt.filtered(d, filt, keys, k, a.filter_fraction),
+                    **{f"filter_{f}": (lambda f: lambda k: qt.filtered(d, filt, keys, k, f))(f)
                        for f in (0.0, 0.1, 0.3, 0.4)},
                     "diffin_x_clip_1.5": lambda k: inter(k, 1.5), "diffin_x_clip_2": lambda k: inter(k, 2.0),
                     "cover_pairs": lambda k: pair_order[:k], "cover_classes": lambda k: class_order[:k],

@@ -183,10 +183,10 @@ class SelectConfig(_Section):
     """How the scores turn into a keep set (pruner.select). Exactly one of keep_fraction, keep_count, threshold.
 
     The default pipeline (``score`` and ``filter_score`` ``auto``, resolved when the config is loaded): with a
-    target set, a filter stage drops the ``filter_fraction`` of the pool with the lowest CLIP score (the proxy's own
-    statistic for mismatched pairs, which no gradient score beats), then the rest is ranked by ``diffin_target``
-    (help to the target); without one, the pool is ranked by ``baseline_clip_score``, the best target-free score
-    measured (benchmarks/RESULTS.md, "Quality"). ``filter_score: null`` turns the filter stage off.
+    target set, a filter stage drops the ``filter_fraction`` of the pool with the highest proxy loss
+    (:data:`TARGET_FREE_SCORE`, the proxy's own statistic for mismatched pairs, which no gradient score beats), then
+    the rest is ranked by ``diffin_target`` (help to the target); without one, the pool is ranked by
+    :data:`TARGET_FREE_SCORE`. ``filter_score: null`` turns the filter stage off.
 
     The niche test (``niche_alpha``, pruner.select.niche and .stages): behind the filter stage, in front of the
     top-k of ``diffin_target`` (the propagated form), the reduce step tests at level ``niche_alpha`` whether the
@@ -243,16 +243,24 @@ class SelectConfig(_Section):
                                                       and self.dedup_space == "gradient")
 
 
+#: The target-free score of the default pipeline: its filter stage's statistic and the ranking without a target set
+#: (or without a niche). The proxy's own loss against the bank, not the CLIP score: the two are the best target-free
+#: detectors of mismatched pairs and tie on retrained coresets, and the loss leads in detection AUROC on every
+#: problem measured but one (it discounts images and captions that match everything, which the CLIP score counts as
+#: agreement); benchmarks/RESULTS.md, "Loss or CLIP score".
+TARGET_FREE_SCORE = "baseline_loss"
+
+
 def default_score(columns: list[str]) -> str:
-    """``select.score: auto``: help to the target set (Diff-In's, else TracIn's) when there is one, else the CLIP
-    score, else the first column the job produces."""
-    return next((c for c in ("diffin_target", "tracin_target", "baseline_clip_score") if c in columns), columns[0])
+    """``select.score: auto``: help to the target set (Diff-In's, else TracIn's) when there is one, else
+    :data:`TARGET_FREE_SCORE`, else the first column the job produces."""
+    return next((c for c in ("diffin_target", "tracin_target", TARGET_FREE_SCORE) if c in columns), columns[0])
 
 
 def default_filter(score: str, columns: list[str]) -> Optional[str]:
-    """``select.filter_score: auto``: the CLIP score in front of a target-set score (it finds the mismatched pairs a
-    target score keeps), none in front of a target-free one."""
-    return "baseline_clip_score" if score in target_set_columns() and "baseline_clip_score" in columns else None
+    """``select.filter_score: auto``: :data:`TARGET_FREE_SCORE` in front of a target-set score (it finds the
+    mismatched pairs a target score keeps), none in front of a target-free one."""
+    return TARGET_FREE_SCORE if score in target_set_columns() and TARGET_FREE_SCORE in columns else None
 
 
 class RayConfig(_Section):

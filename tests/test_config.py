@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pruner.cli import main as cli_main
-from pruner.config import ConfigError, load_config, load_job_config
+from pruner.config import TARGET_FREE_SCORE, ConfigError, load_config, load_job_config
 from pruner.io.shards import DEMO_DIR
 from pruner.scores.combine import score_columns
 from pruner.scores.methods import METHODS
@@ -151,6 +151,23 @@ def test_score_choices_are_the_columns_a_job_writes(tmp_path):
         sorted(c for m in METHODS.values() for c in m.columns)
     for column in written:
         assert load_config(path, [f"select.score={column}"]).select.score == column
+
+
+def test_auto_selection_resolves_to_the_default_pipeline(tmp_path):
+    """select.score / filter_score auto: with a target set, diffin_target behind a filter stage on the proxy's loss
+    (pruner.config.TARGET_FREE_SCORE); without one, the loss ranks and there is no filter stage; with no baselines
+    among the methods, no filter stage and the first target score."""
+    d = _base(tmp_path)
+    d["select"] = {}
+    d["scores"] = {}
+    cfg = load_config(_write(tmp_path, d))
+    assert (cfg.select.score, cfg.select.filter_score) == ("baseline_loss", None) == (TARGET_FREE_SCORE, None)
+    d["target"] = {"shards": [str(DEMO_DIR / "target")]}
+    cfg = load_config(_write(tmp_path, d))
+    assert (cfg.select.score, cfg.select.filter_score) == ("diffin_target", "baseline_loss")
+    d["scores"] = {"methods": ["tracin"]}
+    cfg = load_config(_write(tmp_path, d))
+    assert (cfg.select.score, cfg.select.filter_score) == ("tracin_target", None)
 
 
 def test_policy_config_accepted(tmp_path):

@@ -9,11 +9,13 @@ import pytest
 import yaml
 from corpus import sample, write_shard
 
-from pruner.config import load_config
+from pruner.config import TARGET_FREE_SCORE, load_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import read_shard
 from pruner.select.niche import excess_bound, niche_test, niche_test_values, tail_excess
 from pruner.select.reduce import finalize
+
+FILTER = TARGET_FREE_SCORE  # the default filter stage's score
 
 
 def brute_excess(scores: np.ndarray) -> tuple[int, int]:
@@ -104,8 +106,8 @@ def test_power_on_a_pool_with_a_niche():
 
 def _job(root, diffin: np.ndarray, clip: np.ndarray, **select):
     """A scored job on two real tar shards (samples read back by pruner's reader) with score files holding
-    ``diffin`` and ``clip`` in pool order; its config: the default pipeline with a target set (``select``: more
-    select settings)."""
+    ``diffin`` and ``clip`` (as the default filter score) in pool order; its config: the default pipeline with a
+    target set (``select``: more select settings)."""
     n = len(diffin)
     pool = [str(write_shard(root / "pool" / f"{j}.tar", [sample(f"s{j}-{i:04d}") for i in range(n // 2)]))
             for j in range(2)]
@@ -116,7 +118,7 @@ def _job(root, diffin: np.ndarray, clip: np.ndarray, **select):
         part = slice(j * (n // 2), (j + 1) * (n // 2))
         pq.write_table(pa.table({"uid": [x.uid for x in samples], "key": [x.key for x in samples],
                                  "shard_url": [url] * len(samples), "row": pa.array(range(len(samples)), pa.int32()),
-                                 "diffin_target": diffin[part], "baseline_clip_score": clip[part]}),
+                                 "diffin_target": diffin[part], FILTER: clip[part]}),
                        layout.scores(url))
         rejects.write(layout.rejects(url))
     cfg = load_config(data={"data": {"shards": [str(root / "pool")]}, "target": {"shards": [pool[0]]},
@@ -142,14 +144,14 @@ def test_reduce_ranks_by_the_target_score_only_where_there_is_a_niche(tmp_path, 
     broken = int(np.argmax(clip))  # the best filter score, but no target score: never kept
     diffin[broken] = np.nan
     cfg, layout, pool = _job(tmp_path, diffin, clip)
-    assert cfg.select.score == "diffin_target" and cfg.select.filter_score == "baseline_clip_score"
+    assert cfg.select.score == "diffin_target" and cfg.select.filter_score == FILTER
     summary = finalize(cfg, layout, pool, {})
     assert [s["stage"] for s in summary["stages"]] == ["filter", "niche_test", "top_k"]
     test = summary["stages"][1]
     assert test["niche"] is niche and test["alpha"] == 1e-3 and test["score"] == "diffin_target"
     assert test["samples"] == 318 and (test["excess"] > test["bound"]) is niche  # 320 passing, less NaN and median
     assert summary["select"] == cfg.select.model_dump(mode="json")
-    want = "diffin_target" if niche else "baseline_clip_score"
+    want = "diffin_target" if niche else FILTER
     assert test["ranked_by"] == summary["score"] == want
     if niche:
         assert 55 <= test["upper_tail"] <= 90
@@ -157,14 +159,14 @@ def test_reduce_ranks_by_the_target_score_only_where_there_is_a_niche(tmp_path, 
     assert rows[-1]["key"] == f"s{broken // 200}-{broken % 200:04d}"
     assert np.isnan(rows[-1]["select_score"]) and not rows[-1]["kept"]
     rows = rows[:-1]
-    by_clip = lambda rs: sorted(rs, key=lambda r: (-r["baseline_clip_score"], r["uid"]))  # noqa: E731
+    by_clip = lambda rs: sorted(rs, key=lambda r: (-r[FILTER], r["uid"]))  # noqa: E731
     passed = by_clip(rows)[:319]  # floor(0.8 x 400) pass the filter stage, one of them the broken sample
     if niche:
         expected = sorted(passed, key=lambda r: (-r["diffin_target"], r["uid"])) + by_clip(rows)[319:]
         assert sum(r["diffin_target"] > 4 for r in expected[:60]) == 60  # the niche's own samples lead
     else:
         expected = by_clip(rows)
-        assert all(r["select_score"] == r["baseline_clip_score"] for r in rows)
+        assert all(r["select_score"] == r[FILTER] for r in rows)
     assert [r["uid"] for r in rows] == [r["uid"] for r in expected]
     assert {r["uid"] for r in rows if r["kept"]} == {r["uid"] for r in expected[:120]}
 
@@ -186,7 +188,7 @@ def test_reduce_with_no_filter_stage_ranks_by_the_test_s_verdict(tmp_path, niche
     assert [s["stage"] for s in summary["stages"]] == ["niche_test", "top_k"]
     test = summary["stages"][0]
     assert test["niche"] is niche and test["samples"] == 398  # 400, less NaN and median
-    want = "diffin_target" if niche else "baseline_clip_score"
+    want = "diffin_target" if niche else FILTER
     assert test["ranked_by"] == summary["score"] == want
     rows = pq.read_table(layout.ranking).to_pylist()
     assert rows[-1]["key"] == f"s{broken // 200}-{broken % 200:04d}" and not rows[-1]["kept"]
