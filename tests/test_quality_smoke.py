@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +60,26 @@ def test_quality_smoke(tmp_path):
     assert r["per_seed"][0]["policy_selection"]["baseline_loss:class_balanced"]["keep_0.5"]["groups"] == 10
     assert "| baseline_loss:class_balanced |" in proc.stdout
     print(f"smoke run took {time.time() - t0:.0f} s")
+
+
+@needs_data
+def test_filter_statistic_smoke(tmp_path):
+    """benchmarks/filter_statistic.py at a toy size: per seed the proxy's checkpoints, both statistics' AUROC (last
+    checkpoint, per checkpoint, trajectory mean) and the retrained coresets; the summary pairs them over the seeds."""
+    out = tmp_path / "filter.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "filter_statistic.py"), "--seeds", "0,1",
+           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--train-shards", "1", "--test-shards", "1",
+           "--pool-size", "300", "--steps", "6", "--checkpoints", "2", "--bank-size", "32", "--keep", "0.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(out.read_text())
+    assert [r["seed"] for r in res["per_seed"]] == [0, 1]
+    for r in res["per_seed"]:
+        assert r["steps"] == [3, 6] and len(r["auroc_per_checkpoint"]["loss"]) == 2
+        assert all(0 <= v <= 1 for v in r["auroc"].values())
+        assert set(r["zero_shot"]) == {"full", "clip_score:keep_0.5", "loss:keep_0.5"}
+        assert all(0 <= v <= 1 for v in r["swapped_kept"].values())
+    pair = res["summary"]["loss_minus_clip_score"]
+    assert pair["auroc"]["n"] == 2 and pair["zero_shot_keep_0.5"]["n"] == 2
+    assert abs(pair["auroc"]["mean"] - np.mean([r["auroc"]["loss"] - r["auroc"]["clip_score"]
+                                                for r in res["per_seed"]])) < 1e-12

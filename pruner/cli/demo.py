@@ -26,7 +26,7 @@ def demo_config(root: Path, trajectory: Path) -> dict:
         "features": {"k": 256, "bank_size": 256, "batch_size": 50},
         "scores": {"diffin": {"targets": ["target", "train"], "reference_batch_size": 64},
                    "oga": {"iforest_sample": 200}},
-        "select": {"keep_fraction": 0.5},  # the default pipeline: CLIP-score filter stage, niche test, diffin_target
+        "select": {"keep_fraction": 0.5},  # the default pipeline: loss filter stage, niche test, diffin_target
         "ray": {"num_actors": 2},
     }
 

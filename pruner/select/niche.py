@@ -3,7 +3,7 @@ help the target more than the bulk of the pool does, or is the target like the p
 
 Why: ranking by help to a target beats a quality filter where the target is a niche of the pool (a few classes, a
 domain); on a target drawn like the pool itself the help scores carry no niche and the proxy's own mismatch
-statistic (the CLIP score of the filter stage) is the better ranking (benchmarks/RESULTS.md, issue 21). A niche shows
+statistic (the loss of the filter stage) is the better ranking (benchmarks/RESULTS.md, issue 21). A niche shows
 in Diff-In's propagated target score as an upper tail that its lower tail does not mirror: the samples of the niche
 stand out above the bulk, which is about symmetric around its median.
 
