@@ -6,7 +6,8 @@ The mismatch problem of ``benchmarks/quality.py`` (CIFAR-10 train pool of ``--po
 swapped across classes, a pruner-micro proxy trained from scratch with pruner's train-proxy), many seeds, cheap per
 seed: no gradients, only the proxy's embeddings at each of its checkpoints. Per seed, for the CLIP score cos(x, y)
 and the bank loss (pruner.model.loss.bank_loss against ``--bank-size`` pool pairs, the pair's own bank row left out,
-the checkpoint's logit scale; as the scorer computes ``baseline_loss``):
+the checkpoint's logit scale; as the scorer computes ``baseline_loss``, except that the bank is a seeded uniform draw
+from the pool and 1,024 pairs as in benchmarks/quality.py, not the product's hash-picked 4,096):
 
 - detection AUROC of swapped pairs at the last checkpoint, and of the mean over checkpoints (the area under the
   margin / dataset-cartography idea: mislabelled samples are learnt late, so their statistic stays low over training);
@@ -14,11 +15,12 @@ the checkpoint's logit scale; as the scorer computes ``baseline_loss``):
   proxy's seed and steps, zero-shot top-1 on the CIFAR-10 test split, and the swapped share kept.
 
 Paired differences (loss − CLIP score) over the seeds with their standard error: the question is whether either
-statistic is the better filter beyond the seed-to-seed noise. Cached per seed under ``--work-dir``.
+statistic is the better filter beyond the seed-to-seed noise. Cached per seed and settings under ``--work-dir``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -62,7 +64,11 @@ def run_seed(a, seed: int, train, ev) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from pruner.model.clip import create_clip
-    seed_dir = Path(a.work_dir) / f"seed-{seed}"
+    settings = {k: getattr(a, k) for k in ("data_dir", "train_shards", "pool_size", "noise", "arch", "steps",
+                                            "batch_size", "lr", "checkpoints", "bank_size", "keep", "coresets",
+                                            "test_shards")}
+    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    seed_dir = Path(a.work_dir) / f"seed-{seed}-{tag}"  # a run with other settings never reuses this one
     done = seed_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())

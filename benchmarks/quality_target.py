@@ -33,7 +33,7 @@ target image), ``intersection`` and ``intersection_nn`` (the CLIP-score top-k wi
 DataComp-style intersection of an image-based and a CLIP-score filter). Influence: every ``--influence`` column of
 the job (``tracin_target``, ``diffin_target`` in the job's form, ...), and the same after a filter stage
 (``filter>X``: drop the lowest ``--filter-fraction`` by the product's filter statistic,
-pruner.config.TARGET_FREE_SCORE: the proxy's loss, in runs before 2026-12-07 the CLIP score; rank the rest by X).
+pruner.config.TARGET_FREE_SCORE: the proxy's loss, in runs before commit 2109c3c the CLIP score; rank the rest by X).
 The default pipeline, ``filter>diffin_target:propagated``, is the product's (quality_lib.pipeline_score): after the
 filter stage, the niche test (``--niche-alpha``) of diffin_target; with a niche the passing samples are ranked by
 diffin_target, without one every sample by the filter statistic; each problem records the test under
@@ -102,7 +102,8 @@ def parse_args(argv=None):
                    "(scores.diffin.form); their diffin_target columns are named diffin_target:<form>")
     p.add_argument("--explore", default="", help="comma list of Diff-In forms computed from stored features: "
                    "propagated, propagated_adam, propagated_own")
-    p.add_argument("--filter-fraction", type=float, default=0.2, help="the filter stage's share dropped by CLIP score")
+    p.add_argument("--filter-fraction", type=float, default=0.2, help="the filter stage's share dropped by "
+                   "pruner.config.TARGET_FREE_SCORE")
     p.add_argument("--niche-alpha", type=float, default=1e-3, help="the default pipeline's niche test level "
                    "(select.niche_alpha)")
     p.add_argument("--arch", default="pruner-micro")

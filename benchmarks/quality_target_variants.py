@@ -7,7 +7,7 @@ swapped ones than the default pipeline?
 
 Reads each problem's prune job (Diff-In's propagated form, features saved) from ``--work-dir``. Variants, all after
 the same filter stage unless named otherwise. "The filter statistic" is the product's, pruner.config.TARGET_FREE_SCORE
-(the proxy's loss; the CLIP score in runs before 2026-12-07, when the names below were given):
+(the proxy's loss; the CLIP score in runs before commit 2109c3c, when the names below were given):
 
 - ``default``: the default pipeline (quality_lib.pipeline_score: the filter stage sets apart the lowest
   ``--filter-fraction`` by the filter statistic; the niche test of diffin_target over the passing samples: with a
@@ -175,14 +175,14 @@ def main(argv=None) -> int:
                 return cand[qt.top_k(filt[cand], keys[cand], k)]
 
             def then_clip(head, k):
-                """``head`` (at most k, in order), then the CLIP-score top of every other sample."""
+                """``head`` (at most k, in order), then the filter statistic's top of every other sample."""
                 head = head[:k]
                 rest = np.setdiff1d(np.arange(n), head)
                 return np.concatenate([head, rest[qt.top_k(filt[rest], keys[rest], k - len(head))]])
 
             def oracle_useful(k):
-                """Every useful pair (the CLIP-score top of them if more than k), then the CLIP-score top of the
-                correctly captioned rest."""
+                """Every useful pair (the filter statistic's top of them if more than k), then the filter
+                statistic's top of the correctly captioned rest."""
                 u, c = np.nonzero(useful)[0], np.nonzero(~useful & ~prob.swapped)[0]
                 u = u[qt.top_k(filt[u], keys[u], min(k, len(u)))]
                 return np.concatenate([u, c[qt.top_k(filt[c], keys[c], k - len(u))]])

@@ -245,9 +245,9 @@ class SelectConfig(_Section):
 
 #: The target-free score of the default pipeline: its filter stage's statistic and the ranking without a target set
 #: (or without a niche). The proxy's own loss against the bank, not the CLIP score: the two are the best target-free
-#: detectors of mismatched pairs and tie on retrained coresets, and the loss leads in detection AUROC on every
-#: problem measured but one (it discounts images and captions that match everything, which the CLIP score counts as
-#: agreement); benchmarks/RESULTS.md, "Loss or CLIP score".
+#: detectors of mismatched pairs and tie on retrained coresets, and the loss leads in detection AUROC on average in
+#: every measurement (on 8 of 10 seeds in the latest). It discounts images and captions that match everything, which
+#: the CLIP score counts as agreement. benchmarks/RESULTS.md, "Loss or CLIP score".
 TARGET_FREE_SCORE = "baseline_loss"
 
 

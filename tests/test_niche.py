@@ -244,6 +244,19 @@ def test_jobs_written_before_the_niche_test_reopen_without_it(tmp_path):
     assert load_job_config(tmp_path / "config.yaml").select.niche_alpha is None
 
 
+def test_a_job_that_resolved_the_clip_score_reopens_with_it(tmp_path):
+    """config.yaml stores what ``auto`` resolved to: a job written while the default filter was the CLIP score
+    reopens with it (rescore and explain reproduce that job), while a new config's ``auto`` resolves to the loss."""
+    from pruner.config import load_job_config
+    base = {"data": {"shards": ["/x"]}, "target": {"shards": ["/t"]}, "trajectory": {"checkpoints": ["c.pt"]},
+            "scores": {"diffin": {"form": "propagated"}},
+            "select": {"score": "diffin_target", "filter_score": "baseline_clip_score", "niche_alpha": 1e-3}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base))
+    assert load_job_config(tmp_path / "config.yaml").select.filter_score == "baseline_clip_score"
+    fresh = load_config(data={**base, "select": {}}, check_paths=False)
+    assert (fresh.select.score, fresh.select.filter_score) == ("diffin_target", TARGET_FREE_SCORE)
+
+
 def test_bound_values():
     """sqrt(n ln(1/alpha) / 2) for a balanced walk; (b + sqrt(b^2 + 2 n ln(1/alpha))) / 2 for one ending at b."""
     assert excess_bound(2000, 1e-3) == pytest.approx(83.112, abs=1e-3)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -77,9 +78,53 @@ def test_filter_statistic_smoke(tmp_path):
     for r in res["per_seed"]:
         assert r["steps"] == [3, 6] and len(r["auroc_per_checkpoint"]["loss"]) == 2
         assert all(0 <= v <= 1 for v in r["auroc"].values())
+        assert all(r["auroc"][s] == r["auroc_per_checkpoint"][s][-1] for s in ("clip_score", "loss"))
         assert set(r["zero_shot"]) == {"full", "clip_score:keep_0.5", "loss:keep_0.5"}
         assert all(0 <= v <= 1 for v in r["swapped_kept"].values())
+    assert set(res["summary"]["trajectory_mean_minus_last"]) == {"clip_score", "loss"}
+    assert set(res["summary"]["zero_shot"]["keep_0.5"]) == {"clip_score", "loss"}
     pair = res["summary"]["loss_minus_clip_score"]
     assert pair["auroc"]["n"] == 2 and pair["zero_shot_keep_0.5"]["n"] == 2
     assert abs(pair["auroc"]["mean"] - np.mean([r["auroc"]["loss"] - r["auroc"]["clip_score"]
                                                 for r in res["per_seed"]])) < 1e-12
+
+
+def test_filter_statistic_loss_is_the_symmetric_bank_infonce():
+    """benchmarks/filter_statistic.statistics against a per-pair loop: -loss = s<x,y> minus the mean of the two
+    directions' logsumexp over the pair's own logit and its bank logits, the pair's own bank row left out (tolerance
+    1e-10, float64); the CLIP score is the cosine."""
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import filter_statistic as fs
+
+    class Embedder(torch.nn.Module):
+        """encode_image / encode_text as fixed random linear maps, logit scale 2."""
+
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.wi, self.wt = torch.randn(12, 6, generator=g), torch.randn(5, 6, generator=g)
+            self.logit_scale = torch.tensor(float(np.log(2.0)))
+
+        def encode_image(self, x):
+            return x.flatten(1) @ self.wi
+
+        def encode_text(self, t):
+            return t.float() @ self.wt
+
+    g = torch.Generator().manual_seed(1)
+    images, tokens = torch.randn(9, 3, 2, 2, generator=g), torch.randint(0, 4, (9, 5), generator=g)
+    bank = np.array([1, 4, 6])
+    model = Embedder()
+    got = fs.statistics(model, images, tokens, bank)
+    x = F.normalize(model.encode_image(images).float(), dim=-1).double()  # as quality_lib._encode embeds (fp32)
+    y = F.normalize(model.encode_text(tokens).float(), dim=-1).double()
+    for i in range(9):
+        others = [b for b in bank if b != i]
+        pos = 2.0 * x[i] @ y[i]
+        i2t = torch.stack([pos] + [2.0 * x[i] @ y[b] for b in others])
+        t2i = torch.stack([pos] + [2.0 * y[i] @ x[b] for b in others])
+        loss = 0.5 * (torch.logsumexp(i2t, 0) + torch.logsumexp(t2i, 0)) - pos
+        assert abs(got["loss"][i] + float(loss)) < 1e-10
+        assert abs(got["clip_score"][i] - float(x[i] @ y[i])) < 1e-10

@@ -1,5 +1,6 @@
 """Baselines at the last checkpoint: ``baseline_loss`` = -l_z, ``baseline_clip_score`` = cos(x_z, y_z) (the
-CLIP-score filter's statistic) and ``baseline_random``, uniform [0, 1) from a hash of (seed, uid)."""
+statistic of the CLIP-score filters data teams run; the default pipeline filters by ``baseline_loss``,
+pruner.config.TARGET_FREE_SCORE) and ``baseline_random``, uniform [0, 1) from a hash of (seed, uid)."""
 from __future__ import annotations
 
 import hashlib
