@@ -28,7 +28,8 @@ Three cases, each meant to give what a full re-run would give:
   The per-checkpoint components of the old target (``c<i>_tracin_target``, ``c<i>_t1_target``,
   ``c<i>_tracin_pred``, ...) are dropped, not re-estimated.
   Every shard of the pool must be scored as it is now (the lake may have grown since the job ran): otherwise
-  re-targeting is refused before any gradient pass, naming the shards.
+  re-targeting is refused before any gradient pass, naming the shards. A job scored without a target set is
+  ranked, once re-targeted, as a job with that target set is by default (:func:`retargeted_config`).
 """
 from __future__ import annotations
 
@@ -47,12 +48,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from pruner.config import JobConfig, SelectConfig, load_config
 from pruner.io.atomic import atomic_path, write_bytes_atomic
 from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.store import Int8Copies, load_features
 from pruner.jobfiles import JobFiles
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs, propagation_terms, uses_propagation
+from pruner.scores.combine import target_set_columns
 from pruner.scores.methods import BUILTIN, METHODS
 from pruner.scores.shared import reference_hvp, target_gradients
 from pruner.select.reduce import finalize
@@ -253,15 +256,36 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     with Int8Copies(layout.int8_dir) if use_int8 else contextlib.nullcontext() as int8:
         for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
             _retarget_file(layout, new, url, projs, diffin_form, int8)
-    score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"
-    cfg2 = cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
-                                  "select": cfg.select.model_copy(update={"score": score})})
+    cfg2 = retargeted_config(cfg, target_specs, diffin_form)
     write_bytes_atomic(new.config, cfg2.to_yaml())  # read by the reduce step (trusted pipe: commands)
     write_bytes_atomic(new.trajectory, layout.trajectory.read_bytes())  # the weights its scores are combined with
     finalize(cfg2, new, pool, {"retarget_of": str(layout.root), "projected_estimates": True,
                                "diffin_available": diffin_form is not None,
                                "features_read": "int8" if use_int8 else "fp16"})
     return new.root
+
+
+def retargeted_config(cfg: JobConfig, target_specs: Sequence[str], diffin_form: str | None) -> JobConfig:
+    """The re-targeted job's config: the new target set, and the select settings it ranks by.
+
+    A job with a target set keeps its select settings (diffin_target becomes tracin_target where Diff-In's form
+    cannot re-target). A job scored without one and ranked by a target-free score is re-targeted to ask which
+    samples help the new target, so it ranks as a job with that target set does by default: ``select.score``,
+    ``filter_score`` and ``niche_alpha`` at their defaults, resolved over the columns the re-target writes
+    (diffin_target where ``diffin_form``, tracin_target always); its budget, policy and dedup settings stay.
+    Keeping the old target-free score would ignore the target the user just gave."""
+    if cfg.target.shards or cfg.select.score in target_set_columns():
+        score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"
+        return cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
+                                      "select": cfg.select.model_copy(update={"score": score})})
+    data = cfg.model_dump(mode="json")
+    data["target"]["shards"] = list(target_specs)
+    targets = data["scores"]["diffin"]["targets"]
+    if diffin_form and "target" not in targets:
+        targets.insert(0, "target")
+    data["select"].update({key: SelectConfig.model_fields[key].default
+                           for key in ("score", "filter_score", "niche_alpha")})
+    return load_config(data=data, check_paths=False)
 
 
 def _retarget_file(layout: JobLayout, new: JobLayout, url: str, projs: list[dict], diffin_form: str | None,

@@ -23,14 +23,14 @@ from scipy.stats import spearmanr
 
 from conftest import small_job_config
 from corpus import make_good_shard, write_shard
-from pruner.config import load_config
+from pruner.config import TARGET_FREE_SCORE, load_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import DEMO_DIR, demo_pool_shards
 from pruner.io.store import Int8Copies, load_features, quantize_rows, save_features
 from pruner.jobs.prune import run
 from pruner.model.checkpoints import load_trajectory, save_trajectory
 from pruner.cli.rescore import main
-from pruner.rescore import _projected_dot, add_checkpoint, retarget
+from pruner.rescore import _projected_dot, add_checkpoint, retarget, retargeted_config
 
 METHODS = ("diffin_target", "diffin_train", "tracin_target", "tracin_self", "oga_iforest", "baseline_loss")
 
@@ -276,6 +276,49 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
             want += c["eta"] * load_features(layout.features(url, i)).astype(np.float64) @ pv
         np.testing.assert_allclose(got[column].to_numpy(), want, rtol=2e-3, atol=1e-6 * np.abs(want).max(),
                                    err_msg=column)
+
+
+def test_retargeted_config_ranks_a_target_free_job_by_the_new_target():
+    """A job scored without a target set (ranked by the target-free score) is re-targeted into the default pipeline
+    of a job with that target set: Diff-In's target score where its form re-targets (else TracIn's), behind the
+    filter stage, with the niche test where it applies; its budget stays. A job with a target set keeps its select
+    settings."""
+    base = {"data": {"shards": ["/x"]}, "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_count": 70}}
+    free = load_config(data=base, check_paths=False)
+    assert (free.select.score, free.select.filter_score, free.select.niche_alpha) == (TARGET_FREE_SCORE, None, None)
+    got = retargeted_config(free, ["/t"], "propagated")
+    assert got.target.shards == ["/t"] and "target" in got.scores.diffin.targets
+    assert (got.select.score, got.select.filter_score, got.select.niche_alpha) == \
+        ("diffin_target", TARGET_FREE_SCORE, 1e-3)
+    assert got.select.keep_count == 70 and got.niche_test_applies
+    got = retargeted_config(free, ["/t"], None)  # Diff-In's form cannot re-target: TracIn's score, no niche test
+    assert (got.select.score, got.select.filter_score, got.select.niche_alpha) == \
+        ("tracin_target", TARGET_FREE_SCORE, None)
+    aimed = load_config(data={**base, "target": {"shards": ["/a"]}, "select": {"score": "tracin_target"}},
+                        check_paths=False)
+    got = retargeted_config(aimed, ["/t"], "propagated")
+    assert got.target.shards == ["/t"] and got.select == aimed.select
+
+
+def test_retarget_of_a_job_without_a_target_set_ranks_by_the_new_target(tmp_path, micro_trajectory):
+    """End to end on the demo pool: a job with no target set keeps its best half by the target-free score; the
+    same job re-targeted to the demo target ranks by diffin_target behind the filter stage, the niche test runs,
+    and summary.json and config.yaml say so."""
+    cfg = small_job_config(tmp_path / "a", micro_trajectory, target={}, select={"keep_fraction": 0.5},
+                           scores={"diffin": {"reference_batch_size": 32, "curvature_samples": 32},
+                                   "oga": {"iforest_sample": 100, "iforest_trees": 50}})
+    run(load_config(data=cfg))
+    old = JobLayout(_job_dir(cfg))
+    assert json.loads(old.summary.read_text())["score"] == TARGET_FREE_SCORE
+    new = JobLayout(retarget(_job_dir(cfg), [str(DEMO_DIR / "target")], device="cpu"))
+    summary = json.loads(new.summary.read_text())
+    assert summary["score"] == "diffin_target"
+    assert [s["stage"] for s in summary["stages"]] == ["filter", "niche_test", "top_k"]
+    assert summary["stages"][0]["score"] == TARGET_FREE_SCORE and summary["stages"][0]["set_apart"] == 200
+    stored = yaml.safe_load(new.config.read_text())
+    assert stored["target"]["shards"] == [str(DEMO_DIR / "target")] and stored["select"]["score"] == "diffin_target"
+    kept = lambda layout: {r["uid"] for r in pq.read_table(layout.ranking).to_pylist() if r["kept"]}  # noqa: E731
+    assert len(kept(new)) == len(kept(old)) == 500 and kept(new) != kept(old)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
