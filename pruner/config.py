@@ -414,12 +414,18 @@ def _section(d: dict, names: list[str]) -> tuple[dict | None, str | None]:
     return cur, None
 
 
+def absolute_spec(p: str, base: Path) -> str:
+    """A shard spec or file path as an absolute local path, relative ones taken from ``base``; URLs and ``pipe:``
+    commands unchanged."""
+    if "://" in p or p.startswith("pipe:") or Path(p).is_absolute():
+        return p
+    return str((base / p).resolve())
+
+
 def _resolve_paths(d: dict, base: Path) -> None:
     """Make relative local paths in the config relative to the config file's folder."""
     def fix(p: str) -> str:
-        if "://" in p or p.startswith("pipe:") or Path(p).is_absolute():
-            return p
-        return str((base / p).resolve())
+        return absolute_spec(p, base)
 
     for section, key in (("data", "shards"), ("target", "shards"), ("trajectory", "checkpoints")):
         sec = d.get(section)

@@ -48,14 +48,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pruner.config import JobConfig, SelectConfig, load_config
+from pruner.config import JobConfig, SelectConfig, absolute_spec, default_score, load_config
 from pruner.io.atomic import atomic_path, write_bytes_atomic
 from pruner.io.layout import JobLayout, shard_identities
 from pruner.io.store import Int8Copies, load_features
 from pruner.jobfiles import JobFiles
 from pruner.model.checkpoints import CheckpointInfo, load_trajectory, save_trajectory
 from pruner.scorer import Scorer, pick_shared_inputs, propagation_terms, uses_propagation
-from pruner.scores.combine import target_set_columns
+from pruner.scores.combine import score_columns, target_set_columns
 from pruner.scores.methods import BUILTIN, METHODS
 from pruner.scores.shared import reference_hvp, target_gradients
 from pruner.select.reduce import finalize
@@ -226,6 +226,8 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     ``precision``: the stored features' copy the CPU pass reads (:data:`PRECISIONS`; on CUDA always fp16)."""
     job = JobFiles(job_dir)
     cfg, layout = job.config, job.layout
+    # the new job's config.yaml is read back relative to its own folder: relative specs are made absolute here
+    target_specs = [absolute_spec(s, Path.cwd()) for s in target_specs]
     if cfg.select.needs_features:
         raise ValueError(f"{job_dir}: select.policy {cfg.select.policy!r} / gradient-space dedup reads stored "
                          f"features, which a re-targeted job does not have (not supported yet; fix: select.policy "
@@ -256,7 +258,8 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     with Int8Copies(layout.int8_dir) if use_int8 else contextlib.nullcontext() as int8:
         for url in tqdm(pool, desc="re-target", unit="shard", dynamic_ncols=True):
             _retarget_file(layout, new, url, projs, diffin_form, int8)
-    cfg2 = retargeted_config(cfg, target_specs, diffin_form)
+    kept = job.summary().get("counts", {}).get("kept") if cfg.select.threshold is not None else None
+    cfg2 = retargeted_config(cfg, target_specs, diffin_form, kept)
     write_bytes_atomic(new.config, cfg2.to_yaml())  # read by the reduce step (trusted pipe: commands)
     write_bytes_atomic(new.trajectory, layout.trajectory.read_bytes())  # the weights its scores are combined with
     finalize(cfg2, new, pool, {"retarget_of": str(layout.root), "projected_estimates": True,
@@ -265,19 +268,26 @@ def retarget(job_dir: str | Path, target_specs: Sequence[str], device: str = "au
     return new.root
 
 
-def retargeted_config(cfg: JobConfig, target_specs: Sequence[str], diffin_form: str | None) -> JobConfig:
+def retargeted_config(cfg: JobConfig, target_specs: Sequence[str], diffin_form: str | None,
+                      kept: int | None = None) -> JobConfig:
     """The re-targeted job's config: the new target set, and the select settings it ranks by.
 
     A job with a target set keeps its select settings (diffin_target becomes tracin_target where Diff-In's form
-    cannot re-target). A job scored without one and ranked by a target-free score is re-targeted to ask which
-    samples help the new target, so it ranks as a job with that target set does by default: ``select.score``,
-    ``filter_score`` and ``niche_alpha`` at their defaults, resolved over the columns the re-target writes
-    (diffin_target where ``diffin_form``, tracin_target always); its budget, policy and dedup settings stay.
-    Keeping the old target-free score would ignore the target the user just gave."""
-    if cfg.target.shards or cfg.select.score in target_set_columns():
-        score = cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"
-        return cfg.model_copy(update={"target": cfg.target.model_copy(update={"shards": list(target_specs)}),
-                                      "select": cfg.select.model_copy(update={"score": score})})
+    cannot re-target), and so does a job without one whose select settings are not what ``auto`` resolves to there
+    (a score, filter or niche setting the user chose). A job scored without a target set and ranked the default way
+    (``select.score`` auto, no filter stage) is re-targeted to ask which samples help the new target, so it ranks as
+    a job with that target set does by default: ``score``, ``filter_score`` and ``niche_alpha`` at their defaults,
+    resolved over the columns the re-target writes (diffin_target where ``diffin_form``; the filter stage where the
+    job has the target-free score). Its budget stays: a ``threshold`` (a cut on the old score's scale) becomes
+    ``keep_count`` = ``kept``, the number the job kept. Where the job has no target-set score to rank by (neither
+    TracIn nor a Diff-In form that re-targets), it keeps its settings."""
+    kept_settings = cfg.model_copy(update={
+        "target": cfg.target.model_copy(update={"shards": list(target_specs)}),
+        "select": cfg.select.model_copy(update={
+            "score": cfg.select.score if (diffin_form or cfg.select.score != "diffin_target") else "tracin_target"})})
+    free_default = default_score(score_columns(cfg.scores.methods, cfg.scores.diffin.targets, False))
+    if cfg.target.shards or cfg.select.score != free_default or cfg.select.filter_score is not None:
+        return kept_settings
     data = cfg.model_dump(mode="json")
     data["target"]["shards"] = list(target_specs)
     targets = data["scores"]["diffin"]["targets"]
@@ -285,7 +295,10 @@ def retargeted_config(cfg: JobConfig, target_specs: Sequence[str], diffin_form: 
         targets.insert(0, "target")
     data["select"].update({key: SelectConfig.model_fields[key].default
                            for key in ("score", "filter_score", "niche_alpha")})
-    return load_config(data=data, check_paths=False)
+    if cfg.select.threshold is not None:
+        data["select"].update(threshold=None, keep_count=max(1, kept or 0))
+    new = load_config(data=data, check_paths=False)
+    return new if new.select.score in target_set_columns() else kept_settings
 
 
 def _retarget_file(layout: JobLayout, new: JobLayout, url: str, projs: list[dict], diffin_form: str | None,

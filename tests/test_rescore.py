@@ -279,10 +279,11 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
 
 
 def test_retargeted_config_ranks_a_target_free_job_by_the_new_target():
-    """A job scored without a target set (ranked by the target-free score) is re-targeted into the default pipeline
-    of a job with that target set: Diff-In's target score where its form re-targets (else TracIn's), behind the
-    filter stage, with the niche test where it applies; its budget stays. A job with a target set keeps its select
-    settings."""
+    """A job scored without a target set and ranked the default way is re-targeted into the default pipeline of a
+    job with that target set: Diff-In's target score where its form re-targets (else TracIn's), behind the filter
+    stage, with the niche test where it applies; its budget stays (a threshold on the old score's scale becomes the
+    count it kept). A job with a target set, a target-free score the user chose, or no target-set score to rank by
+    keeps its select settings."""
     base = {"data": {"shards": ["/x"]}, "trajectory": {"checkpoints": ["c.pt"]}, "select": {"keep_count": 70}}
     free = load_config(data=base, check_paths=False)
     assert (free.select.score, free.select.filter_score, free.select.niche_alpha) == (TARGET_FREE_SCORE, None, None)
@@ -298,25 +299,36 @@ def test_retargeted_config_ranks_a_target_free_job_by_the_new_target():
                         check_paths=False)
     got = retargeted_config(aimed, ["/t"], "propagated")
     assert got.target.shards == ["/t"] and got.select == aimed.select
+    chosen = load_config(data={**base, "select": {"score": "oga_l2"}}, check_paths=False)
+    assert retargeted_config(chosen, ["/t"], "propagated").select == chosen.select
+    cut = load_config(data={**base, "select": {"threshold": -3.0}}, check_paths=False)
+    got = retargeted_config(cut, ["/t"], "propagated", kept=123)
+    assert (got.select.score, got.select.threshold, got.select.keep_count) == ("diffin_target", None, 123)
+    no_target_score = load_config(data={**base, "scores": {"methods": ["diffin", "baselines"]}}, check_paths=False)
+    got = retargeted_config(no_target_score, ["/t"], None)  # no TracIn, and Diff-In's form cannot re-target
+    assert got.select == no_target_score.select and got.target.shards == ["/t"]
 
 
-def test_retarget_of_a_job_without_a_target_set_ranks_by_the_new_target(tmp_path, micro_trajectory):
+def test_retarget_of_a_job_without_a_target_set_ranks_by_the_new_target(tmp_path, micro_trajectory, monkeypatch):
     """End to end on the demo pool: a job with no target set keeps its best half by the target-free score; the
-    same job re-targeted to the demo target ranks by diffin_target behind the filter stage, the niche test runs,
-    and summary.json and config.yaml say so."""
+    same job re-targeted to the demo target (given as a path relative to the working directory) ranks by
+    diffin_target behind the filter stage, the niche test runs, and summary.json and config.yaml say so, the
+    target as an absolute path (config.yaml is read back relative to the job's own folder)."""
     cfg = small_job_config(tmp_path / "a", micro_trajectory, target={}, select={"keep_fraction": 0.5},
                            scores={"diffin": {"reference_batch_size": 32, "curvature_samples": 32},
                                    "oga": {"iforest_sample": 100, "iforest_trees": 50}})
     run(load_config(data=cfg))
     old = JobLayout(_job_dir(cfg))
     assert json.loads(old.summary.read_text())["score"] == TARGET_FREE_SCORE
-    new = JobLayout(retarget(_job_dir(cfg), [str(DEMO_DIR / "target")], device="cpu"))
+    monkeypatch.chdir(DEMO_DIR)
+    new = JobLayout(retarget(_job_dir(cfg), ["target"], device="cpu"))
     summary = json.loads(new.summary.read_text())
     assert summary["score"] == "diffin_target"
     assert [s["stage"] for s in summary["stages"]] == ["filter", "niche_test", "top_k"]
     assert summary["stages"][0]["score"] == TARGET_FREE_SCORE and summary["stages"][0]["set_apart"] == 200
     stored = yaml.safe_load(new.config.read_text())
-    assert stored["target"]["shards"] == [str(DEMO_DIR / "target")] and stored["select"]["score"] == "diffin_target"
+    assert stored["target"]["shards"] == [str((DEMO_DIR / "target").resolve())]
+    assert stored["select"]["score"] == "diffin_target"
     kept = lambda layout: {r["uid"] for r in pq.read_table(layout.ranking).to_pylist() if r["kept"]}  # noqa: E731
     assert len(kept(new)) == len(kept(old)) == 500 and kept(new) != kept(old)
 

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pruner rescore", description=COMMANDS["rescore"][1])
     ap.add_argument("job", help="a finished job directory")
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--target", nargs="+", help="re-target: new target WebDataset shards (dirs, globs, URLs)")
+    what.add_argument("--target", nargs="+", help="re-target: new target WebDataset shards (dirs, globs, URLs); a job "
+                      "scored without a target set then ranks by help to this one (docs/operations.md)")
     what.add_argument("--add-checkpoint", help="extend the trajectory by this (later) checkpoint file")
     what.add_argument("--delete", metavar="UIDS", help="data deletion: the predicted change of the target loss from "
                       "removing these samples from training (a Parquet file with a uid column, or 'dropped': the "
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pruner rescore: {e}", file=sys.stderr)
         return 1
     summary = JobFiles(out).summary()
-    print(f"pruner rescore: {out} (kept {summary['counts']['kept']} of {summary['counts']['samples']})")
+    print(f"pruner rescore: {out} (kept {summary['counts']['kept']} of {summary['counts']['samples']}, ranked by "
+          f"{summary.get('score')})")
     return 0
 
 
