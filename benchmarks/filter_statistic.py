@@ -51,11 +51,11 @@ def parse_seeds(text: str) -> list[int]:
 def statistics(model, images: torch.Tensor, tokens: torch.Tensor, bank: np.ndarray) -> dict[str, np.ndarray]:
     """CLIP score and -bank loss ([n] each, higher = keep) of every pool pair under ``model``; ``bank``: the pool
     rows of the bank pairs (each bank pair's own row is left out of its negatives)."""
-    from pruner.model.loss import bank_loss
+    from pruner.model.loss import bank_loss, logit_scale_of
     x, y = ql._encode(model, images=images).double(), ql._encode(model, tokens=tokens).double()
     own = torch.full((len(x),), -1, dtype=torch.int64)
     own[torch.from_numpy(bank)] = torch.arange(len(bank))
-    loss = bank_loss(x, y, x[bank], y[bank], float(model.logit_scale.exp()), own)
+    loss = bank_loss(x, y, x[bank], y[bank], logit_scale_of(model), own)
     return {"clip_score": (x * y).sum(-1).numpy(), "loss": -loss.numpy()}
 
 

@@ -138,10 +138,9 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
                 ranked_by = SELECT_SCORE
             stages.append(record)
             score = record["ranked_by"]
-            log.info("niche test of %s: excess %d samples against the bound %.0f at level %g: %s", s.score,
-                     record["excess"], record["bound"], s.niche_alpha,
-                     f"a niche, ranked by {score}" if record["niche"]
-                     else f"no niche, ranked by {score}")
+            log.info("niche test of %s: excess %d samples against the bound %.0f at level %g: %s, ranked by %s",
+                     s.score, record["excess"], record["bound"], s.niche_alpha,
+                     "a niche" if record["niche"] else "no niche", score)
         sel = select(view, ranked_by, keep_fraction=s.keep_fraction, keep_count=s.keep_count, threshold=s.threshold)
         write_ranking(view, ranked_by, ranking, sel, metadata=_ranking_meta(cfg, layout))
         manifests = write_manifests(view, sel, keep_dir, pool)
