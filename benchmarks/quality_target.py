@@ -27,6 +27,10 @@ trajectory is a ``--steps`` fine-tune of that model on the pool at ``--finetune-
 ``--pretrained``). The coresets are still retrained from scratch, as before. Each problem records the pretrained
 model's own zero-shot under ``pretrained_proxy``.
 
+The proxy's size (``--proxy-arch``): the proxy is that model (its training, the prune job, the similarity
+baselines, ``proxy`` in each problem), while every coreset is still retrained as ``--arch``, so the selections of two
+proxy sizes are compared on the same retraining.
+
 Selections. Baselines: ``random``, ``clip_score`` and ``loss`` (the proxy's last checkpoint), ``similarity``
 (cosine of the pool image's embedding with the mean target image embedding), ``similarity_nn`` (with the nearest
 target image), ``intersection`` and ``intersection_nn`` (the CLIP-score top-k within the 2k most similar: the
@@ -106,7 +110,9 @@ def parse_args(argv=None):
                    "pruner.config.TARGET_FREE_SCORE")
     p.add_argument("--niche-alpha", type=float, default=1e-3, help="the default pipeline's niche test level "
                    "(select.niche_alpha)")
-    p.add_argument("--arch", default="pruner-micro")
+    p.add_argument("--arch", default="pruner-micro", help="the model every coreset is retrained as")
+    p.add_argument("--proxy-arch", help="the proxy's model, the one the job scores with (default: --arch); a "
+                   "different size measures how the selections move with the proxy's size")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -133,6 +139,7 @@ def parse_args(argv=None):
     a.form_list = [x for x in a.diffin_forms.split(",") if x]
     a.explore_list = [x for x in a.explore.split(",") if x]
     a.only = {x for x in a.selections.split(",") if x}
+    a.proxy_arch = a.proxy_arch or a.arch
     if len(a.rare_list) != len(a.size_list):
         p.error("--rare-in-target needs one count per --target-sizes entry")
     return a
@@ -146,9 +153,10 @@ PRETRAIN_SETTINGS = ("pretrain_steps", "pretrain_size", "finetune_lr")
 
 
 def settings(a) -> dict:
-    """What the work dir's caches depend on (the pretraining settings only when there is pretraining, so that the
-    from-scratch runs keep their work dirs)."""
-    return {k: getattr(a, k) for k in SETTINGS + (PRETRAIN_SETTINGS if a.pretrain_steps else ())}
+    """What the work dir's caches depend on (the pretraining settings only when there is pretraining and the proxy's
+    model only when it is not the retrained one, so that the earlier runs keep their work dirs)."""
+    extra = (PRETRAIN_SETTINGS if a.pretrain_steps else ()) + (("proxy_arch",) if a.proxy_arch != a.arch else ())
+    return {k: getattr(a, k) for k in SETTINGS + extra}
 
 
 def settings_hash(a) -> str:
@@ -199,7 +207,7 @@ def job_config(a, seed: int, out_dir: Path, traj: Path, pool_dir: Path, target_d
         "name": "qt", "output_dir": str(out_dir), "seed": seed,
         "data": {"shards": [str(pool_dir)]},
         "target": {"shards": [str(target_dir)], "max_samples": n_target},
-        "model": {"arch": a.arch, "device": "cpu"},
+        "model": {"arch": a.proxy_arch, "device": "cpu"},
         "trajectory": {"file": str(traj)},
         "features": {"k": a.k, "bank_size": a.bank_size, "batch_size": 64, "save": True},
         "scores": {"diffin": {"form": form}, "oga": {"iforest_sample": min(2000, a.pool_size)}},
@@ -373,19 +381,19 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
     pretrained, lr = None, a.lr
     if a.pretrain_steps:
         pre = pretrain_samples(train, set(keys) | {s.key for _, t in targets for s in t}, a.pretrain_size, seed)
-        pretrained = ql.last_checkpoint(ql.train_run(sd / "pretrain", pre, arch=a.arch, steps=a.pretrain_steps,
+        pretrained = ql.last_checkpoint(ql.train_run(sd / "pretrain", pre, arch=a.proxy_arch, steps=a.pretrain_steps,
                                                      batch_size=a.batch_size, lr=a.lr, seed=seed, device="cpu",
                                                      log_every=500))
         lr = a.finetune_lr
-    proxy = ql.train_run(sd / ("proxy-pretrained" if pretrained else "proxy"), prob.pool, arch=a.arch,
+    proxy = ql.train_run(sd / ("proxy-pretrained" if pretrained else "proxy"), prob.pool, arch=a.proxy_arch,
                          steps=a.steps, batch_size=a.batch_size, lr=lr, seed=seed, device="cpu",
                          checkpoints=a.checkpoints, log_every=100, pretrained=pretrained)
     traj_path = proxy / "trajectory.json"
     traj = load_trajectory(file=str(traj_path))
-    proxy_model = ql.load_model(traj.checkpoints[-1].path, a.arch, "cpu")
-    pretrained_model = ql.load_model(pretrained, a.arch, "cpu") if pretrained else None
+    proxy_model = ql.load_model(traj.checkpoints[-1].path, a.proxy_arch, "cpu")
+    pretrained_model = ql.load_model(pretrained, a.proxy_arch, "cpu") if pretrained else None
     from pruner.model.clip import create_clip
-    _, preprocess, _ = create_clip(a.arch)
+    _, preprocess, _ = create_clip(a.proxy_arch)
     out = []
     for classes, tgt in targets:
         name = "t" + "-".join(map(str, classes))
@@ -413,13 +421,15 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
             diag = ex.pop("_diag")
             cols.update(ex)
         ev = TargetEval(a.arch, test, classnames, classes, a.retrieval_size, seed)
+        ev_proxy = ev if a.proxy_arch == a.arch else TargetEval(a.proxy_arch, test, classnames, classes,
+                                                                 a.retrieval_size, seed)
         labels, swapped = prob.labels, prob.swapped
         useful = np.isin(labels, classes) & ~swapped  # correctly captioned pairs of a target class
         prob_res = {"seed": seed, "classes": classes, "rare_in_target": [c for c in classes if c in prob.rare_classes],
-                    "scoring_seconds": score_s, "proxy": ev(proxy_model), "diagnostics": diag,
+                    "scoring_seconds": score_s, "proxy": ev_proxy(proxy_model), "diagnostics": diag,
                     "selections": {}}
         if pretrained_model is not None:
-            prob_res["pretrained_proxy"] = ev(pretrained_model)
+            prob_res["pretrained_proxy"] = ev_proxy(pretrained_model)
         influence = a.influence_list + [f"diffin_target:{f}" for f in a.form_list] + \
             [f"diffin_{f}" for f in a.explore_list]
         sels: dict[str, callable] = {}
@@ -576,7 +586,7 @@ def main(argv=None) -> int:
     problems = [p for seed in a.seed_list for p in run_seed(a, seed, work, train, test, classnames)]
     config = settings(a) | {
         "keep_fractions": a.keep_list, "influence": a.influence_list, "diffin_forms": a.form_list,
-        "explore": a.explore_list,
+        "explore": a.explore_list, "proxy_arch": a.proxy_arch,
         "filter_fraction": a.filter_fraction, "curvature_samples": a.curvature_samples,
         "retrieval_size": a.retrieval_size, "threads": a.threads, "work_dir": str(work),
         "evaluation": "zero-shot top-1 on the target classes' TEST images, N-way among the target classes "
