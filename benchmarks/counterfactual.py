@@ -35,7 +35,6 @@ Result: ``--out`` (``lds``, ``lds_ci``, ``lds_mean_target``, ``noise_floor``, ``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -102,7 +101,7 @@ SETTINGS = ("data_dir", "noise", "pool_size", "target_size", "arch", "steps", "b
 
 
 def settings_hash(a) -> str:
-    return hashlib.sha256(json.dumps({k: getattr(a, k) for k in SETTINGS}, sort_keys=True).encode()).hexdigest()[:12]
+    return ql.settings_hash({k: getattr(a, k) for k in SETTINGS})
 
 
 def job_config(a, out_dir: Path, traj: Path, pool_dir: Path, target_dir: Path, form: str) -> dict:

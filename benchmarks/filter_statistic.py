@@ -20,7 +20,6 @@ statistic is the better filter beyond the seed-to-seed noise. Cached per seed an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import sys
@@ -67,8 +66,8 @@ def run_seed(a, seed: int, train, ev) -> dict:
     settings = {k: getattr(a, k) for k in ("data_dir", "train_shards", "pool_size", "noise", "arch", "steps",
                                             "batch_size", "lr", "checkpoints", "bank_size", "keep", "coresets",
                                             "test_shards")}
-    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    seed_dir = Path(a.work_dir) / f"seed-{seed}-{tag}"  # a run with other settings never reuses this one
+    # a run with other settings never reuses this one
+    seed_dir = Path(a.work_dir) / f"seed-{seed}-{ql.settings_hash(settings)}"
     done = seed_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())

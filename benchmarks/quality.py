@@ -186,7 +186,7 @@ def settings_hash(a) -> str:
     settings = {k: getattr(a, k) for k in RESULT_SETTINGS}
     if a.diffin_form != "taylor":
         settings["diffin_form"] = a.diffin_form
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return ql.settings_hash(settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

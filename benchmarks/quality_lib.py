@@ -184,6 +184,11 @@ def write_shards(samples: Sequence[RawSample], out_dir: Path, prefix: str, per_s
     return paths
 
 
+def settings_hash(settings: dict) -> str:
+    """A benchmark work directory's key: the settings its caches depend on, as sorted JSON (sha256, 12 hex)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def keyset_hash(keys: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 

@@ -52,7 +52,6 @@ stdout. Work and caches in ``--work-dir``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -160,7 +159,7 @@ def settings(a) -> dict:
 
 
 def settings_hash(a) -> str:
-    return hashlib.sha256(json.dumps(settings(a), sort_keys=True).encode()).hexdigest()[:12]
+    return ql.settings_hash(settings(a))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -424,21 +424,18 @@ def absolute_spec(p: str, base: Path) -> str:
 
 def _resolve_paths(d: dict, base: Path) -> None:
     """Make relative local paths in the config relative to the config file's folder."""
-    def fix(p: str) -> str:
-        return absolute_spec(p, base)
-
     for section, key in (("data", "shards"), ("target", "shards"), ("trajectory", "checkpoints")):
         sec = d.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), list):
-            sec[key] = [fix(p) if isinstance(p, str) else p for p in sec[key]]
+            sec[key] = [absolute_spec(p, base) if isinstance(p, str) else p for p in sec[key]]
     traj = d.get("trajectory")
     if isinstance(traj, dict) and isinstance(traj.get("file"), str):
-        traj["file"] = fix(traj["file"])
+        traj["file"] = absolute_spec(traj["file"], base)
     model = d.get("model")
     if isinstance(model, dict) and isinstance(model.get("config_file"), str):
-        model["config_file"] = fix(model["config_file"])
+        model["config_file"] = absolute_spec(model["config_file"], base)
     if isinstance(d.get("output_dir"), str):
-        d["output_dir"] = fix(d["output_dir"])
+        d["output_dir"] = absolute_spec(d["output_dir"], base)
 
 
 def _check_paths_exist(cfg: JobConfig) -> list[str]:
