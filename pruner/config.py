@@ -127,6 +127,14 @@ class DiffInConfig(_Section):
     form: Literal["exact_increment", "taylor", "propagated"] = "propagated"
     curvature_samples: int = Field(default=2048, gt=1)  # propagated: the subsample K_t is estimated on
     curvature_rank: int = Field(default=512, gt=0)  # propagated: eigenpairs of K_t kept
+    # propagated, for checkpoints without optimiser state only: the global batch size they were trained with (every
+    # device, times gradient accumulation: what Adam's second moments saw). Their step scale (Adam's 1/(sqrt(v) +
+    # eps), which the optimiser state holds) is then estimated from minibatch gradients at this batch size, assuming
+    # Adam(W) with eps 1e-8 (pruner.scores.shared.estimated_step_scale). 256: a small training run's batch; the
+    # estimate grows with up to the square root of the batch size, and the selections move little
+    # within a few times the true scale (benchmarks/RESULTS.md, "Checkpoints without optimiser state"), so a guess
+    # within ~10x of the true batch size serves.
+    train_batch_size: int = Field(default=256, gt=0)
     # fd_eps, fd_scheme, base_pass: the taylor form's finite-difference passes (unused by exact_increment)
     fd_eps: float = Field(default=1e-2, gt=0)  # L2 norm of the parameter perturbation for T2
     fd_scheme: Literal["central", "forward"] = "central"
@@ -371,8 +379,10 @@ class JobConfig(_Section):
         for k in ("output_dir", "ray", "name", "select"):
             d.pop(k, None)
         if self.scores.diffin.form != "propagated":  # keys no other form reads: job ids of those forms stay as they were
-            for k in ("curvature_samples", "curvature_rank"):
-                d["scores"]["diffin"].pop(k)
+            for k in ("curvature_samples", "curvature_rank", "train_batch_size"):
+                d["scores"]["diffin"].pop(k, None)
+        if self.scores.diffin.train_batch_size == 256:  # added later: job ids at the default stay as they were
+            d["scores"]["diffin"].pop("train_batch_size", None)
         if not self.scores.plugins:  # added with plug-in methods: job ids of jobs without any stay as they were
             d["scores"].pop("plugins")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -23,6 +23,7 @@ from pruner.config import JobConfig, load_job_config
 from pruner.io.layout import JobLayout
 from pruner.io.shards import expand_shard_specs
 from pruner.model.checkpoints import Trajectory, load_trajectory
+from pruner.scores.step_scales import step_scale_of
 
 
 class JobFiles:
@@ -98,6 +99,21 @@ class JobFiles:
         """Checkpoint i's shared quantities (pruner.scores.shared.CheckpointShared) on ``device``."""
         from pruner.scores.shared import CheckpointShared
         return CheckpointShared.from_state(self.shared_state(i), device)
+
+    def step_scales(self) -> list[dict]:
+        """Per checkpoint, the optimiser step scale Diff-In's propagated form used and where it came from:
+        {"checkpoint", "step_scale", "source"} (pruner.scores.step_scales.step_scale_of); [] for a job
+        whose shared states hold none (another form, or no shared state written yet)."""
+        out = []
+        for i in range(len(self.checkpoint_records)):
+            if not self.layout.shared(i).exists():
+                return []
+            s = self.shared_state(i, mmap=True)
+            if "curvature_vals" not in s:
+                return []
+            scale, source = step_scale_of(s)
+            out.append({"checkpoint": i, "step_scale": scale, "source": source})
+        return out
 
     def trusted_pipes(self) -> frozenset[str]:
         """The ``pipe:`` commands the job's ``config.yaml`` lists in ``data.shards``, if it sets ``data.allow_pipe``:

@@ -21,13 +21,14 @@ from pruner.config import JobConfig
 from pruner.grads.engine import PerSampleGradients
 from pruner.io.shards import Sample, iter_shard, RejectLog
 from pruner.model.checkpoints import Trajectory, load_scoring_model, optimizer_step_scale
-from pruner.model.clip import create_clip
+from pruner.model.clip import create_clip, open_clip_name
 from pruner.scores.combine import combine, split_components
 from pruner.scores.methods import METHODS
 from pruner.scores.components import CheckpointScorer, strict_fp32
 from pruner.scores.oga import iforest_scores
 from pruner.scores.propagation import propagated_directions
 from pruner.scores.shared import CheckpointShared, compute_shared
+from pruner.scores.step_scales import step_scale_warnings
 from pruner.scores.weights import CheckpointWeights, checkpoint_weights
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,11 @@ class Scorer:
         self.device = resolve_device(device) if isinstance(device, str) else device
         arch = traj.arch or cfg.model.arch
         config_file = cfg.model.config_file or traj.config_file
-        _, self.preprocess, self.tokenizer = create_clip(arch, config_file)
+        model, self.preprocess, self.tokenizer = create_clip(arch, config_file)
+        # the trainable parameters in open_clip's names and registration order: what names an optimiser state's
+        # positions (pruner.model.checkpoints.optimizer_step_scale)
+        self.open_clip_params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+        del model
         f = cfg.features
         self.engines = []
         for ck in traj.checkpoints[first:]:
@@ -242,14 +247,23 @@ class Scorer:
         w = self.weights[i]
         prop = uses_propagation(self.cfg)
         batches = list(self.uid_batches(curvature)) if prop else []
-        return compute_shared(self.engines[i - self.first], index=i, step=w.step, eta=w.eta, a_t=w.a_t,
-                              bank_batches=self.batches(bank), bank_uids=[s.uid for s in bank],
-                              target_batches=self.batches(target), target_uids=[s.uid for s in target],
-                              reference_batches=[self.tensors(r) for r in reference], targets=targets,
-                              hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed, form=d.form,
-                              curvature_batches=[(x, t) for x, t, _ in batches],
-                              curvature_uids=[u for _, _, u in batches],
-                              step_scale=optimizer_step_scale(self.traj.checkpoints[i].path) if prop else 1.0)
+        path, engine = self.traj.checkpoints[i].path, self.engines[i - self.first]
+        scale, basis = optimizer_step_scale(path, self.open_clip_params, {open_clip_name(n) for n in engine.params()}) \
+            if prop else (1.0, "sgd")
+        shared = compute_shared(engine, index=i, step=w.step, eta=w.eta, a_t=w.a_t,
+                                bank_batches=self.batches(bank), bank_uids=[s.uid for s in bank],
+                                target_batches=self.batches(target), target_uids=[s.uid for s in target],
+                                reference_batches=[self.tensors(r) for r in reference], targets=targets,
+                                hvp_eps=d.hvp_eps, self_rank=d.self_rank, seed=self.cfg.seed, form=d.form,
+                                curvature_batches=[(x, t) for x, t, _ in batches],
+                                curvature_uids=[u for _, _, u in batches],
+                                curvature_rank=d.curvature_rank, step_scale=scale,
+                                train_batch_size=d.train_batch_size,
+                                step_scale_source="optimizer_all_parameters" if basis == "all" else "optimizer")
+        for warning in step_scale_warnings([{"checkpoint": i, "step_scale": shared.step_scale,
+                                             "source": shared.step_scale_source}], d.train_batch_size):
+            log.warning(warning)
+        return shared
 
     def set_shared(self, shared: Sequence[CheckpointShared]) -> None:
         """The shared quantities of checkpoints ``first``.. (one per loaded model)."""

@@ -259,6 +259,10 @@ def test_retarget_from_stored_features(tmp_path, micro_trajectory, form):
         assert spearmanr(a8[c].values, a[c].values).correlation >= 0.999, c
     if form == "propagated":
         assert spearmanr(a["diffin_target"].values, b["diffin_target"].values).correlation >= 0.999
+        # the re-target's summary lists the step scales its source job's shared states hold
+        summary = json.loads(JobLayout(new).summary.read_text())
+        assert summary["step_scales"] == json.loads(JobLayout(_job_dir(cfg)).summary.read_text())["step_scales"]
+        assert [s["source"] for s in summary["step_scales"]] == ["optimizer"] * 3
     # exact against their definitions: sum_i eta_i <P g_i(z), P v'_i> with the full re-run's own v'_i, for v_target
     # (tracin_target) and v_pred (tracin_pred, the prediction-score variant: of the new target too)
     layout, full_layout = JobLayout(_job_dir(cfg)), JobLayout(_job_dir(full))

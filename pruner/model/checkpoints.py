@@ -94,40 +94,78 @@ def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def adam_step_scale(exp_avg_sq: Sequence[torch.Tensor], steps: Sequence[int], beta2: float, eps: float) -> float:
-    """The factor by which Adam's update of a gradient exceeds the LR's: sum_p v_p / (sqrt(v_p) + eps) / sum_p v_p
-    over every element p of the given second-moment tensors, with v_p the bias-corrected second moment
-    ``exp_avg_sq / (1 - beta2^step)``. This is E[1 / (sqrt(v) + eps)] weighted by gradient energy v: the
-    per-parameter step sizes eta / (sqrt(v_p) + eps) averaged where the gradients, and so the Gauss-Newton matrix's
-    leading directions, are large. 1.0 when there is no gradient energy at all."""
+def energy_weighted_step_scale(second_moments: Sequence[torch.Tensor], eps: float) -> float:
+    """The factor by which Adam's update of a gradient exceeds the LR, given the second moments v_p of every element
+    p (bias-corrected): sum_p v_p / (sqrt(v_p) + eps) / sum_p v_p. This is E[1 / (sqrt(v) + eps)] weighted by
+    gradient energy v: the per-parameter step sizes eta / (sqrt(v_p) + eps) averaged where the gradients, and so the
+    Gauss-Newton matrix's leading directions, are large. 1.0 when there is no gradient energy at all."""
     num = den = 0.0
-    for v, step in zip(exp_avg_sq, steps):
-        if step <= 0:
-            continue
-        vhat = v.double() / (1.0 - beta2 ** float(step))
-        num += float((vhat / (vhat.sqrt() + eps)).sum())
-        den += float(vhat.sum())
+    for v in second_moments:
+        v = v.double()
+        num += float((v / (v.sqrt() + eps)).sum())
+        den += float(v.sum())
     return num / den if den > 0 else 1.0
 
 
-def optimizer_step_scale(path: str) -> float:
+def adam_step_scale(exp_avg_sq: Sequence[torch.Tensor], steps: Sequence[int], beta2: float, eps: float) -> float:
+    """:func:`energy_weighted_step_scale` of Adam's stored second moments ``exp_avg_sq`` after ``steps`` updates,
+    bias-corrected (``exp_avg_sq / (1 - beta2^step)``); tensors with no update yet are left out."""
+    return energy_weighted_step_scale([v.double() / (1.0 - beta2 ** float(step))
+                                       for v, step in zip(exp_avg_sq, steps) if step > 0], eps)
+
+
+def optimizer_step_scale(path: str, params: Optional[Sequence[tuple[str, tuple]]] = None,
+                         layers: Optional[set[str]] = None) -> tuple[Optional[float], str]:
     """By how much the optimiser's update of a gradient exceeded the learning rate when the checkpoint was saved, from
-    its optimiser state (OpenCLIP checkpoints and train-proxy's carry it): for Adam(W) the gradient-energy weighted
-    mean of 1 / (sqrt(v) + eps) over the second moments v (:func:`adam_step_scale`); for SGD with
-    momentum m, 1 / (1 - m) (the sum of the momentum's geometric series); 1.0 for plain SGD or a checkpoint without
-    optimiser state. Read with ``weights_only`` and ``mmap``."""
+    its optimiser state (OpenCLIP checkpoints and train-proxy's carry it), and over which parameters: (scale, basis).
+
+    For Adam(W) the gradient-energy weighted mean of 1 / (sqrt(v) + eps) over the second moments v
+    (:func:`adam_step_scale`) of the parameters named in ``layers`` (basis "layers": the ones whose gradients
+    Diff-In sketches; the embeddings' second moments are larger and would pull the scale down: benchmarks/RESULTS.md,
+    "The default since stop 33"). The optimiser state lists tensors by position, so they are named by ``params``
+    (the model's trainable parameters as (open_clip name, shape), in registration order) in the order OpenCLIP's
+    trainer passes them (gains and biases first, then the rest) or in registration order, whichever every stored
+    shape matches; when neither does (another trainer) or ``layers`` is not given, every
+    parameter (basis "all"). For SGD with momentum m, 1 / (1 - m) (the sum of the momentum's geometric series); 1.0
+    for plain SGD (basis "sgd"). (None, "none") for a checkpoint without optimiser state (a bare state dict, a
+    released model): Diff-In's propagated form then estimates it (pruner.scores.shared.estimated_step_scale). Read
+    with ``weights_only`` and ``mmap``."""
     obj = _torch_load(path, mmap=True)
     opt = obj.get("optimizer") if isinstance(obj, dict) else None
     if not isinstance(opt, dict) or not opt.get("param_groups"):
-        return 1.0
+        return None, "none"
     group = opt["param_groups"][0]
-    states = [st for st in (opt.get("state") or {}).values() if isinstance(st, dict) and "exp_avg_sq" in st]
-    if states:
+    state = opt.get("state") or {}
+    ids = [i for g in opt["param_groups"] for i in g.get("params", [])]
+    adam = [i for i in ids if isinstance(state.get(i), dict) and "exp_avg_sq" in state[i]]
+    if adam:
+        names = _state_names(ids, state, params) if params is not None and layers is not None else None
+        stored = set(adam)
+        keep = [i for i, n in zip(ids, names) if n in layers and i in stored] if names else []
+        basis = "layers" if keep else "all"
+        keep = keep or adam
         betas = group.get("betas", (0.9, 0.999))
-        return adam_step_scale([st["exp_avg_sq"] for st in states], [int(st.get("step", 1)) for st in states],
-                               float(betas[1]), float(group.get("eps", 1e-8)))
+        scale = adam_step_scale([state[i]["exp_avg_sq"] for i in keep], [int(state[i].get("step", 1)) for i in keep],
+                                float(betas[1]), float(group.get("eps", 1e-8)))
+        return scale, basis
     momentum = float(group.get("momentum") or 0.0)
-    return 1.0 / (1.0 - momentum) if 0 < momentum < 1 else 1.0
+    return (1.0 / (1.0 - momentum) if 0 < momentum < 1 else 1.0), "sgd"
+
+
+def _state_names(ids: Sequence[int], state: dict, params: Sequence[tuple[str, tuple]]) -> Optional[list[str]]:
+    """The parameter name of each optimiser position in ``ids``: the first candidate order of ``params`` (OpenCLIP's
+    trainer: ``p.ndim < 2`` or a name with "bn", "ln", "bias" or "logit_scale" first, then the rest; registration
+    order) whose shapes match every position that holds a second moment; None if none does."""
+    def openclip_first(n: str, shape: tuple) -> bool:
+        return len(shape) < 2 or any(s in n for s in ("bn", "ln", "bias", "logit_scale"))
+    candidates = [[p for p in params if openclip_first(*p)] + [p for p in params if not openclip_first(*p)],
+                  list(params)]
+    for order in candidates:
+        if len(order) == len(ids) and all(
+                tuple(state[i]["exp_avg_sq"].shape) == tuple(shape) for i, (_, shape) in zip(ids, order)
+                if isinstance(state.get(i), dict) and "exp_avg_sq" in state[i]):
+            return [n for n, _ in order]
+    return None
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -135,12 +135,21 @@ def open_clip_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach().clone()
-        if name.endswith(".attn.in_proj.weight") or name.endswith(".attn.in_proj.bias"):
-            name = name.replace(".attn.in_proj.", ".attn.in_proj_")
-        elif name in ("visual.proj.weight", "text_projection.weight"):
-            name, t = name[: -len(".weight")], t.T.contiguous()
-        out[name] = t
+        if name in ("visual.proj.weight", "text_projection.weight"):
+            t = t.T.contiguous()
+        out[open_clip_name(name)] = t
     return out
+
+
+def open_clip_name(name: str) -> str:
+    """The open_clip name of a parameter of a model :func:`linearize_clip` changed: ``attn.in_proj.weight`` ->
+    ``attn.in_proj_weight`` (bias likewise), ``visual.proj.weight`` -> ``visual.proj``, ``text_projection.weight``
+    -> ``text_projection``; every other name unchanged."""
+    if name.endswith(".attn.in_proj.weight") or name.endswith(".attn.in_proj.bias"):
+        return name.replace(".attn.in_proj.", ".attn.in_proj_")
+    if name in ("visual.proj.weight", "text_projection.weight"):
+        return name[: -len(".weight")]
+    return name
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ Notation (shared/methods.md §1): theta_t the checkpoint, V the target set, B th
   self-influence term g^T H_B g ~ sum_k lambda_k <q_k, g>^2, the only term with a per-sample direction.
 * Diff-In's ``propagated`` form (pruner.scores.propagation) instead needs, in the k-dim sketch: the sketched
   Gauss-Newton matrix K_t of a hash-picked subsample of the pool (``curvature``), the projected target and training
-  gradients P v_target, P G (``projected``), and the optimiser's step scale of the checkpoint (``step_scale``);
-  no Hessian-vector product at all.
+  gradients P v_target, P G (``projected``), and the optimiser's step scale of the checkpoint (``step_scale``: read
+  from its optimiser state, else estimated from minibatch gradients, :func:`estimated_step_scale`); no
+  Hessian-vector product at all.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ import torch
 
 from pruner.grads.engine import PerSampleGradients
 from pruner.grads.vectors import ParamVector, norm, perturbed
+from pruner.model.checkpoints import energy_weighted_step_scale
 from pruner.model.loss import bank_loss, clip_batch_loss, encode_pairs, logit_scale_of
 from pruner.scores.propagation import Curvature, curvature
+from pruner.scores.step_scales import step_scale_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images [B,3,H,W], tokens [B,ctx])
 
@@ -53,6 +56,10 @@ class CheckpointShared:
     curvature: Optional[Curvature] = None
     projected: dict[str, torch.Tensor] = field(default_factory=dict)
     step_scale: float = 1.0
+    # "optimizer" (its state, over the sketched layers), "optimizer_all_parameters" (its state, which could not be
+    # matched to parameter names), "estimated" (estimated_step_scale); "legacy" for a state an older pruner wrote
+    # (its Adam scale averaged every parameter, and a checkpoint without optimiser state got 1)
+    step_scale_source: str = "optimizer"
 
     def to_state(self) -> dict:
         """Plain tensors and values (``torch.load(..., weights_only=True)`` reads them back), every tensor on the CPU
@@ -63,6 +70,7 @@ class CheckpointShared:
                 "bank_img": owned(self.bank_img), "bank_txt": owned(self.bank_txt), "bank_uids": list(self.bank_uids),
                 "vectors": {k: {n: owned(t) for n, t in v.items()} for k, v in self.vectors.items()},
                 "eigvals": list(self.eigvals), "step_scale": self.step_scale,
+                "step_scale_source": self.step_scale_source,
                 "projected": {k: owned(t) for k, t in self.projected.items()},
                 **({} if self.curvature is None else {"curvature_vals": owned(self.curvature.eigvals),
                                                       "curvature_vecs": owned(self.curvature.eigvecs)})}
@@ -81,7 +89,8 @@ class CheckpointShared:
                    scale=float(s["scale"]), bank_img=s["bank_img"].to(device), bank_txt=s["bank_txt"].to(device),
                    bank_uids=tuple(s["bank_uids"]),
                    vectors={k: {n: t.to(device) for n, t in v.items()} for k, v in s["vectors"].items()},
-                   eigvals=[float(x) for x in s["eigvals"]], step_scale=float(s.get("step_scale", 1.0)),
+                   eigvals=[float(x) for x in s["eigvals"]], step_scale=step_scale_of(s)[0],
+                   step_scale_source=step_scale_of(s)[1],
                    projected={k: t.to(device) for k, t in s.get("projected", {}).items()},
                    curvature=Curvature(s["curvature_vals"].to(device), s["curvature_vecs"].to(device))
                    if "curvature_vals" in s else None)
@@ -217,6 +226,48 @@ def top_eigenpairs(engine: PerSampleGradients, batches: list[Batch], scale: floa
     return [float(x) for x in evals], [unflat(vecs[:, j].float()) for j in range(rank)]
 
 
+def estimated_step_scale(engine: PerSampleGradients, batches: Sequence[Batch], scale: float, train_batch_size: int,
+                         eps: float = 1e-8) -> float:
+    """Adam(W)'s step scale (pruner.model.checkpoints.energy_weighted_step_scale) for a checkpoint saved without its
+    optimiser state, from the second moments its training gradients would have at this checkpoint.
+
+    Adam's v_p is the running mean of the squared minibatch gradient, E[g_p^2] = mu_p^2 + sigma_p^2 / B for batch
+    size B, with mu the full-batch gradient and sigma^2 the per-pair variance. From the in-batch CLIP loss gradients
+    g_1..g_m of ``batches`` (m minibatches of b pairs each; the partial last one is left out when there are two full
+    ones) with mean g_bar and mean square q: S_p = m / (m - 1) (q_p - g_bar_p^2) estimates sigma_p^2 / b,
+    mu_p^2 = max(g_bar_p^2 - S_p / m, 0), and v_p = mu_p^2 + S_p b / ``train_batch_size``. With one minibatch,
+    v_p = g_p^2 (its own batch size). Why an estimate serves: the propagated form's selections move little for
+    step scales within a few times the optimiser's, while the LR alone (a scale of 1) is orders of magnitude too
+    small on AdamW-trained models and ranks like TracIn (benchmarks/RESULTS.md, "Checkpoints without optimiser
+    state"). Approximations, which make the estimate run high: Adam's v also averages the larger gradients of the
+    steps before the checkpoint, and training augments its images; the in-batch loss is taken at b pairs, not
+    ``train_batch_size``. Over the engine's layers (the sketched ones), as the optimiser state's scale is
+    (pruner.model.checkpoints.optimizer_step_scale). Costs one backward per batch. Accumulates in float32 on the
+    engine's device (2 x the parameters of the engine's layers)."""
+    params, dev = engine.params(), engine.device
+    sizes = [int(images.shape[0]) for images, _ in batches]
+    if not sizes:
+        raise ValueError("estimating the step scale needs at least one batch of pool pairs")
+    common = max(set(sizes), key=lambda n: (sizes.count(n), n))  # the full batches' size
+    use = [x for x, n in zip(batches, sizes) if n == common] if sizes.count(common) >= 2 else [batches[0]]
+    b, m = int(use[0][0].shape[0]), len(use)
+    mean = sq = None
+    for images, tokens in use:
+        img, txt = encode_pairs(engine.model, images.to(dev), tokens.to(dev))
+        loss = clip_batch_loss(img, txt, scale)
+        g = {n: t.float() for n, t in _grad(params, loss).items()}
+        mean = _accumulate(mean, g, 1.0 / m)
+        sq = _accumulate(sq, {n: t.square() for n, t in g.items()}, 1.0 / m)
+    if m == 1:
+        return energy_weighted_step_scale(list(sq.values()), eps)
+    moments = []
+    for n in mean:
+        spread = (sq[n] - mean[n].square()).clamp_min(0) * (m / (m - 1))
+        mu2 = (mean[n].square() - spread / m).clamp_min(0)
+        moments.append(mu2 + spread * (b / train_batch_size))
+    return energy_weighted_step_scale(moments, eps)
+
+
 def sketched_curvature(engine: PerSampleGradients, batches: list[Batch], bank: tuple[torch.Tensor, torch.Tensor],
                        scale: float, own: list[torch.Tensor], rank: int) -> Curvature:
     """K_t = (1/n) sum_i P g_i P g_i^T over the per-sample bank-loss gradients of ``batches`` (a hash-picked subsample
@@ -234,18 +285,22 @@ def compute_shared(engine: PerSampleGradients, *, index: int, step: int, eta: fl
                    bank_uids: Sequence[str] = (), target_uids: Optional[Sequence[str]] = None,
                    form: str = "exact_increment", curvature_batches: Sequence[Batch] = (),
                    curvature_uids: Sequence[Sequence[str]] = (), curvature_rank: int = 512,
-                   step_scale: float = 1.0) -> CheckpointShared:
+                   step_scale: Optional[float] = 1.0, train_batch_size: int = 256,
+                   step_scale_source: str = "optimizer") -> CheckpointShared:
     """All shared quantities of one checkpoint. ``targets`` is a subset of {"target", "self", "train"}; the
     target gradients are computed whenever target batches are given (TracIn uses them too). ``bank_uids`` and
     ``target_uids``: the uids of the bank and target pairs in batch order (defaults: an anonymous bank).
     ``form`` ``propagated`` (Diff-In's, pruner.scores.propagation) computes no Hessian-vector product: the sketched
     curvature of ``curvature_batches`` (uids per batch: ``curvature_uids``), the projected target and training
-    gradients and ``step_scale`` instead; the other forms compute u_X = H_B v_X and, for "self", eigenpairs of H_B."""
+    gradients and ``step_scale`` instead (None: the checkpoint has no optimiser state, so it is estimated from the
+    curvature batches at ``train_batch_size``, :func:`estimated_step_scale`); the other forms compute u_X = H_B v_X
+    and, for "self", eigenpairs of H_B."""
     targets = set(targets)
     scale = logit_scale_of(engine.model)
     bank = embed_bank(engine.model, bank_batches)
     shared = CheckpointShared(index=index, step=step, eta=eta, a_t=a_t, scale=scale, bank_img=bank[0],
-                              bank_txt=bank[1], bank_uids=tuple(bank_uids), step_scale=step_scale)
+                              bank_txt=bank[1], bank_uids=tuple(bank_uids), step_scale=1.0 if step_scale is None
+                              else step_scale, step_scale_source=step_scale_source)
     vec = shared.vectors
     vec["G"] = reference_gradient(engine, reference_batches, scale)
     if target_batches:
@@ -256,6 +311,9 @@ def compute_shared(engine: PerSampleGradients, *, index: int, step: int, eta: fl
         if targets:
             own = [shared.own_rows(u) for u in curvature_uids] if curvature_uids else [None] * len(curvature_batches)
             shared.curvature = sketched_curvature(engine, list(curvature_batches), bank, scale, own, curvature_rank)
+            if step_scale is None:
+                shared.step_scale = estimated_step_scale(engine, list(curvature_batches), scale, train_batch_size)
+                shared.step_scale_source = "estimated"
             proj = engine.projector
             shared.projected = {"train": proj.project_weights(vec["G"]).float()}
             if "v_target" in vec:

@@ -23,6 +23,7 @@ from pruner.scores.combine import INFLUENCE_COLUMNS, method_columns, removal_pre
 from pruner.select.duplicates import find_duplicate_uids, without_rows
 from pruner.select.policies import apply_select_config
 from pruner.select.rank import select, write_ranking
+from pruner.scores.step_scales import step_scale_warnings
 from pruner.select.stages import SELECT_SCORE, apply_filter, apply_niche, filter_selection, passing
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,12 @@ def _reduce_into(cfg: JobConfig, layout: JobLayout, stage: JobLayout, pool: list
     if policy is not None:
         summary["policy"] = policy
     summary["warnings"] = uid_warnings(manifests, n_keep)
+    scored = JobLayout(Path(run_stats["retarget_of"])) if run_stats.get("retarget_of") else layout  # shared states
+    if scored.trajectory.exists():
+        scales = JobFiles(scored).step_scales()
+        if scales:
+            summary["step_scales"] = scales
+            summary["warnings"] += step_scale_warnings(scales, cfg.scores.diffin.train_batch_size)
     n_pool = JobFiles(layout).pool_size() if layout.trajectory.exists() else None  # the weights' N (b_t = eta / N)
     summary.update(_summarise_ranking(ranking, n_pool))
     return summary
