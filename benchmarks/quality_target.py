@@ -112,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="pruner-micro", help="the model every coreset is retrained as")
     p.add_argument("--proxy-arch", help="the proxy's model, the one the job scores with (default: --arch); a "
                    "different size measures how the selections move with the proxy's size")
+    p.add_argument("--bare-checkpoints", action="store_true", help="score from copies of the proxy's checkpoints "
+                   "without their optimiser state (what a released model or a bare state dict gives): Diff-In's "
+                   "step scale is then estimated (scores.diffin.train_batch_size at its default)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -359,6 +362,21 @@ def retrain(a, seed: int, runs: Path, pool_by_key: dict, keys: list[str], ev: Ta
     return res
 
 
+def bare_copy(traj_path: Path, out: Path) -> Path:
+    """Copies of a train-proxy trajectory's checkpoints as bare OpenCLIP checkpoints (``step`` and ``state_dict``, no
+    optimiser state) under ``out``, with a trajectory file listing them as the original does; returns its path."""
+    from pruner.model.checkpoints import load_state_dict
+    traj = json.loads(traj_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for c in traj["checkpoints"]:
+        src = (traj_path.parent / c["path"]).resolve()
+        if not (out / src.name).exists():
+            torch.save({"step": c["step"], "state_dict": load_state_dict(str(src))}, out / src.name)
+        c["path"] = src.name
+    ql.write_json(out / "trajectory.json", traj)
+    return out / "trajectory.json"
+
+
 def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -387,7 +405,8 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
     proxy = ql.train_run(sd / ("proxy-pretrained" if pretrained else "proxy"), prob.pool, arch=a.proxy_arch,
                          steps=a.steps, batch_size=a.batch_size, lr=lr, seed=seed, device="cpu",
                          checkpoints=a.checkpoints, log_every=100, pretrained=pretrained)
-    traj_path = proxy / "trajectory.json"
+    traj_path = bare_copy(proxy / "trajectory.json", sd / "proxy-bare") if a.bare_checkpoints else \
+        proxy / "trajectory.json"
     traj = load_trajectory(file=str(traj_path))
     proxy_model = ql.load_model(traj.checkpoints[-1].path, a.proxy_arch, "cpu")
     pretrained_model = ql.load_model(pretrained, a.proxy_arch, "cpu") if pretrained else None
@@ -585,7 +604,7 @@ def main(argv=None) -> int:
     problems = [p for seed in a.seed_list for p in run_seed(a, seed, work, train, test, classnames)]
     config = settings(a) | {
         "keep_fractions": a.keep_list, "influence": a.influence_list, "diffin_forms": a.form_list,
-        "explore": a.explore_list, "proxy_arch": a.proxy_arch,
+        "explore": a.explore_list, "proxy_arch": a.proxy_arch, "bare_checkpoints": a.bare_checkpoints,
         "filter_fraction": a.filter_fraction, "curvature_samples": a.curvature_samples,
         "retrieval_size": a.retrieval_size, "threads": a.threads, "work_dir": str(work),
         "evaluation": "zero-shot top-1 on the target classes' TEST images, N-way among the target classes "
