@@ -73,8 +73,7 @@ def main(argv=None) -> int:
             seed = int(seed_dir.name.split("-")[1])
             scales = layer_scales(seed_dir / "proxy" / "trajectory.json")
             qa = qt.parse_args(["--data-dir", str(data), "--work-dir", work, "--seeds", str(seed)] + a.run_args.split())
-            prob = ql.build_problem(train, qa.pool_size, 0, qa.noise, seed, len(classnames["classnames"]),
-                                    qa.rare_classes, qa.rare_weight)
+            prob = qt.seed_pool(qa, train, len(classnames["classnames"]), seed)
             keys, uids = prob.keys, np.array(prob.keys)
             pool_by_key = {s.key: s for s in prob.pool}
             for pd in sorted(seed_dir.glob("t*")):
@@ -88,8 +87,7 @@ def main(argv=None) -> int:
                 for keep in keeps:
                     f = float(keep.split("_")[1])
                     idx = qt.top_k(pipe, uids, int(math.floor(f * len(keys) + 1e-9)))
-                    got = qt.retrain(qa, seed, Path(work) / "runs" / f"seed-{seed}", pool_by_key, sorted(uids[idx]),
-                                     ev, pd.name)
+                    got = qt.retrain(qa, seed, pool_by_key, sorted(uids[idx]), ev, pd.name)
                     row[keep] = {"zero_shot_target": got["zero_shot_target"],
                                  "all_parameter_default": rec["selections"][run["default_score"]][keep]
                                  ["zero_shot_target"],

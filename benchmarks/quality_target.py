@@ -345,9 +345,21 @@ class TargetEval:
                 "recall_class_t2i_r1": float((lab[(rt @ ri.T).argmax(1)] == lab).float().mean())}
 
 
-def retrain(a, seed: int, runs: Path, pool_by_key: dict, keys: list[str], ev: TargetEval, tag: str) -> dict:
-    """Cached: train from scratch on ``keys`` (same seed and steps as the proxy) and evaluate on the target."""
-    rd = runs / ql.keyset_hash(keys)
+def work_dir(a) -> Path:
+    """The run's work dir: ``--work-dir``, else one per settings under the temporary directory."""
+    return Path(a.work_dir) if a.work_dir else Path(tempfile.gettempdir()) / "pruner-quality-target" / settings_hash(a)
+
+
+def seed_pool(a, train, n_cls: int, seed: int):
+    """The seed's pool with its swapped captions (quality_lib.build_problem) under the run's settings ``a``: what
+    run_seed scores, and what the scripts that re-use a run's stored jobs rebuild."""
+    return ql.build_problem(train, a.pool_size, 0, a.noise, seed, n_cls, a.rare_classes, a.rare_weight)
+
+
+def retrain(a, seed: int, pool_by_key: dict, keys: list[str], ev: TargetEval, tag: str) -> dict:
+    """Cached in the run's work dir: train from scratch on ``keys`` (same seed and steps as the proxy) and evaluate
+    on the target."""
+    rd = work_dir(a) / "runs" / f"seed-{seed}" / ql.keyset_hash(keys)
     res_p = rd / f"eval-{tag}.json"
     if res_p.exists():
         return json.loads(res_p.read_text())
@@ -386,7 +398,7 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
     from quality import run_prune_job
     n_cls = len(classnames["classnames"])
     sd = work / f"seed-{seed}"
-    prob = ql.build_problem(train, a.pool_size, 0, a.noise, seed, n_cls, a.rare_classes, a.rare_weight)
+    prob = seed_pool(a, train, n_cls, seed)
     keys, uids = prob.keys, np.array(prob.keys)
     pool_by_key = {s.key: s for s in prob.pool}
     pool_dir = sd / "pool"
@@ -477,8 +489,7 @@ def run_seed(a, seed: int, work: Path, train, test, classnames) -> list[dict]:
                 row = {"target_share": float(useful[idx].mean()), "swapped_share": float(swapped[idx].mean()),
                        "target_class_share": float(np.isin(labels[idx], classes).mean())}
                 if not a.no_retrain:
-                    row.update(retrain(a, seed, work / "runs" / f"seed-{seed}", pool_by_key,
-                                       sorted(keys[i] for i in idx), ev, name))
+                    row.update(retrain(a, seed, pool_by_key, sorted(keys[i] for i in idx), ev, name))
                 prob_res["selections"].setdefault(sname, {})[f"keep_{f}"] = row
                 log.info("seed %d %s %s keep %.2f: %s", seed, name, sname, f,
                          {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
@@ -595,7 +606,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.INFO)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    work = Path(a.work_dir) if a.work_dir else Path(tempfile.gettempdir()) / "pruner-quality-target" / settings_hash(a)
+    work = work_dir(a)
     work.mkdir(parents=True, exist_ok=True)
     log.info("work dir %s", work)
     data = Path(a.data_dir)

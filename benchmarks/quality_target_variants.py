@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     rows: dict[str, dict[str, list]] = {}
     niche_tests, merged = {}, {}
     for seed in qa.seed_list:
-        prob = ql.build_problem(train, qa.pool_size, 0, qa.noise, seed, n_cls, qa.rare_classes, qa.rare_weight)
+        prob = qt.seed_pool(qa, train, n_cls, seed)
         keys = np.array(prob.keys)
         pool_by_key = {s.key: s for s in prob.pool}
         for classes in qt.pick_targets(qa, seed, prob.rare_classes, n_cls):
@@ -211,8 +211,7 @@ def main(argv=None) -> int:
                            "swapped": float(prob.swapped[idx].mean()),
                            "useful_per_class": [int((useful[idx] & (prob.labels[idx] == c)).sum()) for c in classes]}
                     if a.retrain and not sname.startswith(("filter_0", "diffin_x", "cover")):
-                        res = qt.retrain(qa, seed, Path(a.work_dir) / "runs" / f"seed-{seed}", pool_by_key,
-                                         sorted(keys[i] for i in idx), ev, name)
+                        res = qt.retrain(qa, seed, pool_by_key, sorted(keys[i] for i in idx), ev, name)
                         row["target_zero_shot"] = res["zero_shot_target"]
                         if sname == "default":  # the run's row for --into-run, as quality_target.run_seed writes it
                             merged.setdefault((seed, tuple(classes)), {})[f"keep_{f}"] = {

@@ -132,16 +132,14 @@ def main(argv=None) -> int:
                     res["selections"][label][keep]["zero_shot_target"] = acc
             qa = qt.parse_args(["--data-dir", a.data_dir, "--work-dir", work, "--seeds", str(seed)] +
                                a.run_args.split())
-            prob = ql.build_problem(train, qa.pool_size, 0, qa.noise, seed, len(classnames["classnames"]),
-                                    qa.rare_classes, qa.rare_weight)  # the pool with its swapped captions
+            prob = qt.seed_pool(qa, train, len(classnames["classnames"]), seed)
             if prob.keys != keys:
                 raise ValueError(f"{work}: --run-args do not rebuild the run's pool (fix: pass its settings)")
             pool_by_key = {s.key: s for s in prob.pool}
             ev = qt.TargetEval(qa.arch, test, classnames, classes, qa.retrieval_size, seed)
             for f in (0.3, 0.1):
                 idx = qt.top_k(orders["lr_only"], uids, int(math.floor(f * len(keys) + 1e-9)))
-                got = qt.retrain(qa, seed, Path(work) / "runs" / f"seed-{seed}", pool_by_key, sorted(uids[idx]), ev,
-                                 name)
+                got = qt.retrain(qa, seed, pool_by_key, sorted(uids[idx]), ev, name)
                 res["selections"]["lr_only"][f"keep_{f}"]["zero_shot_target"] = got["zero_shot_target"]
             problems.append(res)
             print(f"seed {seed} {name}: scales {res['scales']}", flush=True)
