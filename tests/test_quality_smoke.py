@@ -89,6 +89,40 @@ def test_filter_statistic_smoke(tmp_path):
                                                 for r in res["per_seed"]])) < 1e-12
 
 
+@needs_data
+def test_quality_target_smoke(tmp_path):
+    """benchmarks/quality_target.py at a toy size (one seed, its 3- and 5-class targets, two Ray prune jobs, every
+    selection retrained), then quality_target_variants.py on its work dir: the variants script rebuilds the run's pool
+    and finds the default's retrained coresets in the run's cache, so its default reproduces the run's figures
+    without training anything."""
+    work, out, var = tmp_path / "work", tmp_path / "qt.json", tmp_path / "variants.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality_target.py"), "--seeds", "0", "--work-dir", str(work),
+           "--out", str(out), "--pool-size", "600", "--per-class", "4", "--steps", "8", "--checkpoints", "2",
+           "--bank-size", "32", "--k", "64", "--retrieval-size", "50", "--diffin-forms", "propagated",
+           "--selections", "random,intersection,filter>diffin_target:propagated"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(out.read_text())
+    assert res["seeds"] == [0] and res["default_score"] == "filter>diffin_target:propagated"
+    assert len(res["per_problem"]) == 2 and [len(p["classes"]) for p in res["per_problem"]] == [3, 5]
+    for p in res["per_problem"]:
+        for sel in ("random", "intersection", "filter>diffin_target:propagated"):
+            for keep in ("keep_0.3", "keep_0.1"):
+                assert 0.0 <= p["selections"][sel][keep]["zero_shot_target"] <= 1.0, (sel, keep)
+    files = sorted(work.rglob("*"))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality_target_variants.py"), "--work-dir", str(work),
+           "--seeds", "0", "--steps", "8", "--pool-size", "600", "--per-class", "4", "--variants", "default",
+           "--retrain", "--run-json", str(out), "--out", str(var)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert sorted(work.rglob("*")) == files  # nothing trained or written: every coreset came from the run's cache
+    rows = json.loads(var.read_text())["variants"]["default"]
+    for keep in ("keep_0.3", "keep_0.1"):
+        got = [r["target_zero_shot"] for r in rows[keep]["problems"]]
+        assert got == [p["selections"]["filter>diffin_target:propagated"][keep]["zero_shot_target"]
+                       for p in res["per_problem"]]
+
+
 def test_filter_statistic_loss_is_the_symmetric_bank_infonce():
     """benchmarks/filter_statistic.statistics against a per-pair loop: -loss = s<x,y> minus the mean of the two
     directions' logsumexp over the pair's own logit and its bank logits, the pair's own bank row left out (tolerance
