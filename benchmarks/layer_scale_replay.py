@@ -9,8 +9,10 @@ Per seed the scales come from the proxy checkpoints' optimiser state through the
 diffin_target is formed again from the job's stored features with them (benchmarks/step_scale.py ``job_scores``:
 propagation_terms, one dot per checkpoint, as ``pruner rescore`` does), the default pipeline selects
 (quality_lib.pipeline_score) and each coreset is retrained as the run did (its cache). Paired with the run's default
-(``default_score``, the all-parameter scale) and its best baseline. A replay reads float16 features, so a few pairs
-at the cut can differ from a job scored again (RESULTS.md).
+(``default_score``, the all-parameter scale) and its best baseline. ``--basis all`` turns it round for a run scored
+since stop 33: the replay uses the all-parameter scale (optimizer_step_scale without names) and pairs it with the
+run's layer-scale default. A replay reads float16 features, so a few pairs at the cut can differ from a job scored
+again (RESULTS.md).
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import quality_target as qt  # noqa: E402
 from step_scale import job_scores, propagated_job  # noqa: E402
 
 
-def layer_scales(traj_path: Path) -> list[float]:
-    """Each checkpoint's step scale over the sketched layers, as the scorer computes it."""
+def layer_scales(traj_path: Path, basis: str = "layers") -> list[float]:
+    """Each checkpoint's step scale over the sketched layers, as the scorer computes it; with ``basis`` "all", over
+    every parameter (the default until stop 33)."""
     from pruner.grads.engine import PerSampleGradients
     from pruner.model.checkpoints import load_scoring_model, load_trajectory, optimizer_step_scale
     from pruner.model.clip import create_clip, open_clip_name
@@ -44,9 +47,10 @@ def layer_scales(traj_path: Path) -> list[float]:
                                                             k=32, layer_k=4).params()}
     out = []
     for ck in traj.checkpoints:
-        scale, basis = optimizer_step_scale(ck.path, params, layers)
-        if basis != "layers":
-            raise ValueError(f"{ck.path}: its optimiser state could not be named ({basis})")
+        scale, got = optimizer_step_scale(ck.path, params, layers) if basis == "layers" else \
+            optimizer_step_scale(ck.path)
+        if got != basis:
+            raise ValueError(f"{ck.path}: its optimiser state gave basis {got!r}, not {basis!r}")
         out.append(scale)
     return out
 
@@ -59,19 +63,24 @@ def main(argv=None) -> int:
     p.add_argument("--filter-fraction", type=float, default=0.2)
     p.add_argument("--niche-alpha", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--basis", choices=("layers", "all"), default="layers", help="the replayed scale: over the "
+                   "sketched layers (a run scored before stop 33 against it), or over every parameter (a run scored "
+                   "since, with the layer scale, against the scale before)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = Path(a.data_dir)
     train, test, classnames = ql.read_split(data, "train"), ql.read_split(data, "test"), ql.load_classnames(data)
     keeps = ("keep_0.3", "keep_0.1")
+    # what is replayed and what the run's default used: the other basis
+    replay, run_default = ("layer_scale", "all_parameter") if a.basis == "layers" else ("all_parameter", "layer_scale")
     problems = []
     for spec in a.runs:
         work, run_json = spec.split(":")
         run = json.loads(Path(run_json).read_text())
         for seed_dir in sorted(Path(work).glob("seed-*")):
             seed = int(seed_dir.name.split("-")[1])
-            scales = layer_scales(seed_dir / "proxy" / "trajectory.json")
+            scales = layer_scales(seed_dir / "proxy" / "trajectory.json", a.basis)
             qa = qt.parse_args(["--data-dir", str(data), "--work-dir", work, "--seeds", str(seed)] + a.run_args.split())
             prob = qt.seed_pool(qa, train, len(classnames["classnames"]), seed)
             keys, uids = prob.keys, np.array(prob.keys)
@@ -83,20 +92,20 @@ def main(argv=None) -> int:
                 ev = qt.TargetEval(qa.arch, test, classnames, classes, qa.retrieval_size, seed)
                 rec = next(x for x in run["per_problem"] if x["seed"] == seed and x["classes"] == classes)
                 row = {"seed": seed, "classes": classes, "scales": scales,
-                       "all_parameter_scales": [s["step_scale"] for s in used]}
+                       f"{run_default}_scales": [s["step_scale"] for s in used]}
                 for keep in keeps:
                     f = float(keep.split("_")[1])
                     idx = qt.top_k(pipe, uids, int(math.floor(f * len(keys) + 1e-9)))
                     got = qt.retrain(qa, seed, pool_by_key, sorted(uids[idx]), ev, pd.name)
                     row[keep] = {"zero_shot_target": got["zero_shot_target"],
-                                 "all_parameter_default": rec["selections"][run["default_score"]][keep]
+                                 f"{run_default}_default": rec["selections"][run["default_score"]][keep]
                                  ["zero_shot_target"],
                                  "best_baseline": rec["selections"][run["best_baseline"][keep]][keep]
                                  ["zero_shot_target"]}
                 problems.append(row)
                 print(f"seed {seed} {pd.name}: " + ", ".join(
-                    f"{k} {100 * row[k]['zero_shot_target']:.1f} (all-parameter "
-                    f"{100 * row[k]['all_parameter_default']:.1f}, best baseline {100 * row[k]['best_baseline']:.1f})"
+                    f"{k} {100 * row[k]['zero_shot_target']:.1f} (run's default "
+                    f"{100 * row[k][run_default + '_default']:.1f}, best baseline {100 * row[k]['best_baseline']:.1f})"
                     for k in keeps), flush=True)
 
     def stat(keep, ref):
@@ -105,8 +114,8 @@ def main(argv=None) -> int:
                 "se_points": float(np.std(d, ddof=1) / np.sqrt(len(d))), "wins": int(sum(v > 0 for v in d)),
                 "problems": len(d)}
     out = {"problems": problems,
-           "layer_scale_default_minus_all_parameter_default": {k: stat(k, "all_parameter_default") for k in keeps},
-           "layer_scale_default_minus_best_baseline": {k: stat(k, "best_baseline") for k in keeps},
+           f"{replay}_default_minus_{run_default}_default": {k: stat(k, f"{run_default}_default") for k in keeps},
+           f"{replay}_default_minus_best_baseline": {k: stat(k, "best_baseline") for k in keeps},
            "command": " ".join(["benchmarks/layer_scale_replay.py"] + (argv if argv is not None else sys.argv[1:]))}
     ql.write_json(Path(a.out), out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("problems", "command")}, indent=1))
