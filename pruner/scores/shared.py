@@ -85,12 +85,13 @@ class CheckpointShared:
         if "bank_uids" not in s:
             raise ValueError("shared quantities written by an older pruner (no bank uids, so a bank member's own pair "
                              "stayed among its negatives) (fix: run the job again in a new output_dir)")
+        step_scale, step_scale_source = step_scale_of(s)
         return cls(index=int(s["index"]), step=int(s["step"]), eta=float(s["eta"]), a_t=float(s["a_t"]),
                    scale=float(s["scale"]), bank_img=s["bank_img"].to(device), bank_txt=s["bank_txt"].to(device),
                    bank_uids=tuple(s["bank_uids"]),
                    vectors={k: {n: t.to(device) for n, t in v.items()} for k, v in s["vectors"].items()},
-                   eigvals=[float(x) for x in s["eigvals"]], step_scale=step_scale_of(s)[0],
-                   step_scale_source=step_scale_of(s)[1],
+                   eigvals=[float(x) for x in s["eigvals"]], step_scale=step_scale,
+                   step_scale_source=step_scale_source,
                    projected={k: t.to(device) for k, t in s.get("projected", {}).items()},
                    curvature=Curvature(s["curvature_vals"].to(device), s["curvature_vecs"].to(device))
                    if "curvature_vals" in s else None)
